@@ -1,0 +1,38 @@
+"""vafunc: classic vision networks as pure functions over explicit parameter pytrees.
+
+>>> import vafunc
+>>> model = vafunc.get_model("resnet18", num_classes=10)
+>>> params, state = model.init(vafunc.random.key(0))
+>>> logits, state = model.apply(params, state, x)          # doctest: +SKIP
+"""
+
+from . import init, layers, random, tree
+from .registry import Entry, Family, ModelDef, Reference, get_entry, get_model, list_models, register
+from .tree import count_params, flatten, stack, tree_map, unflatten, unstack
+from .weights import StateDictMismatch, from_state_dict, to_state_dict
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ModelDef",
+    "Family",
+    "Entry",
+    "Reference",
+    "get_model",
+    "get_entry",
+    "list_models",
+    "register",
+    "to_state_dict",
+    "from_state_dict",
+    "StateDictMismatch",
+    "flatten",
+    "unflatten",
+    "tree_map",
+    "stack",
+    "unstack",
+    "count_params",
+    "random",
+    "layers",
+    "init",
+    "tree",
+]

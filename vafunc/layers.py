@@ -1,0 +1,212 @@
+"""Pure layer functions.
+
+Every function takes its parameters as an explicit subtree (``p``), its BatchNorm buffers as an
+explicit subtree (``s``) and returns new state instead of mutating it. Shapes use
+``N`` batch, ``C`` channels, ``H``/``W`` spatial size.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import random as vrandom
+
+__all__ = [
+    "conv2d",
+    "linear",
+    "batch_norm",
+    "conv_bn",
+    "relu",
+    "relu6",
+    "hardswish",
+    "hardsigmoid",
+    "silu",
+    "sigmoid",
+    "ACTIVATIONS",
+    "max_pool2d",
+    "avg_pool2d",
+    "adaptive_avg_pool2d",
+    "global_avg_pool",
+    "dropout",
+    "drop_path",
+    "require_rng",
+]
+
+Params = Mapping[str, torch.Tensor]
+
+_bn_functional = torch.ops.aten._native_batch_norm_legit_functional
+
+
+# --------------------------------------------------------------------------- linear maps
+
+
+def conv2d(
+    p: Params,
+    x: torch.Tensor,
+    *,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] | str = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+) -> torch.Tensor:
+    """2-D convolution: ``[N, Cin, H, W] -> [N, Cout, H', W']`` with ``p = {weight[, bias]}``."""
+    return F.conv2d(x, p["weight"], p.get("bias"), stride, padding, dilation, groups)
+
+
+def linear(p: Params, x: torch.Tensor) -> torch.Tensor:
+    """Affine map ``[..., Fin] -> [..., Fout]`` with ``p = {weight [Fout, Fin][, bias [Fout]]}``."""
+    return F.linear(x, p["weight"], p.get("bias"))
+
+
+# --------------------------------------------------------------------------- normalisation
+
+
+def _is_vmapped(x: torch.Tensor) -> bool:
+    return torch._C._functorch.is_batchedtensor(x)
+
+
+def batch_norm(
+    p: Params,
+    s: Mapping[str, torch.Tensor],
+    x: torch.Tensor,
+    *,
+    train: bool,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> tuple[torch.Tensor, dict]:
+    """BatchNorm over ``[N, C, ...]`` (Ioffe & Szegedy 2015), functional.
+
+    Eval: normalise with ``s["running_mean"]``/``s["running_var"]``; returns ``s`` unchanged.
+    Train: normalise with the batch statistics and return new buffers exactly as torch updates
+    them: ``running = (1 - momentum) * running + momentum * batch_stat`` (unbiased variance) and
+    ``num_batches_tracked + 1``. ``p`` may be empty (``affine=False``).
+    """
+    w, b = p.get("weight"), p.get("bias")
+    rm, rv = s["running_mean"], s["running_var"]
+    if not train:
+        return F.batch_norm(x, rm, rv, w, b, False, 0.0, eps), s
+    if _is_vmapped(x) or _is_vmapped(rm):
+        # Under torch.vmap the fused functional op has no batching rule (it would fall back to a
+        # slow per-member loop); the plain op + var_mean batch cleanly.
+        y = F.batch_norm(x, None, None, w, b, True, 0.0, eps)
+        dims = [0] + list(range(2, x.dim()))
+        var, mean = torch.var_mean(x.detach(), dim=dims, correction=1)
+        new_rm = rm * (1.0 - momentum) + mean * momentum
+        new_rv = rv * (1.0 - momentum) + var * momentum
+    else:
+        y, _, _, new_rm, new_rv = _bn_functional(x, w, b, rm, rv, True, momentum, eps)
+    new = {"running_mean": new_rm, "running_var": new_rv}
+    if "num_batches_tracked" in s:
+        new["num_batches_tracked"] = s["num_batches_tracked"] + 1
+    return y, new
+
+
+def conv_bn(
+    pc: Params,
+    pb: Params,
+    sb: Mapping[str, torch.Tensor],
+    x: torch.Tensor,
+    *,
+    train: bool,
+    act: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    eps: float = 1e-5,
+    momentum: float = 0.1,
+    **conv_kw,
+) -> tuple[torch.Tensor, dict]:
+    """Convolution -> BatchNorm -> optional activation. Returns ``(y, new_bn_state)``."""
+    y = conv2d(pc, x, **conv_kw)
+    y, sb = batch_norm(pb, sb, y, train=train, eps=eps, momentum=momentum)
+    return (act(y) if act is not None else y), sb
+
+
+# --------------------------------------------------------------------------- activations
+
+relu = torch.relu
+sigmoid = torch.sigmoid
+
+
+def relu6(x: torch.Tensor) -> torch.Tensor:
+    return F.hardtanh(x, 0.0, 6.0)
+
+
+def hardswish(x: torch.Tensor) -> torch.Tensor:
+    return F.hardswish(x)
+
+
+def hardsigmoid(x: torch.Tensor) -> torch.Tensor:
+    return F.hardsigmoid(x)
+
+
+def silu(x: torch.Tensor) -> torch.Tensor:
+    return F.silu(x)
+
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": relu,
+    "relu6": relu6,
+    "hardswish": hardswish,
+    "hardsigmoid": hardsigmoid,
+    "silu": silu,
+    "sigmoid": sigmoid,
+    "identity": lambda x: x,
+}
+
+
+# --------------------------------------------------------------------------- pooling
+
+
+def max_pool2d(x, kernel_size, stride=None, padding=0, *, ceil_mode=False, dilation=1):
+    return F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
+
+
+def avg_pool2d(x, kernel_size, stride=None, padding=0, *, ceil_mode=False, count_include_pad=True):
+    return F.avg_pool2d(x, kernel_size, stride, padding, ceil_mode, count_include_pad)
+
+
+def adaptive_avg_pool2d(x: torch.Tensor, output_size) -> torch.Tensor:
+    return F.adaptive_avg_pool2d(x, output_size)
+
+
+def global_avg_pool(x: torch.Tensor) -> torch.Tensor:
+    """``[N, C, H, W] -> [N, C]``: mean over space (same kernel as AdaptiveAvgPool2d(1))."""
+    return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+
+
+# --------------------------------------------------------------------------- stochastic layers
+
+
+def require_rng(rng, what: str) -> torch.Tensor:
+    if rng is None:
+        raise ValueError(
+            f"{what} is active in train mode and needs randomness: pass rng=vafunc.random.key(seed) "
+            "(or set its rate to 0, or call with train=False)"
+        )
+    return rng
+
+
+def dropout(x: torch.Tensor, rate: float, rng: torch.Tensor | None, *, train: bool) -> torch.Tensor:
+    """Element-wise dropout: zero each entry with probability ``rate``, scale the rest by
+    ``1 / (1 - rate)`` (torch's ``F.dropout`` convention). Identity in eval or at rate 0."""
+    if not train or rate == 0.0:
+        return x
+    if rate >= 1.0:
+        return torch.zeros_like(x)
+    rng = require_rng(rng, f"dropout (rate {rate})")
+    keep = vrandom.uniform(rng, x.shape) >= rate
+    return x * keep.to(x.dtype) * (1.0 / (1.0 - rate))
+
+
+def drop_path(x: torch.Tensor, rate: float, rng: torch.Tensor | None, *, train: bool) -> torch.Tensor:
+    """Stochastic depth (Huang et al. 2016), per sample: each sample of the batch keeps the
+    residual branch with probability ``1 - rate`` and is rescaled by ``1 / (1 - rate)``
+    (torchvision's ``StochasticDepth(mode="row")``)."""
+    if not train or rate == 0.0:
+        return x
+    rng = require_rng(rng, f"stochastic depth (rate {rate})")
+    survival = 1.0 - rate
+    shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+    keep = vrandom.uniform(rng, shape) < survival
+    return x * (keep.to(x.dtype) / survival)

@@ -1,0 +1,246 @@
+"""Model registry: name -> :class:`ModelDef` (frozen config + pure ``init``/``apply``).
+
+A *family* (one file in ``vafunc/models``) provides a frozen config dataclass and pure functions;
+each registered *entry* names a family, the config values that define the variant, and metadata
+(parameter count, reference implementation, paper).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+
+from . import tree as vtree
+from .init import Initializer
+
+__all__ = [
+    "Family",
+    "Reference",
+    "Entry",
+    "ModelDef",
+    "register",
+    "get_model",
+    "list_models",
+    "get_entry",
+    "check_image",
+]
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Where the oracle for a model lives (used by the tests and docs; never imported at runtime).
+
+    ``source``: ``"torchvision"``, ``"timm"`` or ``"pretrainedmodels"``; ``builder``: the builder
+    or class name in that package; ``kwargs``: fixed builder arguments (e.g. DenseNet-264's table).
+    """
+
+    source: str
+    builder: str
+    kwargs: tuple = ()
+
+    def __str__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.kwargs)
+        return f"{self.source}.{self.builder}({args})" if args else f"{self.source}.{self.builder}"
+
+
+@dataclass(frozen=True)
+class Family:
+    """The pure functions shared by every variant of an architecture family.
+
+    * ``init(cfg, ini) -> tree``: one merged tree of parameters and BN buffers, reference names.
+    * ``apply(cfg, params, state, x, *, train, rng) -> (logits, new_state)``.
+    * ``min_size(cfg) -> int``: the smallest input height/width the network accepts.
+    * ``remap(cfg, flat) -> (flat, notes)``: optional; translates legacy checkpoint names.
+    """
+
+    name: str
+    config: type
+    init: Callable
+    apply: Callable
+    min_size: Callable[[Any], int]
+    paper: str = ""
+    remap: Callable | None = None
+    in_channels: Callable[[Any], int] = lambda cfg: getattr(cfg, "in_channels", 3)
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    family: Family
+    defaults: tuple  # (key, value) pairs: the config values that define this variant
+    params: int  # parameter count at the default config (checked against the oracle in tests)
+    reference: Reference | None
+    paper: str
+    #: config overrides that switch off randomness so train mode can be compared to the oracle
+    deterministic_train: tuple = ()
+    notes: str = ""
+    extra: tuple = ()  # other facts, e.g. ("input_convention", "BGR 0-255 ...")
+
+    @property
+    def metadata(self) -> dict:
+        return {
+            "name": self.name,
+            "family": self.family.name,
+            "params": self.params,
+            "reference": str(self.reference) if self.reference else None,
+            "paper": self.paper,
+            "notes": self.notes,
+            **dict(self.extra),
+        }
+
+
+_REGISTRY: dict[str, Entry] = {}
+
+
+def register(
+    name: str,
+    family: Family,
+    *,
+    params: int,
+    reference: Reference | None,
+    paper: str | None = None,
+    deterministic_train: Mapping[str, Any] | None = None,
+    notes: str = "",
+    extra: Mapping[str, Any] | None = None,
+    **defaults,
+) -> Entry:
+    if name in _REGISTRY:
+        raise ValueError(f"model {name!r} is already registered")
+    fields = {f.name for f in dataclasses.fields(family.config)}
+    bad = sorted(set(defaults) - fields)
+    if bad:
+        raise TypeError(f"{name}: {bad} are not fields of {family.config.__name__}")
+    entry = Entry(
+        name,
+        family,
+        tuple(defaults.items()),
+        params,
+        reference,
+        paper if paper is not None else family.paper,
+        tuple((deterministic_train or {}).items()),
+        notes,
+        tuple((extra or {}).items()),
+    )
+    _REGISTRY[name] = entry
+    return entry
+
+
+def _ensure_loaded() -> None:
+    from . import models  # noqa: F401  (imports every family module, which registers)
+
+
+def list_models(pattern: str | None = None) -> list[str]:
+    """Registered names (sorted), optionally filtered by a shell-style pattern (``"resnet*"``)."""
+    import fnmatch
+
+    _ensure_loaded()
+    names = sorted(_REGISTRY)
+    return [n for n in names if pattern is None or fnmatch.fnmatch(n, pattern)]
+
+
+def get_entry(name: str) -> Entry:
+    _ensure_loaded()
+    if not isinstance(name, str):
+        raise TypeError(f"model name must be a str, got {type(name).__name__}")
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=4, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown model {name!r}{hint} (vafunc.list_models() lists all {len(_REGISTRY)})")
+    return _REGISTRY[name]
+
+
+def get_model(name: str, **config) -> "ModelDef":
+    """Build a :class:`ModelDef`; keywords override the variant's config (torchvision's names)."""
+    entry = get_entry(name)
+    valid = {f.name for f in dataclasses.fields(entry.family.config)}
+    bad = sorted(set(config) - valid)
+    if bad:
+        raise TypeError(f"{name} got unknown config keywords {bad}; valid: {sorted(valid)}")
+    cfg = entry.family.config(**{**dict(entry.defaults), **config})
+    return ModelDef(name, cfg, entry.family)
+
+
+# --------------------------------------------------------------------------- input checks
+
+
+def check_image(x, *, name: str, in_channels: int, min_size: int) -> None:
+    """Raise a clear ``TypeError``/``ValueError`` for inputs the network cannot take."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} expects a torch.Tensor image batch [N, C, H, W], got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} expects a floating-point image batch, got dtype {x.dtype} (convert with x.float() / 255)")
+    if x.dim() != 4:
+        raise ValueError(
+            f"{name} expects a 4-D batch [N, C, H, W], got a {x.dim()}-D tensor of shape {list(x.shape)}"
+            + (" (add a batch axis with x[None])" if x.dim() == 3 else "")
+        )
+    if x.shape[1] != in_channels:
+        raise ValueError(f"{name} expects {in_channels} input channels, got {x.shape[1]} (shape {list(x.shape)})")
+    h, w = x.shape[-2], x.shape[-1]
+    if h < min_size or w < min_size:
+        raise ValueError(f"{name} needs images of at least {min_size}x{min_size}, got {h}x{w}")
+
+
+# --------------------------------------------------------------------------- the model
+
+
+@dataclass(frozen=True)
+class ModelDef:
+    """A frozen, hashable model: a config plus the pure functions of its family.
+
+    ``init(key) -> (params, state)`` and ``apply(params, state, x, *, train=False, rng=None)
+    -> (logits, new_state)``; see DESIGN.md for the contract.
+    """
+
+    name: str
+    config: Any
+    family: Family = field(repr=False)
+
+    # ---------------------------------------------------------------- metadata
+    @property
+    def entry(self) -> Entry:
+        return get_entry(self.name)
+
+    @property
+    def metadata(self) -> dict:
+        return self.entry.metadata
+
+    @property
+    def min_size(self) -> int:
+        return self.family.min_size(self.config)
+
+    @property
+    def in_channels(self) -> int:
+        return self.family.in_channels(self.config)
+
+    def num_params(self) -> int:
+        return vtree.count_params(self.init(device="meta")[0])
+
+    # ---------------------------------------------------------------- the contract
+    def init(self, key=0, *, device=None, dtype=None) -> tuple[dict, dict]:
+        """Fresh ``(params, state)`` from a key or int seed, with the reference's init scheme."""
+        ini = Initializer.from_key(key, device=device, dtype=dtype)
+        return vtree.partition_state(self.family.init(self.config, ini))
+
+    def apply(self, params, state, x, *, train: bool = False, rng=None, **kw):
+        """Pure forward pass: ``x [N, C, H, W] -> (logits [N, classes], new_state)``.
+
+        In eval mode ``new_state is state``; in train mode BatchNorm uses batch statistics and
+        the new running statistics are returned. ``rng`` (a :mod:`vafunc.random` key) drives
+        dropout and stochastic depth and is required in train mode when their rates are non-zero.
+        """
+        if not isinstance(train, bool):
+            raise TypeError(f"train must be a bool, got {type(train).__name__}")
+        check_image(x, name=self.name, in_channels=self.in_channels, min_size=self.min_size)
+        return self.family.apply(self.config, params, state, x, train=train, rng=rng, **kw)
+
+    __call__ = apply
+
+    # ---------------------------------------------------------------- checkpoints
+    def state_dict_shapes(self) -> dict[str, tuple[int, ...]]:
+        p, s = self.init(device="meta")
+        return {k: tuple(v.shape) for k, v in vtree.to_state_dict(p, s).items()}

@@ -1,0 +1,144 @@
+"""Parameter pytrees: nested ``dict[str, dict | Tensor]``.
+
+The dotted flattening of a tree is the reference state_dict name (``layer1.0.conv1.weight``).
+``params`` hold trainable tensors; ``state`` holds BatchNorm buffers, whose leaf names are
+:data:`STATE_LEAVES`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Iterator, Mapping
+
+import torch
+
+__all__ = [
+    "STATE_LEAVES",
+    "flatten",
+    "unflatten",
+    "tree_map",
+    "tree_leaves",
+    "merge",
+    "partition_state",
+    "to_state_dict",
+    "stack",
+    "unstack",
+    "count_params",
+]
+
+#: Leaf names that are state (BatchNorm buffers), not trainable parameters.
+STATE_LEAVES = frozenset({"running_mean", "running_var", "num_batches_tracked"})
+
+
+def _items(tree: Mapping, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    for k, v in tree.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            yield from _items(v, name + ".")
+        else:
+            yield name, v
+
+
+def flatten(tree: Mapping) -> dict[str, torch.Tensor]:
+    """Nested dict -> ``{"a.b.c": leaf}`` in depth-first insertion order."""
+    return dict(_items(tree))
+
+
+def unflatten(flat: Mapping[str, torch.Tensor]) -> dict:
+    """``{"a.b.c": leaf}`` -> nested dict (inverse of :func:`flatten`)."""
+    out: dict = {}
+    for name, v in flat.items():
+        node = out
+        *parents, leaf = name.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"state_dict name {name!r} nests under a tensor leaf {p!r}")
+        node[leaf] = v
+    return out
+
+
+def tree_leaves(tree: Mapping) -> list[torch.Tensor]:
+    return [v for _, v in _items(tree)]
+
+
+def tree_map(fn: Callable, tree: Mapping, *rest: Mapping) -> dict:
+    """Apply ``fn`` leafwise over one or more trees of the same structure."""
+    out = {}
+    for k, v in tree.items():
+        others = [r[k] for r in rest]
+        out[k] = tree_map(fn, v, *others) if isinstance(v, Mapping) else fn(v, *others)
+    return out
+
+
+def merge(a: Mapping, b: Mapping) -> dict:
+    """Deep merge of two trees with disjoint leaves; ``a``'s order first, then ``b``'s new keys.
+
+    Merging ``params`` with ``state`` reproduces torch's ``state_dict`` order (a module's
+    parameters, then its buffers, then its children).
+    """
+    out: dict = {}
+    for k, v in a.items():
+        if k in b and isinstance(v, Mapping):
+            out[k] = merge(v, b[k])
+        elif k in b:
+            raise ValueError(f"leaf {k!r} appears in both trees")
+        else:
+            out[k] = v
+    for k, v in b.items():
+        if k not in a:
+            out[k] = v
+    return out
+
+
+def partition_state(tree: Mapping) -> tuple[dict, dict]:
+    """Split a merged tree into ``(params, state)`` by leaf name; empty branches are dropped."""
+    params: dict = {}
+    state: dict = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            p, s = partition_state(v)
+            if p:
+                params[k] = p
+            if s:
+                state[k] = s
+        elif k in STATE_LEAVES:
+            state[k] = v
+        else:
+            params[k] = v
+    return params, state
+
+
+def to_state_dict(params: Mapping, state: Mapping | None = None) -> dict[str, torch.Tensor]:
+    """Flat dotted ``{name: tensor}`` whose names (and order) are the reference state_dict's."""
+    return flatten(merge(params, state or {}))
+
+
+def stack(trees: Iterable[Mapping], dim: int = 0) -> dict:
+    """Stack N same-structured trees leafwise on a new axis (an ensemble of N members)."""
+    trees = list(trees)
+    if not trees:
+        raise ValueError("stack needs at least one tree, got none")
+    flats = [flatten(t) for t in trees]
+    names = list(flats[0])
+    for i, f in enumerate(flats[1:], 1):
+        if list(f) != names:
+            missing = sorted(set(names) - set(f))
+            extra = sorted(set(f) - set(names))
+            raise ValueError(f"tree {i} differs from tree 0: missing {missing}, extra {extra}")
+    return unflatten({n: torch.stack([f[n] for f in flats], dim) for n in names})
+
+
+def unstack(tree: Mapping, dim: int = 0) -> list[dict]:
+    """Inverse of :func:`stack`: a list of N trees."""
+    flat = flatten(tree)
+    if not flat:
+        return []
+    sizes = {v.shape[dim] for v in flat.values()}
+    if len(sizes) != 1:
+        raise ValueError(f"leaves disagree on the size of axis {dim}: {sorted(sizes)}")
+    n = sizes.pop()
+    return [unflatten({k: v.select(dim, i) for k, v in flat.items()}) for i in range(n)]
+
+
+def count_params(params: Mapping) -> int:
+    return sum(int(v.numel()) for v in tree_leaves(params))
