@@ -210,3 +210,40 @@ def drop_path(x: torch.Tensor, rate: float, rng: torch.Tensor | None, *, train: 
     shape = (x.shape[0],) + (1,) * (x.dim() - 1)
     keep = vrandom.uniform(rng, shape) < survival
     return x * (keep.to(x.dtype) / survival)
+
+
+# --------------------------------------------------------------------------- feature taps
+
+
+class Taps:
+    """Collects named intermediate tensors during ``apply`` (feature extraction).
+
+    Family ``apply`` functions call ``y = taps(name, y)`` after every block and stage, with the
+    reference's module path as the name (``"layer1.0"``, ``"layer1"``, ``"features.3"``) and stop
+    early (``if taps.complete: return None, state``) once everything asked for is recorded, so
+    the head is not computed when it is not needed. ``Taps(None)`` records every name (used on the
+    meta device to list a model's feature names and shapes). ``apply(..., taps=None)`` is the
+    plain forward.
+    """
+
+    def __init__(self, names=None):
+        self.want = None if names is None else frozenset(names)
+        self.got: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str, y: torch.Tensor) -> torch.Tensor:
+        if self.want is None or name in self.want:
+            self.got[name] = y
+        return y
+
+    @property
+    def complete(self) -> bool:
+        return self.want is not None and len(self.got) == len(self.want)
+
+
+def tap(taps: "Taps | None", name: str, y: torch.Tensor) -> torch.Tensor:
+    """``taps(name, y)`` when feature extraction is on; the identity otherwise."""
+    return y if taps is None else taps(name, y)
+
+
+def taps_complete(taps: "Taps | None") -> bool:
+    return taps is not None and taps.complete

@@ -52,7 +52,9 @@ class Family:
     """The pure functions shared by every variant of an architecture family.
 
     * ``init(cfg, ini) -> tree``: one merged tree of parameters and BN buffers, reference names.
-    * ``apply(cfg, params, state, x, *, train, rng) -> (logits, new_state)``.
+    * ``apply(cfg, params, state, x, *, train, rng, taps=None) -> (logits, new_state)``; with a
+      :class:`vafunc.layers.Taps` it records named intermediates and may stop early (returning
+      ``None`` logits) once all requested names are recorded.
     * ``min_size(cfg) -> int``: the smallest input height/width the network accepts.
     * ``remap(cfg, flat) -> (flat, notes)``: optional; translates legacy checkpoint names.
     """

@@ -171,18 +171,27 @@ def init(cfg: ResNetConfig, ini) -> dict:
     return t
 
 
-def apply(cfg: ResNetConfig, params, state, x, *, train: bool = False, rng=None):
-    """``x [N, C, H, W] -> (logits [N, num_classes], new_state)``."""
+def apply(cfg: ResNetConfig, params, state, x, *, train: bool = False, rng=None, taps=None):
+    """``x [N, C, H, W] -> (logits [N, num_classes], new_state)``.
+
+    Feature names (``taps``): ``relu`` (stride 2), ``maxpool`` (4), every block ``layer{i}.{j}``
+    and every stage ``layer1`` .. ``layer4`` (strides 4, 8, 16, 32 without dilation).
+    """
     p, s = params, dict(state)
     y, s["bn1"] = L.conv_bn(p["conv1"], p["bn1"], s["bn1"], x, train=train, act=L.relu, stride=2, padding=3)
-    y = L.max_pool2d(y, 3, 2, 1)
+    y = L.tap(taps, "relu", y)
+    y = L.tap(taps, "maxpool", L.max_pool2d(y, 3, 2, 1))
     block = BLOCKS[cfg.block]
     for i, stage in enumerate(plan(cfg)):
         name = f"layer{i + 1}"
         ss = dict(s[name])
         for j, b in enumerate(stage):
             y, ss[str(j)] = block(p[name][str(j)], ss[str(j)], y, b, train=train)
+            y = L.tap(taps, f"{name}.{j}", y)
         s[name] = ss
+        y = L.tap(taps, name, y)
+        if L.taps_complete(taps):
+            return None, (s if train else state)
     logits = L.linear(p["fc"], L.global_avg_pool(y))
     return logits, (s if train else state)
 
