@@ -80,6 +80,10 @@ class VafuncModule(nn.Module):
 
     def forward(self, x: torch.Tensor, *, rng=None, **kw):
         params, state = self.params_and_state()
+        if self.training:
+            # autograd may keep the running statistics it was given for the backward pass; hand
+            # it copies so that writing the new statistics back in place below is safe.
+            state = vtree.tree_map(torch.clone, state)
         if self.training and rng is None:
             seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
             rng = vafunc.random.key(seed, device=x.device)

@@ -23,8 +23,10 @@ def seed_from_key(key) -> int:
     k = vrandom.as_key(key)
     if k.dim() != 1:
         raise ValueError(f"init expects a single key of shape [2], got shape {list(k.shape)}")
-    k0, k1 = (int(v) for v in k.tolist())
-    return (k0 << 32 | k1) & ((1 << 63) - 1)
+    # torch's CPU generator (mt19937) only uses the low 32 bits of a seed: make those a hash of
+    # both key words.
+    lo, hi = (int(v) for v in vrandom.bits(vrandom.fold_in(k, 0x1A17), (2,)).tolist())
+    return (hi & 0x7FFFFFFF) << 32 | lo
 
 
 @dataclass

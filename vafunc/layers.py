@@ -116,10 +116,17 @@ def conv_bn(
     momentum: float = 0.1,
     **conv_kw,
 ) -> tuple[torch.Tensor, dict]:
-    """Convolution -> BatchNorm -> optional activation. Returns ``(y, new_bn_state)``."""
+    """Convolution -> BatchNorm -> optional activation. Returns ``(y, new_bn_state)``.
+
+    The activation runs in place on the BatchNorm output (a fresh tensor that BatchNorm's
+    backward does not need), as torchvision's ``inplace=True`` layers do: same values, one
+    allocation less per layer.
+    """
     y = conv2d(pc, x, **conv_kw)
     y, sb = batch_norm(pb, sb, y, train=train, eps=eps, momentum=momentum)
-    return (act(y) if act is not None else y), sb
+    if act is None:
+        return y, sb
+    return INPLACE.get(act, act)(y), sb
 
 
 # --------------------------------------------------------------------------- activations
@@ -142,6 +149,21 @@ def hardsigmoid(x: torch.Tensor) -> torch.Tensor:
 
 def silu(x: torch.Tensor) -> torch.Tensor:
     return F.silu(x)
+
+
+#: In-place twins, for tensors the caller owns (a fresh layer output): same values, less memory.
+INPLACE: dict[Callable, Callable] = {
+    relu: torch.relu_,
+    relu6: lambda x: F.hardtanh_(x, 0.0, 6.0),
+    hardswish: lambda x: F.hardswish(x, inplace=True),
+    silu: lambda x: F.silu(x, inplace=True),
+}
+
+
+def add_relu_(y: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+    """``relu(y + shortcut)`` computed in place in ``y``, which must be a fresh layer output
+    (a residual block's last BatchNorm output), as torchvision's ``out += identity; relu(out)``."""
+    return torch.relu_(y.add_(shortcut))
 
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {

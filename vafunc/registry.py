@@ -189,6 +189,14 @@ def check_image(x, *, name: str, in_channels: int, min_size: int) -> None:
 
 # --------------------------------------------------------------------------- the model
 
+_FEATURE_NAMES: dict = {}
+
+
+def _feature_name_set(model: "ModelDef") -> frozenset:
+    if model not in _FEATURE_NAMES:
+        _FEATURE_NAMES[model] = frozenset(model.feature_shapes())
+    return _FEATURE_NAMES[model]
+
 
 @dataclass(frozen=True)
 class ModelDef:
@@ -241,6 +249,42 @@ class ModelDef:
         return self.family.apply(self.config, params, state, x, train=train, rng=rng, **kw)
 
     __call__ = apply
+
+    # ---------------------------------------------------------------- features
+    def feature_shapes(self, size: int | None = None) -> dict[str, tuple[int, ...]]:
+        """Every tap-able intermediate and its shape ``[1, C, H, W]`` for a ``size`` x ``size``
+        input (default: 224, or the minimum if larger), computed on the meta device."""
+        from .layers import Taps
+
+        size = max(size or 224, self.min_size)
+        params, state = self.init(device="meta")
+        taps = Taps(None)
+        x = torch.empty(1, self.in_channels, size, size, device="meta")
+        self.family.apply(self.config, params, state, x, train=False, rng=None, taps=taps)
+        return {k: tuple(v.shape) for k, v in taps.got.items()}
+
+    @property
+    def feature_names(self) -> list[str]:
+        """Names accepted by :meth:`features`: the reference's module paths of stages and blocks."""
+        return list(self.feature_shapes())
+
+    def features(self, params, state, x, names, *, train: bool = False, rng=None):
+        """Named intermediate outputs ``({name: tensor}, new_state)``; stops after the last one
+        needed (the head is not computed unless asked for)."""
+        from .layers import Taps
+
+        if isinstance(names, str):
+            names = [names]
+        names = list(names)
+        known = () if torch.compiler.is_compiling() else _feature_name_set(self)
+        unknown = [n for n in names if known and n not in known]
+        if unknown:
+            close = {n: difflib.get_close_matches(n, sorted(known), n=3) for n in unknown}
+            raise ValueError(f"{self.name} has no features {unknown}; close names: {close} (see model.feature_names)")
+        taps = Taps(names)
+        check_image(x, name=self.name, in_channels=self.in_channels, min_size=self.min_size)
+        _, new_state = self.family.apply(self.config, params, state, x, train=train, rng=rng, taps=taps)
+        return {n: taps.got[n] for n in names}, new_state
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict_shapes(self) -> dict[str, tuple[int, ...]]:

@@ -10,7 +10,6 @@ State-dict names are torchvision's: ``conv1``, ``bn1``, ``layer{1..4}.{i}.conv{1
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -75,7 +74,6 @@ class BlockSpec(NamedTuple):
     downsample: bool
 
 
-@functools.lru_cache(maxsize=None)
 def plan(cfg: ResNetConfig) -> tuple[tuple[BlockSpec, ...], ...]:
     """Per-stage block specs, derived from the config (no mutable construction state)."""
     exp = EXPANSION[cfg.block]
@@ -108,7 +106,7 @@ def basic_block(p, s, x, b: BlockSpec, *, train: bool):
     y, s["bn1"] = L.conv_bn(p["conv1"], p["bn1"], s["bn1"], x, train=train, act=L.relu, stride=b.stride, padding=1)
     y, s["bn2"] = L.conv_bn(p["conv2"], p["bn2"], s["bn2"], y, train=train, padding=1)
     shortcut, s = _shortcut(p, s, x, b, train)
-    return L.relu(y + shortcut), s
+    return L.add_relu_(y, shortcut), s
 
 
 def bottleneck(p, s, x, b: BlockSpec, *, train: bool):
@@ -124,7 +122,7 @@ def bottleneck(p, s, x, b: BlockSpec, *, train: bool):
     )
     y, s["bn3"] = L.conv_bn(p["conv3"], p["bn3"], s["bn3"], y, train=train)
     shortcut, s = _shortcut(p, s, x, b, train)
-    return L.relu(y + shortcut), s
+    return L.add_relu_(y, shortcut), s
 
 
 def _shortcut(p, s, x, b: BlockSpec, train: bool):

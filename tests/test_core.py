@@ -1,0 +1,214 @@
+"""The contract of DESIGN.md: init, apply purity, state_dict conversion, errors, registry."""
+
+import pytest
+import torch
+import torchvision
+
+import vafunc
+import torch_compat
+from oracle import build_reference, perturb
+
+
+@pytest.fixture(scope="module")
+def r18():
+    model = vafunc.get_model("resnet18")
+    return model, *model.init(0)
+
+
+# ------------------------------------------------------------------ init
+
+
+def test_init_is_deterministic_and_key_or_seed(r18):
+    model, params, state = r18
+    p2, _ = model.init(vafunc.random.key(0))
+    p3, _ = model.init(0)
+    for a, b in zip(vafunc.tree.tree_leaves(p2), vafunc.tree.tree_leaves(p3)):
+        assert torch.equal(a, b)
+    p4, _ = model.init(1)
+    assert not torch.equal(p4["conv1"]["weight"], p3["conv1"]["weight"])
+
+
+def test_init_meta_and_dtype():
+    model = vafunc.get_model("resnet50")
+    p, s = model.init(device="meta")
+    assert all(t.is_meta for t in vafunc.tree.tree_leaves(p))
+    assert vafunc.count_params(p) == 25_557_032
+    p16, s16 = vafunc.get_model("resnet18").init(0, dtype=torch.float64)
+    assert p16["conv1"]["weight"].dtype == torch.float64
+    assert s16["bn1"]["running_var"].dtype == torch.float64
+    assert s16["bn1"]["num_batches_tracked"].dtype == torch.int64
+    with pytest.raises(TypeError, match="floating torch.dtype"):
+        model.init(0, dtype=torch.int32)
+
+
+def test_init_scheme_matches_torchvision_statistics():
+    """Per-tensor mean and std of vafunc's init equal torchvision's scheme (kaiming fan_out for
+    convs, torch's default Linear init, BN 1/0) within sampling error."""
+    torch.manual_seed(0)
+    ref = dict(torchvision.models.resnet50().state_dict())
+    mine = vafunc.to_state_dict(*vafunc.get_model("resnet50").init(3))
+    for k, v in mine.items():
+        r = ref[k]
+        if not v.is_floating_point() or v.numel() == 1 or float(r.std()) == 0:
+            assert torch.equal(v, r), k  # constants: BN weight 1 / bias 0, running stats
+            continue
+        if v.numel() < 1000:
+            continue  # too few samples for a statistical comparison (fc.bias)
+        assert abs(float(v.std()) / float(r.std()) - 1) < 0.1, k
+        assert abs(float(v.mean()) - float(r.mean())) < 0.1 * float(r.std()), k
+
+
+def test_zero_init_residual():
+    p, _ = vafunc.get_model("resnet50", zero_init_residual=True).init(0)
+    assert torch.equal(p["layer1"]["0"]["bn3"]["weight"], torch.zeros(256))
+    assert torch.equal(p["layer1"]["0"]["bn1"]["weight"], torch.ones(64))
+    p, _ = vafunc.get_model("resnet18", zero_init_residual=True).init(0)
+    assert torch.equal(p["layer2"]["1"]["bn2"]["weight"], torch.zeros(128))
+
+
+# ------------------------------------------------------------------ apply
+
+
+def test_apply_is_pure_and_train_updates_like_torch(r18):
+    model, params, state = r18
+    before = {k: v.clone() for k, v in vafunc.to_state_dict(params, state).items()}
+    x = torch.randn(4, 3, 40, 40)
+    x0 = x.clone()
+    _, new = model.apply(params, state, x, train=True)
+    for k, v in vafunc.to_state_dict(params, state).items():
+        assert torch.equal(v, before[k]), f"apply mutated {k}"
+    assert torch.equal(x, x0)
+    assert int(new["bn1"]["num_batches_tracked"]) == int(state["bn1"]["num_batches_tracked"]) + 1
+    # momentum 0.1 and the unbiased batch variance, as torch.nn.BatchNorm2d
+    bn = torch.nn.BatchNorm2d(64).train()
+    bn.load_state_dict({**params["bn1"], **state["bn1"]})
+    conv = torch.nn.functional.conv2d(x, params["conv1"]["weight"], stride=2, padding=3)
+    bn(conv)
+    assert torch.allclose(new["bn1"]["running_mean"], bn.running_mean, atol=1e-6)
+    assert torch.allclose(new["bn1"]["running_var"], bn.running_var, atol=1e-6)
+
+
+def test_features_via_taps_match_torchvision_resnet(r18):
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    model, params, state = r18
+    ref = torchvision.models.resnet18().eval()
+    ref.load_state_dict(vafunc.to_state_dict(params, state))
+    names = ["maxpool", "layer1.1", "layer2", "layer4"]
+    extractor = create_feature_extractor(ref, names)
+    x = torch.randn(2, 3, 64, 48)
+    taps = vafunc.layers.Taps(names)
+    with torch.no_grad():
+        logits, _ = model.family.apply(model.config, params, state, x, train=False, taps=taps)
+        want = extractor(x)
+    assert logits is None  # stopped before the head
+    for n in names:
+        assert torch.equal(taps.got[n], want[n]), n
+
+
+# ------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize(
+    "x, exc, msg",
+    [
+        (torch.randn(2, 4, 32, 32), ValueError, "expects 3 input channels, got 4"),
+        (torch.randn(3, 32, 32), ValueError, r"4-D batch \[N, C, H, W\], got a 3-D"),
+        (torch.randint(0, 255, (1, 3, 32, 32), dtype=torch.uint8), TypeError, "floating-point.*uint8"),
+        ([[1.0]], TypeError, "torch.Tensor"),
+    ],
+)
+def test_bad_input_errors(r18, x, exc, msg):
+    model, params, state = r18
+    with pytest.raises(exc, match=msg):
+        model.apply(params, state, x)
+
+
+def test_too_small_image_names_the_minimum():
+    model = vafunc.get_model("resnet18")  # ResNet accepts 1x1; the check itself:
+    from vafunc.registry import check_image
+
+    with pytest.raises(ValueError, match="at least 75x75, got 60x80"):
+        check_image(torch.randn(1, 3, 60, 80), name="inception_v3", in_channels=3, min_size=75)
+    assert model.min_size == 1
+
+
+def test_train_must_be_bool(r18):
+    model, params, state = r18
+    with pytest.raises(TypeError, match="train must be a bool"):
+        model.apply(params, state, torch.randn(1, 3, 8, 8), train="yes")
+
+
+def test_unknown_model_suggests_close_names():
+    with pytest.raises(ValueError, match="did you mean resnet50"):
+        vafunc.get_model("resnet5O")
+    with pytest.raises(TypeError, match="unknown config keywords \\['num_clases'\\]"):
+        vafunc.get_model("resnet18", num_clases=10)
+    with pytest.raises(ValueError, match="num_classes must be a positive int"):
+        vafunc.get_model("resnet18", num_classes=0)
+
+
+def test_state_dict_mismatch_lists_every_problem(r18):
+    model, params, state = r18
+    flat = vafunc.to_state_dict(params, state)
+    del flat["fc.bias"], flat["layer1.0.bn1.running_mean"]
+    flat["extra.weight"] = torch.zeros(1)
+    flat["conv1.weight"] = torch.zeros(64, 3, 3, 3)
+    with pytest.raises(vafunc.StateDictMismatch) as err:
+        vafunc.from_state_dict(model, flat)
+    msg = str(err.value)
+    for piece in ["missing keys (2)", "fc.bias", "layer1.0.bn1.running_mean", "unexpected keys (1): extra.weight",
+                  "conv1.weight (checkpoint [64, 3, 3, 3], model [64, 3, 7, 7])"]:
+        assert piece in msg
+    with pytest.raises(TypeError, match="mapping"):
+        vafunc.from_state_dict(model, [1, 2])
+
+
+def test_from_state_dict_non_strict_ignores_only_extras(r18):
+    model, params, state = r18
+    flat = vafunc.to_state_dict(params, state)
+    p, s = vafunc.from_state_dict(model, {**flat, "junk": torch.zeros(1)}, strict=False)
+    assert vafunc.count_params(p) == vafunc.count_params(params)
+    flat.pop("fc.weight")
+    with pytest.raises(vafunc.StateDictMismatch, match="fc.weight"):
+        vafunc.from_state_dict(model, flat, strict=False)
+
+
+# ------------------------------------------------------------------ tree helpers
+
+
+def test_tree_stack_unstack_round_trip(r18):
+    model, params, state = r18
+    p1, _ = model.init(1)
+    stacked = vafunc.stack([params, p1])
+    assert stacked["conv1"]["weight"].shape == (2, 64, 3, 7, 7)
+    back = vafunc.unstack(stacked)
+    assert torch.equal(back[1]["fc"]["bias"], p1["fc"]["bias"])
+    assert vafunc.unflatten(vafunc.flatten(params)).keys() == params.keys()
+    with pytest.raises(ValueError, match="differs from tree 0"):
+        vafunc.stack([params, {"x": torch.zeros(1)}])
+
+
+# ------------------------------------------------------------------ torch_compat
+
+
+def test_compat_loads_torchvision_strict_and_matches_in_train_mode():
+    torch.manual_seed(0)
+    tv = perturb(build_reference("resnet18"), seed=3)
+    m = torch_compat.create("resnet18")
+    assert list(m.state_dict()) == list(tv.state_dict())
+    m.load_state_dict(tv.state_dict(), strict=True)
+    x = torch.randn(3, 3, 48, 40)
+    m.eval(), tv.eval()
+    with torch.no_grad():
+        assert torch.equal(m(x), tv(x))
+    m.train(), tv.train()
+    out, want = m(x), tv(x)
+    assert torch.allclose(out, want, atol=1e-5, rtol=1e-5)
+    for (k, a), (_, b) in zip(m.state_dict().items(), tv.state_dict().items()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6), k
+    # autograd through the module works like the reference
+    out.sum().backward()
+    want.sum().backward()
+    assert torch.allclose(m.fc.weight.grad, tv.fc.weight.grad, atol=1e-4, rtol=1e-4)
+    assert isinstance(m.get_submodule("layer1.0.conv1"), torch.nn.Module)

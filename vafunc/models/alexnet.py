@@ -1,0 +1,133 @@
+"""AlexNet in torchvision's layout (the single-tower "one weird trick" variant).
+
+Krizhevsky et al. 2012, "ImageNet Classification with Deep Convolutional Neural Networks"
+(NeurIPS), Section 3.5 / Figure 2; torchvision follows the channel widths of Krizhevsky 2014,
+"One weird trick for parallelizing convolutional neural networks" (arXiv:1404.5997):
+64-192-384-256-256 instead of the paper's two-GPU 96-256-384-384-256, and no local response
+normalisation.
+
+State-dict names are torchvision's: ``features.{0,3,6,8,10}`` (convolutions; the other indices
+are ReLU / max-pool slots) and ``classifier.{1,4,6}`` (linear layers; 0 and 3 are dropout).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from .. import layers as L
+from .. import random as vrandom
+from ..registry import Family, Reference, register
+
+PAPER = "Krizhevsky et al. 2012, ImageNet Classification with Deep Convolutional Neural Networks (NeurIPS)"
+
+
+class Conv(NamedTuple):
+    out: int
+    kernel: int
+    stride: int
+    padding: int
+
+
+#: ``features``: one entry per ``nn.Sequential`` slot, so the index is the state_dict name.
+FEATURES = (
+    Conv(64, 11, 4, 2), "relu", "pool",
+    Conv(192, 5, 1, 2), "relu", "pool",
+    Conv(384, 3, 1, 1), "relu",
+    Conv(256, 3, 1, 1), "relu",
+    Conv(256, 3, 1, 1), "relu", "pool",
+)
+POOL = (3, 2)  # overlapping max-pooling, kernel 3 stride 2 (paper Section 3.4)
+POOLED = 6  # adaptive average pool to 6x6 before the classifier
+HIDDEN = 4096
+
+
+@dataclass(frozen=True)
+class AlexNetConfig:
+    """torchvision ``AlexNet`` keywords."""
+
+    num_classes: int = 1000
+    dropout: float = 0.5
+    in_channels: int = 3
+
+    def __post_init__(self):
+        if not isinstance(self.num_classes, int) or self.num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {self.num_classes!r}")
+        if not 0.0 <= float(self.dropout) <= 1.0:
+            raise ValueError(f"dropout must be in [0, 1], got {self.dropout!r}")
+        if not isinstance(self.in_channels, int) or self.in_channels < 1:
+            raise ValueError(f"in_channels must be a positive int, got {self.in_channels!r}")
+
+
+def init(cfg: AlexNetConfig, ini) -> dict:
+    """torch's default init everywhere (torchvision's AlexNet has no init of its own)."""
+    features, cin = {}, cfg.in_channels
+    for i, layer in enumerate(FEATURES):
+        if isinstance(layer, Conv):
+            features[str(i)] = ini.conv(cin, layer.out, layer.kernel, bias=True, scheme="kaiming_fan_in_uniform")
+            cin = layer.out
+    return {
+        "features": features,
+        "classifier": {
+            "1": ini.linear(cin * POOLED * POOLED, HIDDEN),
+            "4": ini.linear(HIDDEN, HIDDEN),
+            "6": ini.linear(HIDDEN, cfg.num_classes),
+        },
+    }
+
+
+def features(p, x, *, taps=None):
+    """The five convolutional layers (paper Figure 2): ``[N, C, H, W] -> [N, 256, h, w]`` with
+    ``h ~ H / 32`` (a stride-4 convolution, then three stride-2 pools); ``h = 1`` at ``H = 63``.
+
+    Feature names (``taps``): ``features.0`` .. ``features.12`` (conv, ReLU and pool outputs).
+    """
+    for i, layer in enumerate(FEATURES):
+        if isinstance(layer, Conv):
+            x = L.conv2d(p[str(i)], x, stride=layer.stride, padding=layer.padding)
+        elif layer == "relu":
+            x = L.relu(x)
+        else:
+            x = L.max_pool2d(x, *POOL)
+        x = L.tap(taps, f"features.{i}", x)
+    return x
+
+
+def classifier(p, x, *, dropout: float, train: bool, rng):
+    """Three fully connected layers with dropout before the first two (paper Section 4.2):
+    ``[N, 256 * 6 * 6] -> [N, num_classes]``."""
+    x = L.dropout(x, dropout, _key(rng, 0), train=train)
+    x = L.relu(L.linear(p["1"], x))
+    x = L.dropout(x, dropout, _key(rng, 1), train=train)
+    x = L.relu(L.linear(p["4"], x))
+    return L.linear(p["6"], x)
+
+
+def _key(rng, i: int):
+    return None if rng is None else vrandom.fold_in(rng, i)
+
+
+def apply(cfg: AlexNetConfig, params, state, x, *, train: bool = False, rng=None, taps=None):
+    """``x [N, C, H, W] -> (logits [N, num_classes], state)`` (AlexNet has no BatchNorm, so the
+    state is returned as given). Inputs of any size >= 63x63 (adaptive 6x6 pooling)."""
+    y = features(params["features"], x, taps=taps)
+    if L.taps_complete(taps):
+        return None, state
+    y = L.adaptive_avg_pool2d(y, POOLED).flatten(1)
+    return classifier(params["classifier"], y, dropout=cfg.dropout, train=train, rng=rng), state
+
+
+FAMILY = Family(
+    name="alexnet",
+    config=AlexNetConfig,
+    init=init,
+    apply=apply,
+    min_size=lambda cfg: 63,
+    paper=PAPER,
+)
+
+register(
+    "alexnet", FAMILY, params=61100840, reference=Reference("torchvision", "alexnet"),
+    deterministic_train={"dropout": 0.0},
+    notes="torchvision's single-tower variant (arXiv:1404.5997 widths), no LRN",
+)
