@@ -6,10 +6,13 @@
 >>> logits, state = model.apply(params, state, x)          # doctest: +SKIP
 """
 
-from . import init, layers, random, tree
+from . import ensemble, init, layers, optim, random, train, tree
+from .ensemble import ensemble_apply, ensemble_init, per_sample_grads
 from .registry import Entry, Family, ModelDef, Reference, get_entry, get_model, list_models, register
 from .tree import count_params, flatten, stack, tree_map, unflatten, unstack
 from .weights import StateDictMismatch, from_state_dict, to_state_dict
+from . import hub, transforms
+from .hub import load_weights, save_weights
 
 __version__ = "0.1.0"
 
@@ -25,12 +28,22 @@ __all__ = [
     "to_state_dict",
     "from_state_dict",
     "StateDictMismatch",
+    "load_weights",
+    "save_weights",
+    "hub",
+    "transforms",
     "flatten",
     "unflatten",
     "tree_map",
     "stack",
     "unstack",
     "count_params",
+    "ensemble_init",
+    "ensemble_apply",
+    "per_sample_grads",
+    "optim",
+    "train",
+    "ensemble",
     "random",
     "layers",
     "init",

@@ -1,4 +1,4 @@
-"""The ``vafunc`` command: ``vafunc list``, ``vafunc info NAME``."""
+"""The ``vafunc`` command: ``vafunc list``, ``vafunc info NAME``, ``vafunc predict``, ``vafunc convert``."""
 
 from __future__ import annotations
 
@@ -86,6 +86,9 @@ def _cmd_info(args) -> int:
     }
     if e.notes:
         info["notes"] = e.notes
+    from . import _cli_weights  # weights table and GFLOPs (issue 7)
+
+    info.update(_cli_weights.info_extra(model))
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return 0
@@ -95,6 +98,7 @@ def _cmd_info(args) -> int:
     for k, v in e.extra:
         print(f"{k:>16}: {v}")
     print(f"{'config':>16}: " + ", ".join(f"{k}={v!r}" for k, v in info["config"].items()))
+    _cli_weights.print_info_extra(info)
     print(f"{'features':>16}: {len(feats)} (shapes at {max(224, model.min_size)}px)")
     for k, v in feats.items():
         print(f"{'':>18}{k:<32} {list(v)}")
@@ -114,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     pi.add_argument("name")
     pi.add_argument("--json", action="store_true")
     pi.set_defaults(fn=_cmd_info)
+    from . import _cli_weights  # predict, convert (issue 7)
+
+    _cli_weights.add_parsers(sub)
     return p
 
 

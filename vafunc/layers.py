@@ -37,7 +37,6 @@ __all__ = [
 
 Params = Mapping[str, torch.Tensor]
 
-_bn_functional = torch.ops.aten._native_batch_norm_legit_functional
 
 
 # --------------------------------------------------------------------------- linear maps
@@ -88,16 +87,10 @@ def batch_norm(
     rm, rv = s["running_mean"], s["running_var"]
     if not train:
         return F.batch_norm(x, rm, rv, w, b, False, 0.0, eps), s
-    if _is_vmapped(x) or _is_vmapped(rm):
-        # Under torch.vmap the fused functional op has no batching rule (it would fall back to a
-        # slow per-member loop); the plain op + var_mean batch cleanly.
-        y = F.batch_norm(x, None, None, w, b, True, 0.0, eps)
-        dims = [0] + list(range(2, x.dim()))
-        var, mean = torch.var_mean(x.detach(), dim=dims, correction=1)
-        new_rm = rm * (1.0 - momentum) + mean * momentum
-        new_rv = rv * (1.0 - momentum) + var * momentum
-    else:
-        y, _, _, new_rm, new_rv = _bn_functional(x, w, b, rm, rv, True, momentum, eps)
+    # torch's own kernel updates the running statistics in place: hand it fresh copies, so the
+    # update is torch's to the last bit and the caller's state is never touched.
+    new_rm, new_rv = rm.clone(), rv.clone()
+    y = F.batch_norm(x, new_rm, new_rv, w, b, True, momentum, eps)
     new = {"running_mean": new_rm, "running_var": new_rv}
     if "num_batches_tracked" in s:
         new["num_batches_tracked"] = s["num_batches_tracked"] + 1

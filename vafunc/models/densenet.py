@@ -22,7 +22,6 @@ DenseNet-264 (Table 1, k=32, blocks (6, 12, 64, 48)) has no torchvision builder;
 
 from __future__ import annotations
 
-import functools
 import math
 import re
 from dataclasses import dataclass
@@ -84,9 +83,10 @@ class BlockSpec(NamedTuple):
     first_layer: int  # global index of the block's first dense layer (dropout key stream)
 
 
-@functools.lru_cache(maxsize=None)
 def plan(cfg: DenseNetConfig) -> tuple[BlockSpec, ...]:
-    """Channel bookkeeping of Table 1 (compression 0.5 in every transition, as in DenseNet-BC)."""
+    """Channel bookkeeping of Table 1 (compression 0.5 in every transition, as in DenseNet-BC).
+
+    Not cached: it is cheap, and dynamo traces through (and warns about) ``functools.lru_cache``."""
     c, first, out = cfg.num_init_features, 0, []
     for i, n in enumerate(cfg.block_config):
         end = c + n * cfg.growth_rate

@@ -310,5 +310,5 @@ register(
         "aux_logits=False, the released checkpoint's inference model), transform_input=False; "
         "BatchNorm eps 1e-3; 3x3 conv in the '5x5' branch as in torchvision"
     ),
-    extra={"aux_outputs": ("aux1", "aux2")},
+    extra={"aux_outputs": (("aux1", "aux_logits1"), ("aux2", "aux_logits2"))},
 )

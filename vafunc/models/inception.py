@@ -33,7 +33,10 @@ PAPER = "Szegedy et al. 2016, Rethinking the Inception Architecture for Computer
 MIN_SIZE = 75
 AUX_MIN_SIZE = 299  # the aux head's 5x5 conv needs a 5x5 map: 17x17 after Mixed_6e
 FEATURES_OUT = 2048
-AUX_CONV_STD, AUX_FC_STD, DEFAULT_STD = 0.01, 0.001, 0.1  # torchvision's truncated-normal stds
+#: torchvision's truncated-normal stds: 0.1 everywhere but the aux head's FC. (Its source also
+#: sets ``stddev = 0.01`` on ``AuxLogits.conv1``, but on the BasicConv2d wrapper, which its init
+#: loop never reads: the conv inside gets 0.1. We reproduce what torchvision does.)
+DEFAULT_STD, AUX_FC_STD = 0.1, 0.001
 
 
 class Conv(NamedTuple):
@@ -276,24 +279,22 @@ class InceptionV3Config:
 
 
 def init(cfg: InceptionV3Config, ini) -> dict:
-    """torchvision's init: conv and linear weights truncated normal at +-2 with std 0.1 (0.01
-    for the aux head's 5x5 conv, 0.001 for its FC), BN 1/0, linear biases torch's default.
+    """torchvision's init: conv and linear weights truncated normal at +-2 with std 0.1 (0.001
+    for the aux head's FC), BN 1/0, linear biases torch's default.
     ``init_weights=False``: torch's default init."""
 
     def std(s):
         return s if cfg.init_weights else None
 
-    def convs(specs, stds=None):
-        stds = stds or {}
-        return {n: init_basic_conv(ini, c.cin, c.cout, c.kernel, std=std(stds.get(n, DEFAULT_STD)))
-                for n, c in specs.items()}
+    def convs(specs):
+        return {n: init_basic_conv(ini, c.cin, c.cout, c.kernel, std=std(DEFAULT_STD)) for n, c in specs.items()}
 
     t = convs(stem_convs(cfg.in_channels))
     for name, kind, args in MIXED:
         t[name] = convs(block_convs(kind, args))
         if name == AUX_AFTER and cfg.aux_logits:
             t["AuxLogits"] = {
-                **convs(aux_convs(), {"conv1": AUX_CONV_STD}),
+                **convs(aux_convs()),
                 "fc": init_linear(ini, 768, cfg.num_classes, std=std(AUX_FC_STD)),
             }
     t["fc"] = init_linear(ini, FEATURES_OUT, cfg.num_classes, std=std(DEFAULT_STD))
@@ -355,5 +356,5 @@ register(
         "torchvision's weights=None defaults: AuxLogits built (27,161,264 params; 23,834,568 with "
         "aux_logits=False), transform_input=False; BatchNorm eps 1e-3; the aux head needs >= 299x299"
     ),
-    extra={"aux_outputs": ("aux",), "aux_min_size": AUX_MIN_SIZE},
+    extra={"aux_outputs": (("aux", "aux_logits"),), "aux_min_size": AUX_MIN_SIZE},
 )

@@ -20,7 +20,6 @@ Published weights expect 299x299 RGB inputs normalised with mean 0.5 / std 0.5.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -78,7 +77,6 @@ class SepSpec(NamedTuple):
     relu_before: bool
 
 
-@functools.lru_cache(maxsize=None)
 def block_plan(b: BlockRow) -> tuple[SepSpec, ...]:
     """The separable convs of a block with their ``rep`` indices and channel counts."""
     out = []
@@ -94,6 +92,10 @@ def block_plan(b: BlockRow) -> tuple[SepSpec, ...]:
     return tuple(out)
 
 
+#: Every block's separable convs, computed once (Python data: nothing for dynamo to trace).
+PLANS = tuple(block_plan(b) for b in BLOCKS)
+
+
 # --------------------------------------------------------------------------- blocks
 
 
@@ -106,7 +108,7 @@ def separable_conv(p, x, *, padding: int = 1):
     return L.conv2d(p["pointwise"], y)
 
 
-def block(p, s, x, b: BlockRow, *, train: bool):
+def block(p, s, x, b: BlockRow, seps: tuple[SepSpec, ...], *, train: bool):
     """A residual block of Fig. 5: ``reps`` x (ReLU, separable conv, BN), a 3x3/2 max pool when
     strided, plus the shortcut (identity, or 1x1/stride conv + BN when the shape changes).
 
@@ -116,7 +118,7 @@ def block(p, s, x, b: BlockRow, *, train: bool):
     s = dict(s)
     rep_s = dict(s["rep"])
     y = x
-    for sep in block_plan(b):
+    for sep in seps:
         if sep.relu_before:
             y = L.relu(y)
         bn = str(int(sep.index) + 1)
@@ -150,7 +152,7 @@ def init(cfg: XceptionConfig, ini) -> dict:
             blk["skip"] = ini.conv(b.in_ch, b.out_ch, 1)
             blk["skipbn"] = ini.batch_norm(b.out_ch)
         rep = {}
-        for sep in block_plan(b):
+        for sep in PLANS[i]:
             rep[sep.index] = _sep_init(ini, sep.cin, sep.cout)
             rep[str(int(sep.index) + 1)] = ini.batch_norm(sep.cout)
         blk["rep"] = rep
@@ -181,7 +183,7 @@ def apply(cfg: XceptionConfig, params, state, x, *, train: bool = False, rng=Non
     y = L.tap(taps, "act2", y)
     for i, b in enumerate(BLOCKS):
         name = f"block{i + 1}"
-        y, s[name] = block(p[name], s[name], y, b, train=train)
+        y, s[name] = block(p[name], s[name], y, b, PLANS[i], train=train)
         y = L.tap(taps, name, y)
         if L.taps_complete(taps):
             return None, (s if train else state)

@@ -1,0 +1,119 @@
+"""Ensembles and per-sample gradients: many models, or many samples, in one call.
+
+An ensemble is N ``(params, state)`` trees stacked on a new leading axis (:func:`vafunc.stack`).
+:func:`ensemble_apply` evaluates all members, in eval or train mode, each with its own BatchNorm
+statistics and its own dropout / stochastic-depth key. Lowerings (``method=``):
+
+* ``"loop"`` (default in eager mode): a Python loop over the members on views of the stacked
+  tensors. Measured on a 2-core CPU this is the fastest eager lowering: ``torch.vmap`` turns the
+  member axis of every convolution into an NCHW grouped convolution, which runs at 0.3-0.7x the loop.
+* ``"vmap"``: ``torch.vmap`` over ``model.apply``; the lowering to use inside ``torch.func``
+  transforms (e.g. ``vmap(grad(...))`` to train all members at once) and on accelerators.
+
+For speed, compile the call (see :func:`compile_ensemble`): inductor fuses the loop's layers.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from . import random as vrandom
+from . import tree as vtree
+
+__all__ = ["ensemble_init", "ensemble_apply", "ensemble_size", "member_keys", "per_sample_grads"]
+
+
+def ensemble_init(model, n: int, key=0, *, device=None, dtype=None) -> tuple[dict, dict]:
+    """``n`` independently initialised members, stacked: leaves get a leading axis of size ``n``."""
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"ensemble size must be a positive int, got {n!r}")
+    keys = vrandom.split(vrandom.as_key(key), n)
+    members = [model.init(k, device=device, dtype=dtype) for k in keys]
+    return vtree.stack([p for p, _ in members]), vtree.stack([s for _, s in members])
+
+
+def ensemble_size(params) -> int:
+    leaves = vtree.tree_leaves(params)
+    if not leaves:
+        raise ValueError("empty parameter tree")
+    sizes = {int(t.shape[0]) if t.dim() else -1 for t in leaves}
+    if len(sizes) != 1 or -1 in sizes:
+        raise ValueError(f"not a stacked ensemble: leading axes {sorted(sizes)} (use vafunc.stack)")
+    return sizes.pop()
+
+
+def member_keys(rng, n: int):
+    """``None``, one key (split into ``n``) or ``n`` keys ``[n, 2]`` -> ``n`` keys or ``None``."""
+    if rng is None:
+        return None
+    if not vrandom.is_key(rng):
+        raise TypeError(f"rng must be a vafunc.random key [2] or a batch of keys [N, 2], got {rng!r}")
+    if rng.dim() == 1:
+        return vrandom.split(rng, n)
+    if rng.shape != (n, 2):
+        raise ValueError(f"expected {n} member keys [{n}, 2], got shape {list(rng.shape)}")
+    return rng
+
+
+def _member_inputs(x: torch.Tensor, n: int) -> tuple[torch.Tensor, bool]:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"expected an image batch tensor, got {type(x).__name__}")
+    if x.dim() == 4:
+        return x, False
+    if x.dim() == 5:
+        if x.shape[0] != n:
+            raise ValueError(f"per-member inputs must have {n} on axis 0 (one batch per member), got {list(x.shape)}")
+        return x, True
+    raise ValueError(
+        f"ensemble input must be one batch [B, C, H, W] shared by all members or one per member "
+        f"[N, B, C, H, W], got shape {list(x.shape)}"
+    )
+
+
+def ensemble_apply(model, params, state, x, *, train: bool = False, rng=None, method: str = "loop"):
+    """All members on ``x``: ``-> (logits [N, B, classes], new_state)`` (state stacked like the input).
+
+    ``x`` is ``[B, C, H, W]`` (shared) or ``[N, B, C, H, W]`` (one batch per member); ``rng`` is one key
+    (split per member) or ``N`` keys. Equal to a Python loop of ``model.apply`` over the members.
+    """
+    n = ensemble_size(params)
+    x, per_member = _member_inputs(x, n)
+    keys = member_keys(rng, n)
+    if method == "vmap":
+        in_dims = (0, 0, 0 if per_member else None, None if keys is None else 0)
+
+        def one(p, s, xi, k):
+            return model.apply(p, s, xi, train=train, rng=k)
+
+        logits, new_state = torch.vmap(one, in_dims=in_dims, randomness="error")(params, state, x, keys)
+        return logits, (new_state if train else state)
+    if method != "loop":
+        raise ValueError(f"method must be 'loop' or 'vmap', got {method!r}")
+    outs, states = [], []
+    for i in range(n):
+        p = vtree.tree_map(lambda t: t[i], params)
+        s = vtree.tree_map(lambda t: t[i], state)
+        out, ns = model.apply(p, s, x[i] if per_member else x, train=train,
+                              rng=None if keys is None else keys[i])
+        outs.append(out)
+        states.append(ns)
+    logits = torch.stack(outs)
+    return logits, (vtree.stack(states) if train else state)
+
+
+def per_sample_grads(model, params, state, x, y, loss_fn: Callable, *, chunk_size: int | None = None):
+    """Gradient of ``loss_fn(logits [1, K], y [1])`` for every sample separately, BatchNorm in eval
+    mode: a params-shaped tree whose leaves have a leading batch axis ``[B, ...]``.
+
+    ``torch.func.vmap(grad(...))`` over the batch; ``chunk_size`` bounds memory on large batches.
+    """
+    if x.dim() != 4 or y.shape[:1] != x.shape[:1]:
+        raise ValueError(f"expected x [B, C, H, W] and y [B, ...], got {list(x.shape)} and {list(y.shape)}")
+
+    def loss_one(p, xi, yi):
+        logits, _ = model.apply(p, state, xi[None], train=False)
+        return loss_fn(logits, yi[None])
+
+    return torch.vmap(torch.func.grad(loss_one), in_dims=(None, 0, 0), chunk_size=chunk_size)(params, x, y)
