@@ -2,8 +2,9 @@
 
 - output shape for random batch sizes and image sizes at or above the model's minimum;
 - torch.vmap over a stacked ensemble equals a Python loop over the members, eval and train
-  (each member its own BatchNorm statistics);
-- torch.func.grad and torch.func.jvp through apply agree (jvp = <grad, tangent>);
+  (each member its own BatchNorm statistics and dropout keys);
+- torch.func.grad, vjp and jvp through apply agree (jvp = <grad, tangent>), and Hessian-vector
+  products (forward-over-reverse) are symmetric: <u, H v> = <v, H u>;
 - torch.compile(fullgraph=True) equals eager (a representative subset here; every model with -m slow).
 """
 
@@ -15,7 +16,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.func import grad, jvp
+from torch.func import grad, jvp, vjp
 
 import vafunc
 
@@ -58,41 +59,60 @@ def test_output_shape(name, data):
     assert new_state is state
 
 
+@functools.lru_cache(maxsize=1)
+def _ensemble(name: str):
+    model = vafunc.get_model(name, num_classes=7)  # default config: dropout / stochastic depth on
+    return model, vafunc.ensemble_init(model, 2, key=11)
+
+
 @pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
-def test_vmap_ensemble_equals_loop(name, train):
-    model, members = _model_and_members(name)
-    params = vafunc.stack([p for p, _ in members])
-    state = vafunc.stack([s for _, s in members])
+def test_ensemble_vmap_equals_loop(name, train):
+    """vafunc.ensemble_apply lowered with torch.vmap equals the Python loop over the members, with
+    per-member BatchNorm statistics and per-member dropout / stochastic-depth keys."""
+    model, (params, state) = _ensemble(name)
     s = _size(model, 3)
     x = torch.randn(2, 3, s, s + 5)
+    rng = vafunc.random.key(3) if train else None
     with torch.no_grad():
-        out, new_state = torch.vmap(lambda p, st_: model.apply(p, st_, x, train=train))(params, state)
-        for i, (p, st_) in enumerate(members):
-            want, want_state = model.apply(p, st_, x, train=train)
-            assert _allclose(out[i], want, 1e-4), f"member {i} logits differ"
-            got_state = vafunc.flatten(vafunc.unstack(new_state)[i])
-            for k, v in vafunc.flatten(want_state).items():
-                assert _allclose(got_state[k].to(v.dtype), v, 1e-4), f"member {i} state {k}"
+        got, got_state = vafunc.ensemble_apply(model, params, state, x, train=train, rng=rng, method="vmap")
+        want, want_state = vafunc.ensemble_apply(model, params, state, x, train=train, rng=rng, method="loop")
+    assert got.shape == (2, 2, 7)
+    assert _allclose(got, want, 1e-4), "vmapped ensemble logits differ from the loop"
+    flat_got = vafunc.flatten(got_state)
+    for k, v in vafunc.flatten(want_state).items():
+        assert _allclose(flat_got[k].to(v.dtype), v, 1e-4), f"state {k}"
+
+
+def _dot(a, b):
+    return sum((u * v).sum() for u, v in zip(vafunc.tree.tree_leaves(a), vafunc.tree.tree_leaves(b)))
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_grad_and_jvp_agree(name):
+def test_grad_vjp_jvp_hvp_agree(name):
     model, members = _model_and_members(name)
     params, state = members[0]
     s = _size(model)
     x = torch.randn(2, 3, s, s)
     gen = torch.Generator().manual_seed(3)
-    tangent = vafunc.tree_map(lambda t: torch.randn(t.shape, generator=gen), params)
+    u = vafunc.tree_map(lambda t: torch.randn(t.shape, generator=gen), params)
+    v = vafunc.tree_map(lambda t: torch.randn(t.shape, generator=gen), params)
 
     def loss(p):
         return model.apply(p, state, x, train=True)[0].square().mean()
 
     g = grad(loss)(params)
-    _, directional = jvp(loss, (params,), (tangent,))
-    dot = sum((a * b).sum() for a, b in zip(vafunc.tree.tree_leaves(g), vafunc.tree.tree_leaves(tangent)))
     assert all(torch.isfinite(t).all() for t in vafunc.tree.tree_leaves(g))
-    assert torch.allclose(directional, dot, rtol=1e-3, atol=1e-6), (float(directional), float(dot))
+    _, directional = jvp(loss, (params,), (u,))
+    assert torch.allclose(directional, _dot(g, u), rtol=1e-3, atol=1e-6)
+    value, pullback = vjp(loss, params)
+    (g_vjp,) = pullback(torch.ones_like(value))
+    assert torch.allclose(_dot(g_vjp, v), _dot(g, v), rtol=1e-4, atol=1e-6)
+    # Hessian-vector products by forward-over-reverse; the Hessian is symmetric
+    hv = jvp(grad(loss), (params,), (v,))[1]
+    hu = jvp(grad(loss), (params,), (u,))[1]
+    a, b = _dot(u, hv), _dot(v, hu)
+    assert torch.allclose(a, b, rtol=1e-2, atol=1e-5 * (abs(float(a)) + 1)), (float(a), float(b))
 
 
 def _check_compiled(name):

@@ -1,0 +1,63 @@
+"""Named intermediate features equal torchvision's create_feature_extractor on the same weights."""
+
+import pytest
+import torch
+from torchvision.models.feature_extraction import create_feature_extractor
+
+import vafunc
+from oracle import build_reference, perturb
+
+CASES = ["resnet50", "densenet121", "efficientnet_b0", "mobilenet_v3_large"]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_features_match_create_feature_extractor(name):
+    torch.manual_seed(0)
+    ref = perturb(build_reference(name), seed=2).eval()
+    model = vafunc.get_model(name)
+    params, state = vafunc.from_state_dict(model, ref.state_dict())
+    names = model.feature_names
+    assert len(names) >= 4, names
+    # every feature name is a module path of the reference (create_feature_extractor checks)
+    create_feature_extractor(ref, names)
+    pick = list(dict.fromkeys(names[:: max(1, len(names) // 6)] + [names[-1]]))
+    extractor = create_feature_extractor(ref, pick)
+    x = torch.randn(2, 3, 72, 64)
+    with torch.no_grad():
+        want = extractor(x)
+        got, new_state = model.features(params, state, x, pick)
+    assert new_state is state
+    assert list(got) == pick
+    for n in pick:
+        assert got[n].shape == want[n].shape, n
+        scale = max(float(want[n].abs().max()), 1e-6)
+        assert float((got[n] - want[n]).abs().max()) <= 1e-5 * scale, n
+
+
+def test_feature_shapes_and_strides_resnet():
+    shapes = vafunc.get_model("resnet50").feature_shapes(224)
+    assert [shapes[f"layer{i}"][-1] for i in range(1, 5)] == [56, 28, 14, 7]  # strides 4/8/16/32
+    assert shapes["layer4"][1] == 2048
+
+
+def test_features_under_vmap_and_compile():
+    model = vafunc.get_model("resnet18")
+    params, state = vafunc.ensemble_init(model, 2, key=0)
+    x = torch.randn(2, 3, 48, 48)
+    f = lambda p, s: model.features(p, s, x, ["layer2", "layer3"])[0]
+    batched = torch.vmap(f)(params, state)
+    for i, (p, s) in enumerate(zip(vafunc.unstack(params), vafunc.unstack(state))):
+        want = f(p, s)
+        for k in want:
+            torch.testing.assert_close(batched[k][i], want[k], rtol=1e-5, atol=1e-5)
+    p, s = vafunc.unstack(params)[0], vafunc.unstack(state)[0]
+    compiled = torch.compile(f, fullgraph=True)(p, s)
+    for k, v in f(p, s).items():
+        torch.testing.assert_close(compiled[k], v, rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_feature_name_is_an_error():
+    model = vafunc.get_model("resnet18")
+    p, s = model.init(device="meta")
+    with pytest.raises(ValueError, match="layer5"):
+        model.features(p, s, torch.randn(1, 3, 32, 32, device="meta"), ["layer5"])
