@@ -10,6 +10,10 @@ settings.register_profile(
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "vafunc"))
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one thread per xdist worker: N workers x all cores each would oversubscribe the machine
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _deterministic():

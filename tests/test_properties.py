@@ -10,8 +10,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -24,29 +22,37 @@ ALL = vafunc.list_models()
 #: One model per family in the default suite's compile check; `pytest -m slow` compiles them all.
 COMPILE_DEFAULT = ["resnet18"]
 
+# Comparisons of two computation paths in train mode run in float64: at small sizes the last
+# BatchNorms see a handful of values per channel, and in float32 rounding alone moves train-mode
+# logits by up to 20% for some networks (measured on densenet201, inception_v2).
+F64 = torch.float64
 
-@functools.lru_cache(maxsize=1)
-def _model_and_members(name: str, n: int = 2):
-    model = vafunc.get_model(name, num_classes=7, **dict(vafunc.get_entry(name).deterministic_train))
-    members = [model.init(seed) for seed in range(n)]
-    return model, members
+
+@pytest.fixture(scope="module", params=[pytest.param(n, marks=pytest.mark.xdist_group(n)) for n in ALL])
+def members(request):
+    """The model (default config: dropout / stochastic depth on) and two members (float32)."""
+    model = vafunc.get_model(request.param, num_classes=7)
+    return model, [model.init(seed) for seed in range(2)]
 
 
 def _size(model, extra: int = 0) -> int:
     return max(model.min_size, 32) + extra
 
 
-def _allclose(a, b, rel=1e-5):
-    scale = max(float(b.abs().max()), 1e-6)
+def _allclose(a, b, rel=1e-5, floor=1e-6):
+    scale = max(float(b.abs().max()), floor)
     return float((a - b).abs().max()) <= rel * scale
 
 
-@pytest.mark.parametrize("name", ALL)
+def _dot(a, b):
+    return sum((u * v).sum() for u, v in zip(vafunc.tree.tree_leaves(a), vafunc.tree.tree_leaves(b)))
+
+
 @given(data=st.data())
 @settings(max_examples=3)
-def test_output_shape(name, data):
-    model, members = _model_and_members(name)
-    params, state = members[0]
+def test_output_shape(members, data):
+    model, ms = members
+    params, state = ms[0]
     lo = max(model.min_size, 32)
     b = data.draw(st.integers(1, 3), label="batch")
     h = data.draw(st.integers(lo, lo + 24), label="height")
@@ -59,39 +65,34 @@ def test_output_shape(name, data):
     assert new_state is state
 
 
-@functools.lru_cache(maxsize=1)
-def _ensemble(name: str):
-    model = vafunc.get_model(name, num_classes=7)  # default config: dropout / stochastic depth on
-    return model, vafunc.ensemble_init(model, 2, key=11)
-
-
-@pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
-def test_ensemble_vmap_equals_loop(name, train):
+def test_ensemble_vmap_equals_loop(members, train):
     """vafunc.ensemble_apply lowered with torch.vmap equals the Python loop over the members, with
     per-member BatchNorm statistics and per-member dropout / stochastic-depth keys."""
-    model, (params, state) = _ensemble(name)
-    s = _size(model, 3)
-    x = torch.randn(2, 3, s, s + 5)
+    model, ms = members
+    params, state = vafunc.stack([p for p, _ in ms]), vafunc.stack([s for _, s in ms])
+    if train:  # float64, and final maps of 2x2 or more: BN over a 1x1 map of 2 samples is sign(x1 - x2)
+        params, state = (vafunc.tree_map(lambda t: t.double() if t.is_floating_point() else t, t_)
+                         for t_ in (params, state))
+        s, rel = max(model.min_size, 64) + 3, 1e-6
+    else:
+        s, rel = _size(model, 3), 1e-5
+    x = torch.randn(2, 3, s, s + 5, dtype=F64 if train else torch.float32)
     rng = vafunc.random.key(3) if train else None
     with torch.no_grad():
         got, got_state = vafunc.ensemble_apply(model, params, state, x, train=train, rng=rng, method="vmap")
         want, want_state = vafunc.ensemble_apply(model, params, state, x, train=train, rng=rng, method="loop")
     assert got.shape == (2, 2, 7)
-    assert _allclose(got, want, 1e-4), "vmapped ensemble logits differ from the loop"
+    assert _allclose(got, want, rel), "vmapped ensemble logits differ from the loop"
     flat_got = vafunc.flatten(got_state)
     for k, v in vafunc.flatten(want_state).items():
-        assert _allclose(flat_got[k].to(v.dtype), v, 1e-4), f"state {k}"
+        assert _allclose(flat_got[k].to(v.dtype), v, rel), f"state {k}"
 
 
-def _dot(a, b):
-    return sum((u * v).sum() for u, v in zip(vafunc.tree.tree_leaves(a), vafunc.tree.tree_leaves(b)))
-
-
-@pytest.mark.parametrize("name", ALL)
-def test_grad_vjp_jvp_hvp_agree(name):
-    model, members = _model_and_members(name)
-    params, state = members[0]
+def test_grad_vjp_jvp_hvp_agree(members):
+    """Eval mode (well conditioned in float32): jvp = <grad, u>, vjp = grad, <u, H v> = <v, H u>."""
+    model, ms = members
+    params, state = ms[0]
     s = _size(model)
     x = torch.randn(2, 3, s, s)
     gen = torch.Generator().manual_seed(3)
@@ -99,39 +100,40 @@ def test_grad_vjp_jvp_hvp_agree(name):
     v = vafunc.tree_map(lambda t: torch.randn(t.shape, generator=gen), params)
 
     def loss(p):
-        return model.apply(p, state, x, train=True)[0].square().mean()
+        return model.apply(p, state, x)[0].square().mean()
 
     g = grad(loss)(params)
     assert all(torch.isfinite(t).all() for t in vafunc.tree.tree_leaves(g))
     _, directional = jvp(loss, (params,), (u,))
-    assert torch.allclose(directional, _dot(g, u), rtol=1e-3, atol=1e-6)
+    assert torch.allclose(directional, _dot(g, u), rtol=1e-4, atol=1e-7)
     value, pullback = vjp(loss, params)
     (g_vjp,) = pullback(torch.ones_like(value))
-    assert torch.allclose(_dot(g_vjp, v), _dot(g, v), rtol=1e-4, atol=1e-6)
+    assert torch.allclose(_dot(g_vjp, v), _dot(g, v), rtol=1e-5, atol=1e-7)
     # Hessian-vector products by forward-over-reverse; the Hessian is symmetric
     hv = jvp(grad(loss), (params,), (v,))[1]
     hu = jvp(grad(loss), (params,), (u,))[1]
     a, b = _dot(u, hv), _dot(v, hu)
-    assert torch.allclose(a, b, rtol=1e-2, atol=1e-5 * (abs(float(a)) + 1)), (float(a), float(b))
+    assert torch.allclose(a, b, rtol=1e-3, atol=1e-6 * (abs(float(a)) + 1)), (float(a), float(b))
 
 
 def _check_compiled(name):
+    """Compiled (fullgraph) equals eager: train mode in float64 with the default config, so
+    dropout / stochastic-depth masks from the same key must agree too; eval mode in float32."""
     torch._dynamo.reset()
-    model, members = _model_and_members(name)
-    params, state = members[0]
+    model = vafunc.get_model(name, num_classes=7)
     s = _size(model, 1)
-    x = torch.randn(2, 3, s, s + 2)
     key = vafunc.random.key(5)
-    compiled = torch.compile(
-        lambda p, st_, x, k: model.apply(p, st_, x, train=True, rng=k), fullgraph=True
-    )
+    params, state = model.init(0, dtype=F64)
+    x = torch.randn(4, 3, s, s + 2, dtype=F64)
+    train_fn = torch.compile(lambda p, st_, x, k: model.apply(p, st_, x, train=True, rng=k), fullgraph=True)
     with torch.no_grad():
-        for train_fn in (compiled,):
-            got, got_state = train_fn(params, state, x, key)
-            want, want_state = model.apply(params, state, x, train=True, rng=key)
-            assert _allclose(got, want, 1e-4)
-            for k, v in vafunc.flatten(want_state).items():
-                assert _allclose(vafunc.flatten(got_state)[k].to(v.dtype), v, 1e-4), k
+        got, got_state = train_fn(params, state, x, key)
+        want, want_state = model.apply(params, state, x, train=True, rng=key)
+        assert _allclose(got, want, 1e-6)
+        for k, v in vafunc.flatten(want_state).items():
+            assert _allclose(vafunc.flatten(got_state)[k].to(v.dtype), v, 1e-6), k
+        params, state = model.init(0)
+        x = x.float()
         ev = torch.compile(lambda p, st_, x: model.apply(p, st_, x)[0], fullgraph=True)
         assert _allclose(ev(params, state, x), model.apply(params, state, x)[0], 1e-4)
 

@@ -118,9 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     pi.add_argument("name")
     pi.add_argument("--json", action="store_true")
     pi.set_defaults(fn=_cmd_info)
-    from . import _cli_weights  # predict, convert (issue 7)
+    from . import _cli_weights, demo
 
-    _cli_weights.add_parsers(sub)
+    _cli_weights.add_parsers(sub)  # predict, convert
+    demo.add_parser(sub)
     return p
 
 

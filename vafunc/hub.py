@@ -50,6 +50,7 @@ __all__ = [
     "pretrained",
     "cache_dir",
     "identify",
+    "verify_hash",
 ]
 
 SAFETENSORS_HINT = "pip install 'vafunc[safetensors]'"
@@ -655,6 +656,29 @@ def fetch(weights: Weights, *, download: bool = True, progress: bool = True) -> 
     return dst
 
 
+def verify_hash(path) -> str:
+    """Check ``path``'s SHA-256 against the hash prefix in its name (``name-<prefix>.ext``)."""
+    import hashlib
+
+    path = Path(path)
+    m = _HASH_IN_NAME.search(path.name)
+    if not m:
+        raise WeightsError(f"{path}: the file name has no hash prefix (name-<sha256 prefix>.ext) to check against")
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such file")
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    digest = h.hexdigest()
+    if not digest.startswith(m.group(1)):
+        raise WeightsError(
+            f"{path}: SHA-256 {digest[: len(m.group(1))]}... does not match the prefix {m.group(1)} in its name: "
+            "the file is corrupt or not the published one"
+        )
+    return digest
+
+
 def _resolve(model, weights) -> tuple[Path, Weights | None]:
     """``weights`` (a tag, a :class:`Weights` or a path) -> (file path, table entry or None)."""
     if isinstance(weights, Weights):
@@ -681,6 +705,7 @@ def load_weights(
     dtype: torch.dtype | None = None,
     download: bool = True,
     progress: bool = True,
+    check_hash: bool = False,
 ) -> tuple[dict, dict]:
     """Load a checkpoint into ``(params, state)`` for ``model`` (a :class:`vafunc.ModelDef` or a name).
 
@@ -690,6 +715,8 @@ def load_weights(
     load is strict: a checkpoint that does not fit raises :class:`WeightsError` listing every
     missing, unexpected and mis-shaped key, and nothing is returned half-loaded. ``device`` /
     ``dtype`` move and cast the tensors (floating-point ones only for ``dtype``).
+    ``check_hash=True`` also checks the file's SHA-256 against the prefix in its name (torch.hub
+    checks it when downloading; this re-checks a cached or copied file).
     """
     if isinstance(model, str):
         model = registry.get_model(model)
@@ -702,6 +729,8 @@ def load_weights(
         path = fetch(w, download=download, progress=progress)
     if w is not None and w.model == model.name:
         _config_warning(model, w)
+    if check_hash:
+        verify_hash(path)
     flat, _meta, notes = read_checkpoint(path)
     flat, more = _legacy_batchnorm(model, flat)
     for note in notes + more:

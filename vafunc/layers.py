@@ -137,7 +137,10 @@ def hardswish(x: torch.Tensor) -> torch.Tensor:
 
 
 def hardsigmoid(x: torch.Tensor) -> torch.Tensor:
-    return F.hardsigmoid(x)
+    """``clamp(x + 3, 0, 6) / 6``: bit-identical to ``F.hardsigmoid`` (checked on 1e7 values), but
+    built from ops with forward-mode derivatives, so Hessian-vector products (jvp of grad) work;
+    torch 2.14's ``hardsigmoid_backward`` has no forward-mode rule."""
+    return torch.clamp(x + 3.0, 0.0, 6.0) / 6.0
 
 
 def silu(x: torch.Tensor) -> torch.Tensor:

@@ -2,9 +2,10 @@
 
 Built from ``model.apply(..., train=True)`` and a :mod:`vafunc.optim` optimizer; nothing is mutated.
 ``make_train_step(model, opt)`` trains one model; ``make_train_step(model, opt, ensemble=True)``
-trains a stacked ensemble in one call (``torch.vmap`` over the members' gradients, each member its
-own BatchNorm statistics and dropout keys; the optimizer update is element-wise, so it runs on the
-stacked trees directly).
+trains a stacked ensemble in one call, each member with its own BatchNorm statistics and dropout
+keys: ``ensemble_method="vmap"`` takes the members' gradients in one ``torch.vmap``,
+``"loop"`` one member after the other (faster eagerly on CPUs, where vmapped convolutions become
+grouped convolutions). The optimizer update is element-wise, so it runs on the stacked trees directly.
 
 Gradients (``grad=``): ``"autograd"`` (default for one model) differentiates with
 ``torch.autograd.grad`` on fresh leaf views of the parameters, the same engine path as
@@ -34,18 +35,21 @@ def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def make_train_step(model, optimizer, loss_fn: Callable = cross_entropy, *, ensemble: bool = False,
-                    grad: str | None = None):
+                    grad: str | None = None, ensemble_method: str = "vmap"):
     """Return ``step(params, state, opt_state, x, y, rng=None) -> (params, state, opt_state, metrics)``.
 
     ``metrics`` holds detached ``loss`` and ``accuracy`` (per member ``[N]`` for an ensemble). For an
     ensemble, ``x``/``y`` are one batch shared by all members (``[B, ...]``) or one per member
     (``[N, B, ...]``), and ``rng`` is one key (split per member) or ``N`` keys.
     """
-    grad = grad or ("func" if ensemble else "autograd")
+    if ensemble_method not in ("vmap", "loop"):
+        raise ValueError(f"ensemble_method must be 'vmap' or 'loop', got {ensemble_method!r}")
+    vmapped = ensemble and ensemble_method == "vmap"
+    grad = grad or ("func" if vmapped else "autograd")
     if grad not in ("autograd", "func"):
         raise ValueError(f"grad must be 'autograd' or 'func', got {grad!r}")
-    if ensemble and grad != "func":
-        raise ValueError("ensemble train steps differentiate with torch.func (grad='func')")
+    if vmapped and grad != "func":
+        raise ValueError("a vmapped ensemble train step differentiates with torch.func (grad='func')")
 
     def objective(params, state, x, y, rng):
         logits, new_state = model.apply(params, state, x, train=True, rng=rng)
@@ -62,17 +66,26 @@ def make_train_step(model, optimizer, loss_fn: Callable = cross_entropy, *, ense
             g = torch.autograd.grad(loss, leaves)
         return vtree.unflatten(dict(zip(names, g))), aux
 
-    def step(params, state, opt_state, x, y, rng=None):
-        if ensemble:
-            n = ensemble_size(params)
-            keys = member_keys(rng, n)
-            shared = x.dim() == 4
+    single_grad = func_grad if grad == "func" else grads_autograd
+
+    def ensemble_grads(params, state, x, y, rng):
+        n = ensemble_size(params)
+        keys = member_keys(rng, n)
+        shared = x.dim() == 4
+        if vmapped:
             in_dims = (0, 0, None if shared else 0, None if shared else 0, None if keys is None else 0)
-            grads, (new_state, loss, acc) = torch.vmap(func_grad, in_dims=in_dims)(params, state, x, y, keys)
-        elif grad == "func":
-            grads, (new_state, loss, acc) = func_grad(params, state, x, y, rng)
-        else:
-            grads, (new_state, loss, acc) = grads_autograd(params, state, x, y, rng)
+            return torch.vmap(func_grad, in_dims=in_dims)(params, state, x, y, keys)
+        results = [
+            single_grad(vtree.tree_map(lambda t: t[i], params), vtree.tree_map(lambda t: t[i], state),
+                        x if shared else x[i], y if shared else y[i], None if keys is None else keys[i])
+            for i in range(n)
+        ]
+        grads = vtree.stack([g for g, _ in results])
+        new_state = vtree.stack([a[0] for _, a in results]) if state else state
+        return grads, (new_state, torch.stack([a[1] for _, a in results]), torch.stack([a[2] for _, a in results]))
+
+    def step(params, state, opt_state, x, y, rng=None):
+        grads, (new_state, loss, acc) = (ensemble_grads if ensemble else single_grad)(params, state, x, y, rng)
         params, opt_state = optimizer.update(grads, opt_state, params)
         new_state = vtree.tree_map(torch.Tensor.detach, new_state)
         return params, new_state, opt_state, {"loss": loss, "accuracy": acc}

@@ -81,9 +81,8 @@ def to_tensor(image) -> torch.Tensor:
     if hasattr(image, "convert") and hasattr(image, "mode"):  # a PIL image
         if image.mode != "RGB":
             image = image.convert("RGB")
-        import numpy as np
-
-        return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
+        data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+        return data.view(image.height, image.width, 3).permute(2, 0, 1).contiguous()
     if hasattr(image, "__array__"):
         import numpy as np
 

@@ -190,23 +190,28 @@ def drop_aux_keys(prefixes: tuple[str, ...], head: str):
 
 def inception(p, s, x, b: InceptionSpec, *, train: bool):
     """Inception module with dimension reductions (paper Figure 2b, BN after every conv):
-    ``[N, cin, H, W] -> [N, ch1x1 + ch3x3 + ch5x5 + pool_proj, H, W]``."""
+    ``[N, cin, H, W] -> [N, ch1x1 + ch3x3 + ch5x5 + pool_proj, H, W]``.
+
+    Branches: 1x1; 1x1 -> 3x3; 1x1 -> "5x5" (a 3x3 in torchvision, see the module docstring);
+    3x3 max-pool (stride 1, ceil mode) -> 1x1 projection.
+    """
     s = dict(s)
     b1, s["branch1"] = basic_conv(p["branch1"], s["branch1"], x, train=train)
-    b2, s["branch2"] = _chain(p["branch2"], s["branch2"], x, ("0", "1"), train=train)
-    b3, s["branch3"] = _chain(p["branch3"], s["branch3"], x, ("0", "1"), train=train)
-    pooled = L.max_pool2d(x, 3, 1, 1, ceil_mode=True)
-    b4, s["branch4"] = _chain(p["branch4"], s["branch4"], pooled, ("1",), train=train)
+    b2, s["branch2"] = _reduce_then_3x3(p["branch2"], s["branch2"], x, train=train)
+    b3, s["branch3"] = _reduce_then_3x3(p["branch3"], s["branch3"], x, train=train)
+    pooled = L.max_pool2d(x, 3, 1, 1, ceil_mode=True)  # slot "0" of torchvision's branch4
+    s4 = dict(s["branch4"])
+    b4, s4["1"] = basic_conv(p["branch4"]["1"], s4["1"], pooled, train=train)
+    s["branch4"] = s4
     return torch.cat([b1, b2, b3, b4], 1), s
 
 
-def _chain(p, s, x, slots, *, train: bool):
-    """An ``nn.Sequential`` of BasicConv2d's: a 1x1 (slot "0"/"1") then a 3x3 with padding 1."""
+def _reduce_then_3x3(p, s, x, *, train: bool):
+    """Slot "0": 1x1 reduction; slot "1": 3x3 conv with padding 1. Returns ``(y, new_state)``."""
     s = dict(s)
-    for i, slot in enumerate(slots):
-        pad = 1 if i == 1 else 0
-        x, s[slot] = basic_conv(p[slot], s[slot], x, train=train, padding=pad)
-    return x, s
+    y, s["0"] = basic_conv(p["0"], s["0"], x, train=train)
+    y, s["1"] = basic_conv(p["1"], s["1"], y, train=train, padding=1)
+    return y, s
 
 
 def aux_head(p, s, x, *, dropout: float, train: bool, rng):

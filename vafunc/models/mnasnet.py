@@ -108,7 +108,9 @@ def init(cfg: MNASNetConfig, ini) -> dict:
     B.init_unit(ini, t, head)
     # torchvision: kaiming_uniform_(mode="fan_out", nonlinearity="sigmoid"): U(+-sqrt(3 / fan_out))
     bound = (3.0 / cfg.num_classes) ** 0.5
-    t["classifier"] = {"1": {"weight": ini.uniform((cfg.num_classes, HEAD), -bound, bound), "bias": ini.zeros((cfg.num_classes,))}}
+    t["classifier"] = {
+        "1": {"weight": ini.uniform((cfg.num_classes, HEAD), -bound, bound), "bias": ini.zeros((cfg.num_classes,))}
+    }
     return t
 
 

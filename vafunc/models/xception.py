@@ -113,7 +113,7 @@ def block(p, s, x, b: BlockRow, seps: tuple[SepSpec, ...], *, train: bool):
     strided, plus the shortcut (identity, or 1x1/stride conv + BN when the shape changes).
 
     ``x [N, in_ch, H, W] -> [N, out_ch, ceil(H / stride), ceil(W / stride)]``. The shortcut takes
-    the block input before the leading ReLU.
+    the block input before the leading ReLU. ``seps`` is the block's entry of :data:`PLANS`.
     """
     s = dict(s)
     rep_s = dict(s["rep"])
