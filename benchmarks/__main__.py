@@ -1,8 +1,13 @@
-"""``python -m benchmarks [eager] --models resnet18 resnet50 --batch 8 --size 224``
+"""``python -m benchmarks {eager,ensemble,train,psg} [--models ...] [--batch B] [--size S]``
 
-Eager inference, vafunc ``apply`` against the torchvision module holding the same weights, in
-one process, alternating; prints a markdown table of medians and paired ratios (>1: vafunc is
-faster) and appends the rows to ``benchmarks/results/eager.csv``.
+* ``eager``: inference, vafunc ``apply`` against the torchvision module holding the same weights;
+* ``ensemble``: ``ensemble_apply`` (loop, vmap) and ``torch_compat.compile_ensemble`` against a
+  Python loop over N torchvision modules (``--members``);
+* ``train``: the functional train step against module + ``loss.backward()`` + ``torch.optim.SGD``;
+* ``psg``: ``per_sample_grads`` against a loop of single-sample backward passes.
+
+Side by side in one process, alternating, after warm-up; prints a markdown table of medians and
+paired ratios (>1: vafunc is faster) and appends the rows to ``benchmarks/results/<bench>.csv``.
 """
 
 from __future__ import annotations
@@ -20,13 +25,21 @@ from benchmarks.harness import compare, machine_info
 
 
 def reference_module(name: str) -> torch.nn.Module:
-    entry = vafunc.get_entry(name)
-    ref = entry.reference
-    if ref is None or ref.source != "torchvision":
-        raise SystemExit(f"{name}: no torchvision reference to compare with")
-    import torchvision
+    """The oracle module (torchvision, timm or pretrainedmodels) with random weights, eval mode."""
+    ref = vafunc.get_entry(name).reference
+    if ref is None:
+        raise SystemExit(f"{name}: no reference implementation to compare with")
+    if ref.source == "torchvision":
+        import torchvision
 
-    return getattr(torchvision.models, ref.builder)(**dict(ref.kwargs)).eval()
+        return getattr(torchvision.models, ref.builder)(**dict(ref.kwargs)).eval()
+    if ref.source == "timm":
+        import timm
+
+        return timm.create_model(ref.builder, pretrained=False).eval()
+    import pretrainedmodels
+
+    return getattr(pretrainedmodels, ref.builder)(pretrained=None).eval()
 
 
 def bench_eager(args) -> list[dict]:
@@ -52,10 +65,33 @@ def bench_eager(args) -> list[dict]:
     return rows
 
 
+def bench_research(args) -> list[dict]:
+    from benchmarks import research
+
+    rows = []
+    for name in args.models:
+        if args.bench == "ensemble":
+            pairs = research.ensemble(name, args.members, args.batch, args.size, train=False, reps=args.reps,
+                                      compiled=not args.no_compile)
+            pairs += research.ensemble(name, args.members, args.batch, args.size, train=True, reps=args.reps,
+                                       compiled=False)
+        elif args.bench == "train":
+            pairs = research.train_step(name, args.batch, args.size, args.reps)
+        else:
+            pairs = research.per_sample(name, args.batch, args.size, args.reps)
+        for pair in pairs:
+            rows.append({"bench": args.bench, "model": name, "batch": args.batch, "size": args.size, **pair.row()})
+            print(f"| {pair.label} | {args.batch}x{args.size} | {pair.median_a_ms:.1f} | {pair.median_b_ms:.1f} | "
+                  f"{pair.ratio:.3f} ({pair.ratio_q1:.3f}-{pair.ratio_q3:.3f}) |", flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("bench", nargs="?", default="eager", choices=["eager"])
+    p.add_argument("bench", nargs="?", default="eager", choices=["eager", "ensemble", "train", "psg"])
+    p.add_argument("--members", type=int, default=8)
+    p.add_argument("--no-compile", action="store_true", help="ensemble: skip the compiled path")
     p.add_argument("--models", nargs="+", default=["resnet18", "resnet50"])
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--size", type=int, default=224)
@@ -68,9 +104,12 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     info = machine_info()
     print(f"machine: {info['cpu']}, {info['threads']} threads, torch {info['torch']}")
-    print("| model | batch x size | vafunc ms (median) | torchvision ms (median) | ratio tv/vafunc (IQR) |")
+    print("| case | batch x size | vafunc ms (median) | torchvision ms (median) | ratio tv/vafunc (IQR) |")
     print("|---|---|---:|---:|---:|")
-    rows = bench_eager(args)
+    if args.bench == "eager":
+        rows = bench_eager(args)
+    else:
+        rows = bench_research(args)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"{args.bench}.csv")
     new = not os.path.exists(path)

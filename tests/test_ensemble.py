@@ -95,3 +95,14 @@ def test_compiled_vmapped_ensemble_train_step():
     want, want_state = f(params, state, vr.key(2))
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got_state["bn1"]["running_var"], want_state["bn1"]["running_var"], rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_frozen_ensemble_equals_eager():
+    import torch_compat
+
+    model = vafunc.get_model("mobilenet_v3_small", num_classes=5)
+    params, state = vafunc.ensemble_init(model, 2, key=1)
+    f = torch_compat.compile_ensemble(model, params, state)
+    x = torch.randn(3, 3, 64, 64)
+    want, _ = vafunc.ensemble_apply(model, params, state, x)
+    torch.testing.assert_close(f(x), want, rtol=1e-4, atol=1e-4)

@@ -20,7 +20,7 @@ from torch import nn
 import vafunc
 from vafunc import tree as vtree
 
-__all__ = ["create", "VafuncModule", "from_model"]
+__all__ = ["create", "VafuncModule", "from_model", "compile_ensemble"]
 
 
 class _Node(nn.Module):
@@ -105,3 +105,43 @@ def from_model(model: "vafunc.ModelDef", params: Mapping | None = None, state: M
 def create(name: str, *, key=0, device=None, dtype=None, **config) -> VafuncModule:
     """``torchvision.models.get_model(name, **config)``'s twin: same state_dict names and shapes."""
     return from_model(vafunc.get_model(name, **config), key=key, device=device, dtype=dtype)
+
+
+class _Ensemble(nn.Module):
+    def __init__(self, modules):
+        super().__init__()
+        self.members = nn.ModuleList(modules)
+
+    def forward(self, x):
+        if x.dim() == 5:
+            return torch.stack([m(x[i]) for i, m in enumerate(self.members)])
+        return torch.stack([m(x) for m in self.members])
+
+
+def compile_ensemble(model: "vafunc.ModelDef", params: Mapping, state: Mapping, *, channels_last: bool = True,
+                     freeze: bool = True, dynamic: bool | None = None):
+    """Compiled eval-mode inference for a stacked ensemble with fixed weights:
+    ``f(x) -> logits [N, B, classes]``, ``x`` ``[B, C, H, W]`` (shared) or ``[N, B, C, H, W]``.
+
+    The members become torchvision-named modules in one ``torch.compile`` graph with inductor
+    freezing: weights are folded in as constants and convolutions pre-packed, activations and weights
+    run in ``channels_last``. (Freezing only applies to module parameters, not to tensors a function
+    closes over, which is why this lives here and not in ``vafunc``.) Runs under ``torch.no_grad``;
+    later changes to ``params`` are not seen (the weights are copied).
+    """
+    n = vafunc.ensemble.ensemble_size(params)
+    mods = [from_model(model, vtree.tree_map(lambda t: t[i].clone(), params),
+                       vtree.tree_map(lambda t: t[i].clone(), state)) for i in range(n)]
+    ens = _Ensemble(mods).eval()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    if channels_last:
+        ens = ens.to(memory_format=fmt)
+    compiled = torch.compile(ens, dynamic=dynamic, options={"freezing": freeze})
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4:
+            x = x.contiguous(memory_format=fmt)
+        with torch.no_grad():
+            return compiled(x)
+
+    return call

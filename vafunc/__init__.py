@@ -6,7 +6,7 @@
 >>> logits, state = model.apply(params, state, x)          # doctest: +SKIP
 """
 
-from . import ensemble, init, layers, optim, random, train, tree
+from . import distributed, ensemble, init, layers, optim, random, train, tree
 from .ensemble import ensemble_apply, ensemble_init, per_sample_grads
 from .registry import Entry, Family, ModelDef, Reference, get_entry, get_model, list_models, register
 from .tree import count_params, flatten, stack, tree_map, unflatten, unstack

@@ -38,7 +38,7 @@ _HINT = "vafunc demo needs {pkg}: pip install 'vafunc[demo]'"
 class DemoConfig:
     model: str = "resnet18"
     members: int = 4
-    epochs: int = 5
+    epochs: int = 8
     batch_size: int = 64
     size: int = 16
     lr: float = 0.05

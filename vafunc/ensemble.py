@@ -10,7 +10,9 @@ statistics and its own dropout / stochastic-depth key. Lowerings (``method=``):
 * ``"vmap"``: ``torch.vmap`` over ``model.apply``; the lowering to use inside ``torch.func``
   transforms (e.g. ``vmap(grad(...))`` to train all members at once) and on accelerators.
 
-For speed, compile the call (see :func:`compile_ensemble`): inductor fuses the loop's layers.
+For speed, use the compiled path ``torch_compat.compile_ensemble``: one graph over the members with
+the weights frozen into it as constants (inductor freezing needs them as module parameters, which is
+why it lives in the nn.Module shell).
 """
 
 from __future__ import annotations
@@ -117,3 +119,4 @@ def per_sample_grads(model, params, state, x, y, loss_fn: Callable, *, chunk_siz
         return loss_fn(logits, yi[None])
 
     return torch.vmap(torch.func.grad(loss_one), in_dims=(None, 0, 0), chunk_size=chunk_size)(params, x, y)
+

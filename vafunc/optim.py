@@ -96,11 +96,14 @@ def sgd(lr: LR, momentum: float = 0.0, *, dampening: float = 0.0, nesterov: bool
         new_state = {"step": step + 1}
         if momentum:
             _, buf = _flat(opt_state["momentum"])
-            # first step: buf = d (torch clones d); afterwards momentum * buf + (1 - dampening) * d
-            first = step == 0
+            # torch: buf = d on the first step, momentum * buf + (1 - dampening) * d afterwards. The
+            # buffer starts at zero, so without dampening the general formula is already exact.
             updated = torch._foreach_mul(buf, momentum)
             torch._foreach_add_(updated, d, alpha=1.0 - dampening)
-            buf = [torch.where(first, di, ui) for di, ui in zip(d, updated)]
+            if dampening:
+                first = step == 0
+                updated = [torch.where(first, di, ui) for di, ui in zip(d, updated)]
+            buf = updated
             new_state["momentum"] = vtree.unflatten(dict(zip(names, buf)))
             d = torch._foreach_add(d, buf, alpha=momentum) if nesterov else buf
         lr_t = _lr_at(lr, step)

@@ -35,12 +35,17 @@ def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def make_train_step(model, optimizer, loss_fn: Callable = cross_entropy, *, ensemble: bool = False,
-                    grad: str | None = None, ensemble_method: str = "vmap"):
+                    grad: str | None = None, ensemble_method: str = "vmap", distributed: bool = False,
+                    sync_state: bool = False):
     """Return ``step(params, state, opt_state, x, y, rng=None) -> (params, state, opt_state, metrics)``.
 
     ``metrics`` holds detached ``loss`` and ``accuracy`` (per member ``[N]`` for an ensemble). For an
     ensemble, ``x``/``y`` are one batch shared by all members (``[B, ...]``) or one per member
     (``[N, B, ...]``), and ``rng`` is one key (split per member) or ``N`` keys.
+
+    ``distributed=True``: data-parallel on ``torch.distributed`` (see :mod:`vafunc.distributed`):
+    gradients (and with ``sync_state=True`` the BatchNorm statistics) are averaged over processes
+    before the update; metrics are the process's own.
     """
     if ensemble_method not in ("vmap", "loop"):
         raise ValueError(f"ensemble_method must be 'vmap' or 'loop', got {ensemble_method!r}")
@@ -86,6 +91,12 @@ def make_train_step(model, optimizer, loss_fn: Callable = cross_entropy, *, ense
 
     def step(params, state, opt_state, x, y, rng=None):
         grads, (new_state, loss, acc) = (ensemble_grads if ensemble else single_grad)(params, state, x, y, rng)
+        if distributed:
+            from .distributed import all_reduce_mean
+
+            grads = all_reduce_mean(grads)
+            if sync_state and new_state:
+                new_state = all_reduce_mean(new_state)
         params, opt_state = optimizer.update(grads, opt_state, params)
         new_state = vtree.tree_map(torch.Tensor.detach, new_state)
         return params, new_state, opt_state, {"loss": loss, "accuracy": acc}

@@ -107,9 +107,9 @@ def dense_layer(p, s, x, cfg: DenseNetConfig, *, train: bool, rng):
     """
     s = dict(s)
     y, s["norm1"] = L.batch_norm(p["norm1"], s["norm1"], x, train=train)
-    y = L.conv2d(p["conv1"], L.relu(y))
+    y = L.conv2d(p["conv1"], L.relu_(y))
     y, s["norm2"] = L.batch_norm(p["norm2"], s["norm2"], y, train=train)
-    y = L.conv2d(p["conv2"], L.relu(y), padding=1)
+    y = L.conv2d(p["conv2"], L.relu_(y), padding=1)
     return L.dropout(y, cfg.drop_rate, rng, train=train), s
 
 
@@ -133,7 +133,7 @@ def transition(p, s, x, *, train: bool):
     compression theta = 0.5) then 2x2/2 average pooling. ``[N, C, H, W] -> [N, C/2, H/2, W/2]``."""
     s = dict(s)
     y, s["norm"] = L.batch_norm(p["norm"], s["norm"], x, train=train)
-    y = L.conv2d(p["conv"], L.relu(y))
+    y = L.conv2d(p["conv"], L.relu_(y))
     return L.avg_pool2d(y, 2, 2), s
 
 

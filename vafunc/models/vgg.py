@@ -119,8 +119,8 @@ def features(cfg: VGGConfig, p, s, x, *, train: bool, taps=None):
             x = L.conv2d(p[name], x, padding=1)
         elif layer.kind == "bn":
             x, s[name] = L.batch_norm(p[name], s[name], x, train=train)
-        elif layer.kind == "relu":
-            x = L.relu(x)
+        elif layer.kind == "relu":  # in place unless the previous output was recorded as a feature
+            x = L.relu_(x) if taps is None else L.relu(x)
         else:
             x = L.max_pool2d(x, 2, 2)
         x = L.tap(taps, f"features.{name}", x)

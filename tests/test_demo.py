@@ -1,0 +1,44 @@
+"""`vafunc demo` end to end, in a short setting (the full run is documented in the README)."""
+
+import json
+
+import pytest
+import torch
+import torchvision
+
+import vafunc
+from vafunc.demo import DemoConfig, load_digits, run
+
+
+def test_digits_split_is_real_data():
+    x_tr, y_tr, x_te, y_te = load_digits(16)
+    assert x_tr.shape == (1438, 3, 16, 16) and x_te.shape == (359, 3, 16, 16)
+    assert set(y_tr.tolist()) == set(range(10))
+    assert -1.0 <= float(x_tr.min()) and float(x_tr.max()) <= 1.0
+
+
+@pytest.mark.parametrize("method", ["loop", "vmap"])
+def test_demo_short_run_writes_loadable_checkpoints(tmp_path, method):
+    out = tmp_path / "demo"
+    result = run(DemoConfig(model="resnet18", members=2, epochs=2, batch_size=64, size=16, out=str(out),
+                            ensemble_method=method))
+    assert len(result["test_member_accuracy"]) == 2
+    assert result["test_ensemble_accuracy"] > 0.3  # two short epochs already learn (chance: 0.1)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test_ensemble_accuracy"] == result["test_ensemble_accuracy"]
+    assert (out / "training.png").stat().st_size > 10_000
+    # a member's checkpoint is a torchvision state_dict: strict load, same predictions
+    model = vafunc.get_model("resnet18", num_classes=10)
+    params, state = vafunc.load_weights(model, out / "member1.safetensors")
+    ref = torchvision.models.resnet18(num_classes=10).eval()
+    from safetensors.torch import load_file
+
+    ref.load_state_dict(load_file(out / "member1.safetensors"), strict=True)
+    _, _, x_te, _ = load_digits(16)
+    with torch.no_grad():
+        torch.testing.assert_close(model.apply(params, state, x_te[:32])[0], ref(x_te[:32]), rtol=1e-5, atol=1e-5)
+
+
+def test_demo_rejects_bad_settings(tmp_path):
+    with pytest.raises(ValueError, match="positive"):
+        run(DemoConfig(members=0, out=str(tmp_path)))

@@ -1,0 +1,100 @@
+"""Data-parallel training on 2 local processes (gloo on loopback) equals single-process training
+on the same global batch: the functional train step and torch_compat inside DDP."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import vafunc
+from vafunc import optim
+from vafunc.train import make_train_step
+
+# AlexNet has no BatchNorm, so the mean of the shards' gradients is exactly the global-batch gradient
+NAME, KW, STEPS, BATCH, SIZE = "alexnet", {"num_classes": 5, "dropout": 0.0}, 3, 8, 63
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(BATCH, 3, SIZE, SIZE, generator=g), torch.randint(0, 5, (BATCH,), generator=g))
+            for _ in range(STEPS)]
+
+
+def _worker(rank, world, port, out_dir, mode):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = vafunc.get_model(NAME, **KW)
+        params, state = model.init(rank)  # different on purpose: the broadcast must fix it
+        shard = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+        if mode == "functional":
+            params, state = vafunc.distributed.broadcast_tree((params, state))
+            opt = optim.sgd(0.05, momentum=0.9)
+            opt_state = opt.init(params)
+            step = make_train_step(model, opt, distributed=True)
+            for x, y in _data():
+                params, state, opt_state, _ = step(params, state, opt_state, x[shard], y[shard])
+            result = vafunc.to_state_dict(params, state)
+        else:
+            import torch_compat
+
+            module = torch_compat.from_model(model, *model.init(0))
+            ddp = torch.nn.parallel.DistributedDataParallel(module)
+            opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+            for x, y in _data():
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(ddp(x[shard]), y[shard]).backward()
+                opt.step()
+            result = {k: v.detach() for k, v in module.state_dict().items()}
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _single_process(mode):
+    model = vafunc.get_model(NAME, **KW)
+    params, state = model.init(0)
+    if mode == "functional":
+        opt = optim.sgd(0.05, momentum=0.9)
+        opt_state = opt.init(params)
+        step = make_train_step(model, opt)
+        for x, y in _data():
+            params, state, opt_state, _ = step(params, state, opt_state, x, y)
+        return vafunc.to_state_dict(params, state)
+    import torch_compat
+
+    module = torch_compat.from_model(model, params, state)
+    opt = torch.optim.SGD(module.parameters(), lr=0.05, momentum=0.9)
+    for x, y in _data():
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(module(x), y).backward()
+        opt.step()
+    return {k: v.detach() for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("mode", ["functional", "ddp"])
+def test_two_processes_equal_single_process(tmp_path, mode):
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available in this build")
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), mode), nprocs=2, join=True)
+    want = _single_process(mode)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert list(got) == list(want)
+        for k, v in want.items():
+            torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6, msg=f"rank {rank}: {k}")
+
+
+def test_all_reduce_outside_a_process_group_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        vafunc.distributed.all_reduce_mean({"w": torch.ones(2)})
