@@ -57,12 +57,16 @@ def compiled_ensemble(name, model, params, state, x, tvs, train, reps):
 
 
 def train_step(name: str, batch: int, size: int, reps: int):
+    return [_train_step(name, batch, size, reps, donate) for donate in (False, True)]
+
+
+def _train_step(name: str, batch: int, size: int, reps: int, donate: bool):
     ref = _tv(name, num_classes=10).train()
     model = vafunc.get_model(name, num_classes=10)
     params, state = vafunc.from_state_dict(model, {k: v.clone() for k, v in ref.state_dict().items()})
     opt = optim.sgd(0.01, momentum=0.9, weight_decay=1e-4)
     holder = {"p": params, "s": state, "o": opt.init(params)}
-    step = make_train_step(model, opt)
+    step = make_train_step(model, opt, donate=donate)
     x = torch.randn(batch, 3, size, size)
     y = torch.randint(0, 10, (batch,))
     torch_opt = torch.optim.SGD(ref.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
@@ -75,7 +79,7 @@ def train_step(name: str, batch: int, size: int, reps: int):
         F.cross_entropy(ref(x), y).backward()
         torch_opt.step()
 
-    return [compare(f"{name} train step b{batch}@{size}", ours, theirs, reps=reps)]
+    return compare(f"{name} train step b{batch}@{size}{' donate' if donate else ''}", ours, theirs, reps=reps)
 
 
 def per_sample(name: str, batch: int, size: int, reps: int):

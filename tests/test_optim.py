@@ -25,10 +25,13 @@ def _run_torch(params, grads, make):
     return {k: v.detach() for k, v in leaves.items()}
 
 
-def _run_vafunc(params, grads, opt):
+def _run_vafunc(params, grads, opt, donate=False):
+    if donate:  # donated trees are overwritten: hand over copies
+        params = vafunc.tree_map(torch.clone, params)
+        grads = [vafunc.tree_map(torch.clone, g) for g in grads]
     state = opt.init(params)
     for gr in grads:
-        params, state = opt.update(gr, state, params)
+        params, state = opt.update(gr, state, params, donate=donate)
     return vafunc.flatten(params)
 
 
@@ -37,19 +40,24 @@ def _run_vafunc(params, grads, opt):
     [dict(momentum=0.0), dict(momentum=0.9), dict(momentum=0.9, nesterov=True, weight_decay=5e-4),
      dict(momentum=0.8, dampening=0.3, weight_decay=1e-2)],
 )
-def test_sgd_matches_torch(kw):
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donate"])
+def test_sgd_matches_torch(kw, donate):
     params, grads = _problem()
+    before = vafunc.tree_map(torch.clone, params)
     want = _run_torch(params, grads, lambda ps: torch.optim.SGD(ps, lr=0.05, **kw))
-    got = _run_vafunc(params, grads, optim.sgd(0.05, **kw))
+    got = _run_vafunc(params, grads, optim.sgd(0.05, **kw), donate=donate)
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-6)
+    for k, v in vafunc.flatten(before).items():
+        assert torch.equal(vafunc.flatten(params)[k], v), "update mutated the caller's params"
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(lr=3e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1)])
-def test_adamw_matches_torch(kw):
+@pytest.mark.parametrize("donate", [False, True], ids=["pure", "donate"])
+def test_adamw_matches_torch(kw, donate):
     params, grads = _problem(1)
     want = _run_torch(params, grads, lambda ps: torch.optim.AdamW(ps, **kw))
-    got = _run_vafunc(params, grads, optim.adamw(**kw))
+    got = _run_vafunc(params, grads, optim.adamw(**kw), donate=donate)
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-6)
 

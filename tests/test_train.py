@@ -14,15 +14,15 @@ def _data(n=6, size=36, classes=10, seed=0):
     return torch.randn(n, 3, size, size, generator=g), torch.randint(0, classes, (n,), generator=g)
 
 
-@pytest.mark.parametrize("grad", ["autograd", "func"])
-def test_train_step_matches_module_training(grad):
+@pytest.mark.parametrize("grad, donate", [("autograd", False), ("func", False), ("autograd", True)])
+def test_train_step_matches_module_training(grad, donate):
     torch.manual_seed(0)
     ref = perturb(build_reference("resnet18", num_classes=10), seed=1).train()
     model = vafunc.get_model("resnet18", num_classes=10)
     params, state = vafunc.from_state_dict(model, {k: v.clone() for k, v in ref.state_dict().items()})
     opt = optim.sgd(0.05, momentum=0.9, weight_decay=1e-4)
     opt_state = opt.init(params)
-    step = make_train_step(model, opt, grad=grad)
+    step = make_train_step(model, opt, grad=grad, donate=donate)
     torch_opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
     for i in range(3):
         x, y = _data(seed=i)

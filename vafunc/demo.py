@@ -157,7 +157,7 @@ def run(cfg: DemoConfig) -> dict:
     schedule = warmup_cosine_schedule(cfg.lr, min(steps_per_epoch, total - 1), total)
     opt = sgd(schedule, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
     opt_state = opt.init(params)
-    step = make_train_step(model, opt, ensemble=True, ensemble_method=cfg.ensemble_method)
+    step = make_train_step(model, opt, ensemble=True, ensemble_method=cfg.ensemble_method, donate=True)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     print(f"vafunc demo: {cfg.members} x {cfg.model} ({vtree.count_params(params) // cfg.members:,} parameters each), "
           f"digits {len(x_tr)} train / {len(x_te)} test at {size}x{size}, {cfg.epochs} epochs", file=sys.stderr)

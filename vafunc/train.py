@@ -36,12 +36,16 @@ def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def make_train_step(model, optimizer, loss_fn: Callable = cross_entropy, *, ensemble: bool = False,
                     grad: str | None = None, ensemble_method: str = "vmap", distributed: bool = False,
-                    sync_state: bool = False):
+                    sync_state: bool = False, donate: bool = False):
     """Return ``step(params, state, opt_state, x, y, rng=None) -> (params, state, opt_state, metrics)``.
 
     ``metrics`` holds detached ``loss`` and ``accuracy`` (per member ``[N]`` for an ensemble). For an
     ensemble, ``x``/``y`` are one batch shared by all members (``[B, ...]``) or one per member
     (``[N, B, ...]``), and ``rng`` is one key (split per member) or ``N`` keys.
+
+    ``donate=True``: the step updates ``params`` and ``opt_state`` in place and returns them (their
+    old values are gone; JAX's buffer donation); it saves a fresh allocation of every parameter and
+    optimizer buffer per step. The default returns new tensors and leaves the inputs untouched.
 
     ``distributed=True``: data-parallel on ``torch.distributed`` (see :mod:`vafunc.distributed`):
     gradients (and with ``sync_state=True`` the BatchNorm statistics) are averaged over processes
@@ -97,7 +101,7 @@ def make_train_step(model, optimizer, loss_fn: Callable = cross_entropy, *, ense
             grads = all_reduce_mean(grads)
             if sync_state and new_state:
                 new_state = all_reduce_mean(new_state)
-        params, opt_state = optimizer.update(grads, opt_state, params)
+        params, opt_state = optimizer.update(grads, opt_state, params, donate=donate)
         new_state = vtree.tree_map(torch.Tensor.detach, new_state)
         return params, new_state, opt_state, {"loss": loss, "accuracy": acc}
 
