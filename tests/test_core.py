@@ -212,3 +212,19 @@ def test_compat_loads_torchvision_strict_and_matches_in_train_mode():
     want.sum().backward()
     assert torch.allclose(m.fc.weight.grad, tv.fc.weight.grad, atol=1e-4, rtol=1e-4)
     assert isinstance(m.get_submodule("layer1.0.conv1"), torch.nn.Module)
+
+
+@pytest.mark.parametrize(
+    "name, kw, exc, msg",
+    [
+        ("alexnet", {"dropout": 1.5}, ValueError, r"dropout must be a number in \[0, 1\], got 1.5"),
+        ("efficientnet_b0", {"stochastic_depth_prob": -0.1}, ValueError, "stochastic_depth_prob must be"),
+        ("googlenet", {"aux_logits": "yes"}, TypeError, "aux_logits must be a bool"),
+        ("densenet121", {"growth_rate": 0}, ValueError, "growth_rate must be a positive int"),
+        ("mobilenet_v3_small", {"num_classes": True}, ValueError, "num_classes must be a positive int"),
+        ("xception", {"in_channels": 2.0}, ValueError, "in_channels must be a positive int"),
+    ],
+)
+def test_bad_config_values_name_the_field(name, kw, exc, msg):
+    with pytest.raises(exc, match=msg):
+        vafunc.get_model(name, **kw)

@@ -27,6 +27,7 @@ __all__ = [
     "list_models",
     "get_entry",
     "check_image",
+    "check_config",
 ]
 
 
@@ -164,6 +165,26 @@ def get_model(name: str, **config) -> "ModelDef":
         raise TypeError(f"{name} got unknown config keywords {bad}; valid: {sorted(valid)}")
     cfg = entry.family.config(**{**dict(entry.defaults), **config})
     return ModelDef(name, cfg, entry.family)
+
+
+# --------------------------------------------------------------------------- config checks
+
+
+def check_config(cfg, *, positive_ints=("num_classes", "in_channels"), rates=(), bools=()) -> None:
+    """The checks every family's config shares, with errors that name the field: positive ints
+    (``num_classes``, ``in_channels``, ...), rates in ``[0, 1]`` (dropout, stochastic depth), bools."""
+    for f in bools:
+        v = getattr(cfg, f)
+        if not isinstance(v, bool):
+            raise TypeError(f"{f} must be a bool, got {v!r}")
+    for f in positive_ints:
+        v = getattr(cfg, f)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{f} must be a positive int, got {v!r}")
+    for f in rates:
+        v = getattr(cfg, f)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+            raise ValueError(f"{f} must be a number in [0, 1], got {v!r}")
 
 
 # --------------------------------------------------------------------------- input checks

@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 from .. import layers as L
 from .. import random as vrandom
-from ..registry import Family, Reference, register
+from ..registry import Family, Reference, check_config, register
 
 PAPER = "Krizhevsky et al. 2012, ImageNet Classification with Deep Convolutional Neural Networks (NeurIPS)"
 
@@ -51,12 +51,7 @@ class AlexNetConfig:
     in_channels: int = 3
 
     def __post_init__(self):
-        if not isinstance(self.num_classes, int) or self.num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {self.num_classes!r}")
-        if not 0.0 <= float(self.dropout) <= 1.0:
-            raise ValueError(f"dropout must be in [0, 1], got {self.dropout!r}")
-        if not isinstance(self.in_channels, int) or self.in_channels < 1:
-            raise ValueError(f"in_channels must be a positive int, got {self.in_channels!r}")
+        check_config(self, rates=("dropout",))
 
 
 def init(cfg: AlexNetConfig, ini) -> dict:

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import layers as L
-from ..registry import Family, Reference, register
+from ..registry import Family, Reference, check_config, register
 
 PAPER = (
     "Ioffe & Szegedy 2015, Batch Normalization: Accelerating Deep Network Training by Reducing "
@@ -87,10 +87,7 @@ class BNInceptionConfig:
     in_channels: int = 3
 
     def __post_init__(self):
-        for f in ("num_classes", "in_channels"):
-            v = getattr(self, f)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{f} must be a positive int, got {v!r}")
+        check_config(self)
 
 
 # --------------------------------------------------------------------------- blocks

@@ -31,7 +31,7 @@ import torch
 
 from .. import layers as L
 from .. import random as vrandom
-from ..registry import Family, Reference, register
+from ..registry import Family, Reference, check_config, register
 
 PAPER = "Huang et al. 2017, Densely Connected Convolutional Networks, arXiv:1608.06993"
 
@@ -58,10 +58,8 @@ class DenseNetConfig:
     in_channels: int = 3
 
     def __post_init__(self):
-        for f in ("growth_rate", "num_init_features", "bn_size", "num_classes", "in_channels"):
-            v = getattr(self, f)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{f} must be a positive int, got {v!r}")
+        check_config(self, positive_ints=("growth_rate", "num_init_features", "bn_size", "num_classes", "in_channels"),
+                     rates=("drop_rate",))
         try:
             blocks = tuple(int(n) for n in self.block_config)
         except TypeError:
@@ -69,8 +67,6 @@ class DenseNetConfig:
         if len(blocks) < 1 or min(blocks) < 1:
             raise ValueError(f"block_config must be positive layer counts, got {self.block_config!r}")
         object.__setattr__(self, "block_config", blocks)
-        if not isinstance(self.drop_rate, (int, float)) or not 0.0 <= self.drop_rate <= 1.0:
-            raise ValueError(f"drop_rate must be a float in [0, 1], got {self.drop_rate!r}")
         object.__setattr__(self, "drop_rate", float(self.drop_rate))
         object.__setattr__(self, "memory_efficient", bool(self.memory_efficient))
 

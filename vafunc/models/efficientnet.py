@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from .. import blocks as B
 from .. import layers as L
 from .. import random as vrandom
-from ..registry import Family, Reference, register
+from ..registry import Family, Reference, check_config, register
 
 PAPER = "Tan & Le 2019, EfficientNet: Rethinking Model Scaling for CNNs, arXiv:1905.11946"
 PAPER_V2 = "Tan & Le 2021, EfficientNetV2: Smaller Models and Faster Training, arXiv:2104.00298"
@@ -102,12 +102,7 @@ class EfficientNetConfig:
                 "width_mult/depth_mult scale EfficientNet B0's table (B1-B7); EfficientNetV2 "
                 f"variants have their own tables, got width_mult={self.width_mult}, depth_mult={self.depth_mult}"
             )
-        if not isinstance(self.num_classes, int) or self.num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {self.num_classes!r}")
-        if not 0.0 <= self.dropout <= 1.0:
-            raise ValueError(f"dropout must be in [0, 1], got {self.dropout!r}")
-        if not 0.0 <= self.stochastic_depth_prob <= 1.0:
-            raise ValueError(f"stochastic_depth_prob must be in [0, 1], got {self.stochastic_depth_prob!r}")
+        check_config(self, rates=("dropout", "stochastic_depth_prob"))
 
 
 @functools.lru_cache(maxsize=None)

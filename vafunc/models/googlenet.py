@@ -25,7 +25,7 @@ import torch
 
 from .. import layers as L
 from .. import random as vrandom
-from ..registry import Family, Reference, register
+from ..registry import Family, Reference, check_config, register
 
 PAPER = "Szegedy et al. 2015, Going Deeper with Convolutions, arXiv:1409.4842"
 
@@ -102,14 +102,7 @@ class GoogLeNetConfig:
     def __post_init__(self):
         if self.init_weights is None:
             object.__setattr__(self, "init_weights", True)
-        for flag in ("aux_logits", "transform_input", "init_weights"):
-            if not isinstance(getattr(self, flag), bool):
-                raise TypeError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
-        if not isinstance(self.num_classes, int) or self.num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {self.num_classes!r}")
-        for rate in ("dropout", "dropout_aux"):
-            if not 0.0 <= float(getattr(self, rate)) <= 1.0:
-                raise ValueError(f"{rate} must be in [0, 1], got {getattr(self, rate)!r}")
+        check_config(self, bools=("aux_logits", "transform_input", "init_weights"), rates=("dropout", "dropout_aux"))
         if self.transform_input and self.in_channels != 3:
             raise ValueError(f"transform_input needs 3 (RGB) input channels, got in_channels={self.in_channels}")
 

@@ -25,7 +25,7 @@ from typing import NamedTuple
 import torch
 
 from .. import layers as L
-from ..registry import Family, Reference, register
+from ..registry import Family, Reference, check_config, register
 from .googlenet import basic_conv, drop_aux_keys, init_basic_conv, init_linear, key, transform_input
 
 PAPER = "Szegedy et al. 2016, Rethinking the Inception Architecture for Computer Vision, arXiv:1512.00567"
@@ -267,13 +267,7 @@ class InceptionV3Config:
     def __post_init__(self):
         if self.init_weights is None:
             object.__setattr__(self, "init_weights", True)
-        for flag in ("aux_logits", "transform_input", "init_weights"):
-            if not isinstance(getattr(self, flag), bool):
-                raise TypeError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
-        if not isinstance(self.num_classes, int) or self.num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {self.num_classes!r}")
-        if not 0.0 <= float(self.dropout) <= 1.0:
-            raise ValueError(f"dropout must be in [0, 1], got {self.dropout!r}")
+        check_config(self, bools=("aux_logits", "transform_input", "init_weights"), rates=("dropout",))
         if self.transform_input and self.in_channels != 3:
             raise ValueError(f"transform_input needs 3 (RGB) input channels, got in_channels={self.in_channels}")
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from .. import blocks as B
 from .. import layers as L
-from ..registry import Family, Reference, register
+from ..registry import Family, Reference, check_config, register
 
 PAPER = "Tan et al. 2019, MnasNet: Platform-Aware Neural Architecture Search for Mobile, arXiv:1807.11626"
 
@@ -59,10 +59,7 @@ class MNASNetConfig:
     def __post_init__(self):
         if not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
             raise ValueError(f"alpha must be > 0, got {self.alpha!r}")
-        if not isinstance(self.num_classes, int) or self.num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {self.num_classes!r}")
-        if not 0.0 <= self.dropout <= 1.0:
-            raise ValueError(f"dropout must be in [0, 1], got {self.dropout!r}")
+        check_config(self, rates=("dropout",))
         if self.stem_version not in (1, 2):
             raise ValueError(f"stem_version must be 1 or 2 (torchvision's MNASNet layout versions), got {self.stem_version!r}")
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from .. import blocks as B
 from .. import layers as L
-from ..registry import Family, Reference, register
+from ..registry import Family, Reference, check_config, register
 
 PAPER_V1 = "Howard et al. 2017, MobileNets: Efficient CNNs for Mobile Vision Applications, arXiv:1704.04861"
 PAPER_V2 = "Sandler et al. 2018, MobileNetV2: Inverted Residuals and Linear Bottlenecks, arXiv:1801.04381"
@@ -30,13 +30,7 @@ PAPER_V3 = "Howard et al. 2019, Searching for MobileNetV3, arXiv:1905.02244"
 
 
 def _check_common(cfg, dropout_field: str = "dropout"):
-    if not isinstance(cfg.num_classes, int) or cfg.num_classes < 1:
-        raise ValueError(f"num_classes must be a positive int, got {cfg.num_classes!r}")
-    rate = getattr(cfg, dropout_field)
-    if not 0.0 <= rate <= 1.0:
-        raise ValueError(f"{dropout_field} must be in [0, 1], got {rate!r}")
-    if not isinstance(cfg.in_channels, int) or cfg.in_channels < 1:
-        raise ValueError(f"in_channels must be a positive int, got {cfg.in_channels!r}")
+    check_config(cfg, rates=(dropout_field,))
     if not cfg.width_mult > 0:
         raise ValueError(f"width_mult must be > 0, got {cfg.width_mult!r}")
 

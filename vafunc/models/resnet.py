@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 
 from .. import layers as L
-from ..registry import Family, Reference, register
+from ..registry import Family, Reference, check_config, register
 
 PAPER = "He et al. 2016, Deep Residual Learning for Image Recognition, arXiv:1512.03385"
 
@@ -60,8 +60,7 @@ class ResNetConfig:
             raise ValueError("BasicBlock only supports groups=1 and width_per_group=64")
         if self.block == "basic" and any(rswd):
             raise ValueError("dilation > 1 is not supported with BasicBlock")
-        if not isinstance(self.num_classes, int) or self.num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {self.num_classes!r}")
+        check_config(self, positive_ints=("num_classes", "in_channels", "groups", "width_per_group"))
 
 
 class BlockSpec(NamedTuple):

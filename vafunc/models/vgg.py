@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 from .. import layers as L
 from .. import random as vrandom
-from ..registry import Family, Reference, register
+from ..registry import Family, Reference, check_config, register
 
 PAPER = "Simonyan & Zisserman 2015, Very Deep Convolutional Networks for Large-Scale Image Recognition, arXiv:1409.1556"
 
@@ -46,12 +46,7 @@ class VGGConfig:
     def __post_init__(self):
         if self.configuration not in CONFIGURATIONS:
             raise ValueError(f"configuration must be one of {sorted(CONFIGURATIONS)}, got {self.configuration!r}")
-        if not isinstance(self.num_classes, int) or self.num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {self.num_classes!r}")
-        if not 0.0 <= float(self.dropout) <= 1.0:
-            raise ValueError(f"dropout must be in [0, 1], got {self.dropout!r}")
-        if not isinstance(self.in_channels, int) or self.in_channels < 1:
-            raise ValueError(f"in_channels must be a positive int, got {self.in_channels!r}")
+        check_config(self, rates=("dropout",))
 
 
 class Layer(NamedTuple):

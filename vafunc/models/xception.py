@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from .. import layers as L
-from ..registry import Family, Reference, register
+from ..registry import Family, Reference, check_config, register
 
 PAPER = "Chollet 2017, Xception: Deep Learning with Depthwise Separable Convolutions, arXiv:1610.02357"
 
@@ -61,12 +61,7 @@ class XceptionConfig:
     drop_rate: float = 0.0
 
     def __post_init__(self):
-        for f in ("num_classes", "in_channels"):
-            v = getattr(self, f)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{f} must be a positive int, got {v!r}")
-        if not isinstance(self.drop_rate, (int, float)) or not 0.0 <= self.drop_rate <= 1.0:
-            raise ValueError(f"drop_rate must be a float in [0, 1], got {self.drop_rate!r}")
+        check_config(self, rates=("drop_rate",))
         object.__setattr__(self, "drop_rate", float(self.drop_rate))
 
 
