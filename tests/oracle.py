@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib
 
-import pytest
 import torch
 
 import vafunc
@@ -35,10 +34,10 @@ def build_reference(name: str, **config) -> torch.nn.Module:
         builder = getattr(torchvision.models, ref.builder)
         module = builder(**kwargs)
     elif ref.source == "timm":
-        timm = pytest.importorskip("timm")
+        import timm
         module = timm.create_model(ref.builder, pretrained=False, **kwargs)
     elif ref.source == "pretrainedmodels":
-        pm = pytest.importorskip("pretrainedmodels")
+        import pretrainedmodels as pm
         module = getattr(pm, ref.builder)(pretrained=None, **kwargs)
     else:  # pragma: no cover - registry entries are validated by test_registry
         raise LookupError(f"unknown reference source {ref.source!r}")

@@ -16,7 +16,7 @@ import vafunc
 from vafunc import hub
 from vafunc.hub import WeightsError
 
-torchvision = pytest.importorskip("torchvision")
+import torchvision
 
 
 def perturbed_state_dict(model: torch.nn.Module, seed: int = 0) -> dict:
@@ -133,7 +133,7 @@ def test_categories_are_torchvisions():
 
 
 def test_timm_facts():
-    timm = pytest.importorskip("timm")
+    import timm
     x = timm.create_model("legacy_xception", pretrained=False).pretrained_cfg
     w = hub.get_weights("xception", "legacy_xception.tf_in1k")
     assert w.url == x["url"] and w.tag == "TF_IN1K" and w.interpolation == x["interpolation"]
@@ -147,7 +147,7 @@ def test_timm_facts():
 
 
 def test_cadene_facts():
-    pm = pytest.importorskip("pretrainedmodels")
+    import pretrainedmodels as pm
     s = pm.pretrained_settings["bninception"]["imagenet"]
     w = hub.get_weights("inception_v2")
     assert w.url == s["url"] and w.hash_prefix == "52deb4733"

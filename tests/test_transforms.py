@@ -9,9 +9,9 @@ import torch
 from vafunc import hub
 from vafunc import transforms as T
 
-torchvision = pytest.importorskip("torchvision")
-skdata = pytest.importorskip("skimage.data")
-Image = pytest.importorskip("PIL.Image")
+import torchvision
+from skimage import data as skdata
+from PIL import Image as Image
 
 import torchvision.transforms.functional as TVF  # noqa: E402
 from torchvision.transforms import InterpolationMode  # noqa: E402
@@ -136,7 +136,7 @@ def test_for_weights_equals_torchvision_on_photos(photos, w):
 
 def test_for_weights_bn_inception_equals_cadene(photos):
     """Caffe convention: BGR, 0-255, mean 104/117/128 (Cadene's TransformImage)."""
-    pm = pytest.importorskip("pretrainedmodels")
+    import pretrainedmodels as pm
     from pretrainedmodels.utils import TransformImage
 
     settings = pm.pretrained_settings["bninception"]["imagenet"]
@@ -152,7 +152,7 @@ def test_for_weights_bn_inception_equals_cadene(photos):
 
 @pytest.mark.parametrize("model,timm_name", [("xception", "legacy_xception"), ("mobilenet_v1", "mobilenetv1_100.ra4_e3600_r224_in1k")])
 def test_for_weights_timm_equals_timm(photos, model, timm_name):
-    timm = pytest.importorskip("timm")
+    import timm
     from timm.data import create_transform, resolve_data_config
 
     m = timm.create_model(timm_name, pretrained=False)

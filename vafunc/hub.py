@@ -546,21 +546,6 @@ def read_checkpoint(path) -> tuple[dict[str, torch.Tensor], dict[str, str], list
 # --------------------------------------------------------------------------- loading into a model
 
 
-def _legacy_batchnorm(model, flat: dict) -> tuple[dict, list[str]]:
-    """Add ``num_batches_tracked = 0`` where a BatchNorm has ``running_mean`` but the checkpoint
-    predates that buffer (what ``nn.BatchNorm2d`` does when loading such files)."""
-    expected = model.state_dict_shapes()
-    added = 0
-    for k in expected:
-        if k.endswith(".num_batches_tracked") and k not in flat:
-            mean = k[: -len("num_batches_tracked")] + "running_mean"
-            if mean in flat:
-                flat[k] = torch.zeros((), dtype=torch.int64)
-                added += 1
-    notes = [f"added {added} missing BatchNorm num_batches_tracked buffers as 0 (checkpoint predates them)"] if added else []
-    return flat, notes
-
-
 @functools.lru_cache(maxsize=None)
 def _shapes(name: str) -> dict:
     return registry.get_model(name).state_dict_shapes()
@@ -732,8 +717,7 @@ def load_weights(
     if check_hash:
         verify_hash(path)
     flat, _meta, notes = read_checkpoint(path)
-    flat, more = _legacy_batchnorm(model, flat)
-    for note in notes + more:
+    for note in notes:
         warnings.warn(f"{path}: {note}", stacklevel=2)
     try:
         with warnings.catch_warnings(record=True) as caught:

@@ -63,10 +63,6 @@ def linear(p: Params, x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- normalisation
 
 
-def _is_vmapped(x: torch.Tensor) -> bool:
-    return torch._C._functorch.is_batchedtensor(x)
-
-
 def batch_norm(
     p: Params,
     s: Mapping[str, torch.Tensor],

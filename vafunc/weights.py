@@ -24,11 +24,25 @@ def _fmt(keys, limit=50):
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
+def _fill_num_batches_tracked(expected, flat: dict) -> tuple[dict, str | None]:
+    """Checkpoints from before torch 0.4.1 lack BatchNorm's ``num_batches_tracked``; like
+    ``nn.BatchNorm2d`` loading them, add it as 0 wherever the layer's ``running_mean`` is present."""
+    added = 0
+    for k in expected:
+        if k.endswith(".num_batches_tracked") and k not in flat:
+            if k[: -len("num_batches_tracked")] + "running_mean" in flat:
+                flat[k] = torch.zeros((), dtype=torch.int64)
+                added += 1
+    note = f"added {added} missing BatchNorm num_batches_tracked buffers as 0 (checkpoint predates them)"
+    return flat, (note if added else None)
+
+
 def from_state_dict(model, flat: Mapping[str, torch.Tensor], *, strict: bool = True):
     """Flat reference-named ``{name: tensor}`` -> ``(params, state)`` for ``model``.
 
     Legacy names are translated first by the family's ``remap`` hook (e.g. DenseNet's old
-    ``norm.1`` names). With ``strict=True`` (default) every missing, unexpected and mis-shaped
+    ``norm.1`` names), and missing ``num_batches_tracked`` buffers (pre-0.4.1 checkpoints) are
+    added as 0, as ``nn.BatchNorm2d`` does. With ``strict=True`` (default) every missing, unexpected and mis-shaped
     key is listed in one :class:`StateDictMismatch`; with ``strict=False`` unexpected keys are
     ignored, but missing or mis-shaped ones still raise (nothing is half-loaded).
     The tensors are used as they are (no copy); dtype is kept.
@@ -45,6 +59,9 @@ def from_state_dict(model, flat: Mapping[str, torch.Tensor], *, strict: bool = T
         for note in notes:
             warnings.warn(f"{model.name}: {note}", stacklevel=2)
     expected = model.state_dict_shapes()
+    flat, note = _fill_num_batches_tracked(expected, flat)
+    if note:
+        warnings.warn(f"{model.name}: {note}", stacklevel=2)
     missing = [k for k in expected if k not in flat]
     unexpected = [k for k in flat if k not in expected]
     misshaped = [

@@ -240,14 +240,6 @@ def remap(cfg: DenseNetConfig, flat: dict) -> tuple[dict, list[str]]:
     notes = []
     if renamed:
         notes.append(f"renamed {renamed} legacy DenseNet keys ('norm.1' -> 'norm1', 'conv.2' -> 'conv2', ...)")
-    added = 0
-    for k in list(out):
-        if k.endswith(".running_mean"):
-            nbt = k[: -len("running_mean")] + "num_batches_tracked"
-            if nbt not in out:
-                out[nbt], added = torch.zeros((), dtype=torch.int64, device=out[k].device), added + 1
-    if added:
-        notes.append(f"added {added} missing BatchNorm num_batches_tracked buffers as 0 (pre-2018 checkpoint)")
     return out, notes
 
 

@@ -19,7 +19,6 @@ momentum=0.01`` for B5-B7, ``eps=1e-3`` for V2 (torchvision's builders).
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -105,7 +104,6 @@ class EfficientNetConfig:
         check_config(self, rates=("dropout", "stochastic_depth_prob"))
 
 
-@functools.lru_cache(maxsize=None)
 def plan(cfg: EfficientNetConfig):
     """``(stem ConvUnit, stages of Blocks, head ConvUnit)``; block ``b`` of ``B`` carries
     stochastic-depth rate ``stochastic_depth_prob * b / B``."""

@@ -18,7 +18,6 @@ The auxiliary head is computed only when asked for: ``apply(..., aux=True)`` ret
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -232,7 +231,6 @@ def aux_head(conv, p, x):
     return L.linear(p["fc"], L.global_avg_pool(y))
 
 
-@functools.lru_cache(maxsize=None)
 def block_convs(kind: str, args: tuple) -> dict:
     return BLOCKS[kind][0](*args)
 

@@ -26,7 +26,6 @@ vafunc does not need ``_metadata``: :func:`remap` recognises the layout from the
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 from .. import blocks as B
@@ -71,7 +70,6 @@ def depths(cfg: MNASNetConfig) -> tuple[int, ...]:
     return (32, 16) + d[2:] if cfg.stem_version == 1 else d
 
 
-@functools.lru_cache(maxsize=None)
 def plan(cfg: MNASNetConfig):
     """``(stem Block, stacks of Blocks, head ConvUnit)`` with torchvision's flat key paths."""
     d = depths(cfg)

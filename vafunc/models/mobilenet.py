@@ -17,7 +17,6 @@ conv-BN-act); the per-family differences are data (stage tables, layouts, norms)
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 from .. import blocks as B
@@ -56,7 +55,6 @@ class MobileNetV1Config:
         _check_common(self, "drop_rate")
 
 
-@functools.lru_cache(maxsize=None)
 def plan_v1(cfg: MobileNetV1Config):
     """``(stem ConvUnit, stages of Blocks, feature channels)``; channels rounded like timm."""
     ch = lambda c: B.make_divisible(c * cfg.width_mult, 8)  # noqa: E731
@@ -142,7 +140,6 @@ class MobileNetV2Config:
             raise ValueError(f"round_nearest must be a positive int, got {self.round_nearest!r}")
 
 
-@functools.lru_cache(maxsize=None)
 def plan_v2(cfg: MobileNetV2Config):
     """``(stem, blocks, head)``: ``features.0``, ``features.1..n``, ``features.n+1``."""
     rnd = cfg.round_nearest
@@ -273,7 +270,6 @@ class MobileNetV3Config:
         _check_common(self)
 
 
-@functools.lru_cache(maxsize=None)
 def plan_v3(cfg: MobileNetV3Config):
     """``(stem, blocks, head, hidden)``: ``features.0``, ``features.1..n``, ``features.n+1``,
     and the width of the first classifier layer."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
-import torch
 
 from .. import layers as L
 from ..registry import Family, Reference, check_config, register

@@ -10,7 +10,6 @@ slot of the ``nn.Sequential``; only convs and BNs hold tensors) and ``classifier
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -56,7 +55,6 @@ class Layer(NamedTuple):
     cout: int
 
 
-@functools.lru_cache(maxsize=None)
 def plan(cfg: VGGConfig) -> tuple[Layer, ...]:
     """The ``features`` Sequential of a configuration, one :class:`Layer` per slot."""
     layers, cin = [], cfg.in_channels
