@@ -1,5 +1,7 @@
 """``python -m benchmarks {eager,ensemble,train,psg} [--models ...] [--batch B] [--size S]``
 
+``python -m benchmarks report`` writes the full report (see :mod:`benchmarks.report`).
+
 * ``eager``: inference, vafunc ``apply`` against the torchvision module holding the same weights;
 * ``ensemble``: ``ensemble_apply`` (loop, vmap) and ``torch_compat.compile_ensemble`` against a
   Python loop over N torchvision modules (``--members``);
@@ -87,6 +89,11 @@ def bench_research(args) -> list[dict]:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["report"]:
+        from benchmarks import report
+
+        return report.main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("bench", nargs="?", default="eager", choices=["eager", "ensemble", "train", "psg"])

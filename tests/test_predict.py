@@ -16,6 +16,8 @@ import torchvision
 from skimage import data as skdata
 from PIL import Image as Image
 
+from benchmarks.photos import realistic_random
+
 PHOTOS = ("chelsea", "coffee", "astronaut")
 
 
@@ -25,29 +27,6 @@ def photo_dir(tmp_path_factory):
     for n in PHOTOS:
         Image.fromarray(getattr(skdata, n)()).save(d / f"{n}.png")  # lossless: same pixels for both
     return d
-
-
-def realistic_random(model: torch.nn.Module, x: torch.Tensor, seed: int = 0) -> torch.nn.Module:
-    """Perturb a randomly initialised reference model, set its BatchNorm statistics from ``x`` and
-    scale its classifier so that predictions differ from image to image (a constant prediction
-    would make a top-5 comparison meaningless)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * (p.std() if p.numel() > 1 else 0.1) * 0.3)
-        bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-        for b in bns:
-            b.reset_running_stats()
-            b.momentum = None  # cumulative average over the calibration batch
-        model.train()
-        torch.manual_seed(seed)
-        model(x)
-        for b in bns:
-            b.momentum = 0.1
-        model.eval()
-        last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
-        last.weight.mul_(3.0 / model(x).std())
-    return model
 
 
 def run_cli(capsys, *argv):

@@ -13,6 +13,7 @@ from .tree import count_params, flatten, stack, tree_map, unflatten, unstack
 from .weights import StateDictMismatch, from_state_dict, to_state_dict
 from . import hub, transforms
 from .hub import load_weights, save_weights
+from .compile import CompiledModel, compile  # noqa: A004 - vafunc.compile, like torch.compile
 
 __version__ = "0.1.0"
 

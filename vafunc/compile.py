@@ -1,0 +1,144 @@
+"""Compiled inference for fixed weights: ``vafunc.compile(model, params, state) -> f(x) -> logits``.
+
+What makes inductor fast on CPU (and GPU) for inference, without an ``nn.Module``:
+
+* **Frozen weights.** The weights are private copies marked as static addresses, so with
+  ``torch._inductor.config.freezing`` dynamo installs them as graph constants (not inputs) and
+  inductor folds BatchNorm into the convolutions and pre-packs the convolution weights (oneDNN).
+  Plain closure tensors are lifted as graph inputs instead and nothing is folded.
+* **channels_last** weights and activations (oneDNN's native layout on CPU, tensor cores' on GPU).
+* **Low precision** (``dtype=torch.bfloat16`` or ``torch.float16``): weights and the input are cast;
+  the logits come back in the input's dtype.
+* **Batch size.** The first call is specialised to its shape (weights pre-packed for it); a second
+  batch size compiles once more with a symbolic batch axis. torch's choice of convolution backend
+  depends on the batch size for depthwise convolutions, so batch 1 and batches of 16 and up get a
+  graph each too: at most four compilations per image size, then none (tested).
+  ``dynamic=True`` starts symbolic, ``dynamic=False`` specialises every shape.
+
+The result is eval-mode only, runs under ``torch.no_grad`` and does not see later changes to
+``params`` (they are copied). For gradients, compile ``model.apply`` yourself.
+"""
+
+from __future__ import annotations
+
+import re
+import types
+from typing import Mapping
+
+import torch
+
+from . import tree as vtree
+from .registry import ModelDef, check_image
+from .weights import from_state_dict
+
+__all__ = ["compile", "CompiledModel"]
+
+_LOW = (torch.bfloat16, torch.float16)
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"\W", "_", name)
+
+
+def _private_copy(t: torch.Tensor, dtype, channels_last: bool) -> torch.Tensor:
+    fmt = torch.channels_last if channels_last and t.dim() == 4 else torch.preserve_format
+    cast = dtype if dtype is not None and t.is_floating_point() else t.dtype
+    t = t.detach().to(dtype=cast, memory_format=fmt, copy=True)
+    # a static address makes dynamo install the tensor as a graph constant under freezing
+    torch._dynamo.mark_static_address(t, guard=True)
+    return t
+
+
+class CompiledModel:
+    """A compiled, frozen inference function for one model and one set of weights.
+
+    Call it like a function: ``logits = f(x)``. ``f.model``, ``f.dtype`` and ``f.channels_last``
+    say what it was built with; ``f.eager(x)`` runs the same weights and casts without compiling
+    (what the compiled function is tested against).
+    """
+
+    def __init__(self, model: ModelDef, params: Mapping, state: Mapping, *, channels_last: bool,
+                 dtype, dynamic, freeze: bool, mode, fullgraph: bool, apply_kw: dict):
+        self.model = model
+        self.dtype = dtype
+        self.channels_last = channels_last
+        self.freeze = freeze
+        self._apply_kw = dict(apply_kw)
+        self._params = vtree.tree_map(lambda t: _private_copy(t, dtype, channels_last), params)
+        self._state = vtree.tree_map(lambda t: _private_copy(t, dtype, channels_last), state)
+        # dynamo keeps its compiled graphs on the code object, and at most 8 per code object
+        # (torch._dynamo.config.recompile_limit) before it silently falls back to eager: a private
+        # copy of the code gives every CompiledModel its own cache
+        code = CompiledModel._forward.__code__
+        own = types.FunctionType(code.replace(co_name=f"_forward_{_safe(model.name)}"), globals(), "_forward")
+        self._compiled = torch.compile(types.MethodType(own, self), dynamic=dynamic, mode=mode, fullgraph=fullgraph)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        out_dtype = x.dtype
+        if self.dtype is not None:
+            x = x.to(self.dtype)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out, _ = self.model.apply(self._params, self._state, x, train=False, **self._apply_kw)
+        return out.to(out_dtype)
+
+    def _check(self, x) -> None:
+        check_image(x, name=self.model.name, in_channels=self.model.in_channels, min_size=self.model.min_size)
+        p = next(iter(vtree.flatten(self._params).values()))
+        if x.device != p.device:
+            raise ValueError(f"{self.model.name} was compiled for {p.device}, got an input on {x.device}")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self._check(x)
+        with torch.no_grad(), torch._inductor.config.patch(freezing=self.freeze):
+            return self._compiled(x)
+
+    def eager(self, x: torch.Tensor) -> torch.Tensor:
+        """The same computation (weights, dtype, layout) without ``torch.compile``."""
+        self._check(x)
+        with torch.no_grad():
+            return self._forward(x)
+
+    def __repr__(self) -> str:
+        dt = str(self.dtype).replace("torch.", "") if self.dtype is not None else "as given"
+        return (f"CompiledModel({self.model.name}, dtype={dt}, channels_last={self.channels_last}, "
+                f"freeze={self.freeze})")
+
+
+def compile(model: ModelDef, params: Mapping, state: Mapping, *, example: torch.Tensor | None = None,
+            channels_last: bool = True, dtype: torch.dtype | None = None, dynamic: bool | None = None,
+            freeze: bool = True, mode: str | None = None, fullgraph: bool = True, **apply_kw) -> CompiledModel:
+    """Compile ``model`` with fixed ``params``/``state`` for eval-mode inference.
+
+    ``example``: if given, the function is compiled now (on that batch) instead of on the first call.
+    ``channels_last``: run weights and activations in NHWC (the fast layout for oneDNN and cuDNN).
+    ``dtype``: ``None`` keeps the weights' dtype; ``torch.bfloat16`` / ``torch.float16`` cast weights
+    and inputs and return logits in the input's dtype (see the README's report for the agreement).
+    ``dynamic``: as in ``torch.compile``; the default specialises the first shape and makes the batch
+    axis symbolic on the second (at most four compilations per image size; see the module notes).
+    ``freeze``: fold weights in as constants (BatchNorm into convolutions, pre-packed weights).
+    ``mode``: ``torch.compile``'s mode (e.g. ``"max-autotune"``). Extra keywords go to ``model.apply``
+    (``aux=...`` is not allowed: the result returns logits only).
+    """
+    if not isinstance(model, ModelDef):
+        raise TypeError(f"compile expects a vafunc ModelDef (from vafunc.get_model), got {type(model).__name__}")
+    for name, tree in (("params", params), ("state", state)):
+        if not isinstance(tree, Mapping):
+            raise TypeError(f"compile expects {name} as a nested dict of tensors, got {type(tree).__name__}")
+    if dtype is not None:
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating torch.dtype (e.g. torch.bfloat16) or None, got {dtype!r}")
+    if not isinstance(channels_last, bool) or not isinstance(freeze, bool):
+        raise TypeError("channels_last and freeze must be bools")
+    if "train" in apply_kw or "rng" in apply_kw:
+        raise ValueError("compile builds eval-mode inference; train/rng are not accepted "
+                         "(compile model.apply yourself for training)")
+    if apply_kw.get("aux"):
+        raise ValueError("compile returns logits only; aux=True is not supported")
+    # the same strict check as loading a checkpoint: every missing, unexpected or mis-shaped entry
+    from_state_dict(model, vtree.to_state_dict(params, state))
+    fn = CompiledModel(model, params, state, channels_last=channels_last, dtype=dtype, dynamic=dynamic,
+                       freeze=freeze, mode=mode, fullgraph=fullgraph, apply_kw=apply_kw)
+    if example is not None:
+        fn(example)
+    return fn
