@@ -1,6 +1,7 @@
 """``python -m benchmarks {eager,ensemble,train,psg} [--models ...] [--batch B] [--size S]``
 
-``python -m benchmarks report`` writes the full report (see :mod:`benchmarks.report`).
+``python -m benchmarks report`` writes the full report (see :mod:`benchmarks.report`);
+``python -m benchmarks profile --model resnet50`` shows where the time goes.
 
 * ``eager``: inference, vafunc ``apply`` against the torchvision module holding the same weights;
 * ``ensemble``: ``ensemble_apply`` (loop, vmap) and ``torch_compat.compile_ensemble`` against a
@@ -94,6 +95,10 @@ def main(argv=None) -> int:
         from benchmarks import report
 
         return report.main(argv[1:])
+    if argv[:1] == ["profile"]:
+        from benchmarks import profile
+
+        return profile.main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("bench", nargs="?", default="eager", choices=["eager", "ensemble", "train", "psg"])
