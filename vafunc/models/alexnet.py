@@ -80,8 +80,8 @@ def features(p, x, *, taps=None):
     for i, layer in enumerate(FEATURES):
         if isinstance(layer, Conv):
             x = L.conv2d(p[str(i)], x, stride=layer.stride, padding=layer.padding)
-        elif layer == "relu":
-            x = L.relu(x)
+        elif layer == "relu":  # in place (as torchvision) unless the conv output was recorded as a feature
+            x = L.relu_(x) if taps is None else L.relu(x)
         else:
             x = L.max_pool2d(x, *POOL)
         x = L.tap(taps, f"features.{i}", x)
@@ -92,9 +92,9 @@ def classifier(p, x, *, dropout: float, train: bool, rng):
     """Three fully connected layers with dropout before the first two (paper Section 4.2):
     ``[N, 256 * 6 * 6] -> [N, num_classes]``."""
     x = L.dropout(x, dropout, _key(rng, 0), train=train)
-    x = L.relu(L.linear(p["1"], x))
+    x = L.relu_(L.linear(p["1"], x))  # a fresh linear output: in place is safe
     x = L.dropout(x, dropout, _key(rng, 1), train=train)
-    x = L.relu(L.linear(p["4"], x))
+    x = L.relu_(L.linear(p["4"], x))
     return L.linear(p["6"], x)
 
 

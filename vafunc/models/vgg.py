@@ -123,8 +123,8 @@ def features(cfg: VGGConfig, p, s, x, *, train: bool, taps=None):
 def classifier(p, x, *, dropout: float, train: bool, rng):
     """Three fully connected layers, dropout after the first two (paper Section 3.1):
     ``[N, 512 * 7 * 7] -> [N, num_classes]``."""
-    x = L.dropout(L.relu(L.linear(p["0"], x)), dropout, _key(rng, 0), train=train)
-    x = L.dropout(L.relu(L.linear(p["3"], x)), dropout, _key(rng, 1), train=train)
+    x = L.dropout(L.relu_(L.linear(p["0"], x)), dropout, _key(rng, 0), train=train)  # fresh outputs: in place
+    x = L.dropout(L.relu_(L.linear(p["3"], x)), dropout, _key(rng, 1), train=train)
     return L.linear(p["6"], x)
 
 

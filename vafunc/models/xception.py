@@ -113,9 +113,9 @@ def block(p, s, x, b: BlockRow, seps: tuple[SepSpec, ...], *, train: bool):
     s = dict(s)
     rep_s = dict(s["rep"])
     y = x
-    for sep in seps:
-        if sep.relu_before:
-            y = L.relu(y)
+    for i, sep in enumerate(seps):
+        if sep.relu_before:  # the first ReLU keeps x intact for the shortcut; later ones act on fresh BN outputs
+            y = L.relu(y) if i == 0 else L.relu_(y)
         bn = str(int(sep.index) + 1)
         y = separable_conv(p["rep"][sep.index], y)
         y, rep_s[bn] = L.batch_norm(p["rep"][bn], rep_s[bn], y, train=train)
@@ -126,7 +126,7 @@ def block(p, s, x, b: BlockRow, seps: tuple[SepSpec, ...], *, train: bool):
         shortcut, s["skipbn"] = L.conv_bn(p["skip"], p["skipbn"], s["skipbn"], x, train=train, stride=b.stride)
     else:
         shortcut = x
-    return y + shortcut, s
+    return y.add_(shortcut), s  # y is a fresh BN / pool output: in place, as timm's ``x += skip``
 
 
 # --------------------------------------------------------------------------- init / apply
@@ -185,7 +185,7 @@ def apply(cfg: XceptionConfig, params, state, x, *, train: bool = False, rng=Non
     for j in (3, 4):
         y = L.tap(taps, f"conv{j}", separable_conv(p[f"conv{j}"], y))
         y, s[f"bn{j}"] = L.batch_norm(p[f"bn{j}"], s[f"bn{j}"], y, train=train)
-        y = L.tap(taps, f"act{j}", L.relu(y))
+        y = L.tap(taps, f"act{j}", L.relu_(y))  # a fresh BN output
         if L.taps_complete(taps):
             return None, (s if train else state)
     y = L.dropout(L.global_avg_pool(y), cfg.drop_rate, rng, train=train)
