@@ -122,18 +122,20 @@ def paired_ratio(res: dict, name: str, against: str) -> float:
     return statistics.median(b / a for a, b in zip(res[name]["times"], res[against]["times"]))
 
 
-def matmul_peak(dtype: torch.dtype = torch.float32, device: str = "cpu", reps: int = 5) -> float:
+def matmul_peak(dtype: torch.dtype = torch.float32, device: str = "cpu", reps: int = 5,
+                quick: bool = False) -> float:
     """The machine's measured matmul peak for ``dtype`` in GFLOP/s (2 FLOPs per multiply-add): the
     best median over square ``torch.mm`` products (MKL / cuBLAS) and 1x1 convolutions in
-    channels_last (oneDNN / cuDNN; on AMD CPUs oneDNN's kernels beat MKL's by about 20%)."""
+    channels_last (oneDNN / cuDNN; on AMD CPUs oneDNN's kernels beat MKL's by about 20%).
+    ``quick``: smaller problems and fewer repetitions (a smoke run, not a measurement)."""
     import torch.nn.functional as F
 
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     cases = []
-    for n in (2048, 4096):
+    for n in (1024,) if quick else (2048, 4096):
         a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
         cases.append((lambda a=a, b=b: a @ b, 2 * n**3))
-    for n, c, hw in ((8, 1024, 28), (8, 2048, 14)):
+    for n, c, hw in ((8, 1024, 28),) if quick else ((8, 1024, 28), (8, 2048, 14)):
         x = torch.randn(n, c, hw, hw, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
         w = torch.randn(c, c, 1, 1, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
         cases.append((lambda x=x, w=w: F.conv2d(x, w), 2 * n * hw * hw * c * c))
@@ -144,7 +146,7 @@ def matmul_peak(dtype: torch.dtype = torch.float32, device: str = "cpu", reps: i
                 fn()
             sync()
             ts = []
-            for _ in range(reps):
+            for _ in range(2 if quick else reps):
                 t0 = time.perf_counter()
                 fn()
                 sync()

@@ -396,6 +396,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--no-bf16", action="store_true")
     p.add_argument("--no-research", action="store_true", help="skip the ensemble and train-step rows")
+    p.add_argument("--quick-peak", action="store_true", help="a rough matmul peak (smoke runs)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "report"))
     p.add_argument("--readme", default=None, help="put the markdown table into this README's bench section")
     p.add_argument("--render", default=None, metavar="DIR",
@@ -415,7 +416,8 @@ def main(argv=None) -> int:
     info = {**machine_info(), "date": time.strftime("%Y-%m-%d"), "machine": platform.node(),
             "command": command.strip()}
     log(f"machine: {info['cpu']}, {info['threads']} threads; measuring the matmul peak")
-    peaks = {"fp32": [matmul_peak(torch.float32)], "bf16": [matmul_peak(torch.bfloat16)]}
+    peaks = {"fp32": [matmul_peak(torch.float32, quick=args.quick_peak)],
+             "bf16": [matmul_peak(torch.bfloat16, quick=args.quick_peak)]}
     log(f"matmul peak: {peaks['fp32'][0]:.0f} GFLOP/s fp32, {peaks['bf16'][0]:.0f} GFLOP/s bf16")
     rows = []
     os.makedirs(args.out, exist_ok=True)
@@ -425,8 +427,8 @@ def main(argv=None) -> int:
         _write_csv(os.path.join(args.out, "report.csv"), rows, info)  # partial results survive a crash
     research_rows = [] if args.no_research else bench_research(args)
     # the peak again at the end: a busy moment at the start would inflate every share
-    peaks["fp32"].append(matmul_peak(torch.float32))
-    peaks["bf16"].append(matmul_peak(torch.bfloat16))
+    peaks["fp32"].append(matmul_peak(torch.float32, quick=args.quick_peak))
+    peaks["bf16"].append(matmul_peak(torch.bfloat16, quick=args.quick_peak))
     info["peak_fp32"], info["peak_bf16"] = max(peaks["fp32"]), max(peaks["bf16"])
     log(f"matmul peak at the end: {peaks['fp32'][1]:.0f} GFLOP/s fp32, {peaks['bf16'][1]:.0f} GFLOP/s bf16")
     for r in rows:
