@@ -46,9 +46,6 @@ SETS = {"quick": QUICK, "seeds": SEEDS}
 #: a forward pass of about this many GFLOP per batch decides the batch size of large models
 BATCH_BUDGET_GFLOP = 70.0
 
-VARIANTS = ("ref eager", "vafunc eager", "ref eager CL", "vafunc eager CL", "ref compiled", "vafunc compiled",
-            "ref compiled bf16", "vafunc compiled bf16")
-
 
 def log(msg: str, t0: float = [time.perf_counter()]) -> None:  # noqa: B006 - process start time
     print(f"[{time.perf_counter() - t0[0]:7.1f}s] {msg}", file=sys.stderr, flush=True)

@@ -7,8 +7,10 @@ import pytest
 import torch
 from torch._inductor.utils import run_and_get_code
 
+import torch_compat
 import vafunc
 from benchmarks.photos import photo_crops, realistic_random
+from oracle import perturb
 
 FAST = ("resnet18", "mobilenet_v3_small")  # plain convs and residuals; depthwise, hardswish and SE
 SLOW = ("googlenet", "alexnet", "vgg11_bn", "densenet121", "inception_v3", "inception_v2", "xception", "mobilenet_v1",
@@ -16,14 +18,12 @@ SLOW = ("googlenet", "alexnet", "vgg11_bn", "densenet121", "inception_v3", "ince
 
 
 def _perturbed(name, **kw):
-    """Params and state away from init (BN statistics included), so a fold that ignored them fails."""
+    """Params and per-channel BN statistics away from init (the oracle harness's ``perturb``), so a
+    BatchNorm fold that ignored any of them would fail."""
     model = vafunc.get_model(name, **kw)
-    params, state = model.init(1)
-    g = torch.Generator().manual_seed(0)
-
-    params = vafunc.tree_map(lambda t: t * (1 + 0.1 * torch.randn(t.shape, generator=g)) if t.is_floating_point()
-                             else t, params)
-    state = vafunc.tree_map(lambda t: (t.abs() + 0.5 if t.is_floating_point() else t), state)
+    module = torch_compat.from_model(model, key=1)
+    perturb(module, seed=0)
+    params, state = vafunc.from_state_dict(model, {k: v.clone() for k, v in module.state_dict().items()})
     return model, params, state
 
 

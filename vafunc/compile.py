@@ -33,9 +33,6 @@ from .weights import from_state_dict
 
 __all__ = ["compile", "CompiledModel"]
 
-_LOW = (torch.bfloat16, torch.float16)
-
-
 def _safe(name: str) -> str:
     return re.sub(r"\W", "_", name)
 
