@@ -129,11 +129,32 @@ class Initializer:
         elif scheme == "trunc_normal":
             p["weight"] = self.trunc_normal(shape, std, -2.0, 2.0)
             b = (lambda: self.zeros((cout,)))
+        elif scheme == "goog":
+            # timm / TF EfficientNet: normal, std sqrt(2 / fan_out) with fan_out = k*k*cout/groups
+            p["weight"] = self.normal(shape, math.sqrt(2.0 / (kh * kw * cout // groups)))
+            b = (lambda: self.zeros((cout,)))
         else:
             raise ValueError(f"unknown conv init scheme {scheme!r}")
         if bias:
             p["bias"] = b()
         return p
+
+    # ------------------------------------------------------------------ schemes by name
+    def conv_scheme(self, scheme, cin: int, cout: int, kernel, *, groups: int = 1, bias: bool = False) -> dict:
+        """:meth:`conv` by a scheme spec: a name, ``(name, std)``, or a callable
+        ``f(ini, cin, cout, kernel, groups=, bias=) -> dict`` (what a family declares)."""
+        if callable(scheme):
+            return scheme(self, cin, cout, kernel, groups=groups, bias=bias)
+        name, std = (scheme, None) if isinstance(scheme, str) else scheme
+        return self.conv(cin, cout, kernel, groups=groups, bias=bias, scheme=name, std=std)
+
+    def linear_scheme(self, scheme, fin: int, fout: int, *, bias: bool = True) -> dict:
+        """:meth:`linear` by a scheme spec: a name, ``(name, std)`` or a callable
+        ``f(ini, fin, fout, bias=) -> dict``."""
+        if callable(scheme):
+            return scheme(self, fin, fout, bias=bias)
+        name, std = (scheme, None) if isinstance(scheme, str) else scheme
+        return self.linear(fin, fout, bias=bias, scheme=name, std=std)
 
     def linear(
         self, fin: int, fout: int, *, bias: bool = True, scheme: str = "torch_default", std=None

@@ -68,6 +68,9 @@ class Family:
     paper: str = ""
     remap: Callable | None = None
     in_channels: Callable[[Any], int] = lambda cfg: getattr(cfg, "in_channels", 3)
+    #: ``probe(cfg, ini, size=None, sizes=None)``: the init-mode forward of a kit family
+    #: (:func:`vafunc.kit.family`), used to derive the valid input sizes.
+    probe: Callable | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ from typing import NamedTuple
 
 
 from .. import layers as L
-from ..registry import Family, Reference, check_config, register
+from ..kit import family
+from ..registry import Reference, check_config, register
 
 PAPER = "He et al. 2016, Deep Residual Learning for Image Recognition, arXiv:1512.03385"
 
@@ -92,114 +93,62 @@ def plan(cfg: ResNetConfig) -> tuple[tuple[BlockSpec, ...], ...]:
     return tuple(stages)
 
 
-# --------------------------------------------------------------------------- blocks
+# --------------------------------------------------------------------------- the network
 
 
-def basic_block(p, s, x, b: BlockSpec, *, train: bool):
+def basic_block(m, x, b: BlockSpec, cfg: ResNetConfig):
     """BasicBlock (paper Fig. 2 left): two 3x3 convs and an identity/projection shortcut.
 
     ``x [N, inplanes, H, W] -> [N, outplanes, H/stride, W/stride]``.
     """
-    s = dict(s)
-    y, s["bn1"] = L.conv_bn(p["conv1"], p["bn1"], s["bn1"], x, train=train, act=L.relu, stride=b.stride, padding=1)
-    y, s["bn2"] = L.conv_bn(p["conv2"], p["bn2"], s["bn2"], y, train=train, padding=1)
-    shortcut, s = _shortcut(p, s, x, b, train)
-    return L.add_relu_(y, shortcut), s
+    y = m.conv_norm_act(x, b.width, 3, conv="conv1", norm="bn1", act="relu", stride=b.stride, padding=1)
+    y = m.conv_norm_act(y, b.outplanes, 3, conv="conv2", norm="bn2", padding=1, zero_init=cfg.zero_init_residual)
+    return L.add_relu_(y, shortcut(m, x, b))
 
 
-def bottleneck(p, s, x, b: BlockSpec, *, train: bool):
+def bottleneck(m, x, b: BlockSpec, cfg: ResNetConfig):
     """Bottleneck (paper Fig. 5 right; v1.5: the stride sits on the grouped 3x3 conv).
 
     ``x [N, inplanes, H, W] -> [N, outplanes, H/stride, W/stride]``; ``groups`` > 1 is ResNeXt.
     """
-    s = dict(s)
-    y, s["bn1"] = L.conv_bn(p["conv1"], p["bn1"], s["bn1"], x, train=train, act=L.relu)
-    y, s["bn2"] = L.conv_bn(
-        p["conv2"], p["bn2"], s["bn2"], y, train=train, act=L.relu,
-        stride=b.stride, padding=b.dilation, dilation=b.dilation, groups=b.groups,
-    )
-    y, s["bn3"] = L.conv_bn(p["conv3"], p["bn3"], s["bn3"], y, train=train)
-    shortcut, s = _shortcut(p, s, x, b, train)
-    return L.add_relu_(y, shortcut), s
+    y = m.conv_norm_act(x, b.width, 1, conv="conv1", norm="bn1", act="relu")
+    y = m.conv_norm_act(y, b.width, 3, conv="conv2", norm="bn2", act="relu", stride=b.stride, padding=b.dilation,
+                        dilation=b.dilation, groups=b.groups)
+    y = m.conv_norm_act(y, b.outplanes, 1, conv="conv3", norm="bn3", zero_init=cfg.zero_init_residual)
+    return L.add_relu_(y, shortcut(m, x, b))
 
 
-def _shortcut(p, s, x, b: BlockSpec, train: bool):
+def shortcut(m, x, b: BlockSpec):
+    """Identity, or the 1x1 projection ``downsample.{0: conv, 1: BN}`` when the shape changes."""
     if not b.downsample:
-        return x, s
-    ds = dict(s["downsample"])
-    y, ds["1"] = L.conv_bn(p["downsample"]["0"], p["downsample"]["1"], ds["1"], x, train=train, stride=b.stride)
-    s["downsample"] = ds
-    return y, s
+        return x
+    return m.child("downsample").conv_norm_act(x, b.outplanes, 1, stride=b.stride)
 
 
 BLOCKS = {"basic": basic_block, "bottleneck": bottleneck}
 
 
-# --------------------------------------------------------------------------- init / apply
+def stage(m, x, blocks: tuple, cfg: ResNetConfig):
+    for j, b in enumerate(blocks):
+        x = m.block(str(j), BLOCKS[cfg.block], x, b, cfg)
+    return x
 
 
-def init(cfg: ResNetConfig, ini) -> dict:
-    t = {"conv1": ini.conv(cfg.in_channels, 64, 7), "bn1": ini.batch_norm(64)}
-    for i, stage in enumerate(plan(cfg)):
-        layer = {}
-        for j, b in enumerate(stage):
-            if cfg.block == "basic":
-                blk = {
-                    "conv1": ini.conv(b.inplanes, b.width, 3),
-                    "bn1": ini.batch_norm(b.width),
-                    "conv2": ini.conv(b.width, b.outplanes, 3),
-                    "bn2": ini.batch_norm(b.outplanes, zero_weight=cfg.zero_init_residual),
-                }
-            else:
-                blk = {
-                    "conv1": ini.conv(b.inplanes, b.width, 1),
-                    "bn1": ini.batch_norm(b.width),
-                    "conv2": ini.conv(b.width, b.width, 3, groups=b.groups),
-                    "bn2": ini.batch_norm(b.width),
-                    "conv3": ini.conv(b.width, b.outplanes, 1),
-                    "bn3": ini.batch_norm(b.outplanes, zero_weight=cfg.zero_init_residual),
-                }
-            if b.downsample:
-                blk["downsample"] = {"0": ini.conv(b.inplanes, b.outplanes, 1), "1": ini.batch_norm(b.outplanes)}
-            layer[str(j)] = blk
-        t[f"layer{i + 1}"] = layer
-    t["fc"] = ini.linear(512 * EXPANSION[cfg.block], cfg.num_classes)
-    return t
+def forward(m, cfg: ResNetConfig, x):
+    """``x [N, C, H, W] -> logits [N, num_classes]``.
 
-
-def apply(cfg: ResNetConfig, params, state, x, *, train: bool = False, rng=None, taps=None):
-    """``x [N, C, H, W] -> (logits [N, num_classes], new_state)``.
-
-    Feature names (``taps``): ``relu`` (stride 2), ``maxpool`` (4), every block ``layer{i}.{j}``
-    and every stage ``layer1`` .. ``layer4`` (strides 4, 8, 16, 32 without dilation).
+    Feature names: ``relu`` (stride 2), ``maxpool`` (4), every block ``layer{i}.{j}`` and every
+    stage ``layer1`` .. ``layer4`` (strides 4, 8, 16, 32 without dilation).
     """
-    p, s = params, dict(state)
-    y, s["bn1"] = L.conv_bn(p["conv1"], p["bn1"], s["bn1"], x, train=train, act=L.relu, stride=2, padding=3)
-    y = L.tap(taps, "relu", y)
-    y = L.tap(taps, "maxpool", L.max_pool2d(y, 3, 2, 1))
-    block = BLOCKS[cfg.block]
-    for i, stage in enumerate(plan(cfg)):
-        name = f"layer{i + 1}"
-        ss = dict(s[name])
-        for j, b in enumerate(stage):
-            y, ss[str(j)] = block(p[name][str(j)], ss[str(j)], y, b, train=train)
-            y = L.tap(taps, f"{name}.{j}", y)
-        s[name] = ss
-        y = L.tap(taps, name, y)
-        if L.taps_complete(taps):
-            return None, (s if train else state)
-    logits = L.linear(p["fc"], L.global_avg_pool(y))
-    return logits, (s if train else state)
+    y = m.conv_norm_act(x, 64, 7, conv="conv1", norm="bn1", act="relu", stride=2, padding=3)
+    y = m.tap("relu", y)
+    y = m.tap("maxpool", L.max_pool2d(y, 3, 2, 1))
+    for i, blocks in enumerate(plan(cfg)):
+        y = m.block(f"layer{i + 1}", stage, y, blocks, cfg)
+    return m.head(y, cfg.num_classes)
 
 
-FAMILY = Family(
-    name="resnet",
-    config=ResNetConfig,
-    init=init,
-    apply=apply,
-    min_size=lambda cfg: 1,
-    paper=PAPER,
-)
+FAMILY = family("resnet", ResNetConfig, forward, paper=PAPER)
 
 _RESNEXT = "Xie et al. 2017, Aggregated Residual Transformations for Deep Neural Networks, arXiv:1611.05431"
 _WIDE = "Zagoruyko & Komodakis 2016, Wide Residual Networks, arXiv:1605.07146"

@@ -1,0 +1,332 @@
+"""The architecture kit: a family is declared once, as one ``forward(m, cfg, x)`` function.
+
+The forward is written against a :class:`Scope` ``m``, which owns the parameter names. Each layer
+call names its parameters where it uses them (``m.conv("conv1", x, 64, 7, stride=2)``), in the
+manner of Flax's ``@nn.compact`` and Haiku's ``transform``. The same function then serves two
+purposes, so init and apply cannot drift:
+
+* **init**: :func:`family` runs the forward once on a meta-device input, with a scope in *init
+  mode*. Every layer call draws its tensors from the :class:`~vafunc.init.Initializer` (in call
+  order, which is the reference's state_dict order) and computes on meta tensors, so shapes flow
+  with no arithmetic done. Input channels are read off the incoming tensor and never repeated.
+* **apply**: the same forward runs with a scope in *apply mode*. Each call looks its tensors up
+  in the caller's ``params``/``state`` trees and runs the plain aten op. In train mode,
+  BatchNorm's new running statistics are collected in fresh dicts and merged into a new state
+  tree at the end (the caller's state is never touched). In eval mode the state is returned as
+  it came (``new_state is state``).
+
+The rest follows from the same declaration:
+
+* **feature taps**: ``m.block(name, fn, x)`` runs ``fn`` in the child scope ``name`` and records
+  its output under the module path (``layer1.0``). ``m.tap(name, y)`` records a parameter-free
+  point (``maxpool``). Once every requested feature is recorded, the scope raises :class:`Done`,
+  which :func:`family`'s apply catches, so the head is never computed. This is plain Python
+  control flow, so ``torch.compile(fullgraph=True)`` traces it.
+* **parameter count**: from init on the meta device (``ModelDef.num_params``).
+* **valid input sizes**: :func:`min_size` probes the init-mode forward on meta inputs and finds
+  the smallest square size every op accepts. Layers that need divisible sizes (patch
+  embeddings, window partitions) declare it with ``m.require_multiple(k)``; the probe then
+  searches multiples of ``k`` only.
+
+Everything is pure. A scope lives for one call, and apply mutates nothing it was given, so the
+functions vmap, grad and compile like hand-written ones. In apply mode a layer call is a dict
+lookup and the torch op, with no per-call tree copies. Design notes: ``docs/design.md``; a worked
+example: ``docs/adding-a-family.md``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import layers as L
+from . import random as vrandom
+from .registry import Family
+
+__all__ = ["Scope", "Done", "family", "min_size", "subkey", "same_padding", "activation"]
+
+_EMPTY: dict = {}
+
+
+class Done(Exception):
+    """Raised by :meth:`Scope.tap` once every requested feature is recorded (early exit)."""
+
+
+def subkey(rng, i: int):
+    """``fold_in(rng, i)``, or ``None`` when no key was given (eval and deterministic runs)."""
+    return None if rng is None else vrandom.fold_in(rng, i)
+
+
+def same_padding(kernel, dilation=1):
+    """The symmetric "same" padding of an odd kernel: ``(k - 1) // 2 * dilation`` per axis."""
+    if isinstance(kernel, int):
+        return (kernel - 1) // 2 * dilation
+    d = (dilation, dilation) if isinstance(dilation, int) else dilation
+    return tuple((k - 1) // 2 * di for k, di in zip(kernel, d))
+
+
+def activation(act):
+    """An activation from a :data:`vafunc.layers.ACTIVATIONS` name, a callable, or ``None``."""
+    if act is None or callable(act):
+        return act
+    try:
+        return L.ACTIVATIONS[act]
+    except KeyError:
+        raise ValueError(f"unknown activation {act!r}; known: {sorted(L.ACTIVATIONS)}") from None
+
+
+def _meta(t: dict) -> dict:
+    return {k: v if v.device.type == "meta" else torch.empty_like(v, device="meta") for k, v in t.items()}
+
+
+def _overlay(old, new: dict):
+    """``old`` with the leaves and subtrees of ``new`` put in (copying only the touched dicts)."""
+    if not new:
+        return old
+    out = dict(old)
+    for k, v in new.items():
+        if isinstance(v, dict):
+            if v:
+                out[k] = _overlay(old.get(k, _EMPTY), v)
+        else:
+            out[k] = v
+    return out
+
+
+class Scope:
+    """One node of the parameter tree during a forward pass (see the module docstring).
+
+    ``m.train``, ``m.rng`` and ``m.initializing`` are read by the family code; ``m.path`` is the
+    dotted module path of this scope (``"layer1.0."``), used for feature names.
+    """
+
+    __slots__ = ("p", "s", "new", "train", "rng", "taps", "ini", "path", "defaults", "sizes")
+
+    def __init__(self, p, s, *, train=False, rng=None, taps=None, ini=None, path="", defaults=None, sizes=None):
+        self.p = p
+        self.s = s
+        self.new = {} if train else None
+        self.train = train
+        self.rng = rng
+        self.taps = taps
+        self.ini = ini
+        self.path = path
+        self.defaults = defaults or {}
+        self.sizes = sizes
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def initializing(self) -> bool:
+        """True while init runs the forward (branches that only some calls take, such as
+        auxiliary heads, must run then so their parameters exist)."""
+        return self.ini is not None
+
+    def child(self, name: str, rng=None) -> "Scope":
+        """The scope of submodule ``name`` (``rng``: its key, default none)."""
+        if self.ini is not None:
+            return Scope(self.p.setdefault(name, {}), None, ini=self.ini, path=f"{self.path}{name}.",
+                         defaults=self.defaults, sizes=self.sizes)
+        c = Scope(self.p.get(name, _EMPTY), self.s.get(name, _EMPTY), train=self.train, rng=rng,
+                  taps=self.taps, path=f"{self.path}{name}.", defaults=self.defaults)
+        if self.train:
+            self.new[name] = c.new
+        return c
+
+    def block(self, name: str, fn: Callable, x, *args, tap: bool = True, rng=None, **kw):
+        """``fn(child_scope, x, *args, **kw)`` in the child scope ``name``; the output is recorded
+        as the feature ``path.name`` unless ``tap=False``."""
+        y = fn(self.child(name, rng), x, *args, **kw)
+        return self.tap(name, y) if tap else y
+
+    def tap(self, name: str, y):
+        """Record ``y`` as the feature ``path.name``; raise :class:`Done` once all are recorded."""
+        taps = self.taps
+        if taps is None:
+            return y
+        taps(self.path + name, y)
+        if taps.complete:
+            raise Done
+        return y
+
+    def key(self, i: int):
+        """The key of slot ``i`` of this scope's ``rng`` (``None`` without one)."""
+        return None if self.rng is None else vrandom.fold_in(self.rng, i)
+
+    def require_multiple(self, k: int, what: str = "input") -> None:
+        """Declare that the input height and width must be multiples of ``k``."""
+        if self.sizes is not None:
+            self.sizes.append(int(k))
+
+    def _create(self, name: str, make: Callable) -> dict:
+        t = make(self.ini)
+        if name in self.p:
+            raise ValueError(f"{self.path}{name} is declared twice")
+        self.p[name] = t
+        return _meta(t)
+
+    def _init(self, kind: str, init):
+        return self.defaults.get(kind) if init is None else init
+
+    # ------------------------------------------------------------------ layers
+    def conv(self, name, x, cout, kernel, *, stride=1, padding=None, dilation=1, groups=1, bias=False, init=None):
+        """Conv2d ``[N, Cin, H, W] -> [N, cout, H', W']`` with tensors at ``name``; padding
+        defaults to "same" (:func:`same_padding`); ``init``: an init scheme (``vafunc.init``)."""
+        if self.ini is None:
+            p = self.p[name]
+        else:
+            scheme = self._init("conv", init)
+            p = self._create(name, lambda ini: ini.conv_scheme(scheme, x.shape[1], cout, kernel, groups=groups, bias=bias))
+        if padding is None:
+            padding = same_padding(kernel, dilation)
+        return F.conv2d(x, p["weight"], p.get("bias"), stride, padding, dilation, groups)
+
+    def linear(self, name, x, fout, *, bias=True, init=None):
+        """Affine map ``[..., Fin] -> [..., fout]`` with tensors at ``name``."""
+        if self.ini is None:
+            p = self.p[name]
+        else:
+            scheme = self._init("linear", init)
+            p = self._create(name, lambda ini: ini.linear_scheme(scheme, x.shape[-1], fout, bias=bias))
+        return F.linear(x, p["weight"], p.get("bias"))
+
+    def batch_norm(self, name, x, *, eps=None, momentum=None, zero_init=False, affine=True):
+        """BatchNorm over channels with tensors at ``name`` (:func:`vafunc.layers.batch_norm`);
+        ``eps``/``momentum`` default to the family's (torch's 1e-5 / 0.1 unless declared)."""
+        eps = self.defaults.get("eps", 1e-5) if eps is None else eps
+        momentum = self.defaults.get("momentum", 0.1) if momentum is None else momentum
+        if self.ini is not None:
+            t = self._create(name, lambda ini: ini.batch_norm(x.shape[1], zero_weight=zero_init, affine=affine))
+            return F.batch_norm(x, t["running_mean"], t["running_var"], t.get("weight"), t.get("bias"), False, 0.0, eps)
+        y, ns = L.batch_norm(self.p.get(name, _EMPTY), self.s[name], x, train=self.train, momentum=momentum, eps=eps)
+        if self.train:
+            self.new[name] = ns
+        return y
+
+    def conv_norm_act(self, x, cout, kernel, *, conv="0", norm="1", act=None, stride=1, padding=None,
+                      dilation=1, groups=1, bias=False, eps=None, momentum=None, init=None, zero_init=False):
+        """Convolution -> BatchNorm -> activation (torchvision's ``Conv2dNormActivation``, timm's
+        ``ConvNormAct``, Inception's ``BasicConv2d``): the conv's tensors at ``conv``, the
+        norm's at ``norm``. The activation runs in place on the fresh BatchNorm output."""
+        y = self.conv(conv, x, cout, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                      bias=bias, init=init)
+        y = self.batch_norm(norm, y, eps=eps, momentum=momentum, zero_init=zero_init)
+        act = activation(act)
+        return y if act is None else L.INPLACE.get(act, act)(y)
+
+    def squeeze_excite(self, x, squeeze, *, act="relu", gate="sigmoid", fc1="fc1", fc2="fc2", init=None):
+        """Squeeze-and-excitation (Hu et al. 2018, Eq. 2-4): ``x * gate(fc2(act(fc1(mean_hw x))))``,
+        ``fc1``/``fc2`` 1x1 convs with bias (torchvision's ``SqueezeExcitation``, timm's ``SEModule``)."""
+        s = F.adaptive_avg_pool2d(x, 1)
+        s = activation(act)(self.conv(fc1, s, squeeze, 1, bias=True, init=init))
+        s = activation(gate)(self.conv(fc2, s, x.shape[1], 1, bias=True, init=init))
+        return s * x
+
+    def head(self, x, num_classes: int, *, name="fc", rate: float = 0.0, rng=None, init=None):
+        """The classifier head ``[N, C, H, W] -> [N, num_classes]``: global average pool, dropout
+        at ``rate`` (keyed by ``rng``, train mode only), linear layer at ``name``."""
+        y = L.global_avg_pool(x)
+        if rate:
+            y = L.dropout(y, rate, rng, train=self.train)
+        return self.linear(name, y, num_classes, init=init)
+
+    def dropout(self, x, rate: float, rng):
+        """Keyed element-wise dropout (train mode only; :func:`vafunc.layers.dropout`)."""
+        return L.dropout(x, rate, rng, train=self.train)
+
+    def drop_path(self, x, rate: float, rng):
+        """Keyed per-sample stochastic depth (train mode only; :func:`vafunc.layers.drop_path`)."""
+        return L.drop_path(x, rate, rng, train=self.train)
+
+    # ------------------------------------------------------------------ results
+    def new_state(self, state):
+        """The state tree after this call: ``state`` with the updated BatchNorm buffers."""
+        return _overlay(state, self.new) if self.train else state
+
+
+# --------------------------------------------------------------------------- declaration
+
+
+def family(
+    name: str,
+    config: type,
+    forward: Callable,
+    *,
+    paper: str = "",
+    remap: Callable | None = None,
+    init_size: int | Callable[[Any], int] = 224,
+    defaults: Callable[[Any], dict] | dict | None = None,
+    in_channels: Callable[[Any], int] = lambda cfg: getattr(cfg, "in_channels", 3),
+) -> Family:
+    """Declare a family from its one ``forward(m, cfg, x, **kw)``.
+
+    ``defaults``: the family's init schemes and BatchNorm settings, ``{"conv": scheme,
+    "linear": scheme, "eps": 1e-5, "momentum": 0.1}`` (a dict, or a function of the config).
+    ``init_size``: a square input size the network accepts, used to run init on meta tensors.
+    Extra keywords of ``forward`` (``aux=True``) pass through ``apply``.
+    """
+
+    def scope_defaults(cfg):
+        d = defaults(cfg) if callable(defaults) else (defaults or {})
+        return {"conv": "kaiming_fan_out", "linear": "torch_default", **d}
+
+    def run_init(cfg, ini, size=None, sizes=None):
+        s = size or (init_size(cfg) if callable(init_size) else init_size)
+        m = Scope({}, None, ini=ini, defaults=scope_defaults(cfg), sizes=sizes)
+        forward(m, cfg, torch.empty(1, in_channels(cfg), s, s, device="meta"))
+        return m.p
+
+    def init(cfg, ini):
+        return run_init(cfg, ini)
+
+    def apply(cfg, params, state, x, *, train: bool = False, rng=None, taps=None, **kw):
+        m = Scope(params, state, train=train, rng=rng, taps=taps, defaults=scope_defaults(cfg))
+        try:
+            y = forward(m, cfg, x, **kw)
+        except Done:
+            y = None
+        return y, m.new_state(state)
+
+    fam = Family(name=name, config=config, init=init, apply=apply, min_size=lambda cfg: min_size(fam, cfg),
+                 paper=paper, remap=remap, in_channels=in_channels, probe=run_init)
+    return fam
+
+
+_MIN_SIZE: dict = {}
+
+
+def min_size(fam: Family, cfg) -> int:
+    """The smallest square input the family's forward accepts for ``cfg`` (probed on meta
+    tensors, once per config; sizes grow monotonically through convs and pools, so a bisection
+    over ``[1, init_size]`` finds it)."""
+    key = (fam.name, cfg)
+    if key in _MIN_SIZE:
+        return _MIN_SIZE[key]
+    from .init import Initializer
+
+    ini = Initializer.from_key(0, device="meta")
+    sizes: list = []
+    fam.probe(cfg, ini, sizes=sizes)
+    step = max(sizes, default=1)
+
+    def ok(k: int) -> bool:
+        try:
+            fam.probe(cfg, ini, size=k * step)
+            return True
+        except (RuntimeError, ValueError):
+            return False
+
+    hi = None
+    for k in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024):
+        if ok(k):
+            hi = k
+            break
+    if hi is None:
+        raise ValueError(f"{fam.name}: no input size up to {1024 * step} is accepted by {cfg}")
+    lo = hi // 2  # ok(lo) is False (or lo == 0)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if ok(mid) else (mid, hi)
+    _MIN_SIZE[key] = hi * step
+    return hi * step
