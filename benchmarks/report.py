@@ -1,4 +1,4 @@
-"""The benchmark report: ``python -m benchmarks report`` (also ``vafunc bench`` from a checkout).
+"""The benchmark report: ``python -m benchmarks report``.
 
 Per model, side by side in one process on the same weights (round-robin, warm-up, medians, paired
 ratios against torchvision eager):

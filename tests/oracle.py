@@ -3,11 +3,99 @@ give it non-trivial weights. Test-only (torchvision / timm / pretrainedmodels ar
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import importlib
+import re
 
+import pytest
 import torch
 
 import vafunc
+
+# --------------------------------------------------------------------------- test-only facts
+
+#: (batch, H, W) of the oracle comparisons for references that run only at some sizes (a
+#: fixed-size head): the reference's 7x7 average pool + flatten runs at 223..230 only.
+ORACLE_SIZES = {"inception_v2": ((2, 223, 230), (3, 224, 224))}
+
+#: Auxiliary outputs compared in train mode: model -> ((vafunc output name, reference namedtuple
+#: field), ...); vafunc is asked for them with ``aux=True`` (inputs grow to
+#: ``entry.extra["aux_min_size"]``, a user-visible fact).
+AUX_OUTPUTS = {
+    "googlenet": (("aux1", "aux_logits1"), ("aux2", "aux_logits2")),
+    "inception_v3": (("aux", "aux_logits"),),
+}
+
+#: Config fields that are rates of randomness in train mode: dropout, drop path, stochastic depth.
+_RATE_FIELD = re.compile(r"drop|stochastic_depth")
+
+
+def _is_rate(f: dataclasses.Field) -> bool:
+    default = f.default
+    if isinstance(default, bool):
+        return False
+    return bool(_RATE_FIELD.search(f.name)) and (isinstance(default, float) or "float" in str(f.type))
+
+
+def deterministic_overrides(name: str) -> dict[str, float]:
+    """Config overrides that switch off dropout and stochastic depth, so train mode can be compared
+    to the (equally switched-off) reference value for value: every float config field of the
+    family named like a dropout / drop-path / stochastic-depth rate, set to 0."""
+    config = vafunc.get_entry(name).family.config
+    return {f.name: 0.0 for f in dataclasses.fields(config) if _is_rate(f)}
+
+
+# --------------------------------------------------------------------------- which models run what
+
+#: family -> its representative in the heavier batteries, where the family's smallest model (by
+#: parameter count, the default pick) misses a feature of the family.
+REPRESENTATIVE_OVERRIDES = {
+    "vgg": "vgg11_bn",  # vgg11 has no BatchNorm: train-mode statistics would go unchecked
+}
+
+#: Models with more parameters than this take the cheap oracle path by default (names, shapes,
+#: key order and counts on the meta device, one eval at the minimum size); the full harness runs
+#: on them under ``-m slow``.
+META_THRESHOLD = 150_000_000
+
+
+def representatives() -> dict[str, str]:
+    """family name -> the model that stands for it in the heavier batteries of the default suite
+    (train mode, gradients, more sizes, properties, ensembles, transforms, features): the
+    override if the family has one, else its smallest registered model (ties: by name)."""
+    smallest: dict[str, tuple[int, str]] = {}
+    for name in vafunc.list_models():
+        entry = vafunc.get_entry(name)
+        fam = entry.family.name
+        smallest[fam] = min(smallest.get(fam, (entry.params, name)), (entry.params, name))
+    reps = {fam: name for fam, (_, name) in sorted(smallest.items())}
+    for fam, name in REPRESENTATIVE_OVERRIDES.items():
+        if fam in reps:  # a family that is not registered (yet) has no representative
+            assert vafunc.get_entry(name).family.name == fam, (name, fam)
+            reps[fam] = name
+    return reps
+
+
+def heavy_params(names, also=(), group=None) -> list:
+    """``names`` as pytest parameters for a heavier battery: the family representatives (and the
+    models in ``also``) run by default, the others under ``-m slow``; so do models above
+    META_THRESHOLD, representatives or not. ``group(name)``: an xdist group for the model's
+    parameter (``--dist loadgroup`` keeps a group on one worker, so a module-scoped fixture of
+    the model is built once)."""
+    default = set(representatives().values()) | set(also)
+    out = []
+    for n in names:
+        marks = [pytest.mark.xdist_group(group(n))] if group is not None else []
+        if n not in default or is_big(n):
+            marks.append(pytest.mark.slow)
+        out.append(pytest.param(n, marks=marks, id=n))
+    return out
+
+
+def is_big(name: str) -> bool:
+    """Whether the default suite checks ``name`` on the cheap meta path (see META_THRESHOLD)."""
+    return vafunc.get_entry(name).params > META_THRESHOLD
 
 
 def has_reference(name: str) -> bool:
@@ -22,6 +110,19 @@ def has_reference(name: str) -> bool:
     return True
 
 
+def convnext(block_setting, **kwargs) -> torch.nn.Module:
+    """torchvision's ``ConvNeXt`` class from plain data: ``block_setting`` as
+    ``(input_channels, out_channels, num_layers)`` triples (the class wants ``CNBlockConfig``
+    objects, which a registry ``Reference`` does not hold)."""
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+    return ConvNeXt([CNBlockConfig(*s) for s in block_setting], **kwargs)
+
+
+#: torchvision classes whose arguments are objects: ``Reference.builder`` -> a builder of plain data
+TORCHVISION_CLASSES = {"ConvNeXt": convnext}
+
+
 def build_reference(name: str, **config) -> torch.nn.Module:
     """The reference module for ``name`` with the same config keywords, random init, eval mode."""
     ref = vafunc.get_entry(name).reference
@@ -31,7 +132,7 @@ def build_reference(name: str, **config) -> torch.nn.Module:
     if ref.source == "torchvision":
         import torchvision
 
-        builder = getattr(torchvision.models, ref.builder)
+        builder = TORCHVISION_CLASSES.get(ref.builder) or getattr(torchvision.models, ref.builder)
         module = builder(**kwargs)
     elif ref.source == "timm":
         import timm
@@ -105,6 +206,43 @@ def _calibrate(module: torch.nn.Module, size, g: torch.Generator) -> None:
         module.train(was_training)
 
 
+def build_reference_meta(name: str, **config) -> torch.nn.Module:
+    """``build_reference`` on the meta device: names and shapes without memory or init cost.
+
+    Under torch's ``torch.device("meta")`` context; builders that compute their layout with
+    tensors (torchvision's RegNet widths, read back with ``.tolist()``) cannot run there, and are
+    built with each parameter and buffer moved to the meta device as it is registered instead
+    (their arithmetic stays on the CPU, their weights are never initialised in memory)."""
+    try:
+        with torch.device("meta"):
+            return build_reference(name, **config)
+    except NotImplementedError:  # "Cannot copy out of meta tensor": data-dependent construction
+        with _registered_on_meta():
+            return build_reference(name, **config)
+
+
+@contextlib.contextmanager
+def _registered_on_meta():
+    Module = torch.nn.Module
+    register_parameter, register_buffer = Module.register_parameter, Module.register_buffer
+
+    def on_meta_parameter(self, name, param):
+        if param is not None and not param.is_meta:
+            param = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+        register_parameter(self, name, param)
+
+    def on_meta_buffer(self, name, tensor, persistent=True):
+        if tensor is not None and not tensor.is_meta:
+            tensor = tensor.to("meta")
+        register_buffer(self, name, tensor, persistent)
+
+    Module.register_parameter, Module.register_buffer = on_meta_parameter, on_meta_buffer
+    try:
+        yield
+    finally:
+        Module.register_parameter, Module.register_buffer = register_parameter, register_buffer
+
+
 def main_logits(out):
     """Reference outputs that are namedtuples (GoogLeNet/Inception train mode) -> main logits."""
     if isinstance(out, torch.Tensor):
@@ -120,8 +258,17 @@ def main_logits(out):
 
 def test_sizes(model) -> list[tuple[int, int, int]]:
     """(batch, H, W): small, odd and non-square, all at or above the model's minimum."""
-    fixed = dict(vafunc.get_entry(model.name).extra).get("oracle_sizes")
+    fixed = ORACLE_SIZES.get(model.name)
     if fixed is not None:  # references that run only at some sizes (a fixed-size head)
         return [tuple(int(v) for v in size) for size in fixed]
     m = max(model.min_size, 32)
     return [(2, m + 7, m + 20), (3, m, m)]
+
+
+def min_eval_size(model) -> tuple[int, int, int]:
+    """(batch, H, W) of the meta path's one eval: the smallest oracle size of the model."""
+    fixed = ORACLE_SIZES.get(model.name)
+    if fixed is not None:
+        return min((tuple(int(v) for v in s) for s in fixed), key=lambda s: (s[1] * s[2], s))
+    m = max(model.min_size, 32)
+    return (2, m, m)

@@ -25,7 +25,7 @@ from torch.func import grad
 import vafunc
 from vafunc import layers as L
 from vafunc import random as vrandom
-from oracle import perturb
+from oracle import ORACLE_SIZES, perturb
 
 import torchvision
 
@@ -344,7 +344,7 @@ def bninception_pair():
 
 
 def test_bninception_oracle_sizes_are_where_the_reference_runs():
-    fixed = dict(vafunc.get_entry("inception_v2").extra)["oracle_sizes"]
+    fixed = ORACLE_SIZES["inception_v2"]
     assert all(h in REF_SIZES and w in REF_SIZES for _, h, w in fixed)
     ref = pretrainedmodels.bninception(pretrained=None).eval()
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""The contract of DESIGN.md: init, apply purity, state_dict conversion, errors, registry."""
+"""The contract of docs/design.md: init, apply purity, state_dict conversion, errors, registry."""
 
 import pytest
 import torch

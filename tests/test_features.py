@@ -1,19 +1,34 @@
-"""Named intermediate features equal torchvision's create_feature_extractor on the same weights."""
+"""Named intermediate features equal torchvision's create_feature_extractor on the same weights.
+
+Every model with a torchvision reference is compared: one representative per family by default
+(oracle.representatives), every model with ``-m slow``.
+"""
 
 import pytest
 import torch
 from torchvision.models.feature_extraction import create_feature_extractor
 
 import vafunc
-from oracle import build_reference, perturb
+from oracle import build_reference, heavy_params, perturb
 
-CASES = ["resnet50", "densenet121", "efficientnet_b0", "mobilenet_v3_large"]
+TORCHVISION = [n for n in vafunc.list_models() if getattr(vafunc.get_entry(n).reference, "source", None) == "torchvision"]
+#: bottleneck blocks and the widest stages (resnet18, the resnet representative, has basic blocks)
+ALSO = ("resnet50",)
 
 
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", heavy_params(TORCHVISION, also=ALSO))
 def test_features_match_create_feature_extractor(name):
     torch.manual_seed(0)
     ref = perturb(build_reference(name), seed=2).eval()
+    # an in-place activation that is its own entry of a Sequential overwrites the previous entry's
+    # output, which the extractor hands back (alexnet's features.0 would read post-ReLU); switch
+    # those off. (Activations inside blocks stay: the extractor's node for a block that reuses its
+    # ReLU module is only right because the last ReLU aliases the sum in place.)
+    for seq in ref.modules():
+        if isinstance(seq, torch.nn.Sequential):
+            for module in seq.children():
+                if getattr(module, "inplace", False):
+                    module.inplace = False
     model = vafunc.get_model(name)
     params, state = vafunc.from_state_dict(model, ref.state_dict())
     names = model.feature_names
@@ -22,7 +37,8 @@ def test_features_match_create_feature_extractor(name):
     create_feature_extractor(ref, names)
     pick = list(dict.fromkeys(names[:: max(1, len(names) // 6)] + [names[-1]]))
     extractor = create_feature_extractor(ref, pick)
-    x = torch.randn(2, 3, 72, 64)
+    m = vafunc.get_model(name).min_size
+    x = torch.randn(2, 3, max(72, m + 8), max(64, m))
     with torch.no_grad():
         want = extractor(x)
         got, new_state = model.features(params, state, x, pick)

@@ -167,6 +167,37 @@ def test_tags():
         hub.get_weights("resnet5O")
 
 
+def test_the_table_is_a_package_data_file():
+    from importlib import resources
+
+    text = resources.files("vafunc.hub").joinpath(hub.table.TABLE_FILE).read_text(encoding="utf-8")
+    rows = hub.table.read_table(text)
+    assert set(rows) == set(hub.list_weights()) and len(rows) == len(hub.list_weights())
+    assert sum(w.is_default for w in rows) == len({w.model for w in rows})  # one DEFAULT per model
+    bad = text.replace("\nresnet50,IMAGENET1K_V2,true,", "\nresnet50,IMAGENET1K_V2,maybe,")
+    line = text[: text.index("\nresnet50,IMAGENET1K_V2,")].count("\n") + 2
+    with pytest.raises(RuntimeError, match=rf"weights.csv, line {line}: expected true or false, got 'maybe'"):
+        hub.table.read_table(bad)
+    with pytest.raises(RuntimeError, match="expected the columns"):
+        hub.table.read_table(text.replace("acc1,acc5", "top1,top5", 1))
+
+
+def test_rows_of_unregistered_models_stay_out_of_sight(capsys):
+    """The table keeps torchvision's rows of architectures vafunc does not register (yet): facts
+    about files, reachable by name, but nothing lists or builds those models."""
+    from vafunc import cli
+
+    registered = set(vafunc.list_models())
+    unregistered = sorted({w.model for w in hub.list_weights()} - registered)
+    assert set(torchvision.models.list_models(module=torchvision.models)) >= set(unregistered)
+    for name in unregistered[:3]:
+        assert hub.get_weights(name).model == name
+        assert cli.main(["info", name]) == 2
+        assert f"unknown model {name!r}" in capsys.readouterr().err
+        with pytest.raises(ValueError, match="unknown model"):
+            vafunc.load_weights(name)
+
+
 # --------------------------------------------------------------------------- loading
 
 

@@ -148,20 +148,26 @@ def test_make_divisible_matches_every_reference_rounding():
 
 
 def test_one_block_implementation_serves_every_layout():
-    """The same mbconv plan placed in the four layouts gives the four reference key sets."""
+    """The same mbconv placed in the four layouts gives the four reference key sets."""
     args = dict(expanded=96, kernel=3, stride=1, act="relu")
-    paths = lambda b: [p for u in b.units for p in ((u.path,) if isinstance(u, B.SEUnit) else (u.conv, u.bn))]  # noqa: E731
-    assert paths(B.mbconv(16, 16, layout=B.TORCHVISION, se=(24, "relu", "sigmoid"), **args)) == [
-        ("block", "0", "0"), ("block", "0", "1"), ("block", "1", "0"), ("block", "1", "1"), ("block", "2"),
-        ("block", "3", "0"), ("block", "3", "1"),
+
+    def paths(block, cin, cout, **kw):  # the block's module paths, in init (state_dict) order
+        ini = vafunc.init.Initializer.from_key(0, device="meta")
+        m = vafunc.kit.Scope({}, None, ini=ini, defaults={"conv": "kaiming_fan_out"})
+        block(m, torch.empty(1, cin, 8, 8, device="meta"), cout, **kw)
+        return list(dict.fromkeys(tuple(k.split(".")[:-1]) for k in vafunc.flatten(m.p)))
+
+    assert paths(B.mbconv, 16, 16, names=B.TORCHVISION, se=24, **args) == [
+        ("block", "0", "0"), ("block", "0", "1"), ("block", "1", "0"), ("block", "1", "1"), ("block", "2", "fc1"),
+        ("block", "2", "fc2"), ("block", "3", "0"), ("block", "3", "1"),
     ]
-    assert paths(B.mbconv(16, 16, layout=B.MOBILENET_V2, **args)) == [
+    assert paths(B.mbconv, 16, 16, names=B.MOBILENET_V2, **args) == [
         ("conv", "0", "0"), ("conv", "0", "1"), ("conv", "1", "0"), ("conv", "1", "1"), ("conv", "2"), ("conv", "3"),
     ]
-    assert paths(B.mbconv(16, 16, layout=B.MNASNET, **args)) == [
+    assert paths(B.mbconv, 16, 16, names=B.MNASNET, **args) == [
         ("layers", "0"), ("layers", "1"), ("layers", "3"), ("layers", "4"), ("layers", "6"), ("layers", "7"),
     ]
-    assert paths(B.depthwise_separable(16, 32, act="relu6", layout=B.TIMM_DS)) == [
+    assert paths(B.depthwise_separable, 16, 32, act="relu6", names=B.TIMM_DS) == [
         ("conv_dw",), ("bn1",), ("conv_pw",), ("bn2",),
     ]
 
@@ -254,8 +260,8 @@ def test_drop_path_rate_and_rescaling_per_sample():
     blk, bp, bs = _block_and_params(p)
     x = torch.randn(4000, 24, 3, 3)
     with torch.no_grad():
-        full, _ = B.run_block(bp, bs, x, blk._replace(drop_path=0.0), train=True)
-        y, _ = B.run_block(bp, bs, x, blk, train=True, rng=vr.key(11))
+        full = E.block(vafunc.kit.Scope(bp, bs, train=True), x, blk._replace(drop_path=0.0))
+        y = E.block(vafunc.kit.Scope(bp, bs, train=True, rng=vr.key(11)), x, blk)
     branch, out = full - x, y - x
     kept = out.flatten(1).abs().amax(1) > 0
     dropped = ~kept

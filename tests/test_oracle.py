@@ -2,9 +2,17 @@
 it, registry-driven (a new family only registers a Reference).
 
 Reference built with random init, every weight and BN statistic perturbed (oracle.perturb), loaded
-through vafunc.from_state_dict, then: state_dict names and shapes; parameter counts against the
-registry and the oracle; eval outputs at odd, non-square sizes; train-mode outputs and running
-statistics; gradients of a scalar loss for every parameter; the state_dict round trip.
+through vafunc.from_state_dict, then: state_dict names, shapes and key order; parameter counts
+against the registry and the oracle; eval outputs at an odd, non-square size; the state_dict round
+trip. Those run for every model in the default suite. The heavier batteries (eval at more sizes,
+train-mode outputs and running statistics, gradients of a scalar loss for every parameter) run on
+one representative per family by default (oracle.representatives) and on every model with
+``-m slow``.
+
+Models above oracle.META_THRESHOLD parameters take the cheap path by default: names, shapes, key
+order and counts with both sides built on the meta device, plus one eval at the minimum size; the
+full harness runs on them with ``-m slow``. The meta comparison runs for every model (it is cheap),
+so the path is known to work on a family before its first giant arrives.
 """
 
 from __future__ import annotations
@@ -16,14 +24,66 @@ import torch
 from torch.func import grad
 
 import vafunc
-from oracle import build_reference, has_reference, main_logits, perturb, test_sizes as sizes_for
+from oracle import (
+    AUX_OUTPUTS,
+    ORACLE_SIZES,
+    build_reference,
+    build_reference_meta,
+    deterministic_overrides,
+    has_reference,
+    heavy_params,
+    is_big,
+    main_logits,
+    min_eval_size,
+    perturb,
+    representatives,
+    test_sizes as sizes_for,
+)
 
 MODELS = [n for n in vafunc.list_models() if vafunc.get_entry(n).reference is not None]
 
 
+def _group(n):
+    return f"oracle-{n}"
+
+
+#: every model: the cheap part of the full harness (names, shapes, counts, one eval, round trip);
+#: models above the meta threshold run it under -m slow (the meta path below stands in by default)
+ALL = [pytest.param(n, marks=[pytest.mark.xdist_group(_group(n))] + ([pytest.mark.slow] if is_big(n) else []), id=n)
+       for n in MODELS]
+#: the heavier batteries: family representatives by default, every model under -m slow. The same
+#: models in the same order as ALL, so pytest keeps one module-scoped pair per model.
+HEAVY = heavy_params(MODELS, group=_group)
+#: the gradient check also runs by default on a bottleneck ResNet (resnet18 has basic blocks only)
+#: and on EfficientNet v2's fused MBConv blocks (efficientnet_b0 has none)
+GRAD_ALSO = ("resnet50", "efficientnet_v2_s")
+HEAVY_GRAD = heavy_params(MODELS, also=GRAD_ALSO, group=_group)
+
+#: Dropout / stochastic depth overrides as the registry recorded them when they moved into the
+#: tests (Entry.deterministic_train): oracle.deterministic_overrides must give the same configs.
+DETERMINISTIC_SNAPSHOT = {
+    "alexnet": {"dropout": 0.0},
+    **{n: {"drop_rate": 0.0} for n in ("densenet121", "densenet161", "densenet169", "densenet201", "densenet264")},
+    **{f"efficientnet_{v}": {"dropout": 0.0, "stochastic_depth_prob": 0.0}
+       for v in ("b0", "b1", "b2", "b3", "b4", "b5", "b6", "b7", "v2_s", "v2_m", "v2_l")},
+    "googlenet": {"dropout": 0.0, "dropout_aux": 0.0},
+    "inception_v2": {},
+    "inception_v3": {"dropout": 0.0},
+    **{n: {"dropout": 0.0} for n in ("mnasnet0_5", "mnasnet0_75", "mnasnet1_0", "mnasnet1_3")},
+    "mobilenet_v1": {},
+    "mobilenet_v2": {"dropout": 0.0},
+    "mobilenet_v3_large": {"dropout": 0.0},
+    "mobilenet_v3_small": {"dropout": 0.0},
+    **{n: {} for n in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
+                       "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2")},
+    **{f"vgg{d}{bn}": {"dropout": 0.0} for d in (11, 13, 16, 19) for bn in ("", "_bn")},
+    "xception": {"drop_rate": 0.0},
+}
+
+
 def _deterministic(ref: torch.nn.Module) -> torch.nn.Module:
-    """Switch off the reference's dropout and stochastic depth (vafunc gets the entry's
-    ``deterministic_train`` overrides), so train mode can be compared value for value."""
+    """Switch off the reference's dropout and stochastic depth (vafunc gets
+    oracle.deterministic_overrides), so train mode can be compared value for value."""
     for m in ref.modules():
         if isinstance(m, torch.nn.modules.dropout._DropoutNd):
             m.p = 0.0
@@ -35,12 +95,11 @@ def _deterministic(ref: torch.nn.Module) -> torch.nn.Module:
 
 
 def _train_call(entry, model, ref, size):
-    """Train-mode call conventions for models with auxiliary heads (entry.extra["aux_outputs"]:
-    pairs (vafunc output name, reference namedtuple field)): vafunc is asked for them with
-    aux=True and every output is compared; inputs grow to entry.extra["aux_min_size"]."""
-    extra = dict(entry.extra)
-    aux = dict(extra.get("aux_outputs", ()))
-    m = extra.get("aux_min_size", 0)
+    """Train-mode call conventions for models with auxiliary heads (oracle.AUX_OUTPUTS: pairs
+    (vafunc output name, reference namedtuple field)): vafunc is asked for them with aux=True and
+    every output is compared; inputs grow to entry.extra["aux_min_size"]."""
+    aux = dict(AUX_OUTPUTS.get(entry.name, ()))
+    m = dict(entry.extra).get("aux_min_size", 0)
     b, h, w = size
     kw = {"aux": True} if aux else {}
 
@@ -53,11 +112,15 @@ def _train_call(entry, model, ref, size):
     return (b, max(h, m), max(w, m)), kw, ref_outputs, outputs
 
 
-@pytest.fixture(scope="module", params=[pytest.param(n, marks=pytest.mark.xdist_group(n)) for n in MODELS])
-def pair(request):
-    name = request.param
+def _require_reference(name):
     if not has_reference(name):  # a missing oracle is a broken test environment, not a pass
         pytest.fail(f"the oracle package for {name} is not installed (pip install -e '.[test]')")
+
+
+@pytest.fixture(scope="module")
+def pair(request):
+    name = request.param
+    _require_reference(name)
     torch.manual_seed(1234)
     model = vafunc.get_model(name)
     ref = perturb(build_reference(name), seed=7, size=sizes_for(model)[0])
@@ -74,6 +137,7 @@ def _close(a, b, rel, what, floor=1e-6):
     assert err <= rel * scale, f"{what}: max abs diff {err:.3g} > {rel:g} x scale {scale:.3g}"
 
 
+@pytest.mark.parametrize("pair", ALL, indirect=True)
 def test_state_dict_names_shapes_and_counts(pair):
     name, model, ref, sd, params, state = pair
     mine = vafunc.to_state_dict(*model.init(device="meta"))
@@ -87,26 +151,41 @@ def test_state_dict_names_shapes_and_counts(pair):
     assert set(vafunc.flatten(params)) == {k for k, _ in ref.named_parameters()}
 
 
+def _check_eval(name, model, ref, params, state, size):
+    b, h, w = size
+    x = torch.randn(b, 3, h, w)
+    with torch.no_grad():
+        want = main_logits(ref(x))
+        got, new_state = model.apply(params, state, x)
+    assert new_state is state
+    assert got.shape == want.shape
+    # the comparison means something only if the output depends on the input
+    spread = float((want - want.mean(0)).abs().max())
+    assert spread > 1e-3 * float(want.abs().max()), f"{name}: reference output ignores its input"
+    _close(got, want, 1e-5, f"{name} eval logits at {b}x3x{h}x{w}")
+
+
+@pytest.mark.parametrize("pair", ALL, indirect=True)
 def test_eval_matches_reference(pair):
+    """At the first (odd, non-square) size, the one the BatchNorm statistics were calibrated at."""
     name, model, ref, sd, params, state = pair
     ref.eval()
-    for b, h, w in sizes_for(model):
-        x = torch.randn(b, 3, h, w)
-        with torch.no_grad():
-            want = main_logits(ref(x))
-            got, new_state = model.apply(params, state, x)
-        assert new_state is state
-        assert got.shape == want.shape
-        # the comparison means something only if the output depends on the input
-        spread = float((want - want.mean(0)).abs().max())
-        assert spread > 1e-3 * float(want.abs().max()), f"{name}: reference output ignores its input"
-        _close(got, want, 1e-5, f"{name} eval logits at {b}x3x{h}x{w}")
+    _check_eval(name, model, ref, params, state, sizes_for(model)[0])
 
 
+@pytest.mark.parametrize("pair", HEAVY, indirect=True)
+def test_eval_matches_reference_at_more_sizes(pair):
+    name, model, ref, sd, params, state = pair
+    ref.eval()
+    for size in sizes_for(model)[1:]:
+        _check_eval(name, model, ref, params, state, size)
+
+
+@pytest.mark.parametrize("pair", HEAVY, indirect=True)
 def test_train_matches_reference(pair):
     name, _, ref, sd, params, state = pair
     entry = vafunc.get_entry(name)
-    model = vafunc.get_model(name, **dict(entry.deterministic_train))
+    model = vafunc.get_model(name, **deterministic_overrides(name))
     ref = _deterministic(ref)
     ref.load_state_dict(sd)
     ref.train()
@@ -137,10 +216,11 @@ def test_train_matches_reference(pair):
         ref.eval()
 
 
+@pytest.mark.parametrize("pair", HEAVY_GRAD, indirect=True)
 def test_gradients_match_reference(pair):
     name, _, ref, sd, params, state = pair
     entry = vafunc.get_entry(name)
-    model = vafunc.get_model(name, **dict(entry.deterministic_train))
+    model = vafunc.get_model(name, **deterministic_overrides(name))
     ref = _deterministic(ref)
     ref.load_state_dict(sd)
     ref.train()
@@ -171,9 +251,105 @@ def test_gradients_match_reference(pair):
         ref.eval()
 
 
+@pytest.mark.parametrize("pair", ALL, indirect=True)
 def test_state_dict_round_trip_is_exact(pair):
     name, model, ref, sd, params, state = pair
     back = vafunc.to_state_dict(params, state)
     assert list(back) == list(sd), "to_state_dict order differs from the reference state_dict"
     for k in sd:
         assert back[k].dtype == sd[k].dtype and torch.equal(back[k], sd[k]), k
+
+
+# --------------------------------------------------------------------------- the meta path
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_meta_state_dict_matches_reference(name):
+    """Both sides on the meta device (no memory, no init cost): names, shapes, dtypes and key
+    order of the state_dict, parameter counts, and the split into parameters / buffers."""
+    _require_reference(name)
+    model = vafunc.get_model(name)
+    params, state = model.init(device="meta")
+    mine = vafunc.to_state_dict(params, state)
+    ref = build_reference_meta(name)
+    theirs = ref.state_dict()
+    assert all(t.is_meta for t in theirs.values()), "the reference was not built on the meta device"
+    assert list(mine) == list(theirs), (
+        f"missing {sorted(set(theirs) - set(mine))[:10]}, extra {sorted(set(mine) - set(theirs))[:10]}"
+        if set(mine) != set(theirs) else "same names, different key order"
+    )
+    for k, v in theirs.items():
+        assert tuple(mine[k].shape) == tuple(v.shape) and mine[k].dtype == v.dtype, k
+    ref_count = sum(p.numel() for p in ref.parameters())
+    assert vafunc.count_params(params) == ref_count == model.metadata["params"]
+    assert set(vafunc.flatten(params)) == {k for k, _ in ref.named_parameters()}
+    assert set(vafunc.flatten(state)) == {k for k, _ in ref.named_buffers()}
+
+
+#: the big models, plus the smallest model as a canary so the meta path's eval always runs once
+META_EVAL = [n for n in MODELS if is_big(n)] + [min(MODELS, key=lambda n: (vafunc.get_entry(n).params, n))]
+
+
+@pytest.mark.parametrize("name", list(dict.fromkeys(META_EVAL)))
+def test_meta_path_eval_at_minimum_size(name):
+    """The cheap path's one eval: a perturbed, calibrated reference at the minimum oracle size,
+    loaded without a copy of its state_dict (a 640M-parameter model costs its weights once)."""
+    _require_reference(name)
+    torch.manual_seed(1234)
+    model = vafunc.get_model(name)
+    size = min_eval_size(model)
+    ref = perturb(build_reference(name), seed=7, size=size)
+    with torch.no_grad():
+        params, state = vafunc.from_state_dict(model, ref.state_dict())
+        _check_eval(name, model, ref, params, state, size)
+
+
+# --------------------------------------------------------------------------- the test-only facts
+
+
+def test_deterministic_overrides_equal_the_registry_snapshot():
+    """The derived overrides give the config the registry's deterministic_train gave, for every
+    model registered when the overrides moved into the tests (fields whose default is already 0,
+    like mobilenet_v1's drop_rate, may be derived in addition)."""
+    for name, snap in DETERMINISTIC_SNAPSHOT.items():
+        derived = deterministic_overrides(name)
+        assert set(snap) <= set(derived), (name, snap, derived)
+        assert vafunc.get_model(name, **derived).config == vafunc.get_model(name, **snap).config, name
+        # and every rate of the variant is off
+        cfg = vafunc.get_model(name, **derived).config
+        assert all(getattr(cfg, k) == 0.0 for k in derived), name
+    assert set(DETERMINISTIC_SNAPSHOT) <= set(vafunc.list_models())
+
+
+def test_deterministic_overrides_cover_every_rate_field():
+    """A family's float fields named like a rate are all switched off; nothing else is touched."""
+    import dataclasses
+
+    for name in vafunc.list_models():
+        derived = deterministic_overrides(name)
+        fields = dataclasses.fields(vafunc.get_entry(name).family.config)
+        assert set(derived) <= {f.name for f in fields}, name
+        for f in fields:
+            if f.name in derived:
+                assert "drop" in f.name or "stochastic_depth" in f.name, (name, f.name)
+
+
+def test_test_only_tables_name_registered_models():
+    names = set(vafunc.list_models())
+    assert set(ORACLE_SIZES) <= names and set(AUX_OUTPUTS) <= names
+    for name, sizes in ORACLE_SIZES.items():
+        m = vafunc.get_model(name).min_size
+        assert all(len(s) == 3 and min(s[1:]) >= m for s in sizes), (name, sizes)
+    for name, aux in AUX_OUTPUTS.items():
+        assert getattr(vafunc.get_model(name).config, "aux_logits", False), name
+
+
+def test_every_family_has_a_representative():
+    reps = representatives()
+    families = {vafunc.get_entry(n).family.name for n in vafunc.list_models()}
+    assert set(reps) == families
+    for fam, name in reps.items():
+        assert vafunc.get_entry(name).family.name == fam
+    # the heavier batteries see each family by default
+    assert {vafunc.get_entry(p.values[0]).family.name for p in HEAVY if not any(m.name == "slow" for m in p.marks)} \
+        >= {fam for fam, n in reps.items() if n in MODELS and not is_big(n)}

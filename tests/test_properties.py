@@ -1,4 +1,5 @@
 """Properties every registered model must have (hypothesis; small inputs so the suite stays fast).
+One representative per family by default (oracle.representatives), every model with ``-m slow``:
 
 - output shape for random batch sizes and image sizes at or above the model's minimum;
 - torch.vmap over a stacked ensemble equals a Python loop over the members, eval and train
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 from torch.func import grad, jvp, vjp
 
 import vafunc
+from oracle import heavy_params
 
 ALL = vafunc.list_models()
 #: One model per family in the default suite's compile check; `pytest -m slow` compiles them all.
@@ -28,7 +30,7 @@ COMPILE_DEFAULT = ["resnet18"]
 F64 = torch.float64
 
 
-@pytest.fixture(scope="module", params=[pytest.param(n, marks=pytest.mark.xdist_group(n)) for n in ALL])
+@pytest.fixture(scope="module", params=heavy_params(ALL, group=lambda n: f"properties-{n}"))
 def members(request):
     """The model (default config: dropout / stochastic depth on) and two members (float32)."""
     model = vafunc.get_model(request.param, num_classes=7)

@@ -81,7 +81,7 @@ def test_compiled_ensemble_train_step_equals_eager():
     params, state = vafunc.ensemble.ensemble_init(model, 2, key=0, dtype=torch.float64)
     opt = optim.sgd(0.1, momentum=0.9)
     opt_state = opt.init(params)
-    step = make_train_step(model, opt, ensemble=True)  # vmap over the members' gradients
+    step = make_train_step(model, opt, ensemble=True, ensemble_method="vmap")  # vmap(grad) over the members
     # dynamic=False: with symbolic shapes, BatchNorm's backward under vmap(grad) fails inside dynamo
     # (torch 2.14: "Cannot call sizes() on tensor with symbolic sizes"); static shapes compile.
     torch._dynamo.reset()

@@ -125,8 +125,9 @@ def compile_ensemble(model: "vafunc.ModelDef", params: Mapping, state: Mapping, 
 
     The members become torchvision-named modules in one ``torch.compile`` graph with inductor
     freezing: weights are folded in as constants and convolutions pre-packed, activations and weights
-    run in ``channels_last``. (Freezing only applies to module parameters, not to tensors a function
-    closes over, which is why this lives here and not in ``vafunc``.) Runs under ``torch.no_grad``;
+    run in ``channels_last``. The members are held as modules, whose parameters inductor freezing
+    folds; ``vafunc.compile`` gets the same folding for one model by marking its private weights as
+    static addresses. Runs under ``torch.no_grad``;
     later changes to ``params`` are not seen (the weights are copied).
     """
     n = vafunc.ensemble.ensemble_size(params)

@@ -9,6 +9,7 @@
 from . import distributed, ensemble, init, layers, optim, random, train, tree
 from .ensemble import ensemble_apply, ensemble_init, per_sample_grads
 from .registry import Entry, Family, ModelDef, Reference, get_entry, get_model, list_models, register
+from . import models  # noqa: F401  (imports every family module, which registers; see registry._ensure_loaded)
 from .tree import count_params, flatten, stack, tree_map, unflatten, unstack
 from .weights import StateDictMismatch, from_state_dict, to_state_dict
 from . import hub, transforms

@@ -1,4 +1,9 @@
-"""The ``vafunc`` command: ``vafunc list``, ``vafunc info NAME``, ``vafunc predict``, ``vafunc convert``."""
+"""The ``vafunc`` command: ``vafunc list``, ``vafunc info NAME``, ``vafunc predict``, ``vafunc convert``,
+``vafunc demo``.
+
+The benchmarks are not part of the installed package: from a source checkout, run them as
+``python -m benchmarks report`` (see the README).
+"""
 
 from __future__ import annotations
 
@@ -122,33 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     _cli_weights.add_parsers(sub)  # predict, convert
     demo.add_parser(sub)
-    # listed for --help only: main() hands "vafunc bench ..." to benchmarks.report before parsing
-    sub.add_parser("bench", help="the benchmark report against torchvision (source checkout; "
-                   "same options as python -m benchmarks report)", add_help=False)
     return p
-
-
-def _cmd_bench(args) -> int:
-    """Run ``benchmarks.report`` from the source checkout (it needs torchvision, timm and the
-    repository's ``benchmarks/`` package, which is not installed with vafunc)."""
-    import os
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if os.path.isdir(os.path.join(root, "benchmarks")) and root not in sys.path:
-        sys.path.insert(0, root)
-    try:
-        from benchmarks import report
-    except ImportError as err:
-        print("vafunc bench: error: needs a source checkout with benchmarks/ and the test extras "
-              f"(pip install -e '.[test]'); {err}", file=sys.stderr)
-        return 2
-    return report.main(args.rest)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["bench"]:  # its options belong to benchmarks.report, --help included
-        return _cmd_bench(argparse.Namespace(rest=argv[1:]))
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)

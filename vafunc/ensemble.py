@@ -4,15 +4,15 @@ An ensemble is N ``(params, state)`` trees stacked on a new leading axis (:func:
 :func:`ensemble_apply` evaluates all members, in eval or train mode, each with its own BatchNorm
 statistics and its own dropout / stochastic-depth key. Lowerings (``method=``):
 
-* ``"loop"`` (default in eager mode): a Python loop over the members on views of the stacked
-  tensors. Measured on a 2-core CPU this is the fastest eager lowering: ``torch.vmap`` turns the
-  member axis of every convolution into an NCHW grouped convolution, which runs at 0.3-0.7x the loop.
+* ``"loop"`` (the default, here and in ``make_train_step(ensemble_method=)``): a Python loop over
+  the members on views of the stacked tensors, the faster eager lowering on CPUs, where
+  ``torch.vmap`` turns the member axis of every convolution into an NCHW grouped convolution (the
+  benchmark report has the ratios).
 * ``"vmap"``: ``torch.vmap`` over ``model.apply``; the lowering to use inside ``torch.func``
   transforms (e.g. ``vmap(grad(...))`` to train all members at once) and on accelerators.
 
-For speed, use the compiled path ``torch_compat.compile_ensemble``: one graph over the members with
-the weights frozen into it as constants (inductor freezing needs them as module parameters, which is
-why it lives in the nn.Module shell).
+For compiled inference with fixed weights, ``torch_compat.compile_ensemble`` puts all members in one
+graph with the weights frozen into it as constants (see its docstring).
 """
 
 from __future__ import annotations

@@ -107,8 +107,13 @@ class Initializer:
         """Conv2d weight ``[cout, cin/groups, kh, kw]`` (+ bias).
 
         ``scheme``: ``"kaiming_fan_out"`` (torchvision's ResNet/MobileNet: normal with
-        ``std = sqrt(2 / (cout * kh * kw))``, bias 0), ``"kaiming_fan_in_uniform"`` (torch's
-        default ``Conv2d.reset_parameters``), ``"normal"`` (``std``, bias 0) or
+        ``std = sqrt(2 / (cout * kh * kw))``, bias 0), ``"kaiming_fan_out_default_bias"`` (that
+        weight, bias torch's default uniform in ``+-1/sqrt(fan_in)``: torchvision's RegNet),
+        ``"kaiming_fan_in_uniform"`` (torch's default ``Conv2d.reset_parameters``),
+        ``"kaiming_uniform"`` (``init.kaiming_uniform_``:
+        uniform in ``+-sqrt(6 / fan_in)``, bias 0), ``"kaiming_normal"`` (``init.kaiming_normal_``:
+        normal with ``std = sqrt(2 / fan_in)``, bias 0), ``"goog"`` (timm's TF-style init: normal with
+        ``std = sqrt(2 / (kh * kw * cout / groups))``, bias 0), ``"normal"`` (``std``, bias 0) or
         ``"trunc_normal"`` (``std``, truncated at +-2, bias 0).
         """
         kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
@@ -129,6 +134,20 @@ class Initializer:
         elif scheme == "trunc_normal":
             p["weight"] = self.trunc_normal(shape, std, -2.0, 2.0)
             b = (lambda: self.zeros((cout,)))
+        elif scheme == "kaiming_uniform":
+            # torch.nn.init.kaiming_uniform_ defaults (fan_in, gain sqrt(2)): bound sqrt(6 / fan_in), bias 0
+            bound = math.sqrt(6.0 / fan_in)
+            p["weight"] = self.uniform(shape, -bound, bound)
+            b = (lambda: self.zeros((cout,)))
+        elif scheme == "kaiming_normal":
+            # torch.nn.init.kaiming_normal_ defaults (fan_in, gain sqrt(2)): std sqrt(2 / fan_in), bias 0
+            p["weight"] = self.normal(shape, math.sqrt(2.0 / fan_in))
+            b = (lambda: self.zeros((cout,)))
+        elif scheme == "kaiming_fan_out_default_bias":
+            # torchvision's RegNet: the kaiming_fan_out weight; a bias (the SE convs') keeps torch's
+            # default Conv2d init, uniform in +-1/sqrt(fan_in)
+            p["weight"] = self.normal(shape, math.sqrt(2.0 / fan_out))
+            b = (lambda: self.uniform((cout,), -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in)))
         elif scheme == "goog":
             # timm / TF EfficientNet: normal, std sqrt(2 / fan_out) with fan_out = k*k*cout/groups
             p["weight"] = self.normal(shape, math.sqrt(2.0 / (kh * kw * cout // groups)))
@@ -162,9 +181,13 @@ class Initializer:
         """Linear weight ``[fout, fin]`` (+ bias).
 
         ``scheme``: ``"torch_default"`` (``nn.Linear.reset_parameters``: weight and bias uniform in
-        ``+-1/sqrt(fin)``), ``"normal"`` (``std``, bias 0), ``"uniform_range"`` (weight uniform in
-        ``+-1/sqrt(fout)``, bias 0: torchvision's EfficientNet/MobileNetV3 head) or
-        ``"trunc_normal"`` (``std``, bias 0).
+        ``+-1/sqrt(fin)``), ``"torch_default_zero_bias"`` (that weight, bias 0), ``"normal"``
+        (``std``, bias 0), ``"uniform_range"`` (weight uniform in
+        ``+-1/sqrt(fout)``, bias 0: torchvision's EfficientNet/MobileNetV3 head),
+        ``"trunc_normal"`` (``std``, bias 0), ``"kaiming_fan_out_uniform"`` (weight uniform in
+        ``+-sqrt(3 / fout)``, bias 0: torchvision's MNASNet head) or
+        ``"trunc_normal_default_bias"`` (weight as ``"trunc_normal"``, bias torch's default uniform in ``+-1/sqrt(fin)``: torchvision's
+        GoogLeNet/Inception v3 init, which only touches weights).
         """
         p: dict = {}
         if scheme == "torch_default":
@@ -173,6 +196,13 @@ class Initializer:
             if bias:
                 p["bias"] = self.uniform((fout,), -bound, bound)
             return p
+        if scheme == "torch_default_zero_bias":
+            # nn.Linear's own init, then init.constant_(bias, 0) (torchvision's DenseNet): the bias
+            # is still drawn first, so the generator advances exactly as torch's does
+            p = self.linear(fin, fout, bias=bias)
+            if bias:
+                p["bias"] = self.zeros((fout,))
+            return p
         if scheme == "normal":
             p["weight"] = self.normal((fout, fin), std)
         elif scheme == "uniform_range":
@@ -180,6 +210,16 @@ class Initializer:
             p["weight"] = self.uniform((fout, fin), -r, r)
         elif scheme == "trunc_normal":
             p["weight"] = self.trunc_normal((fout, fin), std, -2.0, 2.0)
+        elif scheme == "kaiming_fan_out_uniform":
+            # init.kaiming_uniform_(mode="fan_out", nonlinearity="sigmoid") (gain 1): torchvision's MNASNet
+            bound = (3.0 / fout) ** 0.5
+            p["weight"] = self.uniform((fout, fin), -bound, bound)
+        elif scheme == "trunc_normal_default_bias":
+            p["weight"] = self.trunc_normal((fout, fin), std, -2.0, 2.0)
+            if bias:
+                bound = 1.0 / math.sqrt(fin)
+                p["bias"] = self.uniform((fout,), -bound, bound)
+            return p
         else:
             raise ValueError(f"unknown linear init scheme {scheme!r}")
         if bias:
@@ -197,3 +237,7 @@ class Initializer:
         dev = "meta" if self.meta else self.device
         p["num_batches_tracked"] = torch.zeros((), dtype=torch.int64, device=dev)
         return p
+
+    def layer_norm(self, c: int) -> dict:
+        """LayerNorm over ``c`` features (``nn.LayerNorm``'s init): weight 1, bias 0; no draws."""
+        return {"weight": self.ones((c,)), "bias": self.zeros((c,))}

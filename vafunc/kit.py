@@ -45,7 +45,8 @@ from . import layers as L
 from . import random as vrandom
 from .registry import Family
 
-__all__ = ["Scope", "Done", "family", "min_size", "subkey", "same_padding", "activation"]
+__all__ = ["Scope", "Done", "family", "min_size", "subkey", "same_padding", "activation", "transform_input",
+           "drop_aux_remap"]
 
 _EMPTY: dict = {}
 
@@ -75,6 +76,47 @@ def activation(act):
         return L.ACTIVATIONS[act]
     except KeyError:
         raise ValueError(f"unknown activation {act!r}; known: {sorted(L.ACTIVATIONS)}") from None
+
+
+def transform_input(x: torch.Tensor) -> torch.Tensor:
+    """torchvision's ``transform_input`` (GoogLeNet, Inception v3): undo ImageNet normalisation
+    and redo it as ``(x - 0.5) / 0.5``, the scaling of the original (Google) weights:
+    ``[N, 3, H, W] -> same``.
+
+    Computed channel by channel as ``x_c * (std_c / 0.5) + (mean_c - 0.5) / 0.5`` (the Python
+    floats rounded to float32 by torch, exactly like torchvision), then concatenated; the
+    algebraically equal ``(x * std + mean - 0.5) / 0.5`` rounds differently, visibly so in the
+    logits of deep networks.
+    """
+    from ._imageops import IMAGENET_MEAN, IMAGENET_STD
+
+    channels = [
+        x[:, c : c + 1] * (std / 0.5) + (mean - 0.5) / 0.5
+        for c, (mean, std) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD))
+    ]
+    return torch.cat(channels, 1)
+
+
+def drop_aux_remap(prefixes: tuple[str, ...], head: str) -> Callable:
+    """A ``remap`` (see :func:`family`) that drops auxiliary-head tensors from a checkpoint when
+    the config has no aux heads (``cfg.aux_logits`` false; torchvision's checkpoints contain them
+    and its builders delete them after loading), with a note naming them."""
+
+    def remap(cfg, flat):
+        if cfg.aux_logits:
+            return flat, []
+        dropped = [k for k in flat if k.startswith(prefixes)]
+        if not dropped:
+            return flat, []
+        kept = {k: v for k, v in flat.items() if not k.startswith(prefixes)}
+        heads = ", ".join(p + "*" for p in prefixes)
+        note = (
+            f"dropped {len(dropped)} {head} tensors ({heads}) from the checkpoint: the model was "
+            "built with aux_logits=False"
+        )
+        return kept, [note]
+
+    return remap
 
 
 def _meta(t: dict) -> dict:
@@ -197,12 +239,39 @@ class Scope:
         eps = self.defaults.get("eps", 1e-5) if eps is None else eps
         momentum = self.defaults.get("momentum", 0.1) if momentum is None else momentum
         if self.ini is not None:
-            t = self._create(name, lambda ini: ini.batch_norm(x.shape[1], zero_weight=zero_init, affine=affine))
-            return F.batch_norm(x, t["running_mean"], t["running_var"], t.get("weight"), t.get("bias"), False, 0.0, eps)
+            self._create(name, lambda ini: ini.batch_norm(x.shape[1], zero_weight=zero_init, affine=affine))
+            return torch.empty_like(x)  # shapes only (meta BatchNorm runs a slow Python decomposition)
         y, ns = L.batch_norm(self.p.get(name, _EMPTY), self.s[name], x, train=self.train, momentum=momentum, eps=eps)
         if self.train:
             self.new[name] = ns
         return y
+
+    def layer_norm(self, name, x, *, eps=1e-5):
+        """LayerNorm over the last axis of ``[..., C]`` (``nn.LayerNorm(C)``), tensors at
+        ``name`` (weight 1, bias 0)."""
+        c = x.shape[-1]
+        p = self.p[name] if self.ini is None else self._create(name, lambda ini: ini.layer_norm(c))
+        return F.layer_norm(x, (c,), p["weight"], p["bias"], eps)
+
+    def layer_norm2d(self, name, x, *, eps=1e-6):
+        """LayerNorm over the channels of ``[N, C, H, W]`` at every position (ConvNeXt's
+        ``LayerNorm2d``: :func:`vafunc.layers.layer_norm2d`), tensors at ``name``."""
+        p = self.p[name] if self.ini is None else self._create(name, lambda ini: ini.layer_norm(x.shape[1]))
+        return L.layer_norm2d(p, x, eps=eps)
+
+    def layer_scale(self, name, channels: int, value: float, *, shape=None):
+        """Layer scale (Touvron et al. 2021, CaiT, Sec. 2.1; ConvNeXt): a learnable per-channel
+        factor, initialised to ``value``, stored as the bare parameter ``name`` of ``shape``
+        (default ``[channels, 1, 1]``, torchvision's ``CNBlock.layer_scale``; timm's ``gamma`` is
+        ``[channels]``). Returns the tensor, for the caller to multiply: declare it where the
+        reference registers it (a module's own parameters precede its children's in the
+        state_dict, so usually before the block's layers)."""
+        if self.ini is None:
+            return self.p[name]
+        if name in self.p:
+            raise ValueError(f"{self.path}{name} is declared twice")
+        t = self.p[name] = self.ini.full((channels, 1, 1) if shape is None else tuple(shape), value)
+        return t if t.device.type == "meta" else torch.empty_like(t, device="meta")
 
     def conv_norm_act(self, x, cout, kernel, *, conv="0", norm="1", act=None, stride=1, padding=None,
                       dilation=1, groups=1, bias=False, eps=None, momentum=None, init=None, zero_init=False):
@@ -274,7 +343,8 @@ def family(
     def run_init(cfg, ini, size=None, sizes=None):
         s = size or (init_size(cfg) if callable(init_size) else init_size)
         m = Scope({}, None, ini=ini, defaults=scope_defaults(cfg), sizes=sizes)
-        forward(m, cfg, torch.empty(1, in_channels(cfg), s, s, device="meta"))
+        # the input in the init dtype: a float32 input meets float64 biases in meta convs otherwise
+        forward(m, cfg, torch.empty(1, in_channels(cfg), s, s, device="meta", dtype=ini.dtype))
         return m.p
 
     def init(cfg, ini):

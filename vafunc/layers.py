@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Callable, Mapping, Sequence
 
+import einops
 import torch
 import torch.nn.functional as F
 
@@ -18,7 +19,9 @@ __all__ = [
     "conv2d",
     "linear",
     "batch_norm",
-    "conv_bn",
+    "layer_norm2d",
+    "channel_shuffle",
+    "pad_same",
     "relu",
     "relu6",
     "hardswish",
@@ -93,29 +96,42 @@ def batch_norm(
     return y, new
 
 
-def conv_bn(
-    pc: Params,
-    pb: Params,
-    sb: Mapping[str, torch.Tensor],
-    x: torch.Tensor,
-    *,
-    train: bool,
-    act: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    eps: float = 1e-5,
-    momentum: float = 0.1,
-    **conv_kw,
-) -> tuple[torch.Tensor, dict]:
-    """Convolution -> BatchNorm -> optional activation. Returns ``(y, new_bn_state)``.
+def layer_norm2d(p: Params, x: torch.Tensor, *, eps: float = 1e-6) -> torch.Tensor:
+    """LayerNorm over the channels of ``[N, C, H, W]`` at every position (ConvNeXt's
+    ``LayerNorm2d``), computed as torchvision does: to channels-last, ``F.layer_norm`` over ``C``,
+    back. ``p = {weight [C], bias [C]}``."""
+    y = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), p.get("weight"), p.get("bias"), eps)
+    return y.permute(0, 3, 1, 2)
 
-    The activation runs in place on the BatchNorm output (a fresh tensor that BatchNorm's
-    backward does not need), as torchvision's ``inplace=True`` layers do: same values, one
-    allocation less per layer.
+
+def channel_shuffle(x: torch.Tensor | Sequence[torch.Tensor], groups: int | None = None) -> torch.Tensor:
+    """ShuffleNet's channel shuffle (Zhang et al. 2018, Sec. 3.1): with the channels read as
+    ``groups`` groups of ``c``, the output takes one channel of each group in turn.
+
+    ``x`` may also be the groups themselves, a sequence of ``[N, c, H, W]`` tensors (ShuffleNet
+    V2's two branches; ``groups`` is their number): the shuffle of their channel concatenation,
+    built in one copy (stacked on a new axis after the channels) instead of two (``torch.cat``,
+    then the shuffle's), which is where a concatenate-then-shuffle unit spends its time. Same
+    values to the bit: both only move elements.
     """
-    y = conv2d(pc, x, **conv_kw)
-    y, sb = batch_norm(pb, sb, y, train=train, eps=eps, momentum=momentum)
-    if act is None:
-        return y, sb
-    return INPLACE.get(act, act)(y), sb
+    if not isinstance(x, torch.Tensor):
+        return torch.stack(tuple(x), 2).flatten(1, 2)
+    return einops.rearrange(x, "n (g c) h w -> n (c g) h w", g=groups).contiguous()
+
+
+def pad_same(x: torch.Tensor, kernel, stride=1, dilation=1, value: float = 0.0) -> torch.Tensor:
+    """TensorFlow's ``"SAME"`` padding: pad ``[N, C, H, W]`` so that a ``kernel``/``stride``
+    window gives ``ceil(H / stride)`` outputs, the extra row/column (if any) at the bottom/right.
+    TF-ported checkpoints (timm's ``tf_*`` models) need it in front of their strided convs."""
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    sh, sw = (stride, stride) if isinstance(stride, int) else stride
+    dh, dw = (dilation, dilation) if isinstance(dilation, int) else dilation
+    ih, iw = x.shape[-2:]
+    ph = max((-(-ih // sh) - 1) * sh + (kh - 1) * dh + 1 - ih, 0)
+    pw = max((-(-iw // sw) - 1) * sw + (kw - 1) * dw + 1 - iw, 0)
+    if ph or pw:
+        x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2], value=value)
+    return x
 
 
 # --------------------------------------------------------------------------- activations
@@ -225,6 +241,8 @@ def drop_path(x: torch.Tensor, rate: float, rng: torch.Tensor | None, *, train: 
     (torchvision's ``StochasticDepth(mode="row")``)."""
     if not train or rate == 0.0:
         return x
+    if rate >= 1.0:  # every branch dropped (torchvision: x * 0, no rescaling; not 0 / 0)
+        return x * 0.0
     rng = require_rng(rng, f"stochastic depth (rate {rate})")
     survival = 1.0 - rate
     shape = (x.shape[0],) + (1,) * (x.dim() - 1)
@@ -238,12 +256,11 @@ def drop_path(x: torch.Tensor, rate: float, rng: torch.Tensor | None, *, train: 
 class Taps:
     """Collects named intermediate tensors during ``apply`` (feature extraction).
 
-    Family ``apply`` functions call ``y = taps(name, y)`` after every block and stage, with the
-    reference's module path as the name (``"layer1.0"``, ``"layer1"``, ``"features.3"``) and stop
-    early (``if taps.complete: return None, state``) once everything asked for is recorded, so
-    the head is not computed when it is not needed. ``Taps(None)`` records every name (used on the
-    meta device to list a model's feature names and shapes). ``apply(..., taps=None)`` is the
-    plain forward.
+    The kit's scopes record into it (:meth:`vafunc.kit.Scope.tap` and ``Scope.block``), with the
+    reference's module path as the name (``"layer1.0"``, ``"layer1"``, ``"features.3"``), and
+    stop the forward once everything asked for is recorded, so the head is not computed when it
+    is not needed. ``Taps(None)`` records every name (used on the meta device to list a model's
+    feature names and shapes). ``apply(..., taps=None)`` is the plain forward.
     """
 
     def __init__(self, names=None):
@@ -258,12 +275,3 @@ class Taps:
     @property
     def complete(self) -> bool:
         return self.want is not None and len(self.got) == len(self.want)
-
-
-def tap(taps: "Taps | None", name: str, y: torch.Tensor) -> torch.Tensor:
-    """``taps(name, y)`` when feature extraction is on; the identity otherwise."""
-    return y if taps is None else taps(name, y)
-
-
-def taps_complete(taps: "Taps | None") -> bool:
-    return taps is not None and taps.complete

@@ -81,8 +81,6 @@ class Entry:
     params: int  # parameter count at the default config (checked against the oracle in tests)
     reference: Reference | None
     paper: str
-    #: config overrides that switch off randomness so train mode can be compared to the oracle
-    deterministic_train: tuple = ()
     notes: str = ""
     extra: tuple = ()  # other facts, e.g. ("input_convention", "BGR 0-255 ...")
 
@@ -109,7 +107,6 @@ def register(
     params: int,
     reference: Reference | None,
     paper: str | None = None,
-    deterministic_train: Mapping[str, Any] | None = None,
     notes: str = "",
     extra: Mapping[str, Any] | None = None,
     **defaults,
@@ -127,7 +124,6 @@ def register(
         params,
         reference,
         paper if paper is not None else family.paper,
-        tuple((deterministic_train or {}).items()),
         notes,
         tuple((extra or {}).items()),
     )
@@ -136,7 +132,13 @@ def register(
 
 
 def _ensure_loaded() -> None:
-    from . import models  # noqa: F401  (imports every family module, which registers)
+    """The families register themselves when ``vafunc.models`` is imported, which
+    ``vafunc/__init__`` does right after importing this module; Python runs ``vafunc/__init__``
+    before any ``vafunc.*`` submodule, so the registry is complete whenever code outside the
+    package can reach it. (This module does not import ``vafunc.models``: every family module
+    imports this one, which would be an import cycle.)"""
+    if not _REGISTRY:
+        raise RuntimeError("no models are registered: import vafunc (which imports vafunc.models) first")
 
 
 def list_models(pattern: str | None = None) -> list[str]:
@@ -227,7 +229,7 @@ class ModelDef:
     """A frozen, hashable model: a config plus the pure functions of its family.
 
     ``init(key) -> (params, state)`` and ``apply(params, state, x, *, train=False, rng=None)
-    -> (logits, new_state)``; see DESIGN.md for the contract.
+    -> (logits, new_state)``; the contract is in ``docs/design.md``.
     """
 
     name: str

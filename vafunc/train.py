@@ -3,14 +3,14 @@
 Built from ``model.apply(..., train=True)`` and a :mod:`vafunc.optim` optimizer; nothing is mutated.
 ``make_train_step(model, opt)`` trains one model; ``make_train_step(model, opt, ensemble=True)``
 trains a stacked ensemble in one call, each member with its own BatchNorm statistics and dropout
-keys: ``ensemble_method="vmap"`` takes the members' gradients in one ``torch.vmap``,
-``"loop"`` one member after the other (faster eagerly on CPUs, where vmapped convolutions become
-grouped convolutions). The optimizer update is element-wise, so it runs on the stacked trees directly.
+keys: ``ensemble_method="loop"`` (the default, as in :func:`vafunc.ensemble_apply`: the faster
+eager lowering on CPUs, where vmapped convolutions become grouped convolutions) takes one member
+after the other; ``"vmap"`` takes the members' gradients in one ``torch.vmap`` (``vmap(grad)``). The optimizer update is element-wise, so it runs on the stacked trees directly.
 
 Gradients (``grad=``): ``"autograd"`` (default for one model) differentiates with
 ``torch.autograd.grad`` on fresh leaf views of the parameters, the same engine path as
 ``loss.backward()`` with no functorch wrapping; ``"func"`` uses ``torch.func.grad`` (needed inside
-other ``torch.func`` transforms and the default for ensembles). Both are pure and give the same numbers.
+other ``torch.func`` transforms and the only choice for a vmapped ensemble). Both are pure and give the same numbers.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def make_train_step(model, optimizer, loss_fn: Callable = cross_entropy, *, ensemble: bool = False,
-                    grad: str | None = None, ensemble_method: str = "vmap", distributed: bool = False,
+                    grad: str | None = None, ensemble_method: str = "loop", distributed: bool = False,
                     sync_state: bool = False, donate: bool = False):
     """Return ``step(params, state, opt_state, x, y, rng=None) -> (params, state, opt_state, metrics)``.
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from .. import layers as L
-from .. import random as vrandom
-from ..registry import Family, Reference, check_config, register
+from ..kit import family
+from ..registry import Reference, check_config, register
 
 PAPER = "Krizhevsky et al. 2012, ImageNet Classification with Deep Convolutional Neural Networks (NeurIPS)"
 
@@ -54,75 +54,46 @@ class AlexNetConfig:
         check_config(self, rates=("dropout",))
 
 
-def init(cfg: AlexNetConfig, ini) -> dict:
-    """torch's default init everywhere (torchvision's AlexNet has no init of its own)."""
-    features, cin = {}, cfg.in_channels
-    for i, layer in enumerate(FEATURES):
-        if isinstance(layer, Conv):
-            features[str(i)] = ini.conv(cin, layer.out, layer.kernel, bias=True, scheme="kaiming_fan_in_uniform")
-            cin = layer.out
-    return {
-        "features": features,
-        "classifier": {
-            "1": ini.linear(cin * POOLED * POOLED, HIDDEN),
-            "4": ini.linear(HIDDEN, HIDDEN),
-            "6": ini.linear(HIDDEN, cfg.num_classes),
-        },
-    }
-
-
-def features(p, x, *, taps=None):
+def features(m, x):
     """The five convolutional layers (paper Figure 2): ``[N, C, H, W] -> [N, 256, h, w]`` with
     ``h ~ H / 32`` (a stride-4 convolution, then three stride-2 pools); ``h = 1`` at ``H = 63``.
 
-    Feature names (``taps``): ``features.0`` .. ``features.12`` (conv, ReLU and pool outputs).
+    Feature names: ``features.0`` .. ``features.12`` (conv, ReLU and pool outputs).
     """
     for i, layer in enumerate(FEATURES):
         if isinstance(layer, Conv):
-            x = L.conv2d(p[str(i)], x, stride=layer.stride, padding=layer.padding)
+            x = m.conv(str(i), x, layer.out, layer.kernel, stride=layer.stride, padding=layer.padding, bias=True)
         elif layer == "relu":  # in place (as torchvision) unless the conv output was recorded as a feature
-            x = L.relu_(x) if taps is None else L.relu(x)
+            x = L.relu_(x) if m.taps is None else L.relu(x)
         else:
             x = L.max_pool2d(x, *POOL)
-        x = L.tap(taps, f"features.{i}", x)
+        x = m.tap(str(i), x)
     return x
 
 
-def classifier(p, x, *, dropout: float, train: bool, rng):
+def classifier(m, x, cfg: AlexNetConfig):
     """Three fully connected layers with dropout before the first two (paper Section 4.2):
-    ``[N, 256 * 6 * 6] -> [N, num_classes]``."""
-    x = L.dropout(x, dropout, _key(rng, 0), train=train)
-    x = L.relu_(L.linear(p["1"], x))  # a fresh linear output: in place is safe
-    x = L.dropout(x, dropout, _key(rng, 1), train=train)
-    x = L.relu_(L.linear(p["4"], x))
-    return L.linear(p["6"], x)
+    ``[N, 256 * 6 * 6] -> [N, num_classes]``; dropout keys ``m.key(0)`` and ``m.key(1)``."""
+    x = m.dropout(x, cfg.dropout, m.key(0))
+    x = L.relu_(m.linear("1", x, HIDDEN))  # a fresh linear output: in place is safe
+    x = m.dropout(x, cfg.dropout, m.key(1))
+    x = L.relu_(m.linear("4", x, HIDDEN))
+    return m.linear("6", x, cfg.num_classes)
 
 
-def _key(rng, i: int):
-    return None if rng is None else vrandom.fold_in(rng, i)
-
-
-def apply(cfg: AlexNetConfig, params, state, x, *, train: bool = False, rng=None, taps=None):
-    """``x [N, C, H, W] -> (logits [N, num_classes], state)`` (AlexNet has no BatchNorm, so the
-    state is returned as given). Inputs of any size >= 63x63 (adaptive 6x6 pooling)."""
-    y = features(params["features"], x, taps=taps)
-    if L.taps_complete(taps):
-        return None, state
+def forward(m, cfg: AlexNetConfig, x):
+    """``x [N, C, H, W] -> logits [N, num_classes]``; any size >= 63x63 (adaptive 6x6 pooling).
+    AlexNet has no BatchNorm: the state is empty."""
+    y = features(m.child("features"), x)
     y = L.adaptive_avg_pool2d(y, POOLED).flatten(1)
-    return classifier(params["classifier"], y, dropout=cfg.dropout, train=train, rng=rng), state
+    return classifier(m.child("classifier", m.rng), y, cfg)
 
 
-FAMILY = Family(
-    name="alexnet",
-    config=AlexNetConfig,
-    init=init,
-    apply=apply,
-    min_size=lambda cfg: 63,
-    paper=PAPER,
-)
+#: torch's default init everywhere (torchvision's AlexNet has no init of its own).
+FAMILY = family("alexnet", AlexNetConfig, forward, paper=PAPER,
+                defaults={"conv": "kaiming_fan_in_uniform", "linear": "torch_default"})
 
 register(
     "alexnet", FAMILY, params=61100840, reference=Reference("torchvision", "alexnet"),
-    deterministic_train={"dropout": 0.0},
     notes="torchvision's single-tower variant (arXiv:1404.5997 widths), no LRN",
 )

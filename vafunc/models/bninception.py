@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import layers as L
-from ..registry import Family, Reference, check_config, register
+from ..kit import family
+from ..registry import Reference, check_config, register
 
 PAPER = (
     "Ioffe & Szegedy 2015, Batch Normalization: Accelerating Deep Network Training by Reducing "
@@ -48,7 +49,6 @@ class ModuleRow(NamedTuple):
     """One Inception module (a row of Appendix Fig. 5, with the Caffe port's widths)."""
 
     name: str  # "3a" ...
-    in_ch: int
     c1x1: int  # 1x1 branch (0: none, in reduction modules)
     c3x3_reduce: int
     c3x3: int
@@ -58,25 +58,19 @@ class ModuleRow(NamedTuple):
     pool_proj: int  # 0 in reduction modules
     stride: int  # 2 in reduction modules (on the 3x3 and the second double-3x3 conv)
 
-    @property
-    def out_ch(self) -> int:
-        pool = self.in_ch if self.pool == "reduce" else self.pool_proj
-        return self.c1x1 + self.c3x3 + self.cd3x3 + pool
-
 
 MODULES = (
-    ModuleRow("3a", 192, 64, 64, 64, 64, 96, "avg", 32, 1),
-    ModuleRow("3b", 256, 64, 64, 96, 64, 96, "avg", 64, 1),
-    ModuleRow("3c", 320, 0, 128, 160, 64, 96, "reduce", 0, 2),
-    ModuleRow("4a", 576, 224, 64, 96, 96, 128, "avg", 128, 1),
-    ModuleRow("4b", 576, 192, 96, 128, 96, 128, "avg", 128, 1),
-    ModuleRow("4c", 576, 160, 128, 160, 128, 160, "avg", 128, 1),
-    ModuleRow("4d", 608, 96, 128, 192, 160, 192, "avg", 128, 1),
-    ModuleRow("4e", 608, 0, 128, 192, 192, 256, "reduce", 0, 2),
-    ModuleRow("5a", 1056, 352, 192, 320, 160, 224, "avg", 128, 1),
-    ModuleRow("5b", 1024, 352, 192, 320, 192, 224, "max", 128, 1),
+    ModuleRow("3a", 64, 64, 64, 64, 96, "avg", 32, 1),
+    ModuleRow("3b", 64, 64, 96, 64, 96, "avg", 64, 1),
+    ModuleRow("3c", 0, 128, 160, 64, 96, "reduce", 0, 2),
+    ModuleRow("4a", 224, 64, 96, 96, 128, "avg", 128, 1),
+    ModuleRow("4b", 192, 96, 128, 96, 128, "avg", 128, 1),
+    ModuleRow("4c", 160, 128, 160, 128, 160, "avg", 128, 1),
+    ModuleRow("4d", 96, 128, 192, 160, 192, "avg", 128, 1),
+    ModuleRow("4e", 0, 128, 192, 192, 256, "reduce", 0, 2),
+    ModuleRow("5a", 352, 192, 320, 160, 224, "avg", 128, 1),
+    ModuleRow("5b", 352, 192, 320, 192, 224, "max", 128, 1),
 )
-NUM_FEATURES = 1024
 
 
 @dataclass(frozen=True)
@@ -93,12 +87,10 @@ class BNInceptionConfig:
 # --------------------------------------------------------------------------- blocks
 
 
-def conv_bn_relu(p, s, name: str, x, *, train: bool, **conv_kw):
-    """Caffe's conv (with bias) -> BatchNorm -> ReLU, parameters ``p[name]``, ``p[name + "_bn"]``.
-
-    Updates the flat state dict ``s`` in place (the caller owns a fresh copy)."""
-    y, s[name + "_bn"] = L.conv_bn(p[name], p[name + "_bn"], s[name + "_bn"], x, train=train, act=L.relu, **conv_kw)
-    return y
+def conv_bn_relu(m, name: str, x, cout: int, kernel: int, stride: int = 1):
+    """Caffe's conv (with bias, "same" padding) -> BatchNorm -> ReLU, tensors ``name`` and
+    ``name + "_bn"``."""
+    return m.conv_norm_act(x, cout, kernel, conv=name, norm=name + "_bn", act="relu", stride=stride, bias=True)
 
 
 def reduction_pool(x: torch.Tensor) -> torch.Tensor:
@@ -114,98 +106,58 @@ def reduction_pool(x: torch.Tensor) -> torch.Tensor:
     return L.max_pool2d(x, 3, 2, ceil_mode=True)
 
 
-def inception_module(p, s, x, m: ModuleRow, *, train: bool):
+def inception_module(m, x, r: ModuleRow):
     """One BN-Inception module (Sec. 4.2.1): branches 1x1 / 1x1-3x3 / 1x1-3x3-3x3 / pool(-proj),
-    concatenated on channels. ``[N, in_ch, H, W] -> [N, out_ch, H', W']`` with ``H' = H`` or
-    ``ceil(H / 2)`` in the reduction modules.
+    concatenated on channels. ``[N, C, H, W] -> [N, c1x1 + c3x3 + cd3x3 + (pool_proj or C), H', W']``
+    with ``H' = H`` or ``ceil(H / 2)`` in the reduction modules.
     """
-    pre = f"inception_{m.name}_"
+    pre = f"inception_{r.name}_"
     branches = []
-    if m.c1x1:
-        branches.append(conv_bn_relu(p, s, pre + "1x1", x, train=train))
-    y = conv_bn_relu(p, s, pre + "3x3_reduce", x, train=train)
-    branches.append(conv_bn_relu(p, s, pre + "3x3", y, train=train, stride=m.stride, padding=1))
-    y = conv_bn_relu(p, s, pre + "double_3x3_reduce", x, train=train)
-    y = conv_bn_relu(p, s, pre + "double_3x3_1", y, train=train, padding=1)
-    branches.append(conv_bn_relu(p, s, pre + "double_3x3_2", y, train=train, stride=m.stride, padding=1))
-    if m.pool == "reduce":
+    if r.c1x1:
+        branches.append(conv_bn_relu(m, pre + "1x1", x, r.c1x1, 1))
+    y = conv_bn_relu(m, pre + "3x3_reduce", x, r.c3x3_reduce, 1)
+    branches.append(conv_bn_relu(m, pre + "3x3", y, r.c3x3, 3, stride=r.stride))
+    y = conv_bn_relu(m, pre + "double_3x3_reduce", x, r.cd3x3_reduce, 1)
+    y = conv_bn_relu(m, pre + "double_3x3_1", y, r.cd3x3, 3)
+    branches.append(conv_bn_relu(m, pre + "double_3x3_2", y, r.cd3x3, 3, stride=r.stride))
+    if r.pool == "reduce":
         branches.append(reduction_pool(x))
     else:
-        if m.pool == "avg":  # 3x3/1, zero padding counted in the average (Caffe's AVE pooling)
+        if r.pool == "avg":  # 3x3/1, zero padding counted in the average (Caffe's AVE pooling)
             y = L.avg_pool2d(x, 3, 1, 1, ceil_mode=True, count_include_pad=True)
         else:
             y = L.max_pool2d(x, 3, 1, 1, ceil_mode=True)
-        branches.append(conv_bn_relu(p, s, pre + "pool_proj", y, train=train))
+        branches.append(conv_bn_relu(m, pre + "pool_proj", y, r.pool_proj, 1))
     return torch.cat(branches, 1)
 
 
-# --------------------------------------------------------------------------- init / apply
+# --------------------------------------------------------------------------- the network
 
 
-def init(cfg: BNInceptionConfig, ini) -> dict:
-    """Cadene's module keeps torch's defaults: convs and the classifier ``kaiming_uniform(a=sqrt(5))``
-    (uniform in +-1/sqrt(fan_in), bias too), BatchNorm 1/0."""
-    t: dict = {}
+def forward(m, cfg: BNInceptionConfig, x):
+    """``x [N, C, H, W] -> logits [N, num_classes]``; any size >= 7 (the two ceil-mode 3x3/2 stem
+    pools need 4 pixels after the 7x7/2 conv; everything after them is padded or takes 1x1 maps).
 
-    def conv(name, cin, cout, k):
-        t[name] = ini.conv(cin, cout, k, bias=True, scheme="kaiming_fan_in_uniform")
-        t[name + "_bn"] = ini.batch_norm(cout)
-
-    conv("conv1_7x7_s2", cfg.in_channels, 64, 7)
-    conv("conv2_3x3_reduce", 64, 64, 1)
-    conv("conv2_3x3", 64, 192, 3)
-    for m in MODULES:
-        pre = f"inception_{m.name}_"
-        if m.c1x1:
-            conv(pre + "1x1", m.in_ch, m.c1x1, 1)
-        conv(pre + "3x3_reduce", m.in_ch, m.c3x3_reduce, 1)
-        conv(pre + "3x3", m.c3x3_reduce, m.c3x3, 3)
-        conv(pre + "double_3x3_reduce", m.in_ch, m.cd3x3_reduce, 1)
-        conv(pre + "double_3x3_1", m.cd3x3_reduce, m.cd3x3, 3)
-        conv(pre + "double_3x3_2", m.cd3x3, m.cd3x3, 3)
-        if m.pool_proj:
-            conv(pre + "pool_proj", m.in_ch, m.pool_proj, 1)
-    t["last_linear"] = ini.linear(NUM_FEATURES, cfg.num_classes)
-    return t
-
-
-def apply(cfg: BNInceptionConfig, params, state, x, *, train: bool = False, rng=None, taps=None):
-    """``x [N, C, H, W] -> (logits [N, num_classes], new_state)``.
-
-    Feature names (``taps``, Cadene's module names / Caffe's blob names): ``conv1_relu_7x7``
-    (stride 2), ``pool1_3x3_s2`` (4), ``conv2_relu_3x3`` (4), ``pool2_3x3_s2`` (8) and every
-    module's concatenated output ``inception_{3a,3b}_output`` (8), ``inception_3c_output`` and
+    Feature names (Cadene's module names / Caffe's blob names): ``conv1_relu_7x7`` (stride 2),
+    ``pool1_3x3_s2`` (4), ``conv2_relu_3x3`` (4), ``pool2_3x3_s2`` (8) and every module's
+    concatenated output ``inception_{3a,3b}_output`` (8), ``inception_3c_output`` and
     ``inception_4{a..d}_output`` (16), ``inception_4e_output``, ``inception_5{a,b}_output`` (32).
     """
-    p, s = params, dict(state)
-    y = L.tap(taps, "conv1_relu_7x7", conv_bn_relu(p, s, "conv1_7x7_s2", x, train=train, stride=2, padding=3))
-    y = L.tap(taps, "pool1_3x3_s2", L.max_pool2d(y, 3, 2, ceil_mode=True))
-    y = conv_bn_relu(p, s, "conv2_3x3_reduce", y, train=train)
-    y = L.tap(taps, "conv2_relu_3x3", conv_bn_relu(p, s, "conv2_3x3", y, train=train, padding=1))
-    y = L.tap(taps, "pool2_3x3_s2", L.max_pool2d(y, 3, 2, ceil_mode=True))
-    for m in MODULES:
-        y = L.tap(taps, f"inception_{m.name}_output", inception_module(p, s, y, m, train=train))
-        if L.taps_complete(taps):
-            return None, (s if train else state)
+    y = m.tap("conv1_relu_7x7", conv_bn_relu(m, "conv1_7x7_s2", x, 64, 7, stride=2))
+    y = m.tap("pool1_3x3_s2", L.max_pool2d(y, 3, 2, ceil_mode=True))
+    y = conv_bn_relu(m, "conv2_3x3_reduce", y, 64, 1)
+    y = m.tap("conv2_relu_3x3", conv_bn_relu(m, "conv2_3x3", y, 192, 3))
+    y = m.tap("pool2_3x3_s2", L.max_pool2d(y, 3, 2, ceil_mode=True))
+    for r in MODULES:
+        y = m.tap(f"inception_{r.name}_output", inception_module(m, y, r))
     # Cadene: AvgPool2d(7) + flatten, i.e. the same thing on the 7x7 map of a 224 input
-    logits = L.linear(p["last_linear"], L.global_avg_pool(y))
-    return logits, (s if train else state)
+    return m.head(y, cfg.num_classes, name="last_linear")
 
 
-def min_size(cfg: BNInceptionConfig) -> int:
-    """7: the two ceil-mode 3x3/2 stem pools need 4 pixels after the 7x7/2 conv (4 -> 2 -> 1);
-    everything after that is padded (3x3 convs and pools) or handles 1x1 maps."""
-    return 7
-
-
-FAMILY = Family(
-    name="bninception",
-    config=BNInceptionConfig,
-    init=init,
-    apply=apply,
-    min_size=min_size,
-    paper=PAPER,
-)
+#: Cadene's module keeps torch's defaults: convs and the classifier ``kaiming_uniform(a=sqrt(5))``
+#: (uniform in +-1/sqrt(fan_in), bias too), BatchNorm 1/0.
+FAMILY = family("bninception", BNInceptionConfig, forward, paper=PAPER,
+                defaults={"conv": "kaiming_fan_in_uniform", "linear": "torch_default"})
 
 register(
     "inception_v2", FAMILY, params=11295240, reference=Reference("pretrainedmodels", "bninception"),
@@ -220,7 +172,5 @@ register(
         "mean": (104.0, 117.0, 128.0),
         "std": (1.0, 1.0, 1.0),
         "input_size": 224,
-        # the reference's fixed 7x7 head runs only on 223-230 px inputs: oracle comparisons use these
-        "oracle_sizes": ((2, 223, 230), (3, 224, 224)),
     },
 )

@@ -12,9 +12,9 @@ State-dict names are torchvision's: ``features.conv0``, ``features.norm0``,
 ``features.transition{t}.{norm,conv}``, ``features.norm5``, ``classifier``.
 
 Legacy checkpoints: torchvision's published DenseNet weights (2017) name the dense-layer modules
-``norm.1``/``conv.1``/``norm.2``/``conv.2`` (``relu.N`` too) and predate BatchNorm's
-``num_batches_tracked`` buffer. :func:`remap` translates both (see its docstring), so
-``vafunc.from_state_dict`` loads those files directly.
+``norm.1``/``conv.1``/``norm.2``/``conv.2`` (``relu.N`` too); :func:`remap` renames them, so
+``vafunc.from_state_dict`` loads those files directly. (They also predate BatchNorm's
+``num_batches_tracked`` buffer; ``from_state_dict`` fills that in for every family.)
 
 DenseNet-264 (Table 1, k=32, blocks (6, 12, 64, 48)) has no torchvision builder; its reference is
 ``torchvision.models.DenseNet(32, (6, 12, 64, 48), 64)``.
@@ -22,7 +22,6 @@ DenseNet-264 (Table 1, k=32, blocks (6, 12, 64, 48)) has no torchvision builder;
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -30,8 +29,8 @@ from typing import NamedTuple
 import torch
 
 from .. import layers as L
-from .. import random as vrandom
-from ..registry import Family, Reference, check_config, register
+from ..kit import family, subkey
+from ..registry import Reference, check_config, register
 
 PAPER = "Huang et al. 2017, Densely Connected Convolutional Networks, arXiv:1608.06993"
 
@@ -72,9 +71,7 @@ class DenseNetConfig:
 
 
 class BlockSpec(NamedTuple):
-    in_features: int  # channels entering the dense block
     num_layers: int
-    out_features: int  # channels leaving it (in_features + num_layers * k)
     transition: int | None  # channels after the following transition (None after the last block)
     first_layer: int  # global index of the block's first dense layer (dropout key stream)
 
@@ -87,129 +84,67 @@ def plan(cfg: DenseNetConfig) -> tuple[BlockSpec, ...]:
     for i, n in enumerate(cfg.block_config):
         end = c + n * cfg.growth_rate
         last = i == len(cfg.block_config) - 1
-        out.append(BlockSpec(c, n, end, None if last else end // 2, first))
-        c, first = (end if last else end // 2), first + n
+        out.append(BlockSpec(n, None if last else end // 2, first))
+        c, first = end // 2, first + n
     return tuple(out)
 
 
-# --------------------------------------------------------------------------- blocks
+# --------------------------------------------------------------------------- the network
 
 
-def dense_layer(p, s, x, cfg: DenseNetConfig, *, train: bool, rng):
+def dense_layer(m, x, cfg: DenseNetConfig):
     """One BC dense layer (Sec. 3, "Bottleneck layers"): BN-ReLU-Conv1x1-BN-ReLU-Conv3x3.
 
     ``x [N, C_in, H, W]`` (the concatenation of all earlier features in the block)
-    ``-> [N, k, H, W]``, the layer's new features, then dropout at ``drop_rate`` (train mode).
+    ``-> [N, k, H, W]``, the layer's new features, then dropout at ``drop_rate`` (train mode,
+    keyed by ``m.rng``).
     """
-    s = dict(s)
-    y, s["norm1"] = L.batch_norm(p["norm1"], s["norm1"], x, train=train)
-    y = L.conv2d(p["conv1"], L.relu_(y))
-    y, s["norm2"] = L.batch_norm(p["norm2"], s["norm2"], y, train=train)
-    y = L.conv2d(p["conv2"], L.relu_(y), padding=1)
-    return L.dropout(y, cfg.drop_rate, rng, train=train), s
+    y = m.conv("conv1", L.relu_(m.batch_norm("norm1", x)), cfg.bn_size * cfg.growth_rate, 1, padding=0)
+    y = m.conv("conv2", L.relu_(m.batch_norm("norm2", y)), cfg.growth_rate, 3, padding=1)
+    return m.dropout(y, cfg.drop_rate, m.rng) if cfg.drop_rate else y
 
 
-def dense_block(p, s, x, b: BlockSpec, cfg: DenseNetConfig, *, train: bool, rng, taps, name: str):
+def dense_block(m, x, b: BlockSpec, cfg: DenseNetConfig):
     """A dense block (Sec. 3, "Dense connectivity"): layer ``l`` sees ``[x_0, x_1, ..., x_{l-1}]``.
 
-    ``x [N, in_features, H, W] -> [N, in_features + num_layers * k, H, W]``.
+    ``x [N, C, H, W] -> [N, C + num_layers * k, H, W]``. Layer ``l`` of the network (counted
+    over all blocks) drops out with key ``fold_in(rng, l)``.
     """
-    s = dict(s)
     features = [x]
     for j in range(b.num_layers):
-        key = f"denselayer{j + 1}"
-        layer_rng = None if rng is None else vrandom.fold_in(rng, b.first_layer + j)
-        y, s[key] = dense_layer(p[key], s[key], torch.cat(features, 1), cfg, train=train, rng=layer_rng)
-        features.append(L.tap(taps, f"{name}.{key}", y))
-    return torch.cat(features, 1), s
+        y = m.block(f"denselayer{j + 1}", dense_layer, torch.cat(features, 1), cfg, rng=subkey(m.rng, b.first_layer + j))
+        features.append(y)
+    return torch.cat(features, 1)
 
 
-def transition(p, s, x, *, train: bool):
+def transition(m, x, cout: int):
     """Transition layer (Sec. 3, "Pooling layers"): BN-ReLU-Conv1x1 (halving the channels, the BC
     compression theta = 0.5) then 2x2/2 average pooling. ``[N, C, H, W] -> [N, C/2, H/2, W/2]``."""
-    s = dict(s)
-    y, s["norm"] = L.batch_norm(p["norm"], s["norm"], x, train=train)
-    y = L.conv2d(p["conv"], L.relu_(y))
-    return L.avg_pool2d(y, 2, 2), s
+    y = m.conv("conv", L.relu_(m.batch_norm("norm", x)), cout, 1, padding=0)
+    return L.avg_pool2d(y, 2, 2)
 
 
-# --------------------------------------------------------------------------- init / apply
+def forward(m, cfg: DenseNetConfig, x):
+    """``x [N, C, H, W] -> logits [N, num_classes]``.
 
-
-def _conv(ini, cin: int, cout: int, k: int) -> dict:
-    """torchvision's DenseNet conv init: ``kaiming_normal_`` defaults, i.e. fan_in mode,
-    ``std = sqrt(2 / (cin * k * k))``, no bias."""
-    return ini.conv(cin, cout, k, scheme="normal", std=math.sqrt(2.0 / (cin * k * k)))
-
-
-def init(cfg: DenseNetConfig, ini) -> dict:
-    k, width = cfg.growth_rate, cfg.bn_size * cfg.growth_rate
-    f = {"conv0": _conv(ini, cfg.in_channels, cfg.num_init_features, 7), "norm0": ini.batch_norm(cfg.num_init_features)}
-    for i, b in enumerate(plan(cfg)):
-        block = {}
-        for j in range(b.num_layers):
-            c = b.in_features + j * k
-            block[f"denselayer{j + 1}"] = {
-                "norm1": ini.batch_norm(c),
-                "conv1": _conv(ini, c, width, 1),
-                "norm2": ini.batch_norm(width),
-                "conv2": _conv(ini, width, k, 3),
-            }
-        f[f"denseblock{i + 1}"] = block
-        if b.transition is not None:
-            f[f"transition{i + 1}"] = {
-                "norm": ini.batch_norm(b.out_features),
-                "conv": _conv(ini, b.out_features, b.transition, 1),
-            }
-    c = plan(cfg)[-1].out_features
-    f["norm5"] = ini.batch_norm(c)
-    classifier = ini.linear(c, cfg.num_classes)  # torch's default weight init ...
-    classifier["bias"] = ini.zeros((cfg.num_classes,))  # ... and a zero bias, as torchvision
-    return {"features": f, "classifier": classifier}
-
-
-def apply(cfg: DenseNetConfig, params, state, x, *, train: bool = False, rng=None, taps=None):
-    """``x [N, C, H, W] -> (logits [N, num_classes], new_state)``.
-
-    Feature names (``taps``, torchvision's module paths): ``features.relu0`` (stride 2),
+    Feature names (torchvision's module paths): ``features.relu0`` (stride 2),
     ``features.pool0`` (4), every dense layer's new features
     ``features.denseblock{b}.denselayer{l}`` (k channels), every block
     ``features.denseblock{b}`` (strides 4, 8, 16, 32), every ``features.transition{t}`` and
     ``features.norm5`` (the final BatchNorm, before the last ReLU).
     """
-    if train and cfg.drop_rate > 0.0:
-        rng = L.require_rng(rng, f"DenseNet dropout (drop_rate {cfg.drop_rate})")
-    p, s = params["features"], dict(state["features"])
-    y, s["norm0"] = L.conv_bn(p["conv0"], p["norm0"], s["norm0"], x, train=train, act=L.relu, stride=2, padding=3)
-    y = L.tap(taps, "features.relu0", y)
-    y = L.tap(taps, "features.pool0", L.max_pool2d(y, 3, 2, 1))
+    if m.train and cfg.drop_rate > 0.0:
+        L.require_rng(m.rng, f"DenseNet dropout (drop_rate {cfg.drop_rate})")
+    f = m.child("features")
+    y = f.conv_norm_act(x, cfg.num_init_features, 7, conv="conv0", norm="norm0", act="relu", stride=2)
+    y = f.tap("relu0", y)
+    y = f.tap("pool0", L.max_pool2d(y, 3, 2, 1))
     for i, b in enumerate(plan(cfg)):
-        name = f"features.denseblock{i + 1}"
-        y, s[f"denseblock{i + 1}"] = dense_block(
-            p[f"denseblock{i + 1}"], s[f"denseblock{i + 1}"], y, b, cfg, train=train, rng=rng, taps=taps, name=name
-        )
-        y = L.tap(taps, name, y)
+        y = f.block(f"denseblock{i + 1}", dense_block, y, b, cfg, rng=m.rng)
         if b.transition is not None:
-            t = f"transition{i + 1}"
-            y, s[t] = transition(p[t], s[t], y, train=train)
-            y = L.tap(taps, f"features.{t}", y)
-        if L.taps_complete(taps):
-            return None, ({**state, "features": s} if train else state)
-    y, s["norm5"] = L.batch_norm(p["norm5"], s["norm5"], y, train=train)
-    y = L.tap(taps, "features.norm5", y)
-    new_state = {**state, "features": s} if train else state
-    if L.taps_complete(taps):
-        return None, new_state
-    logits = L.linear(params["classifier"], L.global_avg_pool(L.relu(y)))
-    return logits, new_state
-
-
-def min_size(cfg: DenseNetConfig) -> int:
-    """Smallest H=W: the stem (7x7/2, 3x3/2 max pool) and each of the ``len(block_config) - 1``
-    2x2/2 average pools must leave at least one pixel (29 for the four-block networks)."""
-    n = 2 ** (len(cfg.block_config) - 1)  # the pool0 output must be at least this big
-    # pool0 output = floor((c - 1) / 2) + 1 with c = conv0 output = floor((h - 1) / 2) + 1
-    return 4 * (n - 1) + 1
+            y = f.block(f"transition{i + 1}", transition, y, b.transition)
+    y = f.tap("norm5", f.batch_norm("norm5", y))
+    return m.head(L.relu(y), cfg.num_classes, name="classifier")  # not in place: norm5 may be a tap
 
 
 # --------------------------------------------------------------------------- legacy checkpoints
@@ -221,12 +156,10 @@ _LEGACY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:wei
 def remap(cfg: DenseNetConfig, flat: dict) -> tuple[dict, list[str]]:
     """Translate the names of torchvision's published (2017) DenseNet checkpoints.
 
-    1. ``...denselayerN.norm.1.weight`` -> ``...denselayerN.norm1.weight`` (likewise ``conv.2``,
-       ``running_mean``/``running_var``): the regex torchvision applies in its loader.
-    2. Those checkpoints predate BatchNorm's ``num_batches_tracked`` buffer; where a BatchNorm
-       has ``running_mean`` but no ``num_batches_tracked``, it is added as ``tensor(0)`` (what
-       ``nn.BatchNorm2d`` does when loading such a state_dict). It only feeds the momentum-free
-       running average (unused by torchvision), so outputs do not depend on it.
+    ``...denselayerN.norm.1.weight`` -> ``...denselayerN.norm1.weight`` (likewise ``conv.2``,
+    ``running_mean``/``running_var``): the regex torchvision applies in its loader. The missing
+    ``num_batches_tracked`` buffers of those files are not this function's business:
+    ``vafunc.from_state_dict`` adds them as ``tensor(0)`` for any family, after the remap.
 
     Returns ``(flat, notes)``: the notes (one per kind of change, with counts) become warnings.
     Checkpoints in current names pass through unchanged, with no notes.
@@ -243,17 +176,11 @@ def remap(cfg: DenseNetConfig, flat: dict) -> tuple[dict, list[str]]:
     return out, notes
 
 
-FAMILY = Family(
-    name="densenet",
-    config=DenseNetConfig,
-    init=init,
-    apply=apply,
-    min_size=min_size,
-    paper=PAPER,
-    remap=remap,
+FAMILY = family(
+    "densenet", DenseNetConfig, forward, paper=PAPER, remap=remap,
+    # torchvision: kaiming_normal_ convs (fan_in), nn.Linear's init with a zero bias
+    defaults={"conv": "kaiming_normal", "linear": "torch_default_zero_bias"},
 )
-
-_DETERMINISTIC = {"drop_rate": 0.0}
 
 for _depth, _k, _blocks, _init, _n in [
     (121, 32, (6, 12, 24, 16), 64, 7978856),
@@ -262,8 +189,7 @@ for _depth, _k, _blocks, _init, _n in [
     (201, 32, (6, 12, 48, 32), 64, 20013928),
 ]:
     register(
-        f"densenet{_depth}", FAMILY, params=_n, reference=Reference("torchvision", f"densenet{_depth}"),
-        deterministic_train=_DETERMINISTIC, growth_rate=_k, block_config=_blocks, num_init_features=_init,
+        f"densenet{_depth}", FAMILY, params=_n, reference=Reference("torchvision", f"densenet{_depth}"), growth_rate=_k, block_config=_blocks, num_init_features=_init,
     )
 
 register(
@@ -272,7 +198,6 @@ register(
         "torchvision", "DenseNet",
         kwargs=(("growth_rate", 32), ("block_config", (6, 12, 64, 48)), ("num_init_features", 64)),
     ),
-    deterministic_train=_DETERMINISTIC,
     notes="Table 1 of the paper (k=32, blocks 6/12/64/48); torchvision has the class but no builder or "
     "weights; timm's densenet264d is a different network (k=48, deep stem).",
     growth_rate=32, block_config=(6, 12, 64, 48), num_init_features=64,

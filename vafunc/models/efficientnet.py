@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .. import blocks as B
-from .. import layers as L
 from .. import random as vrandom
-from ..registry import Family, Reference, check_config, register
+from ..kit import Scope, family
+from ..registry import Reference, check_config, register
 
 PAPER = "Tan & Le 2019, EfficientNet: Rethinking Model Scaling for CNNs, arXiv:1905.11946"
 PAPER_V2 = "Tan & Le 2021, EfficientNetV2: Smaller Models and Faster Training, arXiv:2104.00298"
@@ -104,10 +105,23 @@ class EfficientNetConfig:
         check_config(self, rates=("dropout", "stochastic_depth_prob"))
 
 
-def plan(cfg: EfficientNetConfig):
-    """``(stem ConvUnit, stages of Blocks, head ConvUnit)``; block ``b`` of ``B`` carries
+class BlockSpec(NamedTuple):
+    kind: str  # "mb" (MBConv with SE) or "fused" (Fused-MBConv)
+    cin: int
+    cout: int
+    expanded: int
+    kernel: int
+    stride: int
+    drop_path: float
+
+    @property
+    def residual(self) -> bool:
+        return self.stride == 1 and self.cin == self.cout
+
+
+def plan(cfg: EfficientNetConfig) -> tuple[int, tuple, int]:
+    """``(stem channels, stages of BlockSpecs, head channels)``; block ``b`` of ``B`` carries
     stochastic-depth rate ``stochastic_depth_prob * b / B``."""
-    norm = B.Norm(cfg.norm_eps, cfg.norm_momentum)
     ch = lambda c: B.make_divisible(c * cfg.width_mult, 8)  # noqa: E731
     rows = []
     for kind, t, k, s, cin, cout, n in STAGES[cfg.arch]:
@@ -120,65 +134,49 @@ def plan(cfg: EfficientNetConfig):
         stage = []
         for j in range(n):
             c_in, s = (cin, stride) if j == 0 else (cout, 1)
-            kw = dict(expanded=B.make_divisible(c_in * t, 8), kernel=k, stride=s, act="silu",
-                      layout=B.TORCHVISION, norm=norm, drop_path=cfg.stochastic_depth_prob * b / total)
-            if kind == "mb":
-                stage.append(B.mbconv(c_in, cout, se=(max(1, c_in // 4), "silu", "sigmoid"), **kw))
-            else:
-                stage.append(B.fused_mbconv(c_in, cout, **kw))
+            stage.append(BlockSpec(kind, c_in, cout, B.make_divisible(c_in * t, 8), k, s,
+                                   cfg.stochastic_depth_prob * b / total))
             b += 1
         stages.append(tuple(stage))
     last_in = rows[-1][5]
-    last = LAST_CHANNEL[cfg.arch] or 4 * last_in
-    stem = B.conv_unit(cfg.in_channels, rows[0][4], 3, stride=2, act="silu", norm=norm)
-    head = B.conv_unit(last_in, last, 1, act="silu", norm=norm)
-    return stem, tuple(stages), head
+    return rows[0][4], tuple(stages), LAST_CHANNEL[cfg.arch] or 4 * last_in
 
 
-def init(cfg: EfficientNetConfig, ini) -> dict:
-    stem, stages, head = plan(cfg)
-    feats = {"0": B.init_block(ini, [stem])}
-    for i, stage in enumerate(stages, 1):
-        feats[str(i)] = {str(j): B.init_block(ini, b) for j, b in enumerate(stage)}
-    feats[str(len(stages) + 1)] = B.init_block(ini, [head])
-    return {"features": feats, "classifier": {"1": ini.linear(head.cout, cfg.num_classes, scheme="uniform_range")}}
+def block(m, x, b: BlockSpec):
+    """One MBConv (SE squeeze: input channels / 4) or Fused-MBConv, SiLU, torchvision's layout;
+    its stochastic-depth key is the scope's."""
+    if b.kind == "fused":
+        return B.fused_mbconv(m, x, b.cout, expanded=b.expanded, kernel=b.kernel, stride=b.stride, act="silu",
+                              drop_path=b.drop_path, names=B.TORCHVISION)
+    return B.mbconv(m, x, b.cout, expanded=b.expanded, kernel=b.kernel, stride=b.stride, act="silu",
+                    se=max(1, b.cin // 4), se_act="silu", drop_path=b.drop_path, names=B.TORCHVISION)
 
 
-def apply(cfg: EfficientNetConfig, params, state, x, *, train: bool = False, rng=None, taps=None):
-    """``x [N, C, H, W] -> (logits [N, num_classes], new_state)``.
+#: torchvision's ``min_size`` for EfficientNetV2.
+V2_MIN_SIZE = 33
+
+
+def forward(m, cfg: EfficientNetConfig, x):
+    """``x [N, C, H, W] -> logits [N, num_classes]``.
 
     Feature names (torchvision module paths): ``features.0`` (stem, stride 2), every block
     ``features.{i}.{j}``, every stage ``features.{i}``, and the head conv ``features.{K+1}``.
     """
-    stem, stages, head = plan(cfg)
-    k_blocks, k_head = (None, None) if rng is None else vrandom.split(rng).unbind(-2)
-    p, s = params["features"], dict(state)
-    sf = dict(state["features"])
-    y, sf["0"] = B.apply_unit(p["0"], sf["0"], x, stem, train=train)
-    y = L.tap(taps, "features.0", y)
-    b = 0
-    for i, stage in enumerate(stages, 1):
-        pi, si = p[str(i)], dict(sf[str(i)])
-        for j, blk in enumerate(stage):
-            y, si[str(j)] = B.run_block(pi[str(j)], si[str(j)], y, blk, train=train, rng=B.subkey(k_blocks, b))
-            y = L.tap(taps, f"features.{i}.{j}", y)
-            b += 1
-        sf[str(i)] = si
-        y = L.tap(taps, f"features.{i}", y)
-    h = str(len(stages) + 1)
-    y, sf[h] = B.apply_unit(p[h], sf[h], y, head, train=train)
-    y = L.tap(taps, f"features.{h}", y)
-    s["features"] = sf
-    if L.taps_complete(taps):
-        return None, (s if train else state)
-    y = L.dropout(L.global_avg_pool(y), cfg.dropout, k_head, train=train)
-    return L.linear(params["classifier"]["1"], y), (s if train else state)
+    if cfg.arch != "b" and min(x.shape[-2:]) < V2_MIN_SIZE:
+        raise ValueError(f"EfficientNetV2 needs inputs of at least {V2_MIN_SIZE}x{V2_MIN_SIZE}")
+    stem, stages, last = plan(cfg)
+    k_blocks, k_head = (None, None) if m.rng is None else vrandom.split(m.rng).unbind(-2)
+    f = m.child("features", rng=k_blocks)
+    y = f.block("0", Scope.conv_norm_act, x, stem, 3, stride=2, act="silu")
+    y = B.stages(f, y, stages, block, start=1)
+    y = f.block(str(len(stages) + 1), Scope.conv_norm_act, y, last, 1, act="silu")
+    return m.child("classifier").head(y, cfg.num_classes, name="1", rate=cfg.dropout, rng=k_head)
 
 
-FAMILY = Family(name="efficientnet", config=EfficientNetConfig, init=init, apply=apply,
-                min_size=lambda cfg: 1 if cfg.arch == "b" else 33, paper=PAPER)
-
-_DETERMINISTIC = {"dropout": 0.0, "stochastic_depth_prob": 0.0}
+#: torchvision's init: convs kaiming_normal_(fan_out), classifier uniform in +-1/sqrt(classes);
+#: BatchNorm settings per builder.
+FAMILY = family("efficientnet", EfficientNetConfig, forward, paper=PAPER,
+                defaults=lambda cfg: {"linear": "uniform_range", "eps": cfg.norm_eps, "momentum": cfg.norm_momentum})
 
 # torchvision's builders: (name, width, depth, dropout, BN eps, BN momentum, params)
 for _name, _w, _d, _drop, _eps, _mom, _n in [
@@ -192,7 +190,7 @@ for _name, _w, _d, _drop, _eps, _mom, _n in [
     ("efficientnet_b7", 2.0, 3.1, 0.5, 1e-3, 0.01, 66347960),
 ]:
     register(
-        _name, FAMILY, params=_n, reference=Reference("torchvision", _name), deterministic_train=_DETERMINISTIC,
+        _name, FAMILY, params=_n, reference=Reference("torchvision", _name),
         arch="b", width_mult=_w, depth_mult=_d, dropout=_drop, norm_eps=_eps, norm_momentum=_mom,
     )
 
@@ -202,6 +200,5 @@ for _name, _arch, _drop, _n in [
     ("efficientnet_v2_l", "v2_l", 0.4, 118515272),
 ]:
     register(
-        _name, FAMILY, params=_n, reference=Reference("torchvision", _name), paper=PAPER_V2,
-        deterministic_train=_DETERMINISTIC, arch=_arch, dropout=_drop, norm_eps=1e-3, norm_momentum=0.1,
+        _name, FAMILY, params=_n, reference=Reference("torchvision", _name), paper=PAPER_V2, arch=_arch, dropout=_drop, norm_eps=1e-3, norm_momentum=0.1,
     )

@@ -27,14 +27,14 @@ vafunc does not need ``_metadata``: :func:`remap` recognises the layout from the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .. import blocks as B
-from .. import layers as L
-from ..registry import Family, Reference, check_config, register
+from ..kit import family
+from ..registry import Reference, check_config, register
 
 PAPER = "Tan et al. 2019, MnasNet: Platform-Aware Neural Architecture Search for Mobile, arXiv:1807.11626"
 
-NORM = B.Norm(eps=1e-5, momentum=1.0 - 0.9997)
 #: Channel depths before scaling: stem conv, stem projection, then the six stacks' outputs.
 DEPTHS = (32, 16, 24, 40, 80, 96, 192, 320)
 #: Fig. 7 (B1): (kernel, stride, expansion, repeats) of the stacks ``layers.8`` .. ``layers.13``.
@@ -70,71 +70,50 @@ def depths(cfg: MNASNetConfig) -> tuple[int, ...]:
     return (32, 16) + d[2:] if cfg.stem_version == 1 else d
 
 
-def plan(cfg: MNASNetConfig):
-    """``(stem Block, stacks of Blocks, head ConvUnit)`` with torchvision's flat key paths."""
+class StackBlock(NamedTuple):
+    cout: int
+    expanded: int
+    kernel: int
+    stride: int
+
+
+def plan(cfg: MNASNetConfig) -> tuple[tuple[int, int], tuple]:
+    """``(stem channels (conv, projection), stacks of StackBlocks)``."""
     d = depths(cfg)
-    stem = B.Block(B.place(B.MNASNET, [
-        ("conv", B.conv_unit(cfg.in_channels, d[0], 3, stride=2, act="relu", norm=NORM)),
-        ("dw", B.conv_unit(d[0], d[0], 3, groups=d[0], act="relu", norm=NORM)),
-        ("project", B.conv_unit(d[0], d[1], 1, norm=NORM)),
-    ]))
     stacks, cin = [], d[1]
     for (k, stride, t, n), cout in zip(STACKS, d[2:]):
-        stack = []
-        for j in range(n):
-            stack.append(B.mbconv(
-                cin, cout, expanded=cin * t, expand=True, kernel=k, stride=stride if j == 0 else 1,
-                act="relu", layout=B.MNASNET, norm=NORM,
-            ))
-            cin = cout
-        stacks.append(tuple(stack))
-    head_at = _FIRST_STACK + len(STACKS)
-    head = B.conv_unit(cin, HEAD, 1, act="relu", norm=NORM)._replace(
-        conv=("layers", str(head_at)), bn=("layers", str(head_at + 1))
-    )
-    return stem, tuple(stacks), head
+        stacks.append(tuple(StackBlock(cout, (cin if j == 0 else cout) * t, k, stride if j == 0 else 1) for j in range(n)))
+        cin = cout
+    return d[:2], tuple(stacks)
 
 
-def init(cfg: MNASNetConfig, ini) -> dict:
-    stem, stacks, head = plan(cfg)
-    t = B.init_block(ini, stem)
-    for i, stack in enumerate(stacks):
-        t["layers"][str(_FIRST_STACK + i)] = {str(j): B.init_block(ini, b) for j, b in enumerate(stack)}
-    B.init_unit(ini, t, head)
-    # torchvision: kaiming_uniform_(mode="fan_out", nonlinearity="sigmoid"): U(+-sqrt(3 / fan_out))
-    bound = (3.0 / cfg.num_classes) ** 0.5
-    t["classifier"] = {
-        "1": {"weight": ini.uniform((cfg.num_classes, HEAD), -bound, bound), "bias": ini.zeros((cfg.num_classes,))}
-    }
-    return t
+def block(m, x, b: StackBlock):
+    return B.mbconv(m, x, b.cout, expanded=b.expanded, expand=True, kernel=b.kernel, stride=b.stride, act="relu",
+                    names=B.MNASNET)
 
 
-def apply(cfg: MNASNetConfig, params, state, x, *, train: bool = False, rng=None, taps=None):
-    """``x [N, C, H, W] -> (logits [N, num_classes], new_state)``.
+#: The stem's depthwise-separable conv at ``layers.3`` .. ``layers.7`` (after the first conv).
+_STEM_DS = B.Layout("flat", start=3)
+
+
+def forward(m, cfg: MNASNetConfig, x):
+    """``x [N, C, H, W] -> logits [N, num_classes]``.
 
     Feature names (torchvision module paths): ``layers.7`` (stem, stride 2), every block
     ``layers.{8..13}.{j}``, every stack ``layers.8`` .. ``layers.13`` (strides 4, 8, 16, 16,
     32, 32) and ``layers.16`` (head).
     """
-    stem, stacks, head = plan(cfg)
-    y, s = B.run_block(params, state, x, stem, train=train)
-    y = L.tap(taps, "layers.7", y)
-    sl = dict(s["layers"])
-    for i, stack in enumerate(stacks):
-        name = str(_FIRST_STACK + i)
-        pi, si = params["layers"][name], dict(sl[name])
-        for j, b in enumerate(stack):
-            y, si[str(j)] = B.run_block(pi[str(j)], si[str(j)], y, b, train=train)
-            y = L.tap(taps, f"layers.{name}.{j}", y)
-        sl[name] = si
-        y = L.tap(taps, f"layers.{name}", y)
-    s = dict(s, layers=sl)
-    y, s = B.apply_unit(params, s, y, head, train=train)
-    y = L.tap(taps, f"layers.{_FIRST_STACK + len(stacks) + 2}", y)
-    if L.taps_complete(taps):
-        return None, (s if train else state)
-    y = L.dropout(y.mean((2, 3)), cfg.dropout, rng, train=train)
-    return L.linear(params["classifier"]["1"], y), (s if train else state)
+    (c0, c1), stacks = plan(cfg)
+    lay = m.child("layers")
+    y = lay.conv_norm_act(x, c0, 3, conv="0", norm="1", act="relu", stride=2)
+    y = B.depthwise_separable(lay, y, c1, act="relu", project_act=False, names=_STEM_DS)
+    y = lay.tap("7", y)
+    y = B.stages(lay, y, stacks, block, start=_FIRST_STACK)
+    h = _FIRST_STACK + len(stacks)
+    y = lay.conv_norm_act(y, HEAD, 1, conv=str(h), norm=str(h + 1), act="relu")
+    y = lay.tap(str(h + 2), y)
+    y = m.dropout(y.mean((2, 3)), cfg.dropout, m.rng)
+    return m.child("classifier").linear("1", y, cfg.num_classes)
 
 
 def remap(cfg: MNASNetConfig, flat: dict):
@@ -161,8 +140,10 @@ def remap(cfg: MNASNetConfig, flat: dict):
     return flat, []
 
 
-FAMILY = Family(name="mnasnet", config=MNASNetConfig, init=init, apply=apply, min_size=lambda cfg: 1,
-                paper=PAPER, remap=remap)
+#: torchvision's init: BatchNorm momentum ``1 - 0.9997``; the classifier
+#: ``kaiming_uniform_(mode="fan_out", nonlinearity="sigmoid")`` with a zero bias.
+FAMILY = family("mnasnet", MNASNetConfig, forward, paper=PAPER, remap=remap,
+                defaults={"linear": "kaiming_fan_out_uniform", "momentum": 1.0 - 0.9997})
 
 for _name, _alpha, _n in [
     ("mnasnet0_5", 0.5, 2218512),
@@ -171,6 +152,5 @@ for _name, _alpha, _n in [
     ("mnasnet1_3", 1.3, 6282256),
 ]:
     register(
-        _name, FAMILY, params=_n, reference=Reference("torchvision", _name),
-        deterministic_train={"dropout": 0.0}, alpha=_alpha,
+        _name, FAMILY, params=_n, reference=Reference("torchvision", _name), alpha=_alpha,
     )

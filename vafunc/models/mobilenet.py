@@ -11,17 +11,19 @@
   torchvision names: ``features.{n}.block.{i}.{0,1}``, SE at ``block.{i}.fc1/fc2``,
   ``classifier.0`` and ``classifier.3``. BatchNorm ``eps=1e-3, momentum=0.01``.
 
-All blocks are the shared ones of :mod:`vafunc.blocks` (depthwise separable, MBConv, SE,
-conv-BN-act); the per-family differences are data (stage tables, layouts, norms).
+All blocks are the shared ones of :mod:`vafunc.blocks` (depthwise separable, MBConv) over the
+kit's conv-BN-act and SE; the per-family differences are data (stage tables, layouts, norms).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .. import blocks as B
 from .. import layers as L
-from ..registry import Family, Reference, check_config, register
+from ..kit import Scope, family
+from ..registry import Reference, check_config, register
 
 PAPER_V1 = "Howard et al. 2017, MobileNets: Efficient CNNs for Mobile Vision Applications, arXiv:1704.04861"
 PAPER_V2 = "Sandler et al. 2018, MobileNetV2: Inverted Residuals and Linear Bottlenecks, arXiv:1801.04381"
@@ -55,57 +57,37 @@ class MobileNetV1Config:
         _check_common(self, "drop_rate")
 
 
-def plan_v1(cfg: MobileNetV1Config):
-    """``(stem ConvUnit, stages of Blocks, feature channels)``; channels rounded like timm."""
+class V1Block(NamedTuple):
+    cout: int
+    stride: int
+
+
+def plan_v1(cfg: MobileNetV1Config) -> tuple[int, tuple]:
+    """``(stem channels, stages of V1Blocks)``; channels rounded like timm."""
     ch = lambda c: B.make_divisible(c * cfg.width_mult, 8)  # noqa: E731
-    stem = B.conv_unit(cfg.in_channels, ch(32), 3, stride=2, act="relu6")._replace(conv=("conv_stem",), bn=("bn1",))
-    cin, stages = ch(32), []
-    for n, c, stride in V1_STAGES:
-        stage = []
-        for j in range(n):
-            stage.append(B.depthwise_separable(cin, ch(c), stride=stride if j == 0 else 1, act="relu6", layout=B.TIMM_DS))
-            cin = ch(c)
-        stages.append(tuple(stage))
-    return stem, tuple(stages), cin
+    stages = tuple(tuple(V1Block(ch(c), stride if j == 0 else 1) for j in range(n)) for n, c, stride in V1_STAGES)
+    return ch(32), stages
 
 
-def init_v1(cfg: MobileNetV1Config, ini) -> dict:
-    stem, stages, feat = plan_v1(cfg)
-    t = B.init_block(ini, [stem], conv_scheme="goog")
-    t["blocks"] = {
-        str(i): {str(j): B.init_block(ini, b, conv_scheme="goog") for j, b in enumerate(stage)}
-        for i, stage in enumerate(stages)
-    }
-    t["classifier"] = ini.linear(feat, cfg.num_classes, scheme="uniform_range")
-    return t
+def block_v1(m, x, b: V1Block):
+    return B.depthwise_separable(m, x, b.cout, stride=b.stride, act="relu6", names=B.TIMM_DS)
 
 
-def apply_v1(cfg: MobileNetV1Config, params, state, x, *, train: bool = False, rng=None, taps=None):
-    """``x [N, C, H, W] -> (logits [N, num_classes], new_state)``.
+def forward_v1(m, cfg: MobileNetV1Config, x):
+    """``x [N, C, H, W] -> logits [N, num_classes]``.
 
     Feature names: ``bn1`` (stem, stride 2), every block ``blocks.{i}.{j}`` and every stage
     ``blocks.0`` .. ``blocks.4`` (strides 2, 4, 8, 16, 32) -- timm's module paths.
     """
-    stem, stages, _ = plan_v1(cfg)
-    y, s = B.apply_unit(params, dict(state), x, stem, train=train)
-    y = L.tap(taps, "bn1", y)
-    sb = dict(s["blocks"])
-    for i, stage in enumerate(stages):
-        pi, si = params["blocks"][str(i)], dict(sb[str(i)])
-        for j, b in enumerate(stage):
-            y, si[str(j)] = B.run_block(pi[str(j)], si[str(j)], y, b, train=train)
-            y = L.tap(taps, f"blocks.{i}.{j}", y)
-        sb[str(i)] = si
-        y = L.tap(taps, f"blocks.{i}", y)
-    s["blocks"] = sb
-    if L.taps_complete(taps):
-        return None, (s if train else state)
-    y = L.dropout(L.global_avg_pool(y), cfg.drop_rate, rng, train=train)
-    return L.linear(params["classifier"], y), (s if train else state)
+    stem, stages = plan_v1(cfg)
+    y = m.conv_norm_act(x, stem, 3, conv="conv_stem", norm="bn1", act="relu6", stride=2)
+    y = m.tap("bn1", y)
+    y = B.stages(m.child("blocks"), y, stages, block_v1)
+    return m.head(y, cfg.num_classes, name="classifier", rate=cfg.drop_rate, rng=m.rng)
 
 
-FAMILY_V1 = Family(name="mobilenet_v1", config=MobileNetV1Config, init=init_v1, apply=apply_v1,
-                   min_size=lambda cfg: 1, paper=PAPER_V1)
+FAMILY_V1 = family("mobilenet_v1", MobileNetV1Config, forward_v1, paper=PAPER_V1,
+                   defaults={"conv": "goog", "linear": "uniform_range"})
 
 
 # =========================================================================== MobileNetV2
@@ -140,66 +122,48 @@ class MobileNetV2Config:
             raise ValueError(f"round_nearest must be a positive int, got {self.round_nearest!r}")
 
 
-def plan_v2(cfg: MobileNetV2Config):
-    """``(stem, blocks, head)``: ``features.0``, ``features.1..n``, ``features.n+1``."""
+class V2Block(NamedTuple):
+    cout: int
+    expanded: int
+    expand: bool
+    stride: int
+
+
+def plan_v2(cfg: MobileNetV2Config) -> tuple[int, tuple, int]:
+    """``(stem channels, V2Blocks, head channels)``: ``features.0``, ``features.1..n``,
+    ``features.n+1``."""
     rnd = cfg.round_nearest
     cin = B.make_divisible(32 * cfg.width_mult, rnd)
-    last = B.make_divisible(1280 * max(1.0, cfg.width_mult), rnd)
-    stem = B.conv_unit(cfg.in_channels, cin, 3, stride=2, act="relu6")
-    blocks = []
+    stem, blocks = cin, []
     for t, c, n, s in cfg.inverted_residual_setting:
         cout = B.make_divisible(c * cfg.width_mult, rnd)
         for j in range(int(n)):
-            blocks.append(B.mbconv(
-                cin, cout, expanded=int(round(cin * t)), expand=t != 1, kernel=3, stride=s if j == 0 else 1,
-                act="relu6", layout=B.MOBILENET_V2,
-            ))
+            blocks.append(V2Block(cout, int(round(cin * t)), t != 1, s if j == 0 else 1))
             cin = cout
-    head = B.conv_unit(cin, last, 1, act="relu6")
-    return stem, tuple(blocks), head
+    return stem, tuple(blocks), B.make_divisible(1280 * max(1.0, cfg.width_mult), rnd)
 
 
-def init_v2(cfg: MobileNetV2Config, ini) -> dict:
-    stem, blocks, head = plan_v2(cfg)
-    feats = {"0": B.init_block(ini, [stem])}
-    for n, b in enumerate(blocks, 1):
-        feats[str(n)] = B.init_block(ini, b)
-    feats[str(len(blocks) + 1)] = B.init_block(ini, [head])
-    return {"features": feats, "classifier": {"1": ini.linear(head.cout, cfg.num_classes, scheme="normal", std=0.01)}}
+def block_v2(m, x, b: V2Block):
+    return B.mbconv(m, x, b.cout, expanded=b.expanded, expand=b.expand, kernel=3, stride=b.stride, act="relu6",
+                    names=B.MOBILENET_V2)
 
 
-def _run_features(p, s, x, units_or_blocks, *, train, taps, rng=None):
-    """Run ``features.0 .. features.K`` (each a ConvUnit or a Block) with a tap after each."""
-    s, y = dict(s), x
-    for n, b in enumerate(units_or_blocks):
-        k = str(n)
-        if isinstance(b, B.Block):
-            y, s[k] = B.run_block(p[k], s[k], y, b, train=train, rng=B.subkey(rng, n))
-        else:
-            y, s[k] = B.apply_unit(p[k], s[k], y, b, train=train)
-        y = L.tap(taps, f"features.{n}", y)
-        if L.taps_complete(taps):
-            break
-    return y, s
-
-
-def apply_v2(cfg: MobileNetV2Config, params, state, x, *, train: bool = False, rng=None, taps=None):
-    """``x [N, C, H, W] -> (logits [N, num_classes], new_state)``.
+def forward_v2(m, cfg: MobileNetV2Config, x):
+    """``x [N, C, H, W] -> logits [N, num_classes]``.
 
     Feature names: ``features.0`` .. ``features.18`` (torchvision's module paths; the stem is
     stride 2, the last block of each stride level ends a stage).
     """
-    stem, blocks, head = plan_v2(cfg)
-    s = dict(state)
-    y, s["features"] = _run_features(params["features"], state["features"], x, (stem, *blocks, head), train=train, taps=taps)
-    if L.taps_complete(taps):
-        return None, (s if train else state)
-    y = L.dropout(L.global_avg_pool(y), cfg.dropout, rng, train=train)
-    return L.linear(params["classifier"]["1"], y), (s if train else state)
+    stem, blocks, last = plan_v2(cfg)
+    f = m.child("features")
+    y = f.block("0", Scope.conv_norm_act, x, stem, 3, stride=2, act="relu6")
+    y = B.sequence(f, y, blocks, block_v2, start=1)
+    y = f.block(str(len(blocks) + 1), Scope.conv_norm_act, y, last, 1, act="relu6")
+    return m.child("classifier").head(y, cfg.num_classes, name="1", rate=cfg.dropout, rng=m.rng)
 
 
-FAMILY_V2 = Family(name="mobilenet_v2", config=MobileNetV2Config, init=init_v2, apply=apply_v2,
-                   min_size=lambda cfg: 1, paper=PAPER_V2)
+FAMILY_V2 = family("mobilenet_v2", MobileNetV2Config, forward_v2, paper=PAPER_V2,
+                   defaults={"linear": ("normal", 0.01)})
 
 
 # =========================================================================== MobileNetV3
@@ -248,7 +212,6 @@ V3_ARCH = {
         last_channel=1024,
     ),
 }
-V3_NORM = B.Norm(eps=1e-3, momentum=0.01)
 
 
 @dataclass(frozen=True)
@@ -270,60 +233,54 @@ class MobileNetV3Config:
         _check_common(self)
 
 
-def plan_v3(cfg: MobileNetV3Config):
-    """``(stem, blocks, head, hidden)``: ``features.0``, ``features.1..n``, ``features.n+1``,
-    and the width of the first classifier layer."""
+class V3Block(NamedTuple):
+    cout: int
+    expanded: int
+    kernel: int
+    stride: int
+    dilation: int
+    act: str
+    se: int | None  # squeeze channels
+
+
+def plan_v3(cfg: MobileNetV3Config) -> tuple[int, tuple, int, int]:
+    """``(stem channels, V3Blocks, head channels, hidden)``: ``features.0``,
+    ``features.1..n``, ``features.n+1``, and the width of the first classifier layer."""
     arch = V3_ARCH[cfg.arch]
     ch = lambda c: B.make_divisible(c * cfg.width_mult, 8)  # noqa: E731
     div, dil = (2 if cfg.reduced_tail else 1), (2 if cfg.dilated else 1)
     blocks = []
     for i, (cin, k, exp, out, se, act, stride) in enumerate(arch["rows"]):
         tail, after = i >= arch["c4"], i > arch["c4"]
-        cin, exp, out = ch(cin // div if after else cin), ch(exp // div if after else exp), ch(out // div if tail else out)
-        blocks.append(B.mbconv(
-            cin, out, expanded=exp, kernel=k, stride=stride, dilation=dil if tail else 1, act=act,
-            se=(B.make_divisible(exp // 4, 8), "relu", "hardsigmoid") if se else None,
-            layout=B.TORCHVISION, norm=V3_NORM,
-        ))
-    first = blocks[0].units[0].cin
-    stem = B.conv_unit(cfg.in_channels, first, 3, stride=2, act="hardswish", norm=V3_NORM)
-    head = B.conv_unit(out, 6 * out, 1, act="hardswish", norm=V3_NORM)
-    return stem, tuple(blocks), head, ch(arch["last_channel"] // div)
+        exp, out = ch(exp // div if after else exp), ch(out // div if tail else out)
+        blocks.append(V3Block(out, exp, k, stride, dil if tail else 1, act, B.make_divisible(exp // 4, 8) if se else None))
+    stem = ch(arch["rows"][0][0])
+    return stem, tuple(blocks), 6 * out, ch(arch["last_channel"] // div)
 
 
-def init_v3(cfg: MobileNetV3Config, ini) -> dict:
-    stem, blocks, head, hidden = plan_v3(cfg)
-    feats = {"0": B.init_block(ini, [stem])}
-    for n, b in enumerate(blocks, 1):
-        feats[str(n)] = B.init_block(ini, b)
-    feats[str(len(blocks) + 1)] = B.init_block(ini, [head])
-    return {
-        "features": feats,
-        "classifier": {
-            "0": ini.linear(head.cout, hidden, scheme="normal", std=0.01),
-            "3": ini.linear(hidden, cfg.num_classes, scheme="normal", std=0.01),
-        },
-    }
+def block_v3(m, x, b: V3Block):
+    return B.mbconv(m, x, b.cout, expanded=b.expanded, kernel=b.kernel, stride=b.stride, dilation=b.dilation,
+                    act=b.act, se=b.se, se_gate="hardsigmoid", names=B.TORCHVISION)
 
 
-def apply_v3(cfg: MobileNetV3Config, params, state, x, *, train: bool = False, rng=None, taps=None):
-    """``x [N, C, H, W] -> (logits [N, num_classes], new_state)``.
+def forward_v3(m, cfg: MobileNetV3Config, x):
+    """``x [N, C, H, W] -> logits [N, num_classes]``.
 
     Feature names: ``features.0`` .. ``features.{n+1}`` (torchvision's module paths).
     """
-    stem, blocks, head, _ = plan_v3(cfg)
-    s = dict(state)
-    y, s["features"] = _run_features(params["features"], state["features"], x, (stem, *blocks, head), train=train, taps=taps)
-    if L.taps_complete(taps):
-        return None, (s if train else state)
-    pc = params["classifier"]
-    y = L.hardswish(L.linear(pc["0"], L.global_avg_pool(y)))
-    y = L.dropout(y, cfg.dropout, rng, train=train)
-    return L.linear(pc["3"], y), (s if train else state)
+    stem, blocks, head, hidden = plan_v3(cfg)
+    f = m.child("features")
+    y = f.block("0", Scope.conv_norm_act, x, stem, 3, stride=2, act="hardswish")
+    y = B.sequence(f, y, blocks, block_v3, start=1)
+    y = f.block(str(len(blocks) + 1), Scope.conv_norm_act, y, head, 1, act="hardswish")
+    c = m.child("classifier")
+    y = L.hardswish(c.linear("0", L.global_avg_pool(y), hidden))
+    return c.linear("3", m.dropout(y, cfg.dropout, m.rng), cfg.num_classes)
 
 
-FAMILY_V3 = Family(name="mobilenet_v3", config=MobileNetV3Config, init=init_v3, apply=apply_v3,
-                   min_size=lambda cfg: 1, paper=PAPER_V3)
+#: torchvision's MobileNetV3: BatchNorm eps 1e-3, momentum 0.01; classifier N(0, 0.01).
+FAMILY_V3 = family("mobilenet_v3", MobileNetV3Config, forward_v3, paper=PAPER_V3,
+                   defaults={"linear": ("normal", 0.01), "eps": 1e-3, "momentum": 0.01})
 
 
 # =========================================================================== registry
@@ -334,13 +291,10 @@ register(
 )
 register(
     "mobilenet_v2", FAMILY_V2, params=3504872, reference=Reference("torchvision", "mobilenet_v2"),
-    deterministic_train={"dropout": 0.0},
 )
 register(
-    "mobilenet_v3_large", FAMILY_V3, params=5483032, reference=Reference("torchvision", "mobilenet_v3_large"),
-    deterministic_train={"dropout": 0.0}, arch="large",
+    "mobilenet_v3_large", FAMILY_V3, params=5483032, reference=Reference("torchvision", "mobilenet_v3_large"), arch="large",
 )
 register(
-    "mobilenet_v3_small", FAMILY_V3, params=2542856, reference=Reference("torchvision", "mobilenet_v3_small"),
-    deterministic_train={"dropout": 0.0}, arch="small",
+    "mobilenet_v3_small", FAMILY_V3, params=2542856, reference=Reference("torchvision", "mobilenet_v3_small"), arch="small",
 )

@@ -1,0 +1,169 @@
+"""Every ```python block of the README runs on its own, as a newcomer pastes it.
+
+Each block runs in a fresh interpreter (``sys.executable``) in an empty working directory, with
+``TORCH_HOME`` pointing into that temporary tree and ``VAFUNC_OFFLINE=1``, so nothing can come from
+the user's cache or the network. A block may be marked by an HTML comment on the line before its
+fence, ``<!-- readme-test: MARKER [MARKER ...] -->``:
+
+* ``network``: it needs files a user would download or have at hand. The test prepares them: for
+  each ``vafunc.hub.pretrained("name"[, "TAG"])`` in the block, a checkpoint saved from a randomly
+  initialised torchvision model under the file name the hub expects in
+  ``$TORCH_HOME/hub/checkpoints/`` (the hub trusts a file already in the cache and re-checks its
+  SHA-256 only with ``load_weights(..., check_hash=True)``, so this stand-in loads; what it checks is
+  the block's code path, not the published weights), and for each ``"name.jpg"``/``"name.png"`` it
+  names, one of scikit-image's photographs in the working directory.
+* ``torchrun``: a complete script, written to ``train.py`` and launched as the README says,
+  ``torchrun --standalone --nproc_per_node 2 train.py`` (gloo on CPU).
+* ``slow``: takes more than ~20 s (``torch.compile``); runs under ``pytest -m slow``.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+MARKERS = {"network", "torchrun", "slow"}
+TORCHRUN = ["--standalone", "--nproc_per_node", "2", "train.py"]
+TIMEOUT_S = {"plain": 240, "torchrun": 300, "slow": 600}
+
+# a marker comment (optional) directly above a ```python fence, the code, the closing fence
+_BLOCK = re.compile(
+    r"^(?:<!--\s*readme-test:\s*(?P<markers>[^>]*?)\s*-->\n)?```python\n(?P<code>.*?)^```[ \t]*$",
+    re.M | re.S,
+)
+# anything that opens a Python-ish fenced block, to catch one the parser above would miss
+_ANY_PY_FENCE = re.compile(r"^[ \t]*(```|~~~)[ \t]*(python3?|py|pycon|ipython)\b", re.M | re.I)
+_MARKER_COMMENT = re.compile(r"<!--\s*readme-test\b", re.I)
+_PRETRAINED = re.compile(r"""hub\.pretrained\(\s*["'](\w+)["'](?:\s*,\s*["'](\w+)["'])?""")
+_IMAGE = re.compile(r"""["']([\w.-]+\.(?:jpe?g|png))["']""", re.I)
+
+
+def _headings(text: str) -> list[tuple[int, str]]:
+    """(offset, title) of the markdown headings outside fenced blocks."""
+    out, pos, fenced = [], 0, False
+    for line in text.splitlines(keepends=True):
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and (m := re.match(r"#+\s+(.*)", line)):
+            out.append((pos, m.group(1)))
+        pos += len(line)
+    return out
+
+
+def _blocks(text: str) -> list[dict]:
+    out, per_heading = [], {}
+    headings = _headings(text)
+    for m in _BLOCK.finditer(text):
+        heading = next((h for pos, h in reversed(headings) if pos < m.start()), "top")
+        slug = "-".join(re.findall(r"[a-z0-9]+", heading.lower())[:3])
+        per_heading[slug] = per_heading.get(slug, 0) + 1
+        markers = set((m.group("markers") or "").replace(",", " ").split())
+        out.append({
+            "id": f"{slug}-{per_heading[slug]}",
+            "line": text.count("\n", 0, m.start()) + 1 + (1 if m.group("markers") is not None else 0),
+            "markers": markers,
+            "code": m.group("code"),
+        })
+    return out
+
+
+BLOCKS = _blocks(README.read_text())
+
+
+def test_every_python_block_is_collected():
+    text = README.read_text()
+    assert BLOCKS, "no ```python blocks found in README.md"
+    fences = _ANY_PY_FENCE.findall(text)
+    assert len(fences) == len(BLOCKS), (
+        f"README.md opens {len(fences)} Python code blocks but {len(BLOCKS)} were collected: write each "
+        "as a fence of exactly ```python at the start of a line, closed by ``` on its own line"
+    )
+    marked = sum(1 for b in BLOCKS if b["markers"])
+    comments = len(_MARKER_COMMENT.findall(text))
+    assert comments == marked, (
+        f"{comments} readme-test comments but {marked} marked blocks: a marker must be the line "
+        "directly above its ```python fence"
+    )
+    for b in BLOCKS:
+        unknown = b["markers"] - MARKERS
+        assert not unknown, f"README.md line {b['line']}: unknown readme-test marker(s) {sorted(unknown)}"
+        if "init_process_group" in b["code"]:
+            assert "torchrun" in b["markers"], f"README.md line {b['line']}: a torch.distributed block must be marked torchrun"
+        if "torchrun" in b["markers"]:
+            assert "destroy_process_group" in b["code"], f"README.md line {b['line']}: a torchrun script must end its process group"
+    if any("torchrun" in b["markers"] for b in BLOCKS):
+        assert "torchrun " + " ".join(TORCHRUN) in text, "the README's torchrun command is not the one this test runs"
+
+
+def _stand_in_checkpoints(code: str, torch_home: pathlib.Path) -> None:
+    """Random-weight torchvision checkpoints under the names the hub resolves the block's tags to."""
+    import torch
+    import torchvision
+
+    import vafunc
+
+    for name, tag in _PRETRAINED.findall(code):
+        w = vafunc.hub.get_weights(name, tag or "DEFAULT")
+        if w.source != "torchvision":
+            pytest.fail(f"no local stand-in for {w.source} checkpoint {w.name}; use a torchvision model in the README")
+        dst = torch_home / "hub" / "checkpoints" / w.file
+        if dst.exists():
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(0)
+        torch.save(torchvision.models.get_model(w.model, weights=None, **dict(w.config)).state_dict(), dst)
+
+
+def _photos(code: str, cwd: pathlib.Path) -> None:
+    """scikit-image's photographs under the file names the block opens."""
+    from PIL import Image
+    from skimage import data
+
+    source = {"cat": data.chelsea, "chelsea": data.chelsea, "coffee": data.coffee}
+    for fname in _IMAGE.findall(code):
+        stem = pathlib.Path(fname).stem.lower()
+        Image.fromarray(source.get(stem, data.astronaut)()).save(cwd / fname)
+
+
+def _tail(s: str, n: int = 6000) -> str:
+    return s if len(s) <= n else "...\n" + s[-n:]
+
+
+@pytest.mark.parametrize(
+    "block", [pytest.param(b, id=b["id"], marks=[pytest.mark.slow] if "slow" in b["markers"] else []) for b in BLOCKS]
+)
+def test_readme_block_runs(block, tmp_path):
+    cwd = tmp_path / "work"
+    cwd.mkdir()
+    torch_home = tmp_path / "torch_home"
+    torch_home.mkdir()
+    env = {**os.environ, "TORCH_HOME": str(torch_home), "VAFUNC_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        env.setdefault("OMP_NUM_THREADS", "1")  # as conftest: one thread per xdist worker
+    code, markers = block["code"], block["markers"]
+    if "network" in markers:
+        _stand_in_checkpoints(code, torch_home)
+        _photos(code, cwd)
+    if "torchrun" in markers:
+        (cwd / "train.py").write_text(code)
+        cmd = [sys.executable, "-m", "torch.distributed.run", *TORCHRUN]  # == `torchrun ...` in this venv
+        timeout = TIMEOUT_S["torchrun"]
+    else:
+        (cwd / "block.py").write_text(code)
+        cmd = [sys.executable, "block.py"]
+        timeout = TIMEOUT_S["slow" if "slow" in markers else "plain"]
+    try:
+        r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as err:
+        out = (err.stderr or b"").decode() if isinstance(err.stderr, bytes) else (err.stderr or "")
+        pytest.fail(f"README.md line {block['line']} ({block['id']}) ran over {timeout} s\n{_tail(out)}")
+    assert r.returncode == 0, (
+        f"README.md line {block['line']} ({block['id']}, markers {sorted(markers) or 'none'}) exited with "
+        f"{r.returncode}\n--- code ---\n{code}--- stdout ---\n{_tail(r.stdout, 2000)}\n--- stderr ---\n{_tail(r.stderr)}"
+    )
