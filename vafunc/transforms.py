@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import _imageops
 from ._imageops import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -50,22 +51,7 @@ from ._imageops import (
 )
 from .hub.table import Weights, get_weights
 
-__all__ = [
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "INTERPOLATIONS",
-    "Transform",
-    "decode",
-    "open_image",
-    "to_tensor",
-    "resize",
-    "resized_shape",
-    "center_crop",
-    "to_float",
-    "normalize",
-    "reverse_channels",
-    "for_weights",
-]
+__all__ = [*_imageops.__all__, "for_weights"]
 
 
 def for_weights(model: Any, tag: str = "DEFAULT", *, method: str = "pil") -> Transform:
