@@ -10,11 +10,11 @@ from torch._inductor.utils import run_and_get_code
 import torch_compat
 import vafunc
 from benchmarks.photos import photo_crops, realistic_random
-from oracle import perturb
+from oracle import perturb, representatives
 
 FAST = ("resnet18", "mobilenet_v3_small")  # plain convs and residuals; depthwise, hardswish and SE
-SLOW = ("googlenet", "alexnet", "vgg11_bn", "densenet121", "inception_v3", "inception_v2", "xception", "mobilenet_v1",
-        "mobilenet_v2", "mnasnet0_5", "efficientnet_b0", "efficientnet_v2_s")
+#: every other family's representative, and EfficientNet v2's fused blocks
+SLOW = tuple(dict.fromkeys(n for n in (*representatives().values(), "efficientnet_v2_s") if n not in FAST))
 
 
 def _perturbed(name, **kw):
