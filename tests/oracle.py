@@ -178,13 +178,17 @@ def build_reference_fast(name: str, seed: int = 0, **config) -> torch.nn.Module:
     return module.eval()
 
 
+#: tensor names of layer scale (ConvNeXt's ``layer_scale``, timm's ``gamma``), set to O(1) values
+LAYER_SCALES = {"layer_scale", "gamma"}
+
+
 @torch.no_grad()
 def perturb(module: torch.nn.Module, seed: int = 0, size: tuple[int, int, int] | None = None):
     """Move every parameter and BatchNorm statistic away from its init values.
 
     Default init makes BN weights 1, biases 0 and running stats 0/1 (and zero_init_residual
     zeros), so an equality test over it can pass by accident. Weights get multiplicative noise,
-    1-D parameters additive noise; then (``size`` = (batch, H, W) of a calibration batch) every
+    1-D parameters additive noise, layer scales O(1) values; then (``size`` = (batch, H, W) of a calibration batch) every
     BatchNorm's running statistics are set from the activations it actually sees, layer by layer,
     and jittered. Without calibration, random statistics can make a deep network's eval output
     vanish or stop depending on the input (GoogLeNet: spread 3e-8 across a batch), and an
@@ -202,6 +206,8 @@ def perturb(module: torch.nn.Module, seed: int = 0, size: tuple[int, int, int] |
             t.copy_(torch.empty(t.shape).uniform_(0.5, 1.5, generator=g))
         elif leaf == "running_mean":
             t.copy_(torch.randn(t.shape, generator=g) * 0.1)
+        elif leaf in LAYER_SCALES:  # starts near 1e-6: noise on that scale would leave blocks invisible
+            t.copy_(torch.empty(t.shape).uniform_(0.3, 0.7, generator=g))
         elif t.dim() <= 1:
             t.add_(torch.randn(t.shape, generator=g) * 0.1)
         else:

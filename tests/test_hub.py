@@ -118,9 +118,10 @@ def test_registered_models_with_the_checkpoint_config_have_the_published_paramet
             assert model.num_params() == w.num_params, w.name
 
 
-def test_every_registered_model_but_densenet264_has_weights():
+def test_every_registered_model_but_the_unpublished_has_weights():
+    # densenet264: the paper's, never released; timm's efficientnet_lite1..4 are untrained configs
     missing = [n for n in vafunc.list_models() if not hub.list_weights(n)]
-    assert missing == ["densenet264"]
+    assert missing == ["densenet264", *(f"efficientnet_lite{i}" for i in range(1, 5))]
 
 
 def test_categories_are_torchvisions():

@@ -23,6 +23,8 @@ a :class:`Layout` says where each unit of a block keeps its tensors (``names=``)
                     ``layers.{k+2}`` the (parameter-free) activation, so indices skip by 3
 ``TIMM_DS``         timm's depthwise-separable block: ``conv_dw``/``bn1``, ``se.conv_reduce/
                     conv_expand``, ``conv_pw``/``bn2`` (a :meth:`Layout.named` layout)
+``TIMM_IR``         timm's inverted residual (``InvertedResidual``): ``conv_pw``/``bn1``,
+                    ``conv_dw``/``bn2``, ``se.conv_reduce/conv_expand``, ``conv_pwl``/``bn3``
 ==================  ========================================================================
 """
 
@@ -37,6 +39,7 @@ __all__ = [
     "MOBILENET_V2",
     "MNASNET",
     "TIMM_DS",
+    "TIMM_IR",
     "mbconv",
     "fused_mbconv",
     "depthwise_separable",
@@ -138,6 +141,8 @@ TORCHVISION = Layout("cna", "block")
 MOBILENET_V2 = Layout("cna_bare_project", "conv")
 MNASNET = Layout("flat", "layers")
 TIMM_DS = Layout.named(dw=("conv_dw", "bn1"), se=("se.conv_reduce", "se.conv_expand"), project=("conv_pw", "bn2"))
+TIMM_IR = Layout.named(expand=("conv_pw", "bn1"), dw=("conv_dw", "bn2"), se=("se.conv_reduce", "se.conv_expand"),
+                       project=("conv_pwl", "bn3"))
 
 
 # --------------------------------------------------------------------------- blocks

@@ -214,7 +214,9 @@ class Scope:
     # ------------------------------------------------------------------ layers
     def conv(self, name, x, cout, kernel, *, stride=1, padding=None, dilation=1, groups=1, bias=False, init=None):
         """Conv2d ``[N, Cin, H, W] -> [N, cout, H', W']`` with tensors at ``name``; padding
-        defaults to "same" (:func:`same_padding`); ``init``: an init scheme (``vafunc.init``)."""
+        defaults to "same" (:func:`same_padding`); ``padding="tf_same"``: TensorFlow's "SAME"
+        (:func:`vafunc.layers.pad_same`, for TF-ported checkpoints: asymmetric at stride 2);
+        ``init``: an init scheme (``vafunc.init``)."""
         if self.ini is None:
             p = self.p[name]
         else:
@@ -222,6 +224,11 @@ class Scope:
             p = self._create(name, lambda ini: ini.conv_scheme(scheme, x.shape[1], cout, kernel, groups=groups, bias=bias))
         if padding is None:
             padding = same_padding(kernel, dilation)
+        elif padding == "tf_same":  # TensorFlow "SAME": static where it is symmetric, else padded to fit
+            if stride in (1, (1, 1)) and (kernel % 2 if isinstance(kernel, int) else all(k % 2 for k in kernel)):
+                padding = same_padding(kernel, dilation)
+            else:
+                x, padding = L.pad_same(x, kernel, stride, dilation), 0
         return F.conv2d(x, p["weight"], p.get("bias"), stride, padding, dilation, groups)
 
     def linear(self, name, x, fout, *, bias=True, init=None):

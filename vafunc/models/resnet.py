@@ -2,10 +2,22 @@
 
 He et al. 2016, "Deep Residual Learning for Image Recognition" (arXiv:1512.03385), Table 1;
 Xie et al. 2017, "Aggregated Residual Transformations" (ResNeXt, arXiv:1611.05431);
-Zagoruyko & Komodakis 2016, "Wide Residual Networks" (arXiv:1605.07146).
+Zagoruyko & Komodakis 2016, "Wide Residual Networks" (arXiv:1605.07146);
+Hu et al. 2018, "Squeeze-and-Excitation Networks" (SE-ResNet / SE-ResNeXt, arXiv:1709.01507,
+Fig. 3 and Table 1), in timm's layout (``seresnet50``, ``seresnext50_32x4d``).
 
 State-dict names are torchvision's: ``conv1``, ``bn1``, ``layer{1..4}.{i}.conv{1,2,3}``,
-``layer{1..4}.{i}.bn{1,2,3}``, ``layer{1..4}.{i}.downsample.{0,1}``, ``fc``.
+``layer{1..4}.{i}.bn{1,2,3}``, ``layer{1..4}.{i}.downsample.{0,1}``, ``fc``. timm's ResNet uses
+the same names; its SE variants (``attn_layer="se"``) add ``layer{1..4}.{i}.se.fc1`` / ``.fc2``
+(1x1 convs with bias) after the block's last BatchNorm and before ``downsample``.
+
+SE-ResNet (paper Fig. 3): the squeeze-and-excitation gate rescales the residual branch's
+channels after its last BatchNorm, before the shortcut is added. The squeeze width is timm's
+``SEModule`` default, ``make_divisible(channels / 16, 8, round_limit=0)`` (reduction ratio 16 of
+the paper's Table 1: 16, 32, 64, 128 for the four bottleneck stages). timm's init: every conv
+weight ``kaiming_normal_(fan_out, relu)``, the SE conv biases keep torch's default uniform
+``+-1/sqrt(fan_in)``, ``fc`` torch's default, and the last BatchNorm weight of every residual
+branch zero (``zero_init_last=True``, which is ``zero_init_residual`` here).
 """
 
 from __future__ import annotations
@@ -15,10 +27,16 @@ from typing import NamedTuple
 
 
 from .. import layers as L
-from ..kit import family
+from ..blocks import make_divisible
+from ..kit import family, subkey
 from ..registry import Reference, check_config, register
 
 PAPER = "He et al. 2016, Deep Residual Learning for Image Recognition, arXiv:1512.03385"
+_SE = "Hu et al. 2018, Squeeze-and-Excitation Networks, arXiv:1709.01507"
+
+#: timm's SE convs: its ResNet init redraws every conv weight (kaiming normal, fan_out) and leaves
+#: the SE biases at torch's default Conv2d init.
+SE_INIT = "kaiming_fan_out_default_bias"
 
 #: Table 1 of the paper: block type and blocks per stage.
 STAGES = {
@@ -34,7 +52,11 @@ STAGE_PLANES = (64, 128, 256, 512)
 
 @dataclass(frozen=True)
 class ResNetConfig:
-    """torchvision ``ResNet`` keywords (``norm_layer`` aside)."""
+    """torchvision ``ResNet`` keywords (``norm_layer`` aside), plus three of timm's ``ResNet``
+    for its SE variants: ``attn_layer`` (timm's ``block_args=dict(attn_layer=...)``; ``"se"``
+    or ``None``), ``drop_rate`` (dropout before ``fc``) and ``drop_path_rate`` (stochastic depth,
+    block ``b`` of ``B`` at ``drop_path_rate * b / (B - 1)``, timm's linear rule). timm's
+    ``zero_init_last`` is ``zero_init_residual``."""
 
     block: str = "bottleneck"
     layers: tuple = (3, 4, 6, 3)
@@ -44,8 +66,13 @@ class ResNetConfig:
     width_per_group: int = 64
     replace_stride_with_dilation: tuple | None = None
     in_channels: int = 3
+    attn_layer: str | None = None
+    drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
 
     def __post_init__(self):
+        if self.attn_layer not in (None, "se"):
+            raise ValueError(f"attn_layer must be None or 'se', got {self.attn_layer!r}")
         if self.block not in EXPANSION:
             raise ValueError(f"block must be 'basic' or 'bottleneck', got {self.block!r}")
         object.__setattr__(self, "layers", tuple(int(n) for n in self.layers))
@@ -60,7 +87,8 @@ class ResNetConfig:
             raise ValueError("BasicBlock only supports groups=1 and width_per_group=64")
         if self.block == "basic" and any(rswd):
             raise ValueError("dilation > 1 is not supported with BasicBlock")
-        check_config(self, positive_ints=("num_classes", "in_channels", "groups", "width_per_group"))
+        check_config(self, positive_ints=("num_classes", "in_channels", "groups", "width_per_group"),
+                     rates=("drop_rate", "drop_path_rate"))
 
 
 class BlockSpec(NamedTuple):
@@ -71,12 +99,20 @@ class BlockSpec(NamedTuple):
     dilation: int  # dilation of the 3x3 conv
     groups: int  # groups of the 3x3 conv (ResNeXt cardinality)
     downsample: bool
+    index: int = 0  # block number over all stages (its stochastic-depth key)
+    drop_path: float = 0.0  # stochastic-depth rate of the residual branch
+
+
+def se_channels(c: int) -> int:
+    """timm's ``SEModule`` squeeze width: ``make_divisible(c / 16, 8, round_limit=0)``."""
+    return make_divisible(c / 16, 8, round_limit=0.0)
 
 
 def plan(cfg: ResNetConfig) -> tuple[tuple[BlockSpec, ...], ...]:
     """Per-stage block specs, derived from the config (no mutable construction state)."""
     exp = EXPANSION[cfg.block]
-    inplanes, dilation, stages = 64, 1, []
+    inplanes, dilation, stages, index = 64, 1, [], 0
+    last = sum(cfg.layers) - 1
     for i, (planes, n) in enumerate(zip(STAGE_PLANES, cfg.layers)):
         stride = 1 if i == 0 else 2
         prev_dilation = dilation
@@ -87,8 +123,9 @@ def plan(cfg: ResNetConfig) -> tuple[tuple[BlockSpec, ...], ...]:
         for j in range(n):
             s, d = (stride, prev_dilation) if j == 0 else (1, dilation)
             down = j == 0 and (stride != 1 or inplanes != planes * exp)
-            blocks.append(BlockSpec(inplanes, width, planes * exp, s, d, cfg.groups, down))
-            inplanes = planes * exp
+            rate = cfg.drop_path_rate * index / last if last else 0.0
+            blocks.append(BlockSpec(inplanes, width, planes * exp, s, d, cfg.groups, down, index, rate))
+            inplanes, index = planes * exp, index + 1
         stages.append(tuple(blocks))
     return tuple(stages)
 
@@ -103,7 +140,7 @@ def basic_block(m, x, b: BlockSpec, cfg: ResNetConfig):
     """
     y = m.conv_norm_act(x, b.width, 3, conv="conv1", norm="bn1", act="relu", stride=b.stride, padding=1)
     y = m.conv_norm_act(y, b.outplanes, 3, conv="conv2", norm="bn2", padding=1, zero_init=cfg.zero_init_residual)
-    return L.add_relu_(y, shortcut(m, x, b))
+    return L.add_relu_(branch_tail(m, y, b, cfg), shortcut(m, x, b))
 
 
 def bottleneck(m, x, b: BlockSpec, cfg: ResNetConfig):
@@ -115,7 +152,18 @@ def bottleneck(m, x, b: BlockSpec, cfg: ResNetConfig):
     y = m.conv_norm_act(y, b.width, 3, conv="conv2", norm="bn2", act="relu", stride=b.stride, padding=b.dilation,
                         dilation=b.dilation, groups=b.groups)
     y = m.conv_norm_act(y, b.outplanes, 1, conv="conv3", norm="bn3", zero_init=cfg.zero_init_residual)
-    return L.add_relu_(y, shortcut(m, x, b))
+    return L.add_relu_(branch_tail(m, y, b, cfg), shortcut(m, x, b))
+
+
+def branch_tail(m, y, b: BlockSpec, cfg: ResNetConfig):
+    """The end of the residual branch: SE at ``se.fc1/fc2`` (timm's ``attn_layer="se"``), then
+    stochastic depth at ``b.drop_path`` keyed by the block scope's key; ``y`` stays a fresh
+    tensor (the sum is taken in place in it)."""
+    if cfg.attn_layer == "se":
+        y = m.child("se").squeeze_excite(y, se_channels(y.shape[1]), init=SE_INIT)
+    if b.drop_path:
+        y = m.drop_path(y, b.drop_path, m.rng)
+    return y
 
 
 def shortcut(m, x, b: BlockSpec):
@@ -128,24 +176,30 @@ def shortcut(m, x, b: BlockSpec):
 BLOCKS = {"basic": basic_block, "bottleneck": bottleneck}
 
 
-def stage(m, x, blocks: tuple, cfg: ResNetConfig):
+def stage(m, x, blocks: tuple, cfg: ResNetConfig, rng=None):
     for j, b in enumerate(blocks):
-        x = m.block(str(j), BLOCKS[cfg.block], x, b, cfg)
+        x = m.block(str(j), BLOCKS[cfg.block], x, b, cfg, rng=subkey(rng, b.index))
     return x
 
 
 def forward(m, cfg: ResNetConfig, x):
     """``x [N, C, H, W] -> logits [N, num_classes]``.
 
-    Feature names: ``relu`` (stride 2), ``maxpool`` (4), every block ``layer{i}.{j}`` and every
-    stage ``layer1`` .. ``layer4`` (strides 4, 8, 16, 32 without dilation).
+    Feature names: the stem activation ``relu`` (torchvision; timm's SE models: ``act1``, stride
+    2), ``maxpool`` (4), every block ``layer{i}.{j}`` and every stage ``layer1`` .. ``layer4``
+    (strides 4, 8, 16, 32 without dilation).
+
+    Random slots (train mode, non-zero rates only): ``m.key(0)`` the dropout before ``fc``
+    (``drop_rate``); block ``b`` (counted over all stages) draws its stochastic depth from
+    ``fold_in(m.key(1), b)``.
     """
     y = m.conv_norm_act(x, 64, 7, conv="conv1", norm="bn1", act="relu", stride=2, padding=3)
-    y = m.tap("relu", y)
+    y = m.tap("act1" if cfg.attn_layer else "relu", y)
     y = m.tap("maxpool", L.max_pool2d(y, 3, 2, 1))
+    k_blocks = m.key(1) if cfg.drop_path_rate else None
     for i, blocks in enumerate(plan(cfg)):
-        y = m.block(f"layer{i + 1}", stage, y, blocks, cfg)
-    return m.head(y, cfg.num_classes)
+        y = m.block(f"layer{i + 1}", stage, y, blocks, cfg, k_blocks)
+    return m.head(y, cfg.num_classes, rate=cfg.drop_rate, rng=m.key(0) if cfg.drop_rate else None)
 
 
 FAMILY = family("resnet", ResNetConfig, forward, paper=PAPER)
@@ -170,4 +224,13 @@ for _name, _depth, _g, _w, _n, _paper in [
     register(
         _name, FAMILY, params=_n, reference=Reference("torchvision", _name), paper=_paper,
         block="bottleneck", layers=STAGES[_depth][1], groups=_g, width_per_group=_w,
+    )
+
+
+# timm's SE-ResNet / SE-ResNeXt (block_args=dict(attn_layer="se"); zero_init_last=True by default)
+for _name, _g, _w, _n in [("seresnet50", 1, 64, 28088024), ("seresnext50_32x4d", 32, 4, 27559896)]:
+    register(
+        _name, FAMILY, params=_n, reference=Reference("timm", _name), paper=_SE,
+        block="bottleneck", layers=STAGES[50][1], groups=_g, width_per_group=_w, attn_layer="se",
+        zero_init_residual=True,
     )
