@@ -18,6 +18,7 @@ so the path is known to work on a family before its first giant arrives.
 from __future__ import annotations
 
 import collections
+import functools
 
 import pytest
 import torch
@@ -122,9 +123,17 @@ def _require_reference(name):
 def pair(request):
     name = request.param
     _require_reference(name)
+    return _pair(name)
+
+
+@functools.lru_cache(maxsize=1)
+def _pair(name):
+    """The fixture's value, kept for the last model: pytest-xdist may tear a module fixture down
+    between two tests of the same parameter when its queue runs dry, and building a large
+    reference again costs seconds."""
     torch.manual_seed(1234)
     model = vafunc.get_model(name)
-    ref = perturb(build_reference_fast(name), seed=7, size=sizes_for(model)[0])
+    ref = perturb(build_reference(name), seed=7, size=sizes_for(model)[0])
     live = ref.state_dict()
     sd = collections.OrderedDict((k, v.detach().clone()) for k, v in live.items())
     sd._metadata = live._metadata  # torchvision's MNASNet refuses a state_dict without versions
