@@ -24,8 +24,7 @@ import time
 import torch
 
 import vafunc
-from benchmarks.photos import PHOTOS, photos
-from vafunc import transforms as T
+from benchmarks.photos import PHOTOS, photo_crops
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "lite_bf16.csv")
 MODEL = "tf_efficientnet_lite0"
@@ -42,16 +41,8 @@ def lite_crops(size: int = 224, *, names=PHOTOS, flips: bool = True) -> torch.Te
     """Crops ``[N, 3, size, size]`` normalised like the TF checkpoints (mean = std = 0.5): each
     photo's shorter side resized (bicubic) to ``floor(size / 0.875)``, then the centre and four
     corner crops, and their mirror images (10 per photo, 70 for the default photos)."""
-    out = []
-    for img in photos(names):
-        big = T.normalize(T.to_float(T.resize(img, int(size / 0.875), "bicubic")), (0.5,) * 3, (0.5,) * 3)
-        h, w = big.shape[-2:]
-        crops = [T.center_crop(big, size)]
-        crops += [big[:, i : i + size, j : j + size] for i in (0, h - size) for j in (0, w - size)]
-        if flips:
-            crops += [c.flip(-1) for c in crops]
-        out += crops
-    return torch.stack(out)
+    return photo_crops(size, flips=flips, names=names, resize=int(size / 0.875), interpolation="bicubic",
+                       mean=(0.5,) * 3, std=(0.5,) * 3)
 
 
 def timm_reference(flat: dict) -> torch.nn.Module:

@@ -23,12 +23,15 @@ def photos(names=PHOTOS) -> list[torch.Tensor]:
     return [torch.from_numpy(getattr(skdata, n)()[..., :3]).permute(2, 0, 1).contiguous() for n in names]
 
 
-def photo_crops(size: int = 224, *, flips: bool = True, names=PHOTOS) -> torch.Tensor:
-    """ImageNet-normalised crops ``[N, 3, size, size]``: each photo resized so its shorter side is
-    ``size * 8 / 7``, then the centre and four corner crops (and their mirror images)."""
+def photo_crops(size: int = 224, *, flips: bool = True, names=PHOTOS, resize: int | None = None,
+                interpolation: str = "bilinear", mean=T.IMAGENET_MEAN, std=T.IMAGENET_STD) -> torch.Tensor:
+    """Normalised crops ``[N, 3, size, size]`` (ImageNet mean/std by default): each photo resized so
+    its shorter side is ``resize`` (default ``size * 8 / 7``), then the centre and four corner
+    crops (and their mirror images)."""
     out = []
+    resize = round(size * 8 / 7) if resize is None else resize
     for img in photos(names):
-        big = T.normalize(T.to_float(T.resize(img, round(size * 8 / 7))), T.IMAGENET_MEAN, T.IMAGENET_STD)
+        big = T.normalize(T.to_float(T.resize(img, resize, interpolation)), mean, std)
         h, w = big.shape[-2:]
         crops = [T.center_crop(big, size)]
         crops += [big[:, i : i + size, j : j + size] for i in (0, h - size) for j in (0, w - size)]
