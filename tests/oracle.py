@@ -245,6 +245,23 @@ def _calibrate(module: torch.nn.Module, size, g: torch.Generator) -> None:
         module.train(was_training)
 
 
+def module_outputs(ref: torch.nn.Module, names, x) -> dict:
+    """The output of each named submodule of ``ref`` on ``x`` (a copy taken when the module
+    returns, before any later in-place op can change it): what a feature name means."""
+    out, handles = {}, []
+    for n in names:
+        def hook(module, args, y, n=n):
+            out[n] = y.detach().clone()
+        handles.append(ref.get_submodule(n).register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            ref(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return out
+
+
 def build_reference_meta(name: str, **config) -> torch.nn.Module:
     """``build_reference`` on the meta device: names and shapes without memory or init cost.
 

@@ -19,7 +19,7 @@ import warnings
 
 import pytest
 import torch
-from oracle import build_reference, build_reference_meta, perturb
+from oracle import build_reference, build_reference_meta, module_outputs, perturb
 
 import vafunc
 from vafunc import blocks as B
@@ -51,16 +51,10 @@ def test_feature_taps_are_timms_module_outputs(name):
     params, state = _load(model, ref)
     names = model.feature_names
     assert names[0] == "bn1" and names[-1] == "bn2" and "blocks.6" in names and len(names) == len(set(names))
-    got, mods = {}, dict(ref.named_modules())
-    hooks = [mods[n].register_forward_hook(lambda m, i, o, n=n: got.__setitem__(n, o.detach().clone())) for n in names]
     x = torch.randn(2, 3, 35, 38)  # odd and even: TF padding is asymmetric at stride 2 on even sizes
-    try:
-        with torch.no_grad():
-            ref(x)
-            feats, _ = model.features(params, state, x, names)
-    finally:
-        for h in hooks:
-            h.remove()
+    got = module_outputs(ref, names, x)
+    with torch.no_grad():
+        feats, _ = model.features(params, state, x, names)
     for n in names:
         _close(feats[n], got[n])
     taps = L.Taps(["blocks.2"])  # early exit before the head

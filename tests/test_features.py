@@ -9,7 +9,7 @@ import torch
 from torchvision.models.feature_extraction import create_feature_extractor
 
 import vafunc
-from oracle import build_reference, heavy_params, perturb
+from oracle import build_reference, heavy_params, module_outputs, perturb
 
 #: BN-Inception's feature names are the Caffe graph's blob names (``inception_3a_output``), not
 #: module paths of Cadene's module: test_classic_b checks its taps against the reference
@@ -18,22 +18,6 @@ WITH_REFERENCE = [n for n in vafunc.list_models()
 TORCHVISION = [n for n in WITH_REFERENCE if vafunc.get_entry(n).reference.source == "torchvision"]
 #: bottleneck blocks and the widest stages (resnet18, the resnet representative, has basic blocks)
 ALSO = ("resnet50",)
-
-
-def _module_outputs(ref: torch.nn.Module, names, x) -> dict:
-    """The output of each named submodule of ``ref`` on ``x`` (a copy taken when the module
-    returns, before any later in-place op can change it)."""
-    out, handles = {}, []
-    for n in names:
-        def hook(module, args, y, n=n):
-            out[n] = y.detach().clone()
-        handles.append(ref.get_submodule(n).register_forward_hook(hook))
-    try:
-        ref(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return out
 
 
 @pytest.mark.parametrize("name", heavy_params(WITH_REFERENCE, also=ALSO))
@@ -55,7 +39,7 @@ def test_features_are_the_reference_modules_outputs(name):
     m = model.min_size
     x = torch.randn(2, 3, max(72, m + 8), max(64, m))
     with torch.no_grad():
-        want = _module_outputs(ref, pick, x)
+        want = module_outputs(ref, pick, x)
         got, new_state = model.features(params, state, x, pick)
     assert new_state is state
     assert list(got) == pick

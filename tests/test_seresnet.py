@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import vafunc
-from oracle import perturb
+from oracle import module_outputs, perturb
 
 timm = pytest.importorskip("timm")
 
@@ -45,18 +45,6 @@ def test_init_draws_timms_distributions_in_state_dict_order(name):
     assert zeroed and all(not got[k].any() for k in zeroed)
 
 
-def _timm_features(ref, names, x):
-    out, mods = {}, dict(ref.named_modules())
-    hooks = [mods[n].register_forward_hook(lambda mod, i, o, n=n: out.__setitem__(n, o.clone())) for n in names]
-    try:
-        with torch.no_grad():
-            ref(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return out
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_features_are_timm_module_outputs(name):
     torch.manual_seed(0)
@@ -66,7 +54,7 @@ def test_features_are_timm_module_outputs(name):
     names = model.feature_names
     assert names[:3] == ["act1", "maxpool", "layer1.0"] and names[-1] == "layer4"
     x = torch.randn(2, 3, 72, 64)
-    want = _timm_features(ref, names, x)
+    want = module_outputs(ref, names, x)
     with torch.no_grad():
         got, _ = model.features(params, state, x, names)
     for n in names:
