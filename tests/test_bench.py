@@ -10,6 +10,7 @@ from benchmarks import report
 from vafunc import cli
 
 
+@pytest.mark.slow
 def test_report_end_to_end(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("# x\n<!-- bench:start -->\nSTALE\n<!-- bench:end -->\ntail\n")

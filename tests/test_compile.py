@@ -127,28 +127,34 @@ def test_bf16_agrees_with_fp32_on_photographs(photos_112):
     assert 1e-4 < rel < 0.05, f"bf16 max relative logit error {rel:.2e}"  # > 1e-4: it really ran in bf16
 
 
-@pytest.mark.parametrize("name,bound", [("mobilenet_v2", 0.05), ("efficientnet_b0", 0.25)])
-def test_bf16_equals_torchvision_bf16(name, bound, photos_112):
+@pytest.mark.parametrize("name", ["mobilenet_v2", "efficientnet_b0"])
+def test_bf16_costs_what_torchvisions_bf16_costs(name, photos_112):
     """Where bf16 costs accuracy (random depthwise networks lose a third of their top-1 on these
-    photos), it costs what it costs in torchvision: vafunc's bf16 output is much closer to
-    torchvision's bf16 output than either is to fp32. (EfficientNet's SiLU and squeeze-excitation
-    round differently op by op, hence the looser bound.)"""
+    photos), vafunc's bf16 (the precision policy: float32 weights cast per layer, BatchNorm in
+    float32) costs what torchvision's own bf16 path (``module.bfloat16()``) costs, measured as
+    the largest logit error against float32 and as top-1 agreement."""
     import torchvision
 
     torch.manual_seed(0)
     ref = realistic_random(torchvision.models.get_model(name), photos_112[::2])
     model = vafunc.get_model(name)
     params, state = vafunc.from_state_dict(model, ref.state_dict())
-    x = photos_112[:16]
+    x = photos_112
     f = vafunc.compile(model, params, state, dtype=torch.bfloat16)
     with torch.no_grad():
         want = ref.bfloat16()(x.bfloat16()).float()
         fp32 = model.apply(params, state, x)[0]
     got = f.eager(x)
-    err_vs_tv = float((got - want).abs().max())
-    err_vs_fp32 = float((want - fp32).abs().max())
-    assert err_vs_fp32 > 0  # bf16 really differs from fp32 here
-    assert err_vs_tv <= bound * err_vs_fp32, (err_vs_tv, err_vs_fp32)
+    err_tv = float((want - fp32).abs().max())
+    err_mine = float((got - fp32).abs().max())
+    print(f"{name}: bf16 max logit error vs fp32: vafunc {err_mine:.3g}, torchvision {err_tv:.3g}")
+    # it really ran in bf16, and costs what the reference's bf16 costs (measured max errors 3.0
+    # vs 3.5 and 7.9 vs 8.0, agreement 64.3% vs 65.7% and 97.1% vs 95.7%: rounding noise)
+    assert 0 < err_mine <= 1.25 * err_tv
+    top = fp32.argmax(1)
+    mine, theirs = (float((o.argmax(1) == top).float().mean()) for o in (got, want))
+    print(f"{name}: bf16 top-1 agreement with fp32 over {len(x)} crops: vafunc {mine:.1%}, torchvision {theirs:.1%}")
+    assert mine >= theirs - 0.05
 
 
 def test_bad_arguments():

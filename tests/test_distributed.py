@@ -82,7 +82,7 @@ def _single_process(mode):
     return {k: v.detach() for k, v in module.state_dict().items()}
 
 
-@pytest.mark.parametrize("mode", ["functional", "ddp"])
+@pytest.mark.parametrize("mode", ["functional", pytest.param("ddp", marks=pytest.mark.slow)])
 def test_two_processes_equal_single_process(tmp_path, mode):
     if not dist.is_available():
         pytest.skip("torch.distributed is not available in this build")

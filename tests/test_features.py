@@ -9,7 +9,8 @@ import torch
 from torchvision.models.feature_extraction import create_feature_extractor
 
 import vafunc
-from oracle import build_reference, heavy_params, module_outputs, perturb
+from oracle import build_reference, fit, heavy_params, module_outputs, perturb
+from oracle import test_sizes as sizes_for
 
 #: BN-Inception's feature names are the Caffe graph's blob names (``inception_3a_output``), not
 #: module paths of Cadene's module: test_classic_b checks its taps against the reference
@@ -37,7 +38,11 @@ def test_features_are_the_reference_modules_outputs(name):
         create_feature_extractor(ref, names)
     pick = list(dict.fromkeys(names[:: max(1, len(names) // 6)] + [names[-1]]))
     m = model.min_size
-    x = torch.randn(2, 3, max(72, m + 8), max(64, m))
+    if getattr(model.config, "image_size", None) is not None:  # a reference fixed to one size (ViT)
+        _, h, w = sizes_for(model)[0]
+    else:
+        h, w = fit(model, max(72, m + 8)), fit(model, max(64, m))
+    x = torch.randn(2, 3, h, w)
     with torch.no_grad():
         want = module_outputs(ref, pick, x)
         got, new_state = model.features(params, state, x, pick)

@@ -75,6 +75,7 @@ def test_ensemble_train_step_equals_loop(name):
         torch.testing.assert_close(metrics["loss"][i], m["loss"], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_compiled_ensemble_train_step_equals_eager():
     model = vafunc.get_model("resnet18", num_classes=10)
     # float64: train-mode BN over small maps amplifies float32 reordering noise (see test_properties)

@@ -31,6 +31,9 @@ a :class:`Layout` says where each unit of a block keeps its tensors (``names=``)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
+
+import torch
 
 __all__ = [
     "make_divisible",
@@ -45,6 +48,8 @@ __all__ = [
     "depthwise_separable",
     "sequence",
     "stages",
+    "transform_input",
+    "drop_aux_remap",
 ]
 
 
@@ -320,3 +325,47 @@ def stages(m, x, plan, block, *, start: int = 0):
         x = m.block(str(start + i), sequence, x, specs, block, rng=m.rng, index=b)
         b += len(specs)
     return x
+
+
+# --------------------------------------------------------------------------- Inception-era helpers
+
+
+def transform_input(x: torch.Tensor) -> torch.Tensor:
+    """torchvision's ``transform_input`` (GoogLeNet, Inception v3): undo ImageNet normalisation
+    and redo it as ``(x - 0.5) / 0.5``, the scaling of the original (Google) weights:
+    ``[N, 3, H, W] -> same``.
+
+    Computed channel by channel as ``x_c * (std_c / 0.5) + (mean_c - 0.5) / 0.5`` (the Python
+    floats rounded to float32 by torch, exactly like torchvision), then concatenated; the
+    algebraically equal ``(x * std + mean - 0.5) / 0.5`` rounds differently, visibly so in the
+    logits of deep networks.
+    """
+    from ._imageops import IMAGENET_MEAN, IMAGENET_STD
+
+    channels = [
+        x[:, c : c + 1] * (std / 0.5) + (mean - 0.5) / 0.5
+        for c, (mean, std) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD))
+    ]
+    return torch.cat(channels, 1)
+
+
+def drop_aux_remap(prefixes: tuple[str, ...], head: str) -> Callable:
+    """A ``remap`` (see :func:`family`) that drops auxiliary-head tensors from a checkpoint when
+    the config has no aux heads (``cfg.aux_logits`` false; torchvision's checkpoints contain them
+    and its builders delete them after loading), with a note naming them."""
+
+    def remap(cfg, flat):
+        if cfg.aux_logits:
+            return flat, []
+        dropped = [k for k in flat if k.startswith(prefixes)]
+        if not dropped:
+            return flat, []
+        kept = {k: v for k, v in flat.items() if not k.startswith(prefixes)}
+        heads = ", ".join(p + "*" for p in prefixes)
+        note = (
+            f"dropped {len(dropped)} {head} tensors ({heads}) from the checkpoint: the model was "
+            "built with aux_logits=False"
+        )
+        return kept, [note]
+
+    return remap

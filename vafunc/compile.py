@@ -7,8 +7,11 @@ What makes inductor fast on CPU (and GPU) for inference, without an ``nn.Module`
   inductor folds BatchNorm into the convolutions and pre-packs the convolution weights (oneDNN).
   Plain closure tensors are lifted as graph inputs instead and nothing is folded.
 * **channels_last** weights and activations (oneDNN's native layout on CPU, tensor cores' on GPU).
-* **Low precision** (``dtype=torch.bfloat16`` or ``torch.float16``): weights and the input are cast;
-  the logits come back in the input's dtype.
+* **Low precision** (``dtype=torch.bfloat16`` or ``torch.float16``): the precision policy
+  ``Policy(param=<the weights' dtype>, compute=dtype)`` (:mod:`vafunc.precision`): the weights
+  are kept in their dtype and cast inside the graph, which freezing folds into low-precision
+  constants once, after BatchNorm has been folded into the convolutions at full precision; the
+  logits come back in the input's dtype.
 * **Batch size.** The first call is specialised to its shape (weights pre-packed for it); a second
   batch size compiles once more with a symbolic batch axis. torch's choice of convolution backend
   depends on the batch size for depthwise convolutions, so batch 1 and batches of 16 and up get a
@@ -37,10 +40,9 @@ def _safe(name: str) -> str:
     return re.sub(r"\W", "_", name)
 
 
-def _private_copy(t: torch.Tensor, dtype, channels_last: bool) -> torch.Tensor:
+def _private_copy(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
     fmt = torch.channels_last if channels_last and t.dim() == 4 else torch.preserve_format
-    cast = dtype if dtype is not None and t.is_floating_point() else t.dtype
-    t = t.detach().to(dtype=cast, memory_format=fmt, copy=True)
+    t = t.detach().to(memory_format=fmt, copy=True)
     # a static address makes dynamo install the tensor as a graph constant under freezing
     torch._dynamo.mark_static_address(t, guard=True)
     return t
@@ -61,8 +63,15 @@ class CompiledModel:
         self.channels_last = channels_last
         self.freeze = freeze
         self._apply_kw = dict(apply_kw)
-        self._params = vtree.tree_map(lambda t: _private_copy(t, dtype, channels_last), params)
-        self._state = vtree.tree_map(lambda t: _private_copy(t, dtype, channels_last), state)
+        self._params = vtree.tree_map(lambda t: _private_copy(t, channels_last), params)
+        self._state = vtree.tree_map(lambda t: _private_copy(t, channels_last), state)
+        self.policy = None
+        if dtype is not None:
+            from .precision import Policy
+
+            stored = next((t.dtype for t in vtree.flatten(self._params).values() if t.is_floating_point()), dtype)
+            self.policy = Policy(param=stored, compute=dtype, output=dtype)
+            self._apply_kw["policy"] = self.policy
         # dynamo keeps its compiled graphs on the code object, and at most 8 per code object
         # (torch._dynamo.config.recompile_limit) before it silently falls back to eager: a private
         # copy of the code gives every CompiledModel its own cache
@@ -72,8 +81,6 @@ class CompiledModel:
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         out_dtype = x.dtype
-        if self.dtype is not None:
-            x = x.to(self.dtype)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         out, _ = self.model.apply(self._params, self._state, x, train=False, **self._apply_kw)

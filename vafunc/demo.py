@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from . import random as vrandom
 from . import tree as vtree
 from .ensemble import ensemble_apply, ensemble_init
-from .optim import sgd, warmup_cosine_schedule
+from .optim import adamw, sgd, warmup_cosine_schedule
 from .registry import get_model
 from .train import make_train_step
 
@@ -46,6 +46,12 @@ class DemoConfig:
     seed: int = 0
     out: str = "vafunc-demo"
     ensemble_method: str = "loop"
+    #: config overrides of the architecture, ``(("patch_size", 4), ...)``
+    config: tuple = ()
+    #: "fp32", or "bf16": the precision policy float32 params / bfloat16 compute / float32 logits
+    precision: str = "fp32"
+    #: "sgd" (Nesterov momentum 0.9) or "adamw" (what transformers are trained with)
+    optimizer: str = "sgd"
 
 
 def _require(module: str, pkg: str):
@@ -89,10 +95,45 @@ class _Progress:
               file=sys.stderr, flush=True)
 
 
-def _evaluate(model, params, state, x, y, batch: int = 512):
+def _policy(cfg: "DemoConfig"):
+    from .precision import Policy
+
+    if cfg.precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', got {cfg.precision!r}")
+    return Policy.bf16() if cfg.precision == "bf16" else None
+
+
+def parse_config(items) -> tuple:
+    """``["patch_size=4", "dropout=0.1"]`` -> ``(("patch_size", 4), ("dropout", 0.1))``: ints,
+    floats, ``None``/``true``/``false``, else the string."""
+    out = []
+    for item in items or ():
+        for part in str(item).split(","):
+            if not part:
+                continue
+            k, sep, v = part.partition("=")
+            if not sep or not k:
+                raise ValueError(f"config overrides are KEY=VALUE, got {part!r}")
+            low = v.lower()
+            if low in ("none", "true", "false"):
+                val = {"none": None, "true": True, "false": False}[low]
+            else:
+                try:
+                    val = int(v)
+                except ValueError:
+                    try:
+                        val = float(v)
+                    except ValueError:
+                        val = v
+            out.append((k.strip(), val))
+    return tuple(out)
+
+
+def _evaluate(model, params, state, x, y, batch: int = 512, policy=None):
     with torch.no_grad():
         logits = torch.cat(
-            [ensemble_apply(model, params, state, x[i : i + batch])[0] for i in range(0, len(x), batch)], dim=1
+            [ensemble_apply(model, params, state, x[i : i + batch], **({} if policy is None else {"policy": policy}))[0]
+             for i in range(0, len(x), batch)], dim=1
         )
     member_acc = (logits.argmax(-1) == y).float().mean(1)
     ens_acc = (logits.softmax(-1).mean(0).argmax(-1) == y).float().mean()
@@ -145,7 +186,8 @@ def run(cfg: DemoConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     x_tr, y_tr, x_te, y_te = load_digits(cfg.size, cfg.seed)
-    model = get_model(cfg.model, num_classes=10)
+    model = get_model(cfg.model, **{"num_classes": 10, **dict(cfg.config)})
+    policy = _policy(cfg)
     size = max(cfg.size, model.min_size)
     if size != cfg.size:
         x_tr, y_tr, x_te, y_te = load_digits(size, cfg.seed)
@@ -155,9 +197,14 @@ def run(cfg: DemoConfig) -> dict:
     steps_per_epoch = len(x_tr) // cfg.batch_size
     total = steps_per_epoch * cfg.epochs
     schedule = warmup_cosine_schedule(cfg.lr, min(steps_per_epoch, total - 1), total)
-    opt = sgd(schedule, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        opt = sgd(schedule, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+    elif cfg.optimizer == "adamw":
+        opt = adamw(schedule, weight_decay=cfg.weight_decay)
+    else:
+        raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {cfg.optimizer!r}")
     opt_state = opt.init(params)
-    step = make_train_step(model, opt, ensemble=True, ensemble_method=cfg.ensemble_method, donate=True)
+    step = make_train_step(model, opt, ensemble=True, ensemble_method=cfg.ensemble_method, donate=True, policy=policy)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     print(f"vafunc demo: {cfg.members} x {cfg.model} ({vtree.count_params(params) // cfg.members:,} parameters each), "
           f"digits {len(x_tr)} train / {len(x_te)} test at {size}x{size}, {cfg.epochs} epochs", file=sys.stderr)
@@ -172,7 +219,7 @@ def run(cfg: DemoConfig) -> dict:
             params, state, opt_state, metrics = step(params, state, opt_state, x_tr[idx], y_tr[idx], k_step)
             history["loss"].append(metrics["loss"].tolist())
             bar.update(b + 1, f"loss {float(metrics['loss'].mean()):.3f}")
-        member_acc, ens_acc = _evaluate(model, params, state, x_te, y_te)
+        member_acc, ens_acc = _evaluate(model, params, state, x_te, y_te, policy=policy)
         history["test_member_acc"].append(member_acc.tolist())
         history["test_ensemble_acc"].append(float(ens_acc))
         print(f"  test accuracy: members {' '.join(f'{100 * a:.1f}%' for a in member_acc.tolist())}, "
@@ -181,7 +228,8 @@ def run(cfg: DemoConfig) -> dict:
     paths = []
     for i, (p, s) in enumerate(zip(vtree.unstack(params), vtree.unstack(state))):
         paths.append(str(save_weights(p, s, out / f"member{i}.safetensors",
-                                      metadata={"model": cfg.model, "num_classes": "10"})))
+                                      metadata={"model": cfg.model, "num_classes": "10",
+                                                **({"config": json.dumps(dict(cfg.config))} if cfg.config else {})})))
     plotted = _plot(history, out / "training.png", cfg)
     result = {
         "config": asdict(cfg),
@@ -217,5 +265,12 @@ def add_parser(sub) -> None:
     p.add_argument("--out", default=d.out, help="output folder (checkpoints, plot, metrics)")
     p.add_argument("--ensemble-method", choices=["loop", "vmap"], default=d.ensemble_method,
                    help="lowering of the ensemble train step (vmap: one torch.vmap over members)")
+    p.add_argument("--config", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="architecture config overrides, e.g. patch_size=4 num_layers=4 hidden_dim=128")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=d.precision,
+                   help="bf16: the precision policy float32 params / bfloat16 compute / float32 logits")
+    p.add_argument("--optimizer", choices=["sgd", "adamw"], default=d.optimizer)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.set_defaults(fn=lambda a: 0 if run(DemoConfig(a.model, a.members, a.epochs, a.batch_size, a.size, a.lr,
-                                                     d.weight_decay, a.seed, a.out, a.ensemble_method)) else 1)
+                                                     a.weight_decay, a.seed, a.out, a.ensemble_method,
+                                                     parse_config(a.config), a.precision, a.optimizer)) else 1)

@@ -74,11 +74,12 @@ def _member_inputs(x: torch.Tensor, n: int) -> tuple[torch.Tensor, bool]:
     )
 
 
-def ensemble_apply(model, params, state, x, *, train: bool = False, rng=None, method: str = "loop"):
+def ensemble_apply(model, params, state, x, *, train: bool = False, rng=None, method: str = "loop", **kw):
     """All members on ``x``: ``-> (logits [N, B, classes], new_state)`` (state stacked like the input).
 
     ``x`` is ``[B, C, H, W]`` (shared) or ``[N, B, C, H, W]`` (one batch per member); ``rng`` is one key
     (split per member) or ``N`` keys. Equal to a Python loop of ``model.apply`` over the members.
+    Other keywords (``policy=``, ``attention=``) pass through to ``model.apply``.
     """
     n = ensemble_size(params)
     x, per_member = _member_inputs(x, n)
@@ -87,7 +88,7 @@ def ensemble_apply(model, params, state, x, *, train: bool = False, rng=None, me
         in_dims = (0, 0, 0 if per_member else None, None if keys is None else 0)
 
         def one(p, s, xi, k):
-            return model.apply(p, s, xi, train=train, rng=k)
+            return model.apply(p, s, xi, train=train, rng=k, **kw)
 
         logits, new_state = torch.vmap(one, in_dims=in_dims, randomness="error")(params, state, x, keys)
         return logits, (new_state if train else state)
@@ -98,7 +99,7 @@ def ensemble_apply(model, params, state, x, *, train: bool = False, rng=None, me
         p = vtree.tree_map(lambda t: t[i], params)
         s = vtree.tree_map(lambda t: t[i], state)
         out, ns = model.apply(p, s, x[i] if per_member else x, train=train,
-                              rng=None if keys is None else keys[i])
+                              rng=None if keys is None else keys[i], **kw)
         outs.append(out)
         states.append(ns)
     logits = torch.stack(outs)

@@ -86,6 +86,23 @@ class Initializer:
             return self._empty(shape)
         return torch.full(tuple(shape), value, device=self.device, dtype=self.dtype)
 
+    def draw(self, spec, shape) -> torch.Tensor:
+        """A tensor by a spec: ``("zeros",)``, ``("full", value)``, ``("normal", std)`` or
+        ``("trunc_normal", std)`` (truncated at +-2 absolute, ``nn.init.trunc_normal_``'s default) or
+        ``("uniform", low, high)``."""
+        kind, *args = (spec,) if isinstance(spec, str) else spec
+        if kind == "zeros":
+            return self.zeros(shape)
+        if kind == "full":
+            return self.full(shape, *args)
+        if kind == "normal":
+            return self.normal(shape, *args)
+        if kind == "trunc_normal":
+            return self.trunc_normal(shape, *args)
+        if kind == "uniform":
+            return self.uniform(shape, *args)
+        raise ValueError(f"unknown parameter init {spec!r}; known: zeros, full, normal, trunc_normal, uniform")
+
     def zeros(self, shape):
         return self.full(shape, 0.0)
 

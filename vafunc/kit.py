@@ -41,12 +41,14 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from typing import NamedTuple
+
 from . import layers as L
 from . import random as vrandom
+from .precision import check_policy, dtype_mismatch
 from .registry import Family
 
-__all__ = ["Scope", "Done", "family", "min_size", "subkey", "same_padding", "activation", "transform_input",
-           "drop_aux_remap"]
+__all__ = ["Scope", "Done", "family", "min_size", "size_multiple", "subkey", "same_padding", "activation"]
 
 _EMPTY: dict = {}
 
@@ -78,47 +80,6 @@ def activation(act):
         raise ValueError(f"unknown activation {act!r}; known: {sorted(L.ACTIVATIONS)}") from None
 
 
-def transform_input(x: torch.Tensor) -> torch.Tensor:
-    """torchvision's ``transform_input`` (GoogLeNet, Inception v3): undo ImageNet normalisation
-    and redo it as ``(x - 0.5) / 0.5``, the scaling of the original (Google) weights:
-    ``[N, 3, H, W] -> same``.
-
-    Computed channel by channel as ``x_c * (std_c / 0.5) + (mean_c - 0.5) / 0.5`` (the Python
-    floats rounded to float32 by torch, exactly like torchvision), then concatenated; the
-    algebraically equal ``(x * std + mean - 0.5) / 0.5`` rounds differently, visibly so in the
-    logits of deep networks.
-    """
-    from ._imageops import IMAGENET_MEAN, IMAGENET_STD
-
-    channels = [
-        x[:, c : c + 1] * (std / 0.5) + (mean - 0.5) / 0.5
-        for c, (mean, std) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD))
-    ]
-    return torch.cat(channels, 1)
-
-
-def drop_aux_remap(prefixes: tuple[str, ...], head: str) -> Callable:
-    """A ``remap`` (see :func:`family`) that drops auxiliary-head tensors from a checkpoint when
-    the config has no aux heads (``cfg.aux_logits`` false; torchvision's checkpoints contain them
-    and its builders delete them after loading), with a note naming them."""
-
-    def remap(cfg, flat):
-        if cfg.aux_logits:
-            return flat, []
-        dropped = [k for k in flat if k.startswith(prefixes)]
-        if not dropped:
-            return flat, []
-        kept = {k: v for k, v in flat.items() if not k.startswith(prefixes)}
-        heads = ", ".join(p + "*" for p in prefixes)
-        note = (
-            f"dropped {len(dropped)} {head} tensors ({heads}) from the checkpoint: the model was "
-            "built with aux_logits=False"
-        )
-        return kept, [note]
-
-    return remap
-
-
 def _meta(t: dict) -> dict:
     return {k: v if v.device.type == "meta" else torch.empty_like(v, device="meta") for k, v in t.items()}
 
@@ -137,6 +98,18 @@ def _overlay(old, new: dict):
     return out
 
 
+class Ctx(NamedTuple):
+    """Per-call options every scope of a forward shares: the compute dtype of a mixed precision
+    policy (``None``: compute in the parameters' dtype) and the attention implementation
+    (:func:`vafunc.layers.attention_path`)."""
+
+    compute: torch.dtype | None = None
+    attention: str = "auto"
+
+
+_CTX = Ctx()
+
+
 class Scope:
     """One node of the parameter tree during a forward pass (see the module docstring).
 
@@ -144,9 +117,10 @@ class Scope:
     dotted module path of this scope (``"layer1.0."``), used for feature names.
     """
 
-    __slots__ = ("p", "s", "new", "train", "rng", "taps", "ini", "path", "defaults", "sizes")
+    __slots__ = ("p", "s", "new", "train", "rng", "taps", "ini", "path", "defaults", "sizes", "ctx")
 
-    def __init__(self, p, s, *, train=False, rng=None, taps=None, ini=None, path="", defaults=None, sizes=None):
+    def __init__(self, p, s, *, train=False, rng=None, taps=None, ini=None, path="", defaults=None, sizes=None,
+                 ctx=_CTX):
         self.p = p
         self.s = s
         self.new = {} if train else None
@@ -157,6 +131,7 @@ class Scope:
         self.path = path
         self.defaults = defaults or {}
         self.sizes = sizes
+        self.ctx = ctx
 
     # ------------------------------------------------------------------ structure
     @property
@@ -169,9 +144,9 @@ class Scope:
         """The scope of submodule ``name`` (``rng``: its key, default none)."""
         if self.ini is not None:
             return Scope(self.p.setdefault(name, {}), None, ini=self.ini, path=f"{self.path}{name}.",
-                         defaults=self.defaults, sizes=self.sizes)
+                         defaults=self.defaults, sizes=self.sizes, ctx=self.ctx)
         c = Scope(self.p.get(name, _EMPTY), self.s.get(name, _EMPTY), train=self.train, rng=rng,
-                  taps=self.taps, path=f"{self.path}{name}.", defaults=self.defaults)
+                  taps=self.taps, path=f"{self.path}{name}.", defaults=self.defaults, ctx=self.ctx)
         if self.train:
             self.new[name] = c.new
         return c
@@ -211,6 +186,25 @@ class Scope:
     def _init(self, kind: str, init):
         return self.defaults.get(kind) if init is None else init
 
+    def _weights(self, name: str, x):
+        """``(weight, bias, x)`` of a conv or linear layer, cast to the compute dtype of the
+        precision policy (gradients flow back to the stored tensors); without a policy, a float
+        input of another dtype than the weights gets a clear TypeError."""
+        p = self.p[name]
+        w, b = p["weight"], p.get("bias")
+        c = self.ctx.compute
+        if c is not None:
+            return w.to(c), (None if b is None else b.to(c)), x.to(c)
+        if x.dtype != w.dtype:
+            raise dtype_mismatch(f"layer {self.path}{name}", x.dtype, w.dtype)
+        return w, b, x
+
+    def cast(self, t):
+        """A parameter used directly by the family (a class token, a position embedding, a
+        relative position table), cast to the policy's compute dtype."""
+        c = self.ctx.compute
+        return t if c is None or not t.is_floating_point() else t.to(c)
+
     # ------------------------------------------------------------------ layers
     def conv(self, name, x, cout, kernel, *, stride=1, padding=None, dilation=1, groups=1, bias=False, init=None):
         """Conv2d ``[N, Cin, H, W] -> [N, cout, H', W']`` with tensors at ``name``; padding
@@ -218,10 +212,11 @@ class Scope:
         (:func:`vafunc.layers.pad_same`, for TF-ported checkpoints: asymmetric at stride 2);
         ``init``: an init scheme (``vafunc.init``)."""
         if self.ini is None:
-            p = self.p[name]
+            w, b, x = self._weights(name, x)
         else:
             scheme = self._init("conv", init)
             p = self._create(name, lambda ini: ini.conv_scheme(scheme, x.shape[1], cout, kernel, groups=groups, bias=bias))
+            w, b = p["weight"], p.get("bias")
         if padding is None:
             padding = same_padding(kernel, dilation)
         elif padding == "tf_same":  # TensorFlow "SAME": static where it is symmetric, else padded to fit
@@ -229,16 +224,17 @@ class Scope:
                 padding = same_padding(kernel, dilation)
             else:
                 x, padding = L.pad_same(x, kernel, stride, dilation), 0
-        return F.conv2d(x, p["weight"], p.get("bias"), stride, padding, dilation, groups)
+        return F.conv2d(x, w, b, stride, padding, dilation, groups)
 
     def linear(self, name, x, fout, *, bias=True, init=None):
         """Affine map ``[..., Fin] -> [..., fout]`` with tensors at ``name``."""
         if self.ini is None:
-            p = self.p[name]
+            w, b, x = self._weights(name, x)
         else:
             scheme = self._init("linear", init)
             p = self._create(name, lambda ini: ini.linear_scheme(scheme, x.shape[-1], fout, bias=bias))
-        return F.linear(x, p["weight"], p.get("bias"))
+            w, b = p["weight"], p.get("bias")
+        return F.linear(x, w, b)
 
     def batch_norm(self, name, x, *, eps=None, momentum=None, zero_init=False, affine=True):
         """BatchNorm over channels with tensors at ``name`` (:func:`vafunc.layers.batch_norm`);
@@ -258,7 +254,7 @@ class Scope:
         ``name`` (weight 1, bias 0)."""
         c = x.shape[-1]
         p = self.p[name] if self.ini is None else self._create(name, lambda ini: ini.layer_norm(c))
-        return F.layer_norm(x, (c,), p["weight"], p["bias"], eps)
+        return F.layer_norm(x, (c,), p["weight"], p["bias"], eps)  # float32 weights under a policy
 
     def layer_norm2d(self, name, x, *, eps=1e-6):
         """LayerNorm over the channels of ``[N, C, H, W]`` at every position (ConvNeXt's
@@ -273,11 +269,30 @@ class Scope:
         ``[channels]``). Returns the tensor, for the caller to multiply: declare it where the
         reference registers it (a module's own parameters precede its children's in the
         state_dict, so usually before the block's layers)."""
+        return self.param(name, (channels, 1, 1) if shape is None else tuple(shape), ("full", value))
+
+    def param(self, name, shape, init=("zeros",)):
+        """A bare parameter ``name`` of ``shape`` used directly by the family (a class token, a
+        position embedding, a relative position bias table), cast to the compute dtype.
+        ``init``: ``("zeros",)``, ``("full", value)``, ``("normal", std)`` or
+        ``("trunc_normal", std)`` (truncated at +-2)."""
         if self.ini is None:
-            return self.p[name]
+            return self.cast(self.p[name])
         if name in self.p:
             raise ValueError(f"{self.path}{name} is declared twice")
-        t = self.p[name] = self.ini.full((channels, 1, 1) if shape is None else tuple(shape), value)
+        t = self.p[name] = self.ini.draw(init, tuple(shape))
+        return t if t.device.type == "meta" else torch.empty_like(t, device="meta")
+
+    def buffer(self, name, make: Callable[[], torch.Tensor]):
+        """A constant buffer ``name`` the reference keeps in its state_dict (Swin's
+        ``relative_position_index``): made by ``make()`` at init, stored in the state tree (its
+        leaf name must be in :data:`vafunc.tree.STATE_LEAVES`), read from the state in apply."""
+        if self.ini is None:
+            return self.s[name]
+        if name in self.p:
+            raise ValueError(f"{self.path}{name} is declared twice")
+        t = make()
+        t = self.p[name] = torch.empty_like(t, device="meta") if self.ini.meta else t.to(self.ini.device)
         return t if t.device.type == "meta" else torch.empty_like(t, device="meta")
 
     def conv_norm_act(self, x, cout, kernel, *, conv="0", norm="1", act=None, stride=1, padding=None,
@@ -306,6 +321,14 @@ class Scope:
         if rate:
             y = L.dropout(y, rate, rng, train=self.train)
         return self.linear(name, y, num_classes, init=init)
+
+    def attention(self, q, k, v, *, bias=None, scale=None, rate: float = 0.0, rng=None):
+        """Scaled dot-product attention over ``[..., L, d]`` (:func:`vafunc.layers.attention`):
+        fused SDPA or the math path by the documented rule, keyed attention dropout at ``rate``
+        in train mode; the implementation can be forced per call with ``apply(...,
+        attention="math")``."""
+        return L.attention(q, k, v, bias=bias, scale=scale, rate=rate, rng=rng, train=self.train,
+                           impl=self.ctx.attention)
 
     def dropout(self, x, rate: float, rng):
         """Keyed element-wise dropout (train mode only; :func:`vafunc.layers.dropout`)."""
@@ -357,20 +380,51 @@ def family(
     def init(cfg, ini):
         return run_init(cfg, ini)
 
-    def apply(cfg, params, state, x, *, train: bool = False, rng=None, taps=None, **kw):
-        m = Scope(params, state, train=train, rng=rng, taps=taps, defaults=scope_defaults(cfg))
+    def apply(cfg, params, state, x, *, train: bool = False, rng=None, taps=None, policy=None,
+              attention: str = "auto", **kw):
+        policy = check_policy(policy)
+        ctx = _CTX
+        if policy is not None:
+            x = x.to(policy.compute)
+            ctx = Ctx(policy.compute if policy.mixed else None, attention)
+        elif attention != "auto":
+            ctx = Ctx(None, attention)
+        if attention not in L.ATTENTION_IMPLS:
+            raise ValueError(f"attention must be one of {L.ATTENTION_IMPLS}, got {attention!r}")
+        m = Scope(params, state, train=train, rng=rng, taps=taps, defaults=scope_defaults(cfg), ctx=ctx)
         try:
             y = forward(m, cfg, x, **kw)
         except Done:
             y = None
+        if policy is not None:
+            if y is not None:
+                y = y.to(policy.output)
+            if taps is not None:
+                for k, v in taps.got.items():
+                    taps.got[k] = v.to(policy.output) if v.is_floating_point() else v
         return y, m.new_state(state)
 
     fam = Family(name=name, config=config, init=init, apply=apply, min_size=lambda cfg: min_size(fam, cfg),
-                 paper=paper, remap=remap, in_channels=in_channels, probe=run_init)
+                 paper=paper, remap=remap, in_channels=in_channels, probe=run_init,
+                 multiple=lambda cfg: size_multiple(fam, cfg))
     return fam
 
 
 _MIN_SIZE: dict = {}
+_MULTIPLE: dict = {}
+
+
+def size_multiple(fam: Family, cfg) -> int:
+    """What the input height and width must be multiples of (``m.require_multiple``; 1 if
+    nothing is declared)."""
+    key = (fam.name, cfg)
+    if key not in _MULTIPLE:
+        from .init import Initializer
+
+        sizes: list = []
+        fam.probe(cfg, Initializer.from_key(0, device="meta"), sizes=sizes)
+        _MULTIPLE[key] = max(sizes, default=1)
+    return _MULTIPLE[key]
 
 
 def min_size(fam: Family, cfg) -> int:
@@ -383,9 +437,7 @@ def min_size(fam: Family, cfg) -> int:
     from .init import Initializer
 
     ini = Initializer.from_key(0, device="meta")
-    sizes: list = []
-    fam.probe(cfg, ini, sizes=sizes)
-    step = max(sizes, default=1)
+    step = size_multiple(fam, cfg)
 
     def ok(k: int) -> bool:
         try:

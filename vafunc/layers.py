@@ -35,6 +35,8 @@ __all__ = [
     "global_avg_pool",
     "dropout",
     "drop_path",
+    "attention",
+    "attention_path",
     "require_rng",
 ]
 
@@ -248,6 +250,82 @@ def drop_path(x: torch.Tensor, rate: float, rng: torch.Tensor | None, *, train: 
     shape = (x.shape[0],) + (1,) * (x.dim() - 1)
     keep = vrandom.uniform(rng, shape) < survival
     return x * (keep.to(x.dtype) / survival)
+
+
+# --------------------------------------------------------------------------- attention
+
+#: ``impl`` values of :func:`attention`.
+ATTENTION_IMPLS = ("auto", "fused", "math")
+
+
+def attention_path(impl: str, *, train: bool, rate: float) -> str:
+    """Which implementation :func:`attention` runs: ``"fused"`` or ``"math"``.
+
+    The rule for ``impl="auto"`` (the default): the fused kernel
+    (``F.scaled_dot_product_attention``: flash / memory-efficient on GPU, the flash kernel on
+    CPU) unless one of these holds, in which case the explicit math path:
+
+    * attention dropout is active (``train`` and ``rate > 0``): SDPA's ``dropout_p`` draws from
+      torch's global generator, so the mask would not be a function of the vafunc key;
+    * a ``torch.func`` transform is running (``vmap``, ``grad``, ``jvp``, ``jacrev``, ...), which
+      covers vmapped ensembles, per-sample gradients, Hessian-vector products and double
+      backward: the CPU flash kernel has no batching rule (vmap would loop over samples), no
+      forward-mode derivative and no double backward;
+    * a forward-mode AD level is open (``torch.autograd.forward_ad.dual_level``).
+
+    Under ``torch.compile`` the same rule is applied when the graph is traced. ``impl="math"``
+    forces the math path (e.g. for ``torch.autograd.grad(..., create_graph=True)`` in plain
+    autograd, which the rule cannot see coming); ``impl="fused"`` forces SDPA (dropout then
+    raises: it cannot be keyed).
+    """
+    if impl == "math":
+        return "math"
+    dropping = train and rate > 0.0
+    if impl == "fused":
+        if dropping:
+            raise ValueError("impl='fused' cannot apply keyed attention dropout; use impl='auto' or 'math'")
+        return "fused"
+    if impl != "auto":
+        raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    if dropping or _functorch_active() or _forward_ad_active():
+        return "math"
+    return "fused"
+
+
+def _functorch_active() -> bool:
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def _forward_ad_active() -> bool:
+    from torch.autograd import forward_ad
+
+    return forward_ad._current_level >= 0
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, bias: torch.Tensor | None = None,
+              scale: float | None = None, rate: float = 0.0, rng=None, train: bool = False,
+              impl: str = "auto") -> torch.Tensor:
+    """Scaled dot-product attention (Vaswani et al. 2017, Eq. 1) over ``[..., L, d]`` tensors:
+    ``softmax(q k^T * scale + bias) v``, ``scale`` default ``d ** -0.5``, ``bias`` an additive
+    float mask / relative position bias broadcastable to ``[..., Lq, Lk]``.
+
+    Two implementations, equal up to rounding, chosen by :func:`attention_path`: the fused
+    ``F.scaled_dot_product_attention``, and the explicit math path, which materialises the
+    attention probabilities (softmax in float32, whatever the compute dtype) and applies keyed
+    dropout to them at ``rate`` (train mode, ``rng`` a :mod:`vafunc.random` key).
+    """
+    if attention_path(impl, train=train, rate=rate) == "fused":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+    s = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = torch.matmul(q * s, k.transpose(-2, -1))
+    if bias is not None:
+        scores = scores + bias
+    probs = torch.softmax(scores, -1, dtype=torch.float32 if scores.dtype in _LOW else None).to(q.dtype)
+    probs = dropout(probs, rate, rng, train=train)
+    return torch.matmul(probs, v)
+
+
+_LOW = (torch.bfloat16, torch.float16)
 
 
 # --------------------------------------------------------------------------- feature taps

@@ -71,6 +71,8 @@ class Family:
     #: ``probe(cfg, ini, size=None, sizes=None)``: the init-mode forward of a kit family
     #: (:func:`vafunc.kit.family`), used to derive the valid input sizes.
     probe: Callable | None = field(default=None, compare=False, repr=False)
+    #: ``multiple(cfg) -> int``: what input heights and widths must be multiples of (1: any).
+    multiple: Callable[[Any], int] = field(default=lambda cfg: 1, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -195,7 +197,7 @@ def check_config(cfg, *, positive_ints=("num_classes", "in_channels"), rates=(),
 # --------------------------------------------------------------------------- input checks
 
 
-def check_image(x, *, name: str, in_channels: int, min_size: int) -> None:
+def check_image(x, *, name: str, in_channels: int, min_size: int, multiple: int = 1) -> None:
     """Raise a clear ``TypeError``/``ValueError`` for inputs the network cannot take."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} expects a torch.Tensor image batch [N, C, H, W], got {type(x).__name__}")
@@ -211,6 +213,8 @@ def check_image(x, *, name: str, in_channels: int, min_size: int) -> None:
     h, w = x.shape[-2], x.shape[-1]
     if h < min_size or w < min_size:
         raise ValueError(f"{name} needs images of at least {min_size}x{min_size}, got {h}x{w}")
+    if multiple > 1 and (h % multiple or w % multiple):
+        raise ValueError(f"{name} needs heights and widths divisible by {multiple}, got {h}x{w}")
 
 
 # --------------------------------------------------------------------------- the model
@@ -250,6 +254,11 @@ class ModelDef:
         return self.family.min_size(self.config)
 
     @property
+    def size_multiple(self) -> int:
+        """What input heights and widths must be multiples of (1: any size from ``min_size``)."""
+        return self.family.multiple(self.config)
+
+    @property
     def in_channels(self) -> int:
         return self.family.in_channels(self.config)
 
@@ -268,10 +277,12 @@ class ModelDef:
         In eval mode ``new_state is state``; in train mode BatchNorm uses batch statistics and
         the new running statistics are returned. ``rng`` (a :mod:`vafunc.random` key) drives
         dropout and stochastic depth and is required in train mode when their rates are non-zero.
+        ``policy``: a :class:`vafunc.precision.Policy` (compute and output dtypes); ``attention``:
+        ``"auto"`` (the rule of :func:`vafunc.layers.attention_path`), ``"math"`` or ``"fused"``.
         """
         if not isinstance(train, bool):
             raise TypeError(f"train must be a bool, got {type(train).__name__}")
-        check_image(x, name=self.name, in_channels=self.in_channels, min_size=self.min_size)
+        check_image(x, name=self.name, in_channels=self.in_channels, min_size=self.min_size, multiple=self.size_multiple)
         return self.family.apply(self.config, params, state, x, train=train, rng=rng, **kw)
 
     __call__ = apply
@@ -294,9 +305,10 @@ class ModelDef:
         """Names accepted by :meth:`features`: the reference's module paths of stages and blocks."""
         return list(self.feature_shapes())
 
-    def features(self, params, state, x, names, *, train: bool = False, rng=None):
+    def features(self, params, state, x, names, *, train: bool = False, rng=None, **kw):
         """Named intermediate outputs ``({name: tensor}, new_state)``; stops after the last one
-        needed (the head is not computed unless asked for)."""
+        needed (the head is not computed unless asked for). ``policy=``/``attention=`` as in
+        :meth:`apply` (features come out in the policy's output dtype)."""
         from .layers import Taps
 
         if isinstance(names, str):
@@ -308,8 +320,8 @@ class ModelDef:
             close = {n: difflib.get_close_matches(n, sorted(known), n=3) for n in unknown}
             raise ValueError(f"{self.name} has no features {unknown}; close names: {close} (see model.feature_names)")
         taps = Taps(names)
-        check_image(x, name=self.name, in_channels=self.in_channels, min_size=self.min_size)
-        _, new_state = self.family.apply(self.config, params, state, x, train=train, rng=rng, taps=taps)
+        check_image(x, name=self.name, in_channels=self.in_channels, min_size=self.min_size, multiple=self.size_multiple)
+        _, new_state = self.family.apply(self.config, params, state, x, train=train, rng=rng, taps=taps, **kw)
         return {n: taps.got[n] for n in names}, new_state
 
     # ---------------------------------------------------------------- checkpoints

@@ -36,7 +36,7 @@ def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def make_train_step(model, optimizer, loss_fn: Callable = cross_entropy, *, ensemble: bool = False,
                     grad: str | None = None, ensemble_method: str = "loop", distributed: bool = False,
-                    sync_state: bool = False, donate: bool = False):
+                    sync_state: bool = False, donate: bool = False, policy=None):
     """Return ``step(params, state, opt_state, x, y, rng=None) -> (params, state, opt_state, metrics)``.
 
     ``metrics`` holds detached ``loss`` and ``accuracy`` (per member ``[N]`` for an ensemble). For an
@@ -50,7 +50,15 @@ def make_train_step(model, optimizer, loss_fn: Callable = cross_entropy, *, ense
     ``distributed=True``: data-parallel on ``torch.distributed`` (see :mod:`vafunc.distributed`):
     gradients (and with ``sync_state=True`` the BatchNorm statistics) are averaged over processes
     before the update; metrics are the process's own.
+
+    ``policy``: a :class:`vafunc.precision.Policy` for the forward (e.g. ``Policy.bf16()``: float32
+    parameters and optimizer state, bfloat16 compute, float32 logits and loss); gradients arrive
+    in the parameters' dtype.
     """
+    from .precision import check_policy
+
+    policy = check_policy(policy)
+    fwd_kw = {} if policy is None else {"policy": policy}
     if ensemble_method not in ("vmap", "loop"):
         raise ValueError(f"ensemble_method must be 'vmap' or 'loop', got {ensemble_method!r}")
     vmapped = ensemble and ensemble_method == "vmap"
@@ -61,7 +69,7 @@ def make_train_step(model, optimizer, loss_fn: Callable = cross_entropy, *, ense
         raise ValueError("a vmapped ensemble train step differentiates with torch.func (grad='func')")
 
     def objective(params, state, x, y, rng):
-        logits, new_state = model.apply(params, state, x, train=True, rng=rng)
+        logits, new_state = model.apply(params, state, x, train=True, rng=rng, **fwd_kw)
         loss = loss_fn(logits, y)
         return loss, (new_state, loss.detach(), accuracy(logits.detach(), y))
 

@@ -26,7 +26,10 @@ __all__ = [
 ]
 
 #: Leaf names that are state (BatchNorm buffers), not trainable parameters.
-STATE_LEAVES = frozenset({"running_mean", "running_var", "num_batches_tracked"})
+STATE_LEAVES = frozenset({"running_mean", "running_var", "num_batches_tracked",
+                          # constant index / coordinate tables that the references keep as buffers
+                          # (Swin, Swin V2, MaxViT relative position bias)
+                          "relative_position_index", "relative_coords_table"})
 
 
 def _items(tree: Mapping, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
@@ -77,15 +80,21 @@ def merge(a: Mapping, b: Mapping) -> dict:
     parameters, then its buffers, then its children).
     """
     out: dict = {}
+    # torch's order: a module's own tensors (parameters, then buffers) before its children, so a
+    # buffer leaf of b (MaxViT's relative_position_index) precedes a's subtrees (its to_qkv)
     for k, v in a.items():
-        if k in b and isinstance(v, Mapping):
-            out[k] = merge(v, b[k])
-        elif k in b:
-            raise ValueError(f"leaf {k!r} appears in both trees")
-        else:
+        if not isinstance(v, Mapping):
+            if k in b:
+                raise ValueError(f"leaf {k!r} appears in both trees")
             out[k] = v
     for k, v in b.items():
-        if k not in a:
+        if k not in a and not isinstance(v, Mapping):
+            out[k] = v
+    for k, v in a.items():
+        if isinstance(v, Mapping):
+            out[k] = merge(v, b[k]) if k in b else v
+    for k, v in b.items():
+        if k not in a and isinstance(v, Mapping):
             out[k] = v
     return out
 

@@ -27,7 +27,8 @@ import torch
 
 from .. import layers as L
 from .._imageops import IMAGENET_MEAN, IMAGENET_STD
-from ..kit import drop_aux_remap, family, transform_input
+from ..blocks import drop_aux_remap, transform_input
+from ..kit import family
 from ..registry import Reference, check_config, register
 
 __all__ = ["GoogLeNetConfig", "FAMILY", "transform_input", "IMAGENET_MEAN", "IMAGENET_STD"]

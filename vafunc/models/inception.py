@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from .. import layers as L
-from ..kit import drop_aux_remap, family, transform_input
+from ..blocks import drop_aux_remap, transform_input
+from ..kit import family
 from ..registry import Reference, check_config, register
 
 PAPER = "Szegedy et al. 2016, Rethinking the Inception Architecture for Computer Vision, arXiv:1512.00567"
