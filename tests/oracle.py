@@ -17,7 +17,10 @@ import vafunc
 
 #: (batch, H, W) of the oracle comparisons for references that run only at some sizes (a
 #: fixed-size head): the reference's 7x7 average pool + flatten runs at 223..230 only.
-ORACLE_SIZES = {"inception_v2": ((2, 223, 230), (3, 224, 224))}
+ORACLE_SIZES = {"inception_v2": ((2, 223, 230), (3, 224, 224)),
+                # torchvision's MaxViT runs at its build size only (square: its grid partition reads H);
+                # timm's CoAtNets at img_size only (relative position biases over the whole map)
+                **{n: ((2, 224, 224), (3, 224, 224)) for n in ("maxvit_t", "coatnet_0_224", "coatnet_0_rw_224")}}
 
 #: Auxiliary outputs compared in train mode: model -> ((vafunc output name, reference namedtuple
 #: field), ...); vafunc is asked for them with ``aux=True`` (inputs grow to
@@ -138,6 +141,15 @@ def build_reference(name: str, **config) -> torch.nn.Module:
     elif ref.source == "timm":
         import timm
         module = timm.create_model(ref.builder, pretrained=False, **kwargs)
+        if ref.builder.startswith("coatnet"):  # timm's index tables are non-persistent buffers: not state
+            for mod in module.modules():
+                for b in list(getattr(mod, "_non_persistent_buffers_set", ())):
+                    t = mod._buffers.pop(b)
+                    mod._non_persistent_buffers_set.discard(b)
+                    if t.is_meta:  # a meta build: the index is data (to_empty would not fill a plain attribute)
+                        from timm.layers.pos_embed_rel import gen_relative_position_index
+                        t = gen_relative_position_index(mod.window_size, device="cpu").view(-1)
+                    object.__setattr__(mod, b, t)
     elif ref.source == "pretrainedmodels":
         import pretrainedmodels as pm
         module = getattr(pm, ref.builder)(pretrained=None, **kwargs)

@@ -180,6 +180,7 @@ def test_bad_arguments():
         f(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
 
 
+@pytest.mark.slow
 def test_every_compiled_model_has_its_own_cache():
     """dynamo keeps compiled graphs per code object and falls back to eager past
     ``recompile_limit``; each CompiledModel must own its cache, however many a process builds."""

@@ -10,6 +10,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 
 import vafunc
 from oracle import build_reference, fit, heavy_params, module_outputs, perturb
+from oracle import ORACLE_SIZES
 from oracle import test_sizes as sizes_for
 
 #: BN-Inception's feature names are the Caffe graph's blob names (``inception_3a_output``), not
@@ -38,7 +39,7 @@ def test_features_are_the_reference_modules_outputs(name):
         create_feature_extractor(ref, names)
     pick = list(dict.fromkeys(names[:: max(1, len(names) // 6)] + [names[-1]]))
     m = model.min_size
-    if getattr(model.config, "image_size", None) is not None:  # a reference fixed to one size (ViT)
+    if getattr(model.config, "image_size", None) is not None or name in ORACLE_SIZES:  # references fixed to one size
         _, h, w = sizes_for(model)[0]
     else:
         h, w = fit(model, max(72, m + 8)), fit(model, max(64, m))

@@ -126,6 +126,12 @@ def pair(request):
     return _pair(name)
 
 
+#: float32 gradient tolerances above the default 1e-4: the biases in front of MaxViT's / CoAtNet's
+#: train-mode BatchNorms have exactly cancelling gradients, left as float32 noise on both sides
+#: (against a float64 run: vafunc 1.1e-4 off, torchvision 2.1e-4); test_maxvit compares them in
+#: float64 to 1e-8
+GRAD_RTOL = {"maxvit_t": 5e-4, "coatnet_0_224": 5e-4, "coatnet_0_rw_224": 5e-4}
+
 #: the models whose pair is built with the reference's own initialisation: those the gradient
 #: check runs on by default. The others get the cheap fill (build_reference_fast; their own init
 #: costs more than their tests), and the gradient check builds them its own way under -m slow.
@@ -264,8 +270,9 @@ def test_gradients_match_reference(pair):
         # rounding noise on both sides; a floor at 1e-3 of the largest gradient keeps the
         # comparison relative for all the others.
         floor = 1e-3 * max(float(v.abs().max()) for v in want.values())
+        rel = GRAD_RTOL.get(name, 1e-4)
         for k, g in got.items():
-            _close(g, want[k], 1e-4, f"{name} gradient of {k}", floor=floor)
+            _close(g, want[k], rel, f"{name} gradient of {k}", floor=floor)
     finally:
         ref.load_state_dict(sd)
         ref.eval()
@@ -306,6 +313,15 @@ def test_meta_state_dict_matches_reference(name):
     assert set(vafunc.flatten(state)) == {k for k, _ in ref.named_buffers()}
 
 
+def META_EVAL_CONFIG(model) -> dict:
+    """Config overrides of the meta path's one eval: a ViT giant (a reference fixed to its
+    ``image_size``) is built on both sides for a 2x2 patch grid instead of 224 (ViT-H/14 at 224:
+    167 GFLOPs an image); the weights and the code path are the same but the position embedding."""
+    if getattr(model.config, "image_size", None) is not None:
+        return {"image_size": 2 * model.size_multiple}
+    return {}
+
+
 #: the big models, plus the smallest model as a canary so the meta path's eval always runs once
 META_EVAL = [n for n in MODELS if is_big(n)] + [min(MODELS, key=lambda n: (vafunc.get_entry(n).params, n))]
 
@@ -316,9 +332,10 @@ def test_meta_path_eval_at_minimum_size(name):
     loaded without a copy of its state_dict (a 640M-parameter model costs its weights once)."""
     _require_reference(name)
     torch.manual_seed(1234)
-    model = vafunc.get_model(name)
+    cfg = META_EVAL_CONFIG(vafunc.get_model(name))
+    model = vafunc.get_model(name, **cfg)
     size = min_eval_size(model)
-    ref = perturb(build_reference_fast(name), seed=7, size=size)
+    ref = perturb(build_reference_fast(name, **cfg), seed=7, size=size)
     with torch.no_grad():
         params, state = vafunc.from_state_dict(model, ref.state_dict())
         _check_eval(name, model, ref, params, state, size)

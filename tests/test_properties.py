@@ -30,7 +30,24 @@ COMPILE_DEFAULT = ["resnet18"]
 F64 = torch.float64
 
 
-@pytest.fixture(scope="module", params=heavy_params(ALL, group=lambda n: f"properties-{n}"))
+#: families whose smallest input is this large or larger (MaxViT, CoAtNet: 224) run the property
+#: battery under -m slow only: float64 ensembles and Hessian-vector products at 224 take minutes
+PROPERTY_MAX_MIN_SIZE = 128
+
+
+def _slow_if(params, big):
+    out = []
+    for p in params:
+        (name,) = p.values
+        out.append(pytest.param(name, marks=[*p.marks, *([pytest.mark.slow] if big(name) else [])], id=p.id))
+    return out
+
+
+def _large_input(name):
+    return vafunc.get_model(name).min_size >= PROPERTY_MAX_MIN_SIZE
+
+
+@pytest.fixture(scope="module", params=_slow_if(heavy_params(ALL, group=lambda n: f"properties-{n}"), _large_input))
 def members(request):
     """The model (default config: dropout / stochastic depth on) and two members (float32)."""
     model = vafunc.get_model(request.param, num_classes=7)
@@ -119,12 +136,8 @@ HVP_MAX_PARAMS = 100_000_000
 
 
 def _hvp_params():
-    out = []
-    for p in heavy_params(ALL, group=lambda n: f"properties-{n}"):
-        (name,) = p.values
-        big = vafunc.get_entry(name).params > HVP_MAX_PARAMS
-        out.append(pytest.param(name, marks=[*p.marks, *([pytest.mark.slow] if big else [])], id=p.id))
-    return out
+    return _slow_if(heavy_params(ALL, group=lambda n: f"properties-{n}"),
+                    lambda n: vafunc.get_entry(n).params > HVP_MAX_PARAMS or _large_input(n))
 
 
 @pytest.fixture(scope="module", params=_hvp_params())

@@ -169,6 +169,12 @@ class Initializer:
             # timm / TF EfficientNet: normal, std sqrt(2 / fan_out) with fan_out = k*k*cout/groups
             p["weight"] = self.normal(shape, math.sqrt(2.0 / (kh * kw * cout // groups)))
             b = (lambda: self.zeros((cout,)))
+        elif scheme in ("xavier_uniform", "xavier_uniform_mlp"):
+            # init.xavier_uniform_ (bound sqrt(6 / (fan_in + fan_out))), bias 0; "_mlp": bias
+            # normal(0, 1e-6) (timm's ViT-style init of MLP convs: MaxxVit's transformer blocks)
+            bound = math.sqrt(6.0 / (fan_in + fan_out))
+            p["weight"] = self.uniform(shape, -bound, bound)
+            b = (lambda: self.normal((cout,), 1e-6)) if scheme.endswith("_mlp") else (lambda: self.zeros((cout,)))
         else:
             raise ValueError(f"unknown conv init scheme {scheme!r}")
         if bias:
