@@ -28,9 +28,9 @@ RESULTS = os.path.join(os.path.dirname(__file__), "results", "transformers.csv")
 
 
 def _tv(name):
-    import torchvision
+    from benchmarks.__main__ import reference_module
 
-    return getattr(torchvision.models, vafunc.get_entry(name).reference.builder)().eval()
+    return reference_module(name)
 
 
 def _pair(name):

@@ -249,7 +249,7 @@ def test_bf16_agrees_with_fp32_on_real_photographs(bf16_run):
     print(f"vafunc bf16 top-1 agreement with fp32: {100 * agree:.1f}% of {len(x)} crops "
           f"({top32.unique().numel()} distinct classes)")
     assert len(x) >= 50 and top32.unique().numel() >= 8  # not one class for everything
-    assert agree >= 0.95  # goal 0.99; measured 68/70 (the two flips are near-ties on microscopy crops)
+    assert agree >= 0.97  # goal 0.99; measured 69/70 with the precision policy (a near-tie on a microscopy crop)
 
 
 def test_bf16_is_not_below_timms_own_bf16_path(bf16_run, lite0):
