@@ -315,6 +315,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, bias: torch.
     dropout to them at ``rate`` (train mode, ``rng`` a :mod:`vafunc.random` key).
     """
     if attention_path(impl, train=train, rate=rate) == "fused":
+        if bias is not None and bias.dim() == 3 and q.dim() == 4:
+            bias = bias.unsqueeze(0)  # the CPU flash kernel takes 2-D or 4-D masks only (else: SDPA's math path)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
     s = q.shape[-1] ** -0.5 if scale is None else scale
     scores = torch.matmul(q * s, k.transpose(-2, -1))
