@@ -109,21 +109,26 @@ def main(argv=None) -> int:
             elif what == "compiled":
                 for dt in (torch.float32, torch.bfloat16):
                     rows.append(compiled(name, args.batch, args.size, args.reps, dt))
+                    print(rows[-1], flush=True)
+                continue
             elif name.startswith("vit"):
                 rows.append(train(name, args.train_batch, args.size, max(3, args.reps // 2)))
+            else:
+                continue
             print(rows[-1], flush=True)
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    new = not os.path.exists(RESULTS)
-    keys = sorted({k for r in rows for k in r} | {"cpu", "threads", "torch"})
-    if not new:
-        with open(RESULTS) as f:
-            keys = next(csv.reader(f))
-    with open(RESULTS, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-        if new:
-            w.writeheader()
-        for r in rows:
-            w.writerow({**info, **r})
+    old = []
+    if os.path.exists(RESULTS):
+        with open(RESULTS, newline="") as f:
+            old = list(csv.DictReader(f))
+    new = [{**info, **r} for r in rows]
+    keys = list(dict.fromkeys([k for r in old + new for k in r]))
+    tmp = RESULTS + ".tmp"
+    with open(tmp, "w", newline="") as f:  # rewritten whole (new columns), then moved into place
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(old + new)
+    os.replace(tmp, RESULTS)
     return 0
 
 
