@@ -60,6 +60,7 @@ def test_weights_are_frozen_constants_and_private():
     torch.testing.assert_close(f(x), before)
 
 
+@pytest.mark.slow
 def test_dynamic_batch_without_recompiling():
     """The first batch size is specialised, the second makes the batch axis symbolic: after
     that, batch sizes in the same range do not recompile."""

@@ -321,6 +321,7 @@ def test_vmapped_keys_draw_their_own_masks():
     assert not torch.allclose(o[0], o[1])
 
 
+@pytest.mark.slow
 def test_same_key_same_output_eager_and_compiled():
     torch._dynamo.reset()
     model = vafunc.get_model("efficientnet_b0", num_classes=6, stochastic_depth_prob=0.5, dropout=0.3)
