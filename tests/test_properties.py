@@ -108,9 +108,9 @@ def test_ensemble_vmap_equals_loop(members, train):
         assert _allclose(flat_got[k].to(v.dtype), v, rel), f"state {k}"
 
 
-def test_grad_vjp_jvp_agree(members):
-    """Eval mode (well conditioned in float32): jvp = <grad, u>, vjp = grad."""
-    model, ms = members
+def _eval_problem(model, ms):
+    """The first member's parameters, an eval-mode loss of them on a fixed batch, and two random
+    directions ``u``, ``v`` in parameter space (the derivative checks below share it)."""
     params, state = ms[0]
     s = _size(model)
     x = torch.randn(2, 3, s, s)
@@ -120,6 +120,13 @@ def test_grad_vjp_jvp_agree(members):
 
     def loss(p):
         return model.apply(p, state, x)[0].square().mean()
+
+    return params, loss, u, v
+
+
+def test_grad_vjp_jvp_agree(members):
+    """Eval mode (well conditioned in float32): jvp = <grad, u>, vjp = grad."""
+    params, loss, u, v = _eval_problem(*members)
 
     g = grad(loss)(params)
     assert all(torch.isfinite(t).all() for t in vafunc.tree.tree_leaves(g))
@@ -148,16 +155,7 @@ def hvp_members(request):
 
 def test_hessian_vector_products_are_symmetric(hvp_members):
     """Eval mode, forward-over-reverse: <u, H v> = <v, H u>."""
-    model, ms = hvp_members
-    params, state = ms[0]
-    s = _size(model)
-    x = torch.randn(2, 3, s, s)
-    gen = torch.Generator().manual_seed(3)
-    u = vafunc.tree_map(lambda t: torch.randn(t.shape, generator=gen), params)
-    v = vafunc.tree_map(lambda t: torch.randn(t.shape, generator=gen), params)
-
-    def loss(p):
-        return model.apply(p, state, x)[0].square().mean()
+    params, loss, u, v = _eval_problem(*hvp_members)
 
     hv = jvp(grad(loss), (params,), (v,))[1]
     hu = jvp(grad(loss), (params,), (u,))[1]
