@@ -20,7 +20,7 @@ def test_model_table_is_current():
 def test_cli_list_and_info(capsys):
     assert main(["list", "resnet*"]) == 0
     out = capsys.readouterr().out
-    assert "resnet50" in out and "25.56M" in out and "5 models" in out
+    assert "resnet50" in out and "25.56M" in out and "6 models" in out
     assert main(["info", "resnet18"]) == 0
     out = capsys.readouterr().out
     assert "11,689,512" in out and "layer4" in out

@@ -6,8 +6,9 @@
 >>> logits, state = model.apply(params, state, x)          # doctest: +SKIP
 """
 
-from . import distributed, ensemble, init, layers, optim, random, train, tree
-from .ensemble import ensemble_apply, ensemble_init, per_sample_grads
+from . import distributed, ensemble, init, layers, optim, persample, random, train, tree
+from .ensemble import ensemble_apply, ensemble_init
+from .persample import per_sample_grad_norms, per_sample_grads
 from .registry import Entry, Family, ModelDef, Reference, get_entry, get_model, list_models, register
 from . import models  # noqa: F401  (imports every family module, which registers; see registry._ensure_loaded)
 from .tree import count_params, flatten, stack, tree_map, unflatten, unstack
@@ -43,9 +44,11 @@ __all__ = [
     "ensemble_init",
     "ensemble_apply",
     "per_sample_grads",
+    "per_sample_grad_norms",
     "optim",
     "train",
     "ensemble",
+    "persample",
     "random",
     "layers",
     "init",

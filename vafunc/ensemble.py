@@ -24,7 +24,7 @@ import torch
 from . import random as vrandom
 from . import tree as vtree
 
-__all__ = ["ensemble_init", "ensemble_apply", "ensemble_size", "member_keys", "per_sample_grads"]
+__all__ = ["ensemble_init", "ensemble_apply", "ensemble_size", "member_keys"]
 
 
 def ensemble_init(model, n: int, key=0, *, device=None, dtype=None) -> tuple[dict, dict]:
@@ -104,20 +104,3 @@ def ensemble_apply(model, params, state, x, *, train: bool = False, rng=None, me
         states.append(ns)
     logits = torch.stack(outs)
     return logits, (vtree.stack(states) if train else state)
-
-
-def per_sample_grads(model, params, state, x, y, loss_fn: Callable, *, chunk_size: int | None = None):
-    """Gradient of ``loss_fn(logits [1, K], y [1])`` for every sample separately, BatchNorm in eval
-    mode: a params-shaped tree whose leaves have a leading batch axis ``[B, ...]``.
-
-    ``torch.func.vmap(grad(...))`` over the batch; ``chunk_size`` bounds memory on large batches.
-    """
-    if x.dim() != 4 or y.shape[:1] != x.shape[:1]:
-        raise ValueError(f"expected x [B, C, H, W] and y [B, ...], got {list(x.shape)} and {list(y.shape)}")
-
-    def loss_one(p, xi, yi):
-        logits, _ = model.apply(p, state, xi[None], train=False)
-        return loss_fn(logits, yi[None])
-
-    return torch.vmap(torch.func.grad(loss_one), in_dims=(None, 0, 0), chunk_size=chunk_size)(params, x, y)
-

@@ -105,6 +105,7 @@ class Ctx(NamedTuple):
 
     compute: torch.dtype | None = None
     attention: str = "auto"
+    tape: Any = None  # a vafunc.persample.Tape: per-sample gradients / norms in one backward
 
 
 _CTX = Ctx()
@@ -224,6 +225,8 @@ class Scope:
                 padding = same_padding(kernel, dilation)
             else:
                 x, padding = L.pad_same(x, kernel, stride, dilation), 0
+        if self.ctx.tape is not None and self.ini is None:
+            return self.ctx.tape.conv(x, w, b, stride, padding, dilation, groups)
         return F.conv2d(x, w, b, stride, padding, dilation, groups)
 
     def linear(self, name, x, fout, *, bias=True, init=None):
@@ -234,6 +237,15 @@ class Scope:
             scheme = self._init("linear", init)
             p = self._create(name, lambda ini: ini.linear_scheme(scheme, x.shape[-1], fout, bias=bias))
             w, b = p["weight"], p.get("bias")
+        if self.ctx.tape is not None and self.ini is None:
+            return self.ctx.tape.linear(x, w, b)
+        return F.linear(x, w, b)
+
+    def linear_with(self, x, w, b=None):
+        """``F.linear(x, w, b)`` with tensors the family declared itself (``m.param``: a fused
+        projection), taped under per-sample gradients like :meth:`linear`."""
+        if self.ctx.tape is not None and self.ini is None:
+            return self.ctx.tape.linear(x, w, b)
         return F.linear(x, w, b)
 
     def batch_norm(self, name, x, *, eps=None, momentum=None, zero_init=False, affine=True):
@@ -244,22 +256,57 @@ class Scope:
         if self.ini is not None:
             self._create(name, lambda ini: ini.batch_norm(x.shape[1], zero_weight=zero_init, affine=affine))
             return torch.empty_like(x)  # shapes only (meta BatchNorm runs a slow Python decomposition)
-        y, ns = L.batch_norm(self.p.get(name, _EMPTY), self.s[name], x, train=self.train, momentum=momentum, eps=eps)
+        p = self.p.get(name, _EMPTY)
+        if self.ctx.tape is not None and not self.train:  # eval: normalise, then the taped affine part
+            s = self.s[name]
+            xhat = F.batch_norm(x, s["running_mean"], s["running_var"], None, None, False, 0.0, eps)
+            return self.ctx.tape.affine(xhat, p.get("weight"), p.get("bias"), 1)
+        y, ns = L.batch_norm(p, self.s[name], x, train=self.train, momentum=momentum, eps=eps)
         if self.train:
             self.new[name] = ns
         return y
+
+    def group_norm(self, name, x, groups: int, *, eps=1e-5, zero_init=False):
+        """GroupNorm (Wu & He 2018) over ``[N, C, ...]`` with ``groups`` groups, tensors at
+        ``name`` (weight 1, or 0 with ``zero_init``; bias 0); no running statistics, so no
+        coupling between samples (what per-sample gradients and DP-SGD need)."""
+        c = x.shape[1]
+        if c % groups:
+            raise ValueError(f"GroupNorm at {self.path}{name}: {groups} groups do not divide {c} channels; "
+                             f"choose a group count that divides every width of the network")
+        if self.ini is not None:
+            p = self._create(name, lambda ini: {"weight": ini.full((c,), 0.0 if zero_init else 1.0),
+                                                "bias": ini.zeros((c,))})
+            return F.group_norm(x, groups, p["weight"], p["bias"], eps)
+        p = self.p[name]
+        if self.ctx.tape is not None:
+            return self.ctx.tape.affine(F.group_norm(x, groups, None, None, eps), p["weight"], p["bias"], 1)
+        return F.group_norm(x, groups, p["weight"], p["bias"], eps)
+
+    def norm(self, name, x, *, eps=None, momentum=None, zero_init=False):
+        """The family's normalisation layer at ``name``: BatchNorm (:meth:`batch_norm`), or, when
+        the family's defaults say ``norm="group"``, GroupNorm with ``norm_groups`` groups
+        (:meth:`group_norm`; torchvision's ``norm_layer`` choice)."""
+        if self.defaults.get("norm", "batch") == "group":
+            return self.group_norm(name, x, self.defaults.get("norm_groups", 32),
+                                   eps=self.defaults.get("eps", 1e-5) if eps is None else eps, zero_init=zero_init)
+        return self.batch_norm(name, x, eps=eps, momentum=momentum, zero_init=zero_init)
 
     def layer_norm(self, name, x, *, eps=1e-5):
         """LayerNorm over the last axis of ``[..., C]`` (``nn.LayerNorm(C)``), tensors at
         ``name`` (weight 1, bias 0)."""
         c = x.shape[-1]
         p = self.p[name] if self.ini is None else self._create(name, lambda ini: ini.layer_norm(c))
+        if self.ctx.tape is not None and self.ini is None:
+            return self.ctx.tape.affine(F.layer_norm(x, (c,), None, None, eps), p["weight"], p["bias"], -1)
         return F.layer_norm(x, (c,), p["weight"], p["bias"], eps)  # float32 weights under a policy
 
     def layer_norm2d(self, name, x, *, eps=1e-6):
         """LayerNorm over the channels of ``[N, C, H, W]`` at every position (ConvNeXt's
         ``LayerNorm2d``: :func:`vafunc.layers.layer_norm2d`), tensors at ``name``."""
         p = self.p[name] if self.ini is None else self._create(name, lambda ini: ini.layer_norm(x.shape[1]))
+        if self.ctx.tape is not None and self.ini is None:
+            return self.ctx.tape.affine(L.layer_norm2d(_EMPTY, x, eps=eps), p["weight"], p["bias"], 1)
         return L.layer_norm2d(p, x, eps=eps)
 
     def layer_scale(self, name, channels: int, value: float, *, shape=None):
@@ -269,15 +316,19 @@ class Scope:
         ``[channels]``). Returns the tensor, for the caller to multiply: declare it where the
         reference registers it (a module's own parameters precede its children's in the
         state_dict, so usually before the block's layers)."""
-        return self.param(name, (channels, 1, 1) if shape is None else tuple(shape), ("full", value))
+        t = self.param(name, (channels, 1, 1) if shape is None else tuple(shape), ("full", value))
+        return t if self.ctx.tape is None or self.ini is not None else self.ctx.tape.expand(t, 4)
 
-    def param(self, name, shape, init=("zeros",)):
+    def param(self, name, shape, init=("zeros",), *, batched: bool = False):
         """A bare parameter ``name`` of ``shape`` used directly by the family (a class token, a
         position embedding, a relative position bias table), cast to the compute dtype.
         ``init``: ``("zeros",)``, ``("full", value)``, ``("normal", std)`` or
-        ``("trunc_normal", std)`` (truncated at +-2)."""
+        ``("trunc_normal", std)`` (truncated at +-2). ``batched``: the leading axis (of size 1)
+        broadcasts over the batch (ViT's class token and position embedding); under a
+        per-sample tape it becomes the batch axis, so the family's code must broadcast it."""
         if self.ini is None:
-            return self.cast(self.p[name])
+            t = self.cast(self.p[name])
+            return self.ctx.tape.expand(t, t.dim()) if batched and self.ctx.tape is not None else t
         if name in self.p:
             raise ValueError(f"{self.path}{name} is declared twice")
         t = self.p[name] = self.ini.draw(init, tuple(shape))
@@ -302,7 +353,7 @@ class Scope:
         norm's at ``norm``. The activation runs in place on the fresh BatchNorm output."""
         y = self.conv(conv, x, cout, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups,
                       bias=bias, init=init)
-        y = self.batch_norm(norm, y, eps=eps, momentum=momentum, zero_init=zero_init)
+        y = self.norm(norm, y, eps=eps, momentum=momentum, zero_init=zero_init)
         act = activation(act)
         return y if act is None else L.INPLACE.get(act, act)(y)
 
@@ -381,14 +432,14 @@ def family(
         return run_init(cfg, ini)
 
     def apply(cfg, params, state, x, *, train: bool = False, rng=None, taps=None, policy=None,
-              attention: str = "auto", **kw):
+              attention: str = "auto", tape=None, **kw):
         policy = check_policy(policy)
         ctx = _CTX
         if policy is not None:
             x = x.to(policy.compute)
-            ctx = Ctx(policy.compute if policy.mixed else None, attention)
-        elif attention != "auto":
-            ctx = Ctx(None, attention)
+            ctx = Ctx(policy.compute if policy.mixed else None, attention, tape)
+        elif attention != "auto" or tape is not None:
+            ctx = Ctx(None, attention, tape)
         if attention not in L.ATTENTION_IMPLS:
             raise ValueError(f"attention must be one of {L.ATTENTION_IMPLS}, got {attention!r}")
         m = Scope(params, state, train=train, rng=rng, taps=taps, defaults=scope_defaults(cfg), ctx=ctx)

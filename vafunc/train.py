@@ -20,10 +20,11 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from . import random as vrandom
 from . import tree as vtree
 from .ensemble import member_keys, ensemble_size
 
-__all__ = ["make_train_step", "cross_entropy", "accuracy"]
+__all__ = ["make_train_step", "make_dp_train_step", "cross_entropy", "accuracy"]
 
 
 def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -112,5 +113,104 @@ def make_train_step(model, optimizer, loss_fn: Callable = cross_entropy, *, ense
         params, opt_state = optimizer.update(grads, opt_state, params, donate=donate)
         new_state = vtree.tree_map(torch.Tensor.detach, new_state)
         return params, new_state, opt_state, {"loss": loss, "accuracy": acc}
+
+    return step
+
+
+# --------------------------------------------------------------------------- DP-SGD
+
+
+def _has_batch_norm(state) -> bool:
+    return any(k.endswith("running_mean") for k in vtree.flatten(state))
+
+
+def gaussian_noise(key, params, std: float) -> dict:
+    """``N(0, std^2)`` noise shaped like ``params``, drawn from a ``torch.Generator`` seeded by the
+    vafunc ``key`` (64 bits of it): the same key gives the same noise (on one torch version and
+    device), different keys independent noise. One generator per device draws every leaf in
+    tree order."""
+    seed = int(vrandom.bits(key, (1,))[0]) << 32 | int(vrandom.bits(vrandom.fold_in(key, 1), (1,))[0])
+    gens: dict = {}
+
+    def draw(t):
+        g = gens.get(t.device)
+        if g is None:
+            g = gens[t.device] = torch.Generator(device=t.device).manual_seed(seed)
+        return torch.randn(t.shape, generator=g, dtype=t.dtype, device=t.device).mul_(std)
+
+    return vtree.tree_map(draw, params)
+
+
+def make_dp_train_step(model, optimizer, loss_fn: Callable = cross_entropy, *, clip_norm: float,
+                       noise_multiplier: float, train: bool = True, chunk_size: int | None = None):
+    """DP-SGD (Abadi et al. 2016, Algorithm 1): ``step(params, state, opt_state, x, y, rng) ->
+    (params, state, opt_state, metrics)``.
+
+    Each step:
+
+    1. the per-sample gradient norms ``n_i`` of ``loss_fn(logits[i:i+1], y[i:i+1])``
+       (:func:`vafunc.per_sample_grad_norms`: ghost norms, no per-sample gradient is stored);
+    2. one backward of ``sum_i c_i loss_i`` with the clip factors ``c_i = min(1, clip_norm / (n_i +
+       1e-6))`` (Opacus' rule), which is the sum of the clipped per-sample gradients;
+    3. Gaussian noise of standard deviation ``noise_multiplier * clip_norm`` added to that sum
+       (:func:`gaussian_noise`, from ``fold_in(rng, 1)``), then the division by the batch size
+       ``B`` and the optimizer's update.
+
+    ``rng`` is required: pass a fresh key every step (``vafunc.random.fold_in(key, step)``), or the
+    noise repeats. ``fold_in(rng, 0)`` keys the model's dropout / stochastic depth, the same in
+    both passes. ``train=True`` runs the model in train mode, which BatchNorm would make couple
+    the samples: such models are refused (use a GroupNorm model, ``resnet50_gn`` or ``norm="group"``,
+    or ``train=False``, BatchNorm in eval mode with its running statistics). ``chunk_size`` bounds
+    the memory of the norm pass (eval mode or a model without random layers: a chunk draws other
+    dropout masks than the full batch).
+
+    ``metrics``: ``loss`` (mean of the per-sample losses), ``accuracy``, ``grad_norm`` (mean
+    per-sample norm before clipping), ``clipped`` (fraction of samples clipped).
+
+    Privacy accounting is not part of vafunc. The step's parameters are what an accountant needs:
+    with Poisson sampling at rate ``q = B / dataset size`` over ``T`` steps, e.g. Opacus'
+    ``opacus.accountants.RDPAccountant`` (``history=[(noise_multiplier, q, T)]``, then
+    ``get_epsilon(delta)``) or ``dp_accounting``'s ``PoissonSampledDpEvent(q,
+    GaussianDpEvent(noise_multiplier))`` composed ``T`` times.
+    """
+    from .persample import _per_sample_losses, per_sample_grad_norms
+
+    if not isinstance(clip_norm, (int, float)) or not clip_norm > 0:
+        raise ValueError(f"clip_norm must be a positive number (math.inf: no clipping), got {clip_norm!r}")
+    if not isinstance(noise_multiplier, (int, float)) or noise_multiplier < 0:
+        raise ValueError(f"noise_multiplier must be a non-negative number, got {noise_multiplier!r}")
+    if chunk_size is not None and train:
+        raise ValueError("chunk_size needs train=False: chunks of a train-mode batch draw other dropout masks")
+    clip_norm, noise_multiplier = float(clip_norm), float(noise_multiplier)
+
+    def step(params, state, opt_state, x, y, rng=None):
+        if not vrandom.is_key(rng) or rng.dim() != 1:
+            raise TypeError(f"the DP step needs a fresh vafunc.random key per step (its noise), got {rng!r}")
+        if train and _has_batch_norm(state):
+            raise ValueError(
+                f"{model.name}: DP-SGD needs per-sample gradients, and train-mode BatchNorm mixes the samples "
+                "of a batch; use a GroupNorm model (resnet50_gn, or norm='group') or train=False (BatchNorm "
+                "in eval mode)")
+        k_model, k_noise = vrandom.fold_in(rng, 0), vrandom.fold_in(rng, 1)
+        b = x.shape[0]
+        norms = per_sample_grad_norms(model, params, state, x, y, loss_fn, chunk_size=chunk_size, train=train,
+                                      rng=k_model)
+        factors = (clip_norm / (norms + 1e-6)).clamp(max=1.0)
+        names = list(vtree.flatten(params))
+        leaves = [t.detach().requires_grad_(True) for t in vtree.flatten(params).values()]
+        with torch.enable_grad():
+            logits, new_state = model.apply(vtree.unflatten(dict(zip(names, leaves))), state, x, train=train,
+                                            rng=k_model)
+            losses = _per_sample_losses(loss_fn, logits, y)
+            g = torch.autograd.grad((losses * factors).sum(), leaves)
+        grads = vtree.unflatten(dict(zip(names, g)))
+        if noise_multiplier:
+            noise = gaussian_noise(k_noise, grads, noise_multiplier * clip_norm)
+            grads = vtree.tree_map(torch.add, grads, noise)
+        grads = vtree.tree_map(lambda t: t.div_(b), grads)
+        params, opt_state = optimizer.update(grads, opt_state, params)
+        metrics = {"loss": losses.detach().mean(), "accuracy": accuracy(logits.detach(), y),
+                   "grad_norm": norms.mean(), "clipped": (norms > clip_norm).float().mean()}
+        return params, vtree.tree_map(torch.Tensor.detach, new_state), opt_state, metrics
 
     return step

@@ -52,7 +52,9 @@ STAGE_PLANES = (64, 128, 256, 512)
 
 @dataclass(frozen=True)
 class ResNetConfig:
-    """torchvision ``ResNet`` keywords (``norm_layer`` aside), plus three of timm's ``ResNet``
+    """torchvision ``ResNet`` keywords, with ``norm_layer`` as ``norm`` (``"batch"``, or
+    ``"group"``: GroupNorm with ``norm_groups`` groups, which must divide every width; timm's
+    ``resnet50_gn``), plus three of timm's ``ResNet``
     for its SE variants: ``attn_layer`` (timm's ``block_args=dict(attn_layer=...)``; ``"se"``
     or ``None``), ``drop_rate`` (dropout before ``fc``) and ``drop_path_rate`` (stochastic depth,
     block ``b`` of ``B`` at ``drop_path_rate * b / (B - 1)``, timm's linear rule). timm's
@@ -69,8 +71,12 @@ class ResNetConfig:
     attn_layer: str | None = None
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
+    norm: str = "batch"
+    norm_groups: int = 32
 
     def __post_init__(self):
+        if self.norm not in ("batch", "group"):
+            raise ValueError(f"norm must be 'batch' or 'group' (GroupNorm, norm_groups groups), got {self.norm!r}")
         if self.attn_layer not in (None, "se"):
             raise ValueError(f"attn_layer must be None or 'se', got {self.attn_layer!r}")
         if self.block not in EXPANSION:
@@ -87,7 +93,7 @@ class ResNetConfig:
             raise ValueError("BasicBlock only supports groups=1 and width_per_group=64")
         if self.block == "basic" and any(rswd):
             raise ValueError("dilation > 1 is not supported with BasicBlock")
-        check_config(self, positive_ints=("num_classes", "in_channels", "groups", "width_per_group"),
+        check_config(self, positive_ints=("num_classes", "in_channels", "groups", "width_per_group", "norm_groups"),
                      rates=("drop_rate", "drop_path_rate"))
 
 
@@ -202,7 +208,8 @@ def forward(m, cfg: ResNetConfig, x):
     return m.head(y, cfg.num_classes, rate=cfg.drop_rate, rng=m.key(0) if cfg.drop_rate else None)
 
 
-FAMILY = family("resnet", ResNetConfig, forward, paper=PAPER)
+FAMILY = family("resnet", ResNetConfig, forward, paper=PAPER,
+                defaults=lambda cfg: {"norm": cfg.norm, "norm_groups": cfg.norm_groups})
 
 _RESNEXT = "Xie et al. 2017, Aggregated Residual Transformations for Deep Neural Networks, arXiv:1611.05431"
 _WIDE = "Zagoruyko & Komodakis 2016, Wide Residual Networks, arXiv:1605.07146"
@@ -234,3 +241,11 @@ for _name, _g, _w, _n in [("seresnet50", 1, 64, 28088024), ("seresnext50_32x4d",
         block="bottleneck", layers=STAGES[50][1], groups=_g, width_per_group=_w, attn_layer="se",
         zero_init_residual=True,
     )
+
+# timm's GroupNorm ResNet-50 (norm_layer=GroupNorm, 32 groups; zero_init_last): no coupling between
+# samples, the ResNet for per-sample gradients and DP-SGD.
+register(
+    "resnet50_gn", FAMILY, params=25557032, reference=Reference("timm", "resnet50_gn"),
+    paper="Wu & He 2018, Group Normalization, arXiv:1803.08494",
+    block="bottleneck", layers=STAGES[50][1], norm="group", norm_groups=32, zero_init_residual=True,
+)

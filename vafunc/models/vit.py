@@ -127,7 +127,7 @@ def self_attention(m, x, heads: int, rate: float, rng):
     d = x.shape[-1]
     w = m.param("in_proj_weight", (3 * d, d), _xavier_uniform(d, 3 * d))
     b = m.param("in_proj_bias", (3 * d,))
-    qkv = F.linear(x.to(w.dtype), w, b)
+    qkv = m.linear_with(x.to(w.dtype), w, b)
     q, k, v = einops.rearrange(qkv, "n l (three h e) -> three n h l e", three=3, h=heads).unbind(0)
     y = m.attention(q, k, v, rate=rate, rng=rng)
     y = einops.rearrange(y, "n h l e -> n l (h e)")
@@ -161,13 +161,13 @@ def forward(m, cfg: ViTConfig, x):
     p = cfg.patch_size
     m.require_multiple(p)
     d = cfg.hidden_dim
-    cls = m.param("class_token", (1, 1, d))
+    cls = m.param("class_token", (1, 1, d), batched=True)
     y = m.tap("conv_proj", m.conv("conv_proj", x, d, p, stride=p, padding=0, bias=True, init=_proj_init))
     grid = tuple(y.shape[-2:])
     tokens = einops.rearrange(y, "n d h w -> n (h w) d")
     tokens = torch.cat([cls.expand(tokens.shape[0], -1, -1), tokens], 1)
     e = m.child("encoder", rng=m.rng)
-    pos = e.param("pos_embedding", (1, 1 + (cfg.image_size // p) ** 2, d), ("normal", 0.02))
+    pos = e.param("pos_embedding", (1, 1 + (cfg.image_size // p) ** 2, d), ("normal", 0.02), batched=True)
     t = e.dropout(tokens + position_embedding(pos, grid, cfg.image_size // p), cfg.dropout, e.key(0))
     layers = e.child("layers", rng=e.rng)
     for i in range(cfg.num_layers):

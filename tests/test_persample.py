@@ -1,0 +1,116 @@
+"""Per-sample gradients and their norms from one taped backward (vafunc.persample), against the
+loop of one-sample gradients (torch.func.grad per sample), in float64."""
+
+import pytest
+import torch
+from torch.nn.functional import cross_entropy
+
+import vafunc
+from vafunc import persample
+
+TINY_VIT = dict(image_size=32, patch_size=16, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32)
+
+# (name, config, input size): every kind of taped layer: convs (plain, grouped, depthwise, 1x1
+# strided), linears on tokens, BatchNorm in eval, LayerNorm, LayerNorm2d, layer scale, class
+# token and position embedding, auxiliary heads that eval mode does not reach.
+CASES = [
+    ("resnet18", {}, 32),
+    ("mobilenet_v3_small", {}, 32),
+    ("shufflenet_v2_x0_5", {}, 32),
+    ("convnext_tiny", {}, 32),
+    ("vit_b_16", TINY_VIT, 32),
+    ("googlenet", {}, 32),
+    ("tf_efficientnet_lite0", {}, 33),
+]
+
+
+def _problem(name, cfg, size, batch=3):
+    model = vafunc.get_model(name, num_classes=7, **cfg)
+    params, state = model.init(0, dtype=torch.float64)
+    g = torch.Generator().manual_seed(1)
+    params = vafunc.tree_map(lambda t: t + 0.05 * torch.randn(t.shape, generator=g, dtype=t.dtype), params)
+    state = vafunc.tree_map(lambda t: t.abs() + 0.5 if t.is_floating_point() else t, state)
+    x = torch.randn(batch, 3, size, size, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 7, (batch,), generator=g)
+    return model, params, state, x, y
+
+
+def _loop(model, params, state, x, y):
+    """The oracle: one ``torch.func.grad`` per sample, on a batch of one."""
+    outs = []
+    for i in range(len(x)):
+        def loss(p):
+            return cross_entropy(model.apply(p, state, x[i:i + 1])[0], y[i:i + 1])
+
+        outs.append(vafunc.flatten(torch.func.grad(loss)(params)))
+    return outs
+
+
+@pytest.mark.parametrize("name,cfg,size", CASES, ids=[c[0] for c in CASES])
+def test_taped_grads_and_norms_equal_the_loop(name, cfg, size):
+    model, params, state, x, y = _problem(name, cfg, size)
+    assert persample.tape_covers(model) and persample.tape_covers(model, "norms")
+    got = vafunc.flatten(vafunc.per_sample_grads(model, params, state, x, y, cross_entropy, method="tape"))
+    want = _loop(model, params, state, x, y)
+    for i, w in enumerate(want):
+        assert list(w) == list(got)
+        for k, v in w.items():
+            torch.testing.assert_close(got[k][i], v, rtol=1e-9, atol=1e-12, msg=k)
+    norms = vafunc.per_sample_grad_norms(model, params, state, x, y, cross_entropy)
+    want_norms = torch.stack([torch.cat([v.flatten() for v in w.values()]).norm() for w in want])
+    torch.testing.assert_close(norms, want_norms, rtol=1e-10, atol=0)
+
+
+def test_chunks_and_out_reuse():
+    model, params, state, x, y = _problem("resnet18", {}, 32, batch=5)
+    whole = vafunc.per_sample_grads(model, params, state, x, y, cross_entropy)
+    chunked = vafunc.per_sample_grads(model, params, state, x, y, cross_entropy, chunk_size=2)
+    torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=0)
+    again = vafunc.per_sample_grads(model, params, state, x.flip(0), y.flip(0), cross_entropy, out=chunked)
+    assert again is chunked  # written in place
+    torch.testing.assert_close(vafunc.tree_map(lambda t: t.flip(0), again), whole, rtol=1e-12, atol=0)
+    n = vafunc.per_sample_grad_norms(model, params, state, x, y, cross_entropy, chunk_size=2)
+    torch.testing.assert_close(n, vafunc.per_sample_grad_norms(model, params, state, x, y, cross_entropy))
+    with pytest.raises(ValueError, match="out"):
+        vafunc.per_sample_grads(model, params, state, x[:2], y[:2], cross_entropy, out=whole)
+    with pytest.raises(ValueError, match="chunk_size"):
+        vafunc.per_sample_grads(model, params, state, x, y, cross_entropy, chunk_size=0)
+    with pytest.raises(ValueError, match=r"y \[B"):
+        vafunc.per_sample_grad_norms(model, params, state, x, y[:2], cross_entropy)
+
+
+@pytest.mark.parametrize("t", [1, 4, 64])
+@pytest.mark.parametrize("groups", [1, 4])
+def test_ghost_and_explicit_norms_agree(t, groups):
+    """Both sides of the mixed rule: the Gram-matrix (ghost) norm and the explicit per-sample
+    product give the same squared norm, whichever the cost rule picks."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3, groups, 36, t, generator=g, dtype=torch.float64)
+    go = torch.randn(3, groups, 8, t, generator=g, dtype=torch.float64)
+    explicit = torch.einsum("bgot,bgdt->bgod", go, a).reshape(3, -1).square().sum(1)
+    ghost = (torch.einsum("bgdt,bgds->bgts", a, a) * torch.einsum("bgot,bgos->bgts", go, go)).reshape(3, -1).sum(1)
+    torch.testing.assert_close(persample._sq_norm(a, go), explicit)
+    torch.testing.assert_close(ghost, explicit)
+
+
+def test_uncovered_models_fall_back_to_vmap():
+    """Swin's relative position tables and its fused qkv are used by the family directly: the
+    tape does not cover it, and per_sample_grads takes torch.vmap(grad) (still the loop's values)."""
+    model = vafunc.get_model("swin_t")
+    assert not persample.tape_covers(model)
+    with pytest.raises(ValueError, match="method='vmap'"):
+        p, s = model.init(0, device="meta")
+        vafunc.per_sample_grads(model, p, s, torch.zeros(2, 3, 32, 32, device="meta"), torch.zeros(2), cross_entropy,
+                                method="tape")
+
+
+def test_without_a_tape_the_kit_emits_plain_ops():
+    """The tape is per call: apply without one runs the plain aten convolution (what inductor and
+    vafunc.compile's folding see)."""
+    model = vafunc.get_model("resnet18", num_classes=3)
+    params, state = model.init(0)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.profiler.profile() as prof:
+        model.apply(params, state, x)
+    names = {e.name for e in prof.events()}
+    assert "aten::convolution" in names and not any("_Conv" in n for n in names)
