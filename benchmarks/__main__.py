@@ -7,7 +7,11 @@
 * ``ensemble``: ``ensemble_apply`` (loop, vmap) and ``torch_compat.compile_ensemble`` against a
   Python loop over N torchvision modules (``--members``);
 * ``train``: the functional train step against module + ``loss.backward()`` + ``torch.optim.SGD``;
-* ``psg``: ``per_sample_grads`` against a loop of single-sample backward passes.
+* ``psg``: ``per_sample_grads`` (fresh and ``out=``), ``per_sample_grad_norms``, one batched
+  backward (the floor) and the DP-SGD step against a loop of single-sample backward passes through
+  the torchvision module (resnet18 b32@32 by default); on the GroupNorm ResNet against Opacus
+  (``pip install -e .[bench]``; skipped without it); a batch-size sweep (``--sweep``) plotted to
+  ``<out>/psg.png``.
 
 Side by side in one process, alternating, after warm-up; prints a markdown table of medians and
 paired ratios (>1: vafunc is faster) and appends the rows to ``benchmarks/results/<bench>.csv``.
@@ -80,12 +84,48 @@ def bench_research(args) -> list[dict]:
                                        compiled=False)
         elif args.bench == "train":
             pairs = research.train_step(name, args.batch, args.size, args.reps)
-        else:
-            pairs = research.per_sample(name, args.batch, args.size, args.reps)
         for pair in pairs:
             rows.append({"bench": args.bench, "model": name, "batch": args.batch, "size": args.size, **pair.row()})
             print(f"| {pair.label} | {args.batch}x{args.size} | {pair.median_a_ms:.1f} | {pair.median_b_ms:.1f} | "
                   f"{pair.ratio:.3f} ({pair.ratio_q1:.3f}-{pair.ratio_q3:.3f}) |", flush=True)
+    return rows
+
+
+def bench_psg(args) -> list[dict]:
+    from benchmarks import research
+
+    rows = []
+
+    def emit(pair, model, batch):
+        rows.append({"bench": "psg", "model": model, "batch": batch, "size": args.size, **pair.row()})
+        print(f"| {pair.label} | {batch}x{args.size} | {pair.median_a_ms:.1f} | {pair.median_b_ms:.1f} | "
+              f"{pair.ratio:.3f} ({pair.ratio_q1:.3f}-{pair.ratio_q3:.3f}) |", flush=True)
+
+    sweep = [int(b) for b in args.sweep.split(",") if b.strip()] if args.sweep else []
+    for name in args.models:
+        for pair in research.per_sample(name, args.batch, args.size, args.reps, dp=not args.no_dp):
+            emit(pair, name, args.batch)
+        if not args.no_opacus:
+            for pair in research.per_sample_opacus(name, args.batch, args.size, args.reps, dp=not args.no_dp):
+                emit(pair, f"{name} norm=group", args.batch)
+        for b, pair in research.psg_sweep(name, sweep, args.size, args.reps, skip=(args.batch,)):
+            emit(pair, name, b)
+    if not args.no_opacus and research.have_opacus():
+        import opacus
+
+        agree = research.opacus_agreement(args.models[0], min(args.batch, 8), args.size)
+        print(f"\nvalues vs Opacus {opacus.__version__} ({args.models[0]} GroupNorm, b{agree['batch']}@{args.size}): "
+              f"per-sample grads max rel diff {agree['grads_rel']:.1e} (worst parameter, ||diff|| / ||opacus||), "
+              f"norms {agree['norms_rel']:.1e} (worst sample)", flush=True)
+    if sweep:
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, "psg.png")
+        info = machine_info()
+        plotted = [r for r in rows if r["model"] == args.models[0] and r["batch"] in sweep]
+        if research.psg_plot(plotted, path, f"{args.models[0]} @{args.size}, per-sample gradients vs a loop of "
+                                            f"single-sample backward passes\n{info['cpu']}, {info['threads']} "
+                                            f"threads, torch {info['torch']}"):
+            print(f"wrote {path}", flush=True)
     return rows
 
 
@@ -104,14 +144,23 @@ def main(argv=None) -> int:
     p.add_argument("bench", nargs="?", default="eager", choices=["eager", "ensemble", "train", "psg"])
     p.add_argument("--members", type=int, default=8)
     p.add_argument("--no-compile", action="store_true", help="ensemble: skip the compiled path")
-    p.add_argument("--models", nargs="+", default=["resnet18", "resnet50"])
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--size", type=int, default=224)
-    p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--models", nargs="+", default=None, help="default: resnet18 resnet50 (psg: resnet18)")
+    p.add_argument("--batch", type=int, default=None, help="default: 8 (psg: 32)")
+    p.add_argument("--size", type=int, default=None, help="default: 224 (psg: 32)")
+    p.add_argument("--reps", type=int, default=None, help="default: 15 (psg: 5)")
+    p.add_argument("--sweep", default=",".join(map(str, (8, 16, 32, 64))),
+                   help="psg: batch sizes of the sweep plotted to <out>/psg.png ('' for none)")
+    p.add_argument("--no-opacus", action="store_true", help="psg: skip the Opacus rows")
+    p.add_argument("--no-dp", action="store_true", help="psg: skip the DP-SGD step rows")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = p.parse_args(argv)
+    psg = args.bench == "psg"
+    args.models = args.models or (["resnet18"] if psg else ["resnet18", "resnet50"])
+    args.batch = args.batch or (32 if psg else 8)
+    args.size = args.size or (32 if psg else 224)
+    args.reps = args.reps or (5 if psg else 15)
     if args.threads:
         torch.set_num_threads(args.threads)
     info = machine_info()
@@ -120,6 +169,10 @@ def main(argv=None) -> int:
     print("|---|---|---:|---:|---:|")
     if args.bench == "eager":
         rows = bench_eager(args)
+    elif psg:
+        print("(psg baselines: a loop of single-sample backward passes through the torchvision module, or "
+              "Opacus where the label says so)")
+        rows = bench_psg(args)
     else:
         rows = bench_research(args)
     os.makedirs(args.out, exist_ok=True)

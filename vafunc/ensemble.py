@@ -23,6 +23,7 @@ import torch
 
 from . import random as vrandom
 from . import tree as vtree
+from .members import covers as members_covers
 
 __all__ = ["ensemble_init", "ensemble_apply", "ensemble_size", "member_keys"]
 
@@ -92,8 +93,17 @@ def ensemble_apply(model, params, state, x, *, train: bool = False, rng=None, me
 
         logits, new_state = torch.vmap(one, in_dims=in_dims, randomness="error")(params, state, x, keys)
         return logits, (new_state if train else state)
+    if method == "auto":
+        method = "batched" if members_covers(model) else "loop"
+    if method == "batched":
+        if not members_covers(model):
+            raise ValueError(f"{model.name} has no members-mode lowering (bare parameters); use method='loop'")
+        xb = x.reshape(n * x.shape[1], *x.shape[2:]) if per_member else x
+        logits, new_state = model.apply(params, state, xb, train=train, rng=keys, members=n,
+                                        shared_input=not per_member, **kw)
+        return logits.view(n, -1, *logits.shape[1:]), (new_state if train else state)
     if method != "loop":
-        raise ValueError(f"method must be 'loop' or 'vmap', got {method!r}")
+        raise ValueError(f"method must be 'auto', 'batched', 'loop' or 'vmap', got {method!r}")
     outs, states = [], []
     for i in range(n):
         p = vtree.tree_map(lambda t: t[i], params)

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from typing import NamedTuple
 
 from . import layers as L
+from . import members as M
 from . import random as vrandom
 from .precision import check_policy, dtype_mismatch
 from .registry import Family
@@ -106,6 +107,8 @@ class Ctx(NamedTuple):
     compute: torch.dtype | None = None
     attention: str = "auto"
     tape: Any = None  # a vafunc.persample.Tape: per-sample gradients / norms in one backward
+    members: int | None = None  # members mode (vafunc.members): N stacked members in the batch axis
+    shared: Any = None  # members mode: (the [N*B] input, the [B] batch every member shares)
 
 
 _CTX = Ctx()
@@ -227,6 +230,11 @@ class Scope:
                 x, padding = L.pad_same(x, kernel, stride, dilation), 0
         if self.ctx.tape is not None and self.ini is None:
             return self.ctx.tape.conv(x, w, b, stride, padding, dilation, groups)
+        if self.ctx.members and self.ini is None:
+            sh = self.ctx.shared
+            if sh is not None and x is sh[0] and groups == 1:
+                return M.conv(sh[1], w, b, stride, padding, dilation, groups, self.ctx.members, shared=True)
+            return M.conv(x, w, b, stride, padding, dilation, groups, self.ctx.members)
         return F.conv2d(x, w, b, stride, padding, dilation, groups)
 
     def linear(self, name, x, fout, *, bias=True, init=None):
@@ -239,6 +247,8 @@ class Scope:
             w, b = p["weight"], p.get("bias")
         if self.ctx.tape is not None and self.ini is None:
             return self.ctx.tape.linear(x, w, b)
+        if self.ctx.members and self.ini is None:
+            return M.linear(x, w, b, self.ctx.members)
         return F.linear(x, w, b)
 
     def linear_with(self, x, w, b=None):
@@ -246,6 +256,8 @@ class Scope:
         projection), taped under per-sample gradients like :meth:`linear`."""
         if self.ctx.tape is not None and self.ini is None:
             return self.ctx.tape.linear(x, w, b)
+        if self.ctx.members:
+            raise M.NotCovered("linear_with")
         return F.linear(x, w, b)
 
     def batch_norm(self, name, x, *, eps=None, momentum=None, zero_init=False, affine=True):
@@ -257,6 +269,11 @@ class Scope:
             self._create(name, lambda ini: ini.batch_norm(x.shape[1], zero_weight=zero_init, affine=affine))
             return torch.empty_like(x)  # shapes only (meta BatchNorm runs a slow Python decomposition)
         p = self.p.get(name, _EMPTY)
+        if self.ctx.members:
+            y, ns = M.batch_norm(x, p, self.s[name], train=self.train, momentum=momentum, eps=eps, n=self.ctx.members)
+            if self.train:
+                self.new[name] = ns
+            return y
         if self.ctx.tape is not None and not self.train:  # eval: normalise, then the taped affine part
             s = self.s[name]
             xhat = F.batch_norm(x, s["running_mean"], s["running_var"], None, None, False, 0.0, eps)
@@ -281,6 +298,8 @@ class Scope:
         p = self.p[name]
         if self.ctx.tape is not None:
             return self.ctx.tape.affine(F.group_norm(x, groups, None, None, eps), p["weight"], p["bias"], 1)
+        if self.ctx.members:
+            return M.affine(F.group_norm(x, groups, None, None, eps), p["weight"], p["bias"], self.ctx.members, 1)
         return F.group_norm(x, groups, p["weight"], p["bias"], eps)
 
     def norm(self, name, x, *, eps=None, momentum=None, zero_init=False):
@@ -299,6 +318,8 @@ class Scope:
         p = self.p[name] if self.ini is None else self._create(name, lambda ini: ini.layer_norm(c))
         if self.ctx.tape is not None and self.ini is None:
             return self.ctx.tape.affine(F.layer_norm(x, (c,), None, None, eps), p["weight"], p["bias"], -1)
+        if self.ctx.members and self.ini is None:
+            return M.affine(F.layer_norm(x, (c,), None, None, eps), p["weight"], p["bias"], self.ctx.members, -1)
         return F.layer_norm(x, (c,), p["weight"], p["bias"], eps)  # float32 weights under a policy
 
     def layer_norm2d(self, name, x, *, eps=1e-6):
@@ -307,6 +328,8 @@ class Scope:
         p = self.p[name] if self.ini is None else self._create(name, lambda ini: ini.layer_norm(x.shape[1]))
         if self.ctx.tape is not None and self.ini is None:
             return self.ctx.tape.affine(L.layer_norm2d(_EMPTY, x, eps=eps), p["weight"], p["bias"], 1)
+        if self.ctx.members and self.ini is None:
+            return M.affine(L.layer_norm2d(_EMPTY, x, eps=eps), p["weight"], p["bias"], self.ctx.members, 1)
         return L.layer_norm2d(p, x, eps=eps)
 
     def layer_scale(self, name, channels: int, value: float, *, shape=None):
@@ -316,6 +339,8 @@ class Scope:
         ``[channels]``). Returns the tensor, for the caller to multiply: declare it where the
         reference registers it (a module's own parameters precede its children's in the
         state_dict, so usually before the block's layers)."""
+        if self.ctx.members:
+            raise M.NotCovered("layer scale")
         t = self.param(name, (channels, 1, 1) if shape is None else tuple(shape), ("full", value))
         return t if self.ctx.tape is None or self.ini is not None else self.ctx.tape.expand(t, 4)
 
@@ -326,6 +351,8 @@ class Scope:
         ``("trunc_normal", std)`` (truncated at +-2). ``batched``: the leading axis (of size 1)
         broadcasts over the batch (ViT's class token and position embedding); under a
         per-sample tape it becomes the batch axis, so the family's code must broadcast it."""
+        if self.ctx.members:
+            raise M.NotCovered("bare parameter")
         if self.ini is None:
             t = self.cast(self.p[name])
             return self.ctx.tape.expand(t, t.dim()) if batched and self.ctx.tape is not None else t
@@ -338,6 +365,8 @@ class Scope:
         """A constant buffer ``name`` the reference keeps in its state_dict (Swin's
         ``relative_position_index``): made by ``make()`` at init, stored in the state tree (its
         leaf name must be in :data:`vafunc.tree.STATE_LEAVES`), read from the state in apply."""
+        if self.ctx.members:
+            raise M.NotCovered("buffer")
         if self.ini is None:
             return self.s[name]
         if name in self.p:
@@ -370,7 +399,7 @@ class Scope:
         at ``rate`` (keyed by ``rng``, train mode only), linear layer at ``name``."""
         y = L.global_avg_pool(x)
         if rate:
-            y = L.dropout(y, rate, rng, train=self.train)
+            y = self.dropout(y, rate, rng)
         return self.linear(name, y, num_classes, init=init)
 
     def attention(self, q, k, v, *, bias=None, scale=None, rate: float = 0.0, rng=None):
@@ -378,15 +407,21 @@ class Scope:
         fused SDPA or the math path by the documented rule, keyed attention dropout at ``rate``
         in train mode; the implementation can be forced per call with ``apply(...,
         attention="math")``."""
+        if self.ctx.members and rate and self.train:
+            raise M.NotCovered("attention dropout")
         return L.attention(q, k, v, bias=bias, scale=scale, rate=rate, rng=rng, train=self.train,
                            impl=self.ctx.attention)
 
     def dropout(self, x, rate: float, rng):
         """Keyed element-wise dropout (train mode only; :func:`vafunc.layers.dropout`)."""
+        if self.ctx.members:
+            return M.dropout(x, rate, rng, train=self.train, n=self.ctx.members)
         return L.dropout(x, rate, rng, train=self.train)
 
     def drop_path(self, x, rate: float, rng):
         """Keyed per-sample stochastic depth (train mode only; :func:`vafunc.layers.drop_path`)."""
+        if self.ctx.members:
+            return M.drop_path(x, rate, rng, train=self.train, n=self.ctx.members)
         return L.drop_path(x, rate, rng, train=self.train)
 
     # ------------------------------------------------------------------ results
@@ -432,14 +467,25 @@ def family(
         return run_init(cfg, ini)
 
     def apply(cfg, params, state, x, *, train: bool = False, rng=None, taps=None, policy=None,
-              attention: str = "auto", tape=None, **kw):
+              attention: str = "auto", tape=None, members=None, **kw):
         policy = check_policy(policy)
         ctx = _CTX
+        shared = None
+        if members is not None:  # members mode: a shared [B] batch becomes the [N*B] one
+            if taps is not None:
+                raise ValueError("features are not available in members mode (use the loop)")
+            if x.shape[0] % members and not kw.get("shared_input"):
+                raise ValueError(f"members mode needs N*B rows, got {x.shape[0]} for {members} members")
+        if members is not None and kw.pop("shared_input", False):
+            shared = (x.unsqueeze(0).expand(members, *x.shape).reshape(members * x.shape[0], *x.shape[1:]), x)
+            x = shared[0]
         if policy is not None:
             x = x.to(policy.compute)
-            ctx = Ctx(policy.compute if policy.mixed else None, attention, tape)
-        elif attention != "auto" or tape is not None:
-            ctx = Ctx(None, attention, tape)
+            if shared is not None:
+                shared = (x, shared[1].to(policy.compute))
+            ctx = Ctx(policy.compute if policy.mixed else None, attention, tape, members, shared)
+        elif attention != "auto" or tape is not None or members is not None:
+            ctx = Ctx(None, attention, tape, members, shared)
         if attention not in L.ATTENTION_IMPLS:
             raise ValueError(f"attention must be one of {L.ATTENTION_IMPLS}, got {attention!r}")
         m = Scope(params, state, train=train, rng=rng, taps=taps, defaults=scope_defaults(cfg), ctx=ctx)

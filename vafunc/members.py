@@ -1,0 +1,208 @@
+"""Member-batched lowerings: all members of a stacked ensemble in one forward pass.
+
+``ensemble_apply(method="batched")`` runs the family's forward once with the kit in *members
+mode* (``Ctx.members = N``): activations carry the members in the batch axis, ``[N * B, C, H,
+W]`` (member ``i`` owns rows ``i*B .. i*B + B - 1``), so every parameter-free op (activations,
+pools, residual sums, concatenations, channel shuffles) runs once for all members with no change
+to the family's code. Only the kit's parameterised layers see the member axis of their stacked
+weights ``[N, ...]``, and each picks a lowering by the layer's shape (measured on 2-core CPUs,
+resnet18 16 x 8 @ 32; ``benchmarks`` has the figures):
+
+* conv on a 1x1 map whose padding leaves only the kernel's centre tap: a batched matrix product
+  over members of the centre tap (one ninth of a 3x3 conv's work);
+* conv with an output of at most 2x2 positions (``groups=1``): unfold + batched matrix product;
+* 1x1 conv at stride 1 (any map): a batched matrix product;
+* other convs: one grouped convolution with ``N * groups`` groups (members moved into the
+  channels and back);
+* the first conv of the network when every member sees the same input: one convolution with the
+  members' ``N * Cout`` filters stacked (torch's own conv, the input read once);
+* linear: batched matrix product; BatchNorm: per-member statistics over each member's rows (eval:
+  one fused scale-and-shift; train: each member's batch statistics and running-statistic update,
+  as torch's kernel computes them); LayerNorm / GroupNorm: torch's kernel without affine, then
+  the members' affine parameters;
+* dropout and stochastic depth: each member's mask drawn from its own key with the member's own
+  batch shape, so the masks are the loop's.
+
+Families that use bare parameters directly (class tokens, position embeddings, relative position
+tables, layer scales) are not covered: :func:`covers` says so, and ``ensemble_apply`` takes the
+loop for them. Results equal the loop's up to float rounding (different kernels sum in other
+orders).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import random as vrandom
+
+__all__ = ["NotCovered", "conv", "linear", "batch_norm", "affine", "dropout", "drop_path", "covers"]
+
+
+class NotCovered(Exception):
+    """A layer the members mode has no lowering for (the caller falls back to the loop)."""
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _members_first(y: torch.Tensor, n: int) -> torch.Tensor:
+    """``[B, N * C, ...]`` -> ``[N * B, C, ...]``."""
+    b = y.shape[0]
+    return y.view(b, n, -1, *y.shape[2:]).transpose(0, 1).reshape(n * b, -1, *y.shape[2:])
+
+
+def conv(x, w, b, stride, padding, dilation, groups, n: int, shared: bool = False):
+    """Conv of ``x [N*B, Cin, H, W]`` (or, with ``shared``, one ``[B, Cin, H, W]`` every member
+    sees) with member weights ``w [N, Cout, Cin/groups, kh, kw]``, bias ``[N, Cout]``."""
+    cout, k = w.shape[1], tuple(w.shape[3:])
+    stride, dilation = _pair(stride), _pair(dilation)
+    if isinstance(padding, str):
+        raise NotCovered("string padding")
+    padding = _pair(padding)
+    if shared:  # one conv with every member's filters: [B, N*Cout, H', W'] -> members first
+        y = F.conv2d(x, w.reshape(n * cout, *w.shape[2:]), None if b is None else b.reshape(-1), stride, padding,
+                     dilation)
+        return _members_first(y, n)
+    nb, cin, h, wd = x.shape
+    bsz = nb // n
+    ho = (h + 2 * padding[0] - dilation[0] * (k[0] - 1) - 1) // stride[0] + 1
+    wo = (wd + 2 * padding[1] - dilation[1] * (k[1] - 1) - 1) // stride[1] + 1
+    if groups == 1:
+        if h == wd == 1 and ho == wo == 1 and padding[0] >= k[0] // 2 and padding[1] >= k[1] // 2 and k[0] % 2 and k[1] % 2 \
+                and padding[0] - (k[0] // 2) * dilation[0] <= 0:
+            # a 1x1 map: only the centre tap meets data, the rest meets zero padding
+            wc = w[:, :, :, k[0] // 2, k[1] // 2]  # [N, Cout, Cin]
+            y = torch.bmm(x.view(n, bsz, cin), wc.transpose(1, 2))
+            if b is not None:
+                y = y + b[:, None]
+            return y.view(nb, cout, 1, 1)
+        if k == (1, 1) and padding == (0, 0) and stride == (1, 1):
+            xs = x.view(n, bsz, cin, h * wd)
+            y = torch.matmul(w.view(n, 1, cout, cin), xs)  # [N, B, Cout, HW]
+            if b is not None:
+                y = y + b[:, None, :, None]
+            return y.view(nb, cout, h, wd)
+        if ho * wo <= 4:
+            cols = F.unfold(x, k, dilation, padding, stride)  # [N*B, Cin*kk, L]
+            cols = cols.view(n, bsz, -1, ho * wo).transpose(1, 2).reshape(n, cols.shape[1], bsz * ho * wo)
+            y = torch.bmm(w.reshape(n, cout, -1), cols)  # [N, Cout, B*L]
+            if b is not None:
+                y = y + b[:, :, None]
+            return y.view(n, cout, bsz, ho * wo).transpose(1, 2).reshape(nb, cout, ho, wo)
+    xg = x.view(n, bsz, cin, h, wd).transpose(0, 1).reshape(bsz, n * cin, h, wd)
+    y = F.conv2d(xg, w.reshape(n * cout, *w.shape[2:]), None if b is None else b.reshape(-1), stride, padding,
+                 dilation, n * groups)
+    return _members_first(y, n)
+
+
+def linear(x, w, b, n: int):
+    """``x [N*B, ..., Fin]`` with member weights ``w [N, Fout, Fin]``, ``b [N, Fout]``."""
+    lead = x.shape[:-1]
+    xs = x.reshape(n, -1, x.shape[-1])
+    y = torch.bmm(xs, w.transpose(1, 2)) if b is None else torch.baddbmm(b[:, None], xs, w.transpose(1, 2))
+    return y.reshape(*lead, w.shape[1])
+
+
+def _bcast(t, n, x):
+    """Member parameter ``t [N, C]`` shaped to broadcast against ``x [N*B, C, ...]`` viewed as
+    ``[N, B, C, ...]``."""
+    return t.view(n, 1, t.shape[1], *([1] * (x.dim() - 2)))
+
+
+def batch_norm(x, p, s, *, train: bool, momentum: float, eps: float, n: int):
+    """BatchNorm with member statistics ``s`` (``[N, C]`` leaves) over ``x [N*B, C, ...]``:
+    ``(y, new_state)``; each member normalises by its own rows (train) or running statistics."""
+    w, b = p.get("weight"), p.get("bias")
+    rm, rv = s["running_mean"], s["running_var"]
+    xs = x.view(n, -1, *x.shape[1:])
+    if not train:
+        scale = torch.rsqrt(rv + eps)
+        if w is not None:
+            scale = scale * w
+        shift = -rm * scale
+        if b is not None:
+            shift = shift + b
+        return torch.addcmul(_bcast(shift, n, x), xs, _bcast(scale, n, x)).view(x.shape), s
+    dims = [1] + list(range(3, xs.dim()))
+    var, mean = torch.var_mean(xs, dim=dims, correction=0, keepdim=True)
+    y = (xs - mean) * torch.rsqrt(var + eps)
+    if w is not None:
+        y = torch.addcmul(_bcast(b, n, x), y, _bcast(w, n, x)) if b is not None else y * _bcast(w, n, x)
+    count = xs.numel() // (n * xs.shape[2])
+    with torch.no_grad():
+        m, v = mean.reshape(n, -1), var.reshape(n, -1) * (count / max(count - 1, 1))
+        new = {"running_mean": rm * (1 - momentum) + m * momentum, "running_var": rv * (1 - momentum) + v * momentum}
+    if "num_batches_tracked" in s:
+        new["num_batches_tracked"] = s["num_batches_tracked"] + 1
+    return y.view(x.shape), new
+
+
+def affine(xhat, w, b, n: int, axis: int):
+    """Member affine parameters ``[N, C]`` on a normalised ``xhat [N*B, ...]`` at ``axis`` (1:
+    channels first, -1: channels last)."""
+    xs = xhat.view(n, -1, *xhat.shape[1:])
+    shape = [1] * xs.dim()
+    shape[0] = n
+    shape[2 if axis == 1 else -1] = -1
+    y = xs if w is None else xs * w.view(shape)
+    y = y if b is None else y + b.view(shape)
+    return y.view(xhat.shape)
+
+
+def _member_mask(keys, x, n, per_row: bool, rate: float):
+    rows = x.shape[0] // n
+    shape = (rows,) + ((1,) * (x.dim() - 1) if per_row else tuple(x.shape[1:]))
+    u = vrandom.uniform(keys, shape)  # [N, rows, ...]: member i's draw is the loop's
+    return u.reshape(x.shape[0], *shape[1:])
+
+
+def dropout(x, rate: float, keys, *, train: bool, n: int):
+    """Element-wise dropout with member ``keys [N, 2]`` (see :func:`vafunc.layers.dropout`)."""
+    from .layers import dropout as one, require_rng
+
+    if not train or rate == 0.0 or rate >= 1.0:
+        return one(x, rate, keys, train=train)
+    keys = require_rng(keys, f"dropout (rate {rate})")
+    keep = _member_mask(keys, x, n, False, rate) >= rate
+    return x * keep.to(x.dtype) * (1.0 / (1.0 - rate))
+
+
+def drop_path(x, rate: float, keys, *, train: bool, n: int):
+    """Per-sample stochastic depth with member ``keys [N, 2]`` (see :func:`vafunc.layers.drop_path`)."""
+    from .layers import drop_path as one, require_rng
+
+    if not train or rate == 0.0 or rate >= 1.0:
+        return one(x, rate, keys, train=train)
+    keys = require_rng(keys, f"stochastic depth (rate {rate})")
+    survival = 1.0 - rate
+    keep = _member_mask(keys, x, n, True, rate) < survival
+    return x * (keep.to(x.dtype) / survival)
+
+
+_COVER: dict = {}
+
+
+def covers(model) -> bool:
+    """Whether ``model``'s forward runs in members mode (probed once on the meta device, two
+    members, train mode with keys so every random layer is reached)."""
+    key = (model.name, model.config)
+    if key not in _COVER:
+        from .ensemble import ensemble_init
+
+        params, state = ensemble_init(model, 2, device="meta")
+        mult = model.size_multiple
+        size = -(-max(model.min_size, 32) // mult) * mult
+        x = torch.zeros(4, model.in_channels, size, size, device="meta")  # 2 members x 2 samples
+        keys = vrandom.split(vrandom.key(0), 2).to("meta")
+        try:
+            for train in (False, True):
+                y, _ = model.apply(params, state, x, train=train, rng=keys if train else None, members=2)
+                if y is None or y.shape[0] != 4:
+                    raise NotCovered("output")
+            ok = True
+        except (NotCovered, RuntimeError, ValueError, TypeError, IndexError):
+            ok = False
+        _COVER[key] = ok
+    return _COVER[key]
