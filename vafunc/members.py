@@ -189,9 +189,10 @@ def covers(model) -> bool:
     members, train mode with keys so every random layer is reached)."""
     key = (model.name, model.config)
     if key not in _COVER:
-        from .ensemble import ensemble_init
+        from . import tree as vtree
 
-        params, state = ensemble_init(model, 2, device="meta")
+        one = model.init(0, device="meta")
+        params, state = vtree.stack([one[0], one[0]]), vtree.stack([one[1], one[1]])
         mult = model.size_multiple
         size = -(-max(model.min_size, 32) // mult) * mult
         x = torch.zeros(4, model.in_channels, size, size, device="meta")  # 2 members x 2 samples
