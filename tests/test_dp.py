@@ -64,6 +64,7 @@ def test_clipping_equals_a_loop_reference(gn_problem):
     torch.testing.assert_close(metrics["grad_norm"], norms.mean())
 
 
+@pytest.mark.slow  # 11M draws, two extra steps (default suite time)
 def test_noise_has_the_stated_scale_and_follows_the_key(gn_problem):
     model, params, state, x, y = gn_problem
     sigma, clip = 0.7, 0.5

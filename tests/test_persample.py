@@ -17,7 +17,7 @@ CASES = [
     ("resnet18", {}, 32),
     ("mobilenet_v3_small", {}, 32),
     ("shufflenet_v2_x0_5", {}, 32),
-    ("convnext_tiny", {}, 32),
+    pytest.param("convnext_tiny", {}, 32, marks=pytest.mark.slow, id="convnext_tiny"),  # default suite time
     ("vit_b_16", TINY_VIT, 32),
     ("googlenet", {}, 32),
     ("tf_efficientnet_lite0", {}, 33),
@@ -46,7 +46,7 @@ def _loop(model, params, state, x, y):
     return outs
 
 
-@pytest.mark.parametrize("name,cfg,size", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("name,cfg,size", CASES)
 def test_taped_grads_and_norms_equal_the_loop(name, cfg, size):
     model, params, state, x, y = _problem(name, cfg, size)
     assert persample.tape_covers(model) and persample.tape_covers(model, "norms")
