@@ -125,26 +125,26 @@ def psg_problem(name: str, batch: int, size: int, *, norm: str | None = None, de
     return model, params, state, ref, x, y
 
 
-def loop_grads(ref, x, y):
-    """What a user writes: one backward per sample, keeping each sample's gradients."""
+def _sample_grads(ref, x, y):
+    """One backward per sample: yields that sample's parameter gradients."""
     ps = list(ref.parameters())
-    out = []
     for i in range(len(x)):
         ref.zero_grad(set_to_none=True)
         F.cross_entropy(ref(x[i : i + 1]), y[i : i + 1]).backward()
-        out.append([p.grad for p in ps])
+        yield [p.grad for p in ps]
     ref.zero_grad(set_to_none=True)
-    return out
+
+
+def loop_grads(ref, x, y):
+    """What a user writes: one backward per sample, keeping each sample's gradients."""
+    return list(_sample_grads(ref, x, y))
 
 
 def loop_norms(ref, x, y):
     """One backward per sample, then the L2 norm of that sample's gradient over all parameters."""
-    ps = list(ref.parameters())
     norms = []
-    for i in range(len(x)):
-        ref.zero_grad(set_to_none=True)
-        F.cross_entropy(ref(x[i : i + 1]), y[i : i + 1]).backward()
-        norms.append(torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in ps]))))
+    for grads in _sample_grads(ref, x, y):
+        norms.append(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
     ref.zero_grad(set_to_none=True)
     return torch.stack(norms)
 
