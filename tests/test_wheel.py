@@ -237,7 +237,11 @@ import vafunc
 from vafunc import hub, transforms
 
 assert Path(vafunc.__file__).resolve().is_relative_to(site), vafunc.__file__
-assert importlib.util.find_spec("benchmarks") is None, "the source checkout is importable"
+checkout = Path(sys.argv[2]).resolve()
+for top in ("benchmarks", "tests"):  # (opacus installs a top-level `benchmarks` of its own: that one may be found)
+    spec = importlib.util.find_spec(top)
+    assert spec is None or not Path(spec.origin or "").resolve().is_relative_to(checkout / top), \
+        f"the checkout's {top} is importable"
 
 def walk(t, prefix=""):
     for c in sorted(t.iterdir(), key=lambda c: c.name):
@@ -276,8 +280,9 @@ def installed(tmp_path_factory):
     pip("wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", dist, src)
     (wheel,) = dist.glob("vafunc-*.whl")
     pip("install", "--no-deps", "--no-index", "--no-compile", "--target", site, wheel)
-    keep = [p for p in sys.path if p and Path(p).is_dir()
-            and not any((Path(p) / top).exists() for top in ("vafunc", "benchmarks", "tests"))]
+    # this interpreter's path without the checkout (and without anything that holds a `vafunc`)
+    keep = [p for p in sys.path if p and Path(p).is_dir() and Path(p).resolve() != REPO.resolve()
+            and not (Path(p) / "vafunc").exists()]
     run_env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     run_env.update(PYTHONPATH=os.pathsep.join([str(site), *keep]), PYTHONNOUSERSITE="1", PYTHONDONTWRITEBYTECODE="1")
     return site, run_env, wheel, tmp
@@ -296,7 +301,7 @@ def test_the_installed_package_reads_its_data_and_runs(installed):
     site, env, _, tmp = installed
     cwd = tmp / "elsewhere"
     cwd.mkdir(exist_ok=True)
-    r = subprocess.run([sys.executable, "-S", "-c", _CHECKS, str(site)], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-S", "-c", _CHECKS, str(site), str(REPO)], capture_output=True, text=True,
                        env=env, cwd=cwd, timeout=300)
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout)

@@ -36,18 +36,17 @@ example: ``docs/adding-a-family.md``.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
-
-from typing import NamedTuple
 
 from . import layers as L
 from . import members as M
 from . import random as vrandom
 from .precision import check_policy, dtype_mismatch
 from .registry import Family
+from .sizes import min_size, size_multiple
 
 __all__ = ["Scope", "Done", "family", "min_size", "size_multiple", "subkey", "same_padding", "activation"]
 
@@ -470,15 +469,7 @@ def family(
               attention: str = "auto", tape=None, members=None, **kw):
         policy = check_policy(policy)
         ctx = _CTX
-        shared = None
-        if members is not None:  # members mode: a shared [B] batch becomes the [N*B] one
-            if taps is not None:
-                raise ValueError("features are not available in members mode (use the loop)")
-            if x.shape[0] % members and not kw.get("shared_input"):
-                raise ValueError(f"members mode needs N*B rows, got {x.shape[0]} for {members} members")
-        if members is not None and kw.pop("shared_input", False):
-            shared = (x.unsqueeze(0).expand(members, *x.shape).reshape(members * x.shape[0], *x.shape[1:]), x)
-            x = shared[0]
+        x, shared = (x, None) if members is None else M.enter(x, members, taps, kw.pop("shared_input", False))
         if policy is not None:
             x = x.to(policy.compute)
             if shared is not None:
@@ -505,54 +496,3 @@ def family(
                  paper=paper, remap=remap, in_channels=in_channels, probe=run_init,
                  multiple=lambda cfg: size_multiple(fam, cfg))
     return fam
-
-
-_MIN_SIZE: dict = {}
-_MULTIPLE: dict = {}
-
-
-def size_multiple(fam: Family, cfg) -> int:
-    """What the input height and width must be multiples of (``m.require_multiple``; 1 if
-    nothing is declared)."""
-    key = (fam.name, cfg)
-    if key not in _MULTIPLE:
-        from .init import Initializer
-
-        sizes: list = []
-        fam.probe(cfg, Initializer.from_key(0, device="meta"), sizes=sizes)
-        _MULTIPLE[key] = max(sizes, default=1)
-    return _MULTIPLE[key]
-
-
-def min_size(fam: Family, cfg) -> int:
-    """The smallest square input the family's forward accepts for ``cfg`` (probed on meta
-    tensors, once per config; sizes grow monotonically through convs and pools, so a bisection
-    over ``[1, init_size]`` finds it)."""
-    key = (fam.name, cfg)
-    if key in _MIN_SIZE:
-        return _MIN_SIZE[key]
-    from .init import Initializer
-
-    ini = Initializer.from_key(0, device="meta")
-    step = size_multiple(fam, cfg)
-
-    def ok(k: int) -> bool:
-        try:
-            fam.probe(cfg, ini, size=k * step)
-            return True
-        except (RuntimeError, ValueError):
-            return False
-
-    hi = None
-    for k in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024):
-        if ok(k):
-            hi = k
-            break
-    if hi is None:
-        raise ValueError(f"{fam.name}: no input size up to {1024 * step} is accepted by {cfg}")
-    lo = hi // 2  # ok(lo) is False (or lo == 0)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if ok(mid) else (mid, hi)
-    _MIN_SIZE[key] = hi * step
-    return hi * step

@@ -43,6 +43,19 @@ class NotCovered(Exception):
     """A layer the members mode has no lowering for (the caller falls back to the loop)."""
 
 
+def enter(x, n: int, taps, shared_input: bool):
+    """The members-mode input and the ``shared`` pair of :class:`vafunc.kit.Ctx`: a ``[B]`` batch
+    every member shares (``shared_input``) becomes the ``[N*B]`` one; else ``x`` is ``[N*B]``."""
+    if taps is not None:
+        raise ValueError("features are not available in members mode (use the loop)")
+    if not shared_input:
+        if x.shape[0] % n:
+            raise ValueError(f"members mode needs N*B rows, got {x.shape[0]} for {n} members")
+        return x, None
+    big = x.unsqueeze(0).expand(n, *x.shape).reshape(n * x.shape[0], *x.shape[1:])
+    return big, (big, x)
+
+
 def _pair(v):
     return (v, v) if isinstance(v, int) else tuple(v)
 
