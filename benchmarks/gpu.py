@@ -327,6 +327,8 @@ def main(argv=None) -> int:
     torch.backends.cudnn.allow_tf32 = False
     torch.set_float32_matmul_precision("highest")
     if device.type == "cuda":
+        if device.index is None:  # plain "cuda": the current device (set_device needs an index)
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     tol = args.tol if args.tol is not None else (1e-4 if device.type == "cuda" else 1e-5)
     reps = args.reps or (2 if args.quick else 10)

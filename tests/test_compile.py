@@ -31,8 +31,7 @@ def _size(model):
     return max(64, model.min_size)
 
 
-@pytest.mark.parametrize("name", list(FAST)
-                         + [pytest.param(n, marks=pytest.mark.slow) for n in SLOW])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) for n in (*FAST[1:], *SLOW)])
 def test_compiled_equals_eager(name):
     model, params, state = _perturbed(name)
     s = _size(model)
@@ -45,13 +44,19 @@ def test_compiled_equals_eager(name):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
 
 
-def test_weights_are_frozen_constants_and_private():
-    """Under freezing the weights are graph constants (``_frozen_param``), convolutions run as
-    oneDNN's pre-packed ops, and the compiled function keeps its own copy of the weights."""
-    model, params, state = _perturbed("resnet18", num_classes=10)
-    x = torch.randn(2, 3, 64, 64)
+def test_compiled_equals_eager_with_frozen_private_weights():
+    """resnet18 (the default suite's one compile of this kind): equal to eager at an odd,
+    non-square size; under freezing the weights are graph constants (``_frozen_param``),
+    convolutions run as oneDNN's pre-packed ops, and the compiled function keeps its own copy of
+    the weights."""
+    model, params, state = _perturbed(FAST[0], num_classes=10)
+    x = torch.randn(3, 3, 64, 72)
+    with torch.no_grad():
+        want = model.apply(params, state, x)[0]
     f = vafunc.compile(model, params, state)
     out, code = run_and_get_code(f, x)
+    assert out.shape == want.shape and out.dtype == torch.float32
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
     src = "\n".join(code)
     assert "_frozen_param" in src
     assert "mkldnn._convolution_pointwise" in src or "extern_kernels.convolution" in src
@@ -91,6 +96,7 @@ def test_at_most_four_graphs_per_image_size():
             torch.testing.assert_close(f(x), want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_contiguous_layout_and_eager_twin():
     model, params, state = _perturbed("resnet18", num_classes=5)
     x = torch.randn(2, 3, 48, 48)

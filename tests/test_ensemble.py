@@ -64,6 +64,7 @@ def test_members_draw_their_own_dropout_masks(name):
         vafunc.ensemble_apply(model, params, state, x, train=True)
 
 
+@pytest.mark.slow
 def test_compiled_vmapped_ensemble_train_step():
     """The documented compiled combination: compile outside the vmap, train mode, with keys."""
     model = vafunc.get_model("resnet18", num_classes=5)
