@@ -17,7 +17,7 @@ import vafunc
 from vafunc.models import regnet as R
 from oracle import perturb
 
-torchvision = pytest.importorskip("torchvision")
+import torchvision  # noqa: E402
 from torchvision.models.regnet import BlockParams, RegNet  # noqa: E402
 
 

@@ -10,7 +10,7 @@ import torch
 import vafunc
 from oracle import module_outputs, perturb
 
-timm = pytest.importorskip("timm")
+import timm  # noqa: E402
 
 NAMES = ("seresnet50", "seresnext50_32x4d")
 

@@ -13,7 +13,7 @@ import vafunc
 from vafunc import layers as L
 from vafunc.train import cross_entropy
 
-torchvision = pytest.importorskip("torchvision")
+import torchvision  # noqa: E402
 from torchvision.models.vision_transformer import VisionTransformer, interpolate_embeddings  # noqa: E402
 
 SMALL = dict(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=5)

@@ -211,10 +211,12 @@ def covers(model) -> bool:
         x = torch.zeros(4, model.in_channels, size, size, device="meta")  # 2 members x 2 samples
         keys = vrandom.split(vrandom.key(0), 2).to("meta")
         try:
-            for train in (False, True):
-                y, _ = model.apply(params, state, x, train=train, rng=keys if train else None, members=2)
-                if y is None or y.shape[0] != 4:
-                    raise NotCovered("output")
+            # outside any torch.func transform the caller may be in (the probe is not part of its graph)
+            with torch._C._DisableFuncTorch(), torch.no_grad():
+                for train in (False, True):
+                    y, _ = model.apply(params, state, x, train=train, rng=keys if train else None, members=2)
+                    if y is None or y.shape[0] != 4:
+                        raise NotCovered("output")
             ok = True
         except (NotCovered, RuntimeError, ValueError, TypeError, IndexError):
             ok = False

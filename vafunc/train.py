@@ -3,9 +3,11 @@
 Built from ``model.apply(..., train=True)`` and a :mod:`vafunc.optim` optimizer; nothing is mutated.
 ``make_train_step(model, opt)`` trains one model; ``make_train_step(model, opt, ensemble=True)``
 trains a stacked ensemble in one call, each member with its own BatchNorm statistics and dropout
-keys: ``ensemble_method="loop"`` (the default, as in :func:`vafunc.ensemble_apply`: the faster
-eager lowering on CPUs, where vmapped convolutions become grouped convolutions) takes one member
-after the other; ``"vmap"`` takes the members' gradients in one ``torch.vmap`` (``vmap(grad)``). The optimizer update is element-wise, so it runs on the stacked trees directly.
+keys. ``ensemble_method`` names the lowering as in :func:`vafunc.ensemble_apply`: ``"auto"`` (the
+default) is ``"batched"`` where the family has a members-mode lowering (one forward and one
+backward for all members, :mod:`vafunc.members`), else ``"loop"`` (one member after the other);
+``"vmap"`` takes the members' gradients in one ``torch.vmap`` (``vmap(grad)``). The optimizer
+update is element-wise, so it runs on the stacked trees directly.
 
 Gradients (``grad=``): ``"autograd"`` (default for one model) differentiates with
 ``torch.autograd.grad`` on fresh leaf views of the parameters, the same engine path as
@@ -36,7 +38,7 @@ def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def make_train_step(model, optimizer, loss_fn: Callable = cross_entropy, *, ensemble: bool = False,
-                    grad: str | None = None, ensemble_method: str = "loop", distributed: bool = False,
+                    grad: str | None = None, ensemble_method: str = "auto", distributed: bool = False,
                     sync_state: bool = False, donate: bool = False, policy=None):
     """Return ``step(params, state, opt_state, x, y, rng=None) -> (params, state, opt_state, metrics)``.
 
@@ -60,8 +62,17 @@ def make_train_step(model, optimizer, loss_fn: Callable = cross_entropy, *, ense
 
     policy = check_policy(policy)
     fwd_kw = {} if policy is None else {"policy": policy}
-    if ensemble_method not in ("vmap", "loop"):
-        raise ValueError(f"ensemble_method must be 'vmap' or 'loop', got {ensemble_method!r}")
+    if ensemble_method not in ("auto", "batched", "loop", "vmap"):
+        raise ValueError(f"ensemble_method must be 'auto', 'batched', 'loop' or 'vmap', got {ensemble_method!r}")
+    if ensemble and ensemble_method in ("auto", "batched"):
+        from .members import covers
+
+        if covers(model):
+            ensemble_method = "batched"
+        elif ensemble_method == "batched":
+            raise ValueError(f"{model.name} has no members-mode lowering (bare parameters); use ensemble_method='loop'")
+        else:
+            ensemble_method = "loop"
     vmapped = ensemble and ensemble_method == "vmap"
     grad = grad or ("func" if vmapped else "autograd")
     if grad not in ("autograd", "func"):
@@ -76,15 +87,31 @@ def make_train_step(model, optimizer, loss_fn: Callable = cross_entropy, *, ense
 
     func_grad = torch.func.grad(objective, has_aux=True)
 
-    def grads_autograd(params, state, x, y, rng):
+    def members_objective(params, state, x, y, keys):
+        """All members in one members-mode forward: the sum of the members' losses, whose
+        gradient is, member by member, each member's own."""
+        n = ensemble_size(params)
+        shared = x.dim() == 4
+        xb = x if shared else x.reshape(n * x.shape[1], *x.shape[2:])
+        logits, new_state = model.apply(params, state, xb, train=True, rng=keys, members=n, shared_input=shared,
+                                        **fwd_kw)
+        logits = logits.view(n, -1, *logits.shape[1:])
+        ys = [y] * n if shared else list(y)
+        losses = torch.stack([loss_fn(logits[i], ys[i]) for i in range(n)])
+        acc = torch.stack([accuracy(logits[i].detach(), ys[i]) for i in range(n)])
+        return losses.sum(), (new_state, losses.detach(), acc)
+
+    def grads_autograd(params, state, x, y, rng, fn=objective):
         names = list(vtree.flatten(params))
         leaves = [t.detach().requires_grad_(True) for t in vtree.flatten(params).values()]
         with torch.enable_grad():
-            loss, aux = objective(vtree.unflatten(dict(zip(names, leaves))), state, x, y, rng)
+            loss, aux = fn(vtree.unflatten(dict(zip(names, leaves))), state, x, y, rng)
             g = torch.autograd.grad(loss, leaves)
         return vtree.unflatten(dict(zip(names, g))), aux
 
     single_grad = func_grad if grad == "func" else grads_autograd
+    members_grad = (torch.func.grad(members_objective, has_aux=True) if grad == "func"
+                    else lambda *a: grads_autograd(*a, fn=members_objective))
 
     def ensemble_grads(params, state, x, y, rng):
         n = ensemble_size(params)
@@ -93,6 +120,8 @@ def make_train_step(model, optimizer, loss_fn: Callable = cross_entropy, *, ense
         if vmapped:
             in_dims = (0, 0, None if shared else 0, None if shared else 0, None if keys is None else 0)
             return torch.vmap(func_grad, in_dims=in_dims)(params, state, x, y, keys)
+        if ensemble_method == "batched":
+            return members_grad(params, state, x, y, keys)
         results = [
             single_grad(vtree.tree_map(lambda t: t[i], params), vtree.tree_map(lambda t: t[i], state),
                         x if shared else x[i], y if shared else y[i], None if keys is None else keys[i])
