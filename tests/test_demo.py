@@ -17,7 +17,7 @@ def test_digits_split_is_real_data():
     assert -1.0 <= float(x_tr.min()) and float(x_tr.max()) <= 1.0
 
 
-@pytest.mark.parametrize("method", [pytest.param("loop", marks=pytest.mark.slow), "vmap"])
+@pytest.mark.parametrize("method", ["auto"] + [pytest.param(m, marks=pytest.mark.slow) for m in ("loop", "vmap")])
 def test_demo_short_run_writes_loadable_checkpoints(tmp_path, method):
     out = tmp_path / "demo"
     result = run(DemoConfig(model="resnet18", members=2, epochs=2, batch_size=64, size=16, out=str(out),

@@ -78,12 +78,24 @@ def test_compiled_vmapped_ensemble_train_step():
     torch.testing.assert_close(got_state["bn1"]["running_var"], want_state["bn1"]["running_var"], rtol=1e-4, atol=1e-5)
 
 
-def test_compiled_frozen_ensemble_equals_eager():
+@pytest.mark.parametrize("name, method, per_member", [
+    ("resnet18", "auto", False),
+    pytest.param("mobilenet_v3_small", "auto", True, marks=pytest.mark.slow),
+    pytest.param("mobilenet_v3_small", "loop", True, marks=pytest.mark.slow),
+])
+def test_compiled_frozen_ensemble_equals_eager(name, method, per_member):
+    """``auto`` takes members mode here (2 x 3 @64 is a small stacked batch); ``loop`` compiles
+    the members as modules. Shared inputs, and (slow) one batch per member."""
     import torch_compat
 
-    model = vafunc.get_model("mobilenet_v3_small", num_classes=5)
+    model = vafunc.get_model(name, num_classes=5)
     params, state = vafunc.ensemble_init(model, 2, key=1)
-    f = torch_compat.compile_ensemble(model, params, state)
+    f = torch_compat.compile_ensemble(model, params, state, method=method)
     x = torch.randn(3, 3, 64, 64)
-    want, _ = vafunc.ensemble_apply(model, params, state, x)
+    want, _ = vafunc.ensemble_apply(model, params, state, x, method="loop")
     torch.testing.assert_close(f(x), want, rtol=1e-4, atol=1e-4)
+    assert f.method() == ("batched" if method == "auto" else "loop")
+    if per_member:
+        xs = torch.randn(2, 3, 3, 64, 64)
+        want, _ = vafunc.ensemble_apply(model, params, state, xs, method="loop")
+        torch.testing.assert_close(f(xs), want, rtol=1e-4, atol=1e-4)

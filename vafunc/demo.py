@@ -45,7 +45,7 @@ class DemoConfig:
     weight_decay: float = 5e-4
     seed: int = 0
     out: str = "vafunc-demo"
-    ensemble_method: str = "loop"
+    ensemble_method: str = "auto"
     #: config overrides of the architecture, ``(("patch_size", 4), ...)``
     config: tuple = ()
     #: "fp32", or "bf16": the precision policy float32 params / bfloat16 compute / float32 logits
@@ -263,7 +263,7 @@ def add_parser(sub) -> None:
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--out", default=d.out, help="output folder (checkpoints, plot, metrics)")
-    p.add_argument("--ensemble-method", choices=["loop", "vmap"], default=d.ensemble_method,
+    p.add_argument("--ensemble-method", choices=["auto", "batched", "loop", "vmap"], default=d.ensemble_method,
                    help="lowering of the ensemble train step (vmap: one torch.vmap over members)")
     p.add_argument("--config", nargs="*", default=[], metavar="KEY=VALUE",
                    help="architecture config overrides, e.g. patch_size=4 num_layers=4 hidden_dim=128")

@@ -2,17 +2,23 @@
 
 An ensemble is N ``(params, state)`` trees stacked on a new leading axis (:func:`vafunc.stack`).
 :func:`ensemble_apply` evaluates all members, in eval or train mode, each with its own BatchNorm
-statistics and its own dropout / stochastic-depth key. Lowerings (``method=``):
+statistics and its own dropout / stochastic-depth key. Lowerings (``method=``; one name, one
+default here and in ``make_train_step(ensemble_method=)``):
 
-* ``"loop"`` (the default, here and in ``make_train_step(ensemble_method=)``): a Python loop over
-  the members on views of the stacked tensors, the faster eager lowering on CPUs, where
-  ``torch.vmap`` turns the member axis of every convolution into an NCHW grouped convolution (the
-  benchmark report has the ratios).
+* ``"auto"`` (the default): ``"batched"`` where the family has a members-mode lowering and the
+  stacked batch is small (research scale: ``N * B * H * W <= 2**17``), else ``"loop"``: the
+  faster of the two as measured on 2-core CPUs (:func:`vafunc.members.prefer` has the figures).
+* ``"batched"``: members mode (:mod:`vafunc.members`), all members in one forward pass, each
+  parameterised layer lowered by its shape (batched matrix products on small maps, grouped
+  convolutions on medium ones, each member's own convolution on large ones).
+* ``"loop"``: a Python loop over the members on views of the stacked tensors.
 * ``"vmap"``: ``torch.vmap`` over ``model.apply``; the lowering to use inside ``torch.func``
-  transforms (e.g. ``vmap(grad(...))`` to train all members at once) and on accelerators.
+  transforms (``vmap(grad(...))``). On CPUs torch's batching rule turns every member-batched
+  convolution into an NCHW grouped convolution, the slowest lowering measured.
 
 For compiled inference with fixed weights, ``torch_compat.compile_ensemble`` puts all members in one
-graph with the weights frozen into it as constants (see its docstring).
+graph with the weights frozen into it as constants (members mode on small stacked batches, the
+members as modules above; see its docstring).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import torch
 
 from . import random as vrandom
 from . import tree as vtree
-from .members import covers as members_covers
+from .members import covers as members_covers, prefer as members_prefer
 
 __all__ = ["ensemble_init", "ensemble_apply", "ensemble_size", "member_keys"]
 
@@ -75,11 +81,13 @@ def _member_inputs(x: torch.Tensor, n: int) -> tuple[torch.Tensor, bool]:
     )
 
 
-def ensemble_apply(model, params, state, x, *, train: bool = False, rng=None, method: str = "loop", **kw):
+def ensemble_apply(model, params, state, x, *, train: bool = False, rng=None, method: str = "auto", **kw):
     """All members on ``x``: ``-> (logits [N, B, classes], new_state)`` (state stacked like the input).
 
     ``x`` is ``[B, C, H, W]`` (shared) or ``[N, B, C, H, W]`` (one batch per member); ``rng`` is one key
     (split per member) or ``N`` keys. Equal to a Python loop of ``model.apply`` over the members.
+    ``method``: ``"auto"`` (default: ``"batched"`` for a covered family on a small stacked batch,
+    else ``"loop"``; :func:`vafunc.members.prefer`), ``"batched"``, ``"loop"`` or ``"vmap"``.
     Other keywords (``policy=``, ``attention=``) pass through to ``model.apply``.
     """
     n = ensemble_size(params)
@@ -94,7 +102,7 @@ def ensemble_apply(model, params, state, x, *, train: bool = False, rng=None, me
         logits, new_state = torch.vmap(one, in_dims=in_dims, randomness="error")(params, state, x, keys)
         return logits, (new_state if train else state)
     if method == "auto":
-        method = "batched" if members_covers(model) else "loop"
+        method = "batched" if members_prefer(model, n, x) else "loop"
     if method == "batched":
         if not members_covers(model):
             raise ValueError(f"{model.name} has no members-mode lowering (bare parameters); use method='loop'")

@@ -4,8 +4,9 @@ Built from ``model.apply(..., train=True)`` and a :mod:`vafunc.optim` optimizer;
 ``make_train_step(model, opt)`` trains one model; ``make_train_step(model, opt, ensemble=True)``
 trains a stacked ensemble in one call, each member with its own BatchNorm statistics and dropout
 keys. ``ensemble_method`` names the lowering as in :func:`vafunc.ensemble_apply`: ``"auto"`` (the
-default) is ``"batched"`` where the family has a members-mode lowering (one forward and one
-backward for all members, :mod:`vafunc.members`), else ``"loop"`` (one member after the other);
+default) is ``"batched"`` where the family has a members-mode lowering and the stacked batch is
+small (one forward and one backward for all members, :mod:`vafunc.members`), else ``"loop"`` (one
+member after the other);
 ``"vmap"`` takes the members' gradients in one ``torch.vmap`` (``vmap(grad)``). The optimizer
 update is element-wise, so it runs on the stacked trees directly.
 
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from . import random as vrandom
 from . import tree as vtree
 from .ensemble import member_keys, ensemble_size
+from .members import prefer as members_prefer
 
 __all__ = ["make_train_step", "make_dp_train_step", "cross_entropy", "accuracy"]
 
@@ -64,15 +66,11 @@ def make_train_step(model, optimizer, loss_fn: Callable = cross_entropy, *, ense
     fwd_kw = {} if policy is None else {"policy": policy}
     if ensemble_method not in ("auto", "batched", "loop", "vmap"):
         raise ValueError(f"ensemble_method must be 'auto', 'batched', 'loop' or 'vmap', got {ensemble_method!r}")
-    if ensemble and ensemble_method in ("auto", "batched"):
+    if ensemble and ensemble_method == "batched":
         from .members import covers
 
-        if covers(model):
-            ensemble_method = "batched"
-        elif ensemble_method == "batched":
+        if not covers(model):
             raise ValueError(f"{model.name} has no members-mode lowering (bare parameters); use ensemble_method='loop'")
-        else:
-            ensemble_method = "loop"
     vmapped = ensemble and ensemble_method == "vmap"
     grad = grad or ("func" if vmapped else "autograd")
     if grad not in ("autograd", "func"):
@@ -120,7 +118,7 @@ def make_train_step(model, optimizer, loss_fn: Callable = cross_entropy, *, ense
         if vmapped:
             in_dims = (0, 0, None if shared else 0, None if shared else 0, None if keys is None else 0)
             return torch.vmap(func_grad, in_dims=in_dims)(params, state, x, y, keys)
-        if ensemble_method == "batched":
+        if ensemble_method == "batched" or (ensemble_method == "auto" and members_prefer(model, n, x)):
             return members_grad(params, state, x, y, keys)
         results = [
             single_grad(vtree.tree_map(lambda t: t[i], params), vtree.tree_map(lambda t: t[i], state),
