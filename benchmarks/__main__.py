@@ -4,8 +4,10 @@
 ``python -m benchmarks profile --model resnet50`` shows where the time goes.
 
 * ``eager``: inference, vafunc ``apply`` against the torchvision module holding the same weights;
-* ``ensemble``: ``ensemble_apply`` (loop, vmap) and ``torch_compat.compile_ensemble`` against a
-  Python loop over N torchvision modules (``--members``);
+* ``ensemble``: ``ensemble_apply`` by each lowering (auto, batched, loop, vmap), the user's own
+  ``torch.vmap(model.apply)``, the floor (one model on the N*B batch), ``torch_compat.compile_ensemble``
+  and the ensemble train step, against a Python loop over N torchvision modules (``--members``;
+  10 classes);
 * ``train``: the functional train step against module + ``loss.backward()`` + ``torch.optim.SGD``;
 * ``psg``: ``per_sample_grads`` (fresh and ``out=``), ``per_sample_grad_norms``, one batched
   backward (the floor) and the DP-SGD step against a loop of single-sample backward passes through
@@ -82,6 +84,7 @@ def bench_research(args) -> list[dict]:
                                       compiled=not args.no_compile)
             pairs += research.ensemble(name, args.members, args.batch, args.size, train=True, reps=args.reps,
                                        compiled=False)
+            pairs += research.ensemble_train_step(name, args.members, args.batch, args.size, args.reps)
         elif args.bench == "train":
             pairs = research.train_step(name, args.batch, args.size, args.reps)
         for pair in pairs:

@@ -28,35 +28,87 @@ def _tv(name, **kw):
     return getattr(torchvision.models, ref.builder)(**dict(ref.kwargs), **kw)
 
 
-def ensemble(name: str, members: int, batch: int, size: int, *, train: bool, reps: int, compiled: bool):
-    model = vafunc.get_model(name)
-    tvs = [_tv(name).train(train) for _ in range(members)]
+def ensemble(name: str, members: int, batch: int, size: int, *, train: bool, reps: int, compiled: bool,
+             classes: int = 10, methods=("auto", "batched", "loop", "vmap")):
+    """``ensemble_apply`` by each lowering, the user's own ``torch.vmap(model.apply)``, the
+    compiled ensemble and the floor (one torchvision model on the ``N * B`` batch: the same
+    arithmetic with no per-member cost), each against a loop over ``members`` torchvision modules
+    holding the same weights (eval: under ``torch.inference_mode``)."""
+    from vafunc.members import covers
+
+    model = vafunc.get_model(name, num_classes=classes)
+    tvs = [_tv(name, num_classes=classes).train(train) for _ in range(members)]
     flats = [vafunc.from_state_dict(model, m.state_dict()) for m in tvs]
     params = vafunc.stack([p for p, _ in flats])
     state = vafunc.stack([s for _, s in flats])
     x = torch.randn(batch, 3, size, size)
     rng = vafunc.random.key(0) if train else None
+    mode = "train" if train else "eval"
+    tag = f"{name} ensemble x{members} {mode}"
     rows = []
-    with torch.no_grad():
+    ctx = torch.no_grad() if train else torch.inference_mode()
+    with ctx:
         def loop():
             return torch.stack([m(x) for m in tvs])
 
-        for method in ("loop", "vmap"):
-            fn = lambda: vafunc.ensemble_apply(model, params, state, x, train=train, rng=rng, method=method)
-            rows.append(compare(f"{name} ensemble x{members} {'train' if train else 'eval'} {method}", fn, loop,
+        for method in methods:
+            if method == "batched" and not covers(model):
+                continue
+            fn = lambda method=method: vafunc.ensemble_apply(model, params, state, x, train=train, rng=rng,
+                                                             method=method)
+            rows.append(compare(f"{tag} {method}", fn, loop, reps=reps))
+        if not train:
+            user = torch.vmap(lambda p, s: model.apply(p, s, x)[0])
+            rows.append(compare(f"{tag} user torch.vmap(model.apply)", lambda: user(params, state), loop, reps=reps))
+            big = torch.cat([x] * members)
+            rows.append(compare(f"{tag} floor: one torchvision model on the N*B batch", lambda: tvs[0](big), loop,
                                 reps=reps))
-        if compiled and not train:
+    if compiled and not train:
+        with torch.no_grad():
             rows.append(compiled_ensemble(name, model, params, state, x, tvs, train, reps))
     return rows
 
 
 def compiled_ensemble(name, model, params, state, x, tvs, train, reps):
-    """The documented compiled path: compile outside the ensemble call, channels_last."""
+    """``torch_compat.compile_ensemble`` (method ``auto``) against the eager loop."""
     from torch_compat import compile_ensemble
 
     fn = compile_ensemble(model, params, state)
-    return compare(f"{name} ensemble x{len(tvs)} eval compiled", lambda: fn(x),
+    fn(x)
+    return compare(f"{name} ensemble x{len(tvs)} eval compiled ({fn.method()})", lambda: fn(x),
                    lambda: torch.stack([m(x) for m in tvs]), reps=reps)
+
+
+def ensemble_train_step(name: str, members: int, batch: int, size: int, reps: int, *, classes: int = 10,
+                        methods=("auto", "loop", "vmap")):
+    """``make_train_step(ensemble=True, donate=True)`` (SGD with momentum) by each lowering against
+    a loop of ``members`` torchvision train steps (module + backward + ``torch.optim.SGD``)."""
+    model = vafunc.get_model(name, num_classes=classes)
+    tvs = [_tv(name, num_classes=classes).train() for _ in range(members)]
+    topts = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in tvs]
+    flats = [vafunc.from_state_dict(model, m.state_dict()) for m in tvs]
+    params = vafunc.stack([p for p, _ in flats])
+    state = vafunc.stack([s for _, s in flats])
+    opt = optim.sgd(0.01, momentum=0.9)
+    x, y = torch.randn(batch, 3, size, size), torch.randint(0, classes, (batch,))
+
+    def theirs():
+        for m, o in zip(tvs, topts):
+            o.zero_grad(set_to_none=True)
+            F.cross_entropy(m(x), y).backward()
+            o.step()
+
+    rows = []
+    for method in methods:
+        step = make_train_step(model, opt, ensemble=True, ensemble_method=method, donate=True)
+        held = [vafunc.tree.tree_map(torch.clone, params), vafunc.tree.tree_map(torch.clone, state), None]
+        held[2] = opt.init(held[0])
+
+        def ours(step=step, held=held):
+            held[0], held[1], held[2], _ = step(held[0], held[1], held[2], x, y)
+
+        rows.append(compare(f"{name} ensemble x{members} train step {method}", ours, theirs, reps=reps))
+    return rows
 
 
 def train_step(name: str, batch: int, size: int, reps: int):
