@@ -51,11 +51,12 @@ def test_ensemble_input_errors(r18_ensemble):
 @pytest.mark.parametrize("name", ["efficientnet_b0", "alexnet"])
 def test_members_draw_their_own_dropout_masks(name):
     """Each member gets its own key: with identical weights, train-mode outputs differ only
-    through the masks, so members must differ; the same key gives the same output again."""
+    through the masks, so members must differ; the same key gives the same output again (float64:
+    vmap's convolutions sum in another order than the loop's, which train-mode BatchNorm amplifies)."""
     model = vafunc.get_model(name, num_classes=4)
-    p, s = model.init(0)
+    p, s = model.init(0, dtype=torch.float64)
     params, state = vafunc.stack([p, p, p]), vafunc.stack([s, s, s])
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     out, _ = vafunc.ensemble_apply(model, params, state, x, train=True, rng=vr.key(1), method="vmap")
     assert not torch.allclose(out[0], out[1]) and not torch.allclose(out[1], out[2])
     again, _ = vafunc.ensemble_apply(model, params, state, x, train=True, rng=vr.key(1), method="loop")

@@ -132,3 +132,26 @@ def test_ensemble_train_step_in_members_mode_equals_the_loop(method):
     for k in ("loss", "accuracy"):
         assert got[3][k].shape == (2,)
         _close(got[3][k], want[3][k])
+
+
+def _ops(fn) -> set:
+    with torch.profiler.profile() as prof:
+        fn()
+    return {e.key for e in prof.key_averages()}
+
+
+def test_a_users_vmap_takes_the_member_conv_operator():
+    """``torch.vmap(model.apply)`` over stacked weights lowers its convolutions like members mode
+    (``vafunc::member_conv2d``, :mod:`vafunc.vmap_rules`) and equals the loop; where a gradient
+    is recorded (``vmap(grad)``) and for a single model the plain aten convolution stays."""
+    model, params, state = _ensemble("resnet18", n=2)
+    x = torch.randn(3, 3, 32, 40, dtype=F64)
+    user = torch.vmap(lambda p, s: model.apply(p, s, x)[0])
+    with torch.no_grad():
+        assert "vafunc::member_conv2d" in _ops(lambda: user(params, state))
+        _close(user(params, state), vafunc.ensemble_apply(model, params, state, x, method="loop")[0])
+        one = vtree.tree_map(lambda t: t[0], params), vtree.tree_map(lambda t: t[0], state)
+        assert "vafunc::member_conv2d" not in _ops(lambda: model.apply(*one, x))
+    y = torch.tensor([0, 1, 2])
+    g = torch.vmap(torch.func.grad(lambda p, s: F.cross_entropy(model.apply(p, s, x)[0], y)))
+    assert "vafunc::member_conv2d" not in _ops(lambda: g(params, state))

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from . import layers as L
 from . import members as M
 from . import random as vrandom
+from . import vmap_rules as VR
 from .precision import check_policy, dtype_mismatch
 from .registry import Family
 from .sizes import min_size, size_multiple
@@ -234,7 +235,8 @@ class Scope:
             if sh is not None and x is sh[0] and groups == 1:
                 return M.conv(sh[1], w, b, stride, padding, dilation, groups, self.ctx.members, shared=True)
             return M.conv(x, w, b, stride, padding, dilation, groups, self.ctx.members)
-        return F.conv2d(x, w, b, stride, padding, dilation, groups)
+        conv = VR.conv2d if VR.wants(w) else F.conv2d  # VR: a user's torch.vmap over member weights
+        return conv(x, w, b, stride, padding, dilation, groups)
 
     def linear(self, name, x, fout, *, bias=True, init=None):
         """Affine map ``[..., Fin] -> [..., fout]`` with tensors at ``name``."""
