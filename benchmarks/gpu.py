@@ -237,9 +237,12 @@ def bench_ensemble(device, members: int, batch: int, size: int, reps: int) -> li
     rows = []
     with torch.no_grad():
         loop = _timed(lambda: torch.stack([m(x) for m in tvs]), device)
-        for method in ("loop", "vmap"):
+        for method in ("auto", "batched", "loop", "vmap"):
             fn = _timed(lambda method=method: vafunc.ensemble_apply(model, params, state, x, method=method), device)
             rows.append(compare(f"resnet18 ensemble x{members} eval {method} b{batch}@{size}", fn, loop, reps=reps))
+        user = torch.vmap(lambda p, s: model.apply(p, s, x)[0])
+        rows.append(compare(f"resnet18 ensemble x{members} eval user torch.vmap(model.apply) b{batch}@{size}",
+                            _timed(lambda: user(params, state), device), loop, reps=reps))
     return rows
 
 

@@ -196,19 +196,49 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 # --------------------------------------------------------------------------- pooling
 
 
+def _pool_cl(x, kernel_size, stride, padding, dilation, ceil_mode):
+    y = F.max_pool2d(x.contiguous(memory_format=torch.channels_last), kernel_size, stride, padding, dilation, ceil_mode)
+    return y.contiguous()
+
+
+@torch.library.custom_op("vafunc::max_pool2d_cl", mutates_args=())
+def _max_pool2d_cl(x: torch.Tensor, kernel_size: list[int], stride: list[int], padding: list[int],
+                   dilation: list[int], ceil_mode: bool) -> torch.Tensor:
+    return _pool_cl(x, kernel_size, stride, padding, dilation, ceil_mode)
+
+
+@_max_pool2d_cl.register_fake
+def _(x, kernel_size, stride, padding, dilation, ceil_mode):
+    return F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
+
+
+@_max_pool2d_cl.register_vmap
+def _(info, in_dims, x, kernel_size, stride, padding, dilation, ceil_mode):
+    xs = x.movedim(in_dims[0], 0)  # the vmapped axis folds into the batch (an outer vmap's tensor dispatches again)
+    y = max_pool2d(xs.reshape(-1, *xs.shape[2:]), kernel_size, stride, padding, ceil_mode=ceil_mode, dilation=dilation)
+    return y.view(*xs.shape[:2], *y.shape[1:]), 0
+
+
+def _ints2(v) -> list[int]:
+    return [v, v] if isinstance(v, int) else [int(i) for i in v]
+
+
 def max_pool2d(x, kernel_size, stride=None, padding=0, *, ceil_mode=False, dilation=1):
     """Max pooling. Without a gradient to record, an NCHW input on the CPU is pooled in
     channels_last and returned contiguous: torch's CPU kernel for contiguous NCHW is 3-6x slower
     than its channels_last one (resnet's stem pool at batch 8 @224: 25 ms vs 6 ms with both
-    conversions), and a maximum is exact, so the values are bit-equal. With a gradient (ties could
-    pick another argmax) and under ``torch.compile`` (inductor lowers pooling itself) it is the
-    plain call, and so it is inside torch.func transforms."""
-    if (not torch.compiler.is_compiling() and x.device.type == "cpu" and x.dim() == 4
-            and not torch._C._functorch.is_functorch_wrapped_tensor(x) and x.is_contiguous() and x.shape[1] > 1
+    conversions), and a maximum is exact, so the values are bit-equal. Inside ``torch.vmap`` the
+    same through ``vafunc::max_pool2d_cl``, whose vmap rule folds the vmapped axis into the batch.
+    With a gradient (ties could pick another argmax), inside other ``torch.func`` transforms and
+    under ``torch.compile`` (inductor lowers pooling itself) it is the plain call."""
+    if (not torch.compiler.is_compiling() and x.device.type == "cpu" and x.dim() == 4 and x.shape[1] > 1
             and not (torch.is_grad_enabled() and x.requires_grad)):
-        y = F.max_pool2d(x.contiguous(memory_format=torch.channels_last), kernel_size, stride, padding, dilation,
-                         ceil_mode)
-        return y.contiguous()
+        stride = kernel_size if stride is None else stride
+        if torch._C._functorch.is_batchedtensor(x):
+            return _max_pool2d_cl(x, _ints2(kernel_size), _ints2(stride), _ints2(padding), _ints2(dilation),
+                                  bool(ceil_mode))
+        if not torch._C._functorch.is_functorch_wrapped_tensor(x) and x.is_contiguous():
+            return _pool_cl(x, kernel_size, stride, padding, dilation, ceil_mode)
     return F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
 
 
