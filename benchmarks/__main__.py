@@ -85,6 +85,18 @@ def bench_research(args) -> list[dict]:
             pairs += research.ensemble(name, args.members, args.batch, args.size, train=True, reps=args.reps,
                                        compiled=False)
             pairs += research.ensemble_train_step(name, args.members, args.batch, args.size, args.reps)
+            counts = [int(n) for n in args.members_sweep.split(",") if n.strip()]
+            if counts:
+                swept = research.ensemble_sweep(name, counts, args.batch, args.size, args.reps)
+                rows += [{"bench": "ensemble", "model": name, "batch": args.batch, "size": args.size,
+                          **{k: v for k, v in r.items() if k != "members"}} for r in swept]  # the label names N
+                os.makedirs(args.out, exist_ok=True)
+                path = os.path.join(args.out, "ensemble.png")
+                info = machine_info()
+                if research.ensemble_plot(swept, path, f"{name} b{args.batch}@{args.size}, eval, against a loop over "
+                                                       f"torchvision modules\n{info['cpu']}, {info['threads']} "
+                                                       f"threads, torch {info['torch']}"):
+                    print(f"wrote {path}", flush=True)
         elif args.bench == "train":
             pairs = research.train_step(name, args.batch, args.size, args.reps)
         for pair in pairs:
@@ -153,6 +165,8 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=None, help="default: 15 (psg: 5)")
     p.add_argument("--sweep", default=",".join(map(str, (8, 16, 32, 64))),
                    help="psg: batch sizes of the sweep plotted to <out>/psg.png ('' for none)")
+    p.add_argument("--members-sweep", default="",
+                   help="ensemble: member counts of a sweep plotted to <out>/ensemble.png, e.g. 1,2,4,8,16,32")
     p.add_argument("--no-opacus", action="store_true", help="psg: skip the Opacus rows")
     p.add_argument("--no-dp", action="store_true", help="psg: skip the DP-SGD step rows")
     p.add_argument("--warmup", type=int, default=3)

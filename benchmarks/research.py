@@ -310,10 +310,42 @@ PSG_SERIES = (("per-sample grads fresh", "grads, fresh (out=None)"), ("per-sampl
 def psg_plot(rows: list[dict], path: str, title: str = "") -> bool:
     """Ratio against the loop of single-sample backward passes vs batch size, one line per method,
     from rows with ``label``, ``batch`` and ``ratio`` (the psg CSV's rows). False without matplotlib."""
+    return sweep_plot(rows, path, "batch", PSG_SERIES, title or "per-sample gradients",
+                      "batch size", "speed ratio vs loop of single-sample backward (>1: vafunc faster)")
+
+
+#: ensemble sweep labels -> plot series
+ENSEMBLE_SERIES = (("eval auto", "ensemble_apply (auto)"), ("eval batched", "members mode"),
+                   ("eval loop", "loop"), ("eval user torch.vmap", "user's torch.vmap(model.apply)"),
+                   ("eval floor", "floor: one model on N*B"))
+
+
+def ensemble_sweep(name: str, members_list, batch: int, size: int, reps: int) -> list[dict]:
+    """Rows (``members``, ``label``, ``ratio``, ...) of :func:`ensemble` in eval mode, without the
+    compiled path and the vmap method, for each ensemble size."""
+    rows = []
+    for n in members_list:
+        for pair in ensemble(name, n, batch, size, train=False, reps=reps, compiled=False,
+                             methods=("auto", "batched", "loop")):
+            rows.append({"members": n, **pair.row()})
+            print(f"| {pair.label} | {batch}x{size} | {pair.median_a_ms:.1f} | {pair.median_b_ms:.1f} | "
+                  f"{pair.ratio:.3f} |", flush=True)
+    return rows
+
+
+def ensemble_plot(rows: list[dict], path: str, title: str = "") -> bool:
+    """Ratio against the loop over torchvision modules vs the number of members."""
+    return sweep_plot(rows, path, "members", ENSEMBLE_SERIES, title or "ensembles",
+                      "members", "speed ratio vs loop over torchvision modules (>1: vafunc faster)")
+
+
+def sweep_plot(rows: list[dict], path: str, x_key: str, series, title: str, xlabel: str, ylabel: str) -> bool:
+    """One line per ``(label key, legend)`` of ``series``: ``ratio`` against ``rows[x_key]`` on a
+    log2 axis, written atomically to ``path``. False without matplotlib."""
     try:
         import matplotlib
     except ImportError:
-        print("note: matplotlib is not installed; no psg plot", flush=True)
+        print(f"note: matplotlib is not installed; no plot {path}", flush=True)
         return False
     import os
 
@@ -322,19 +354,19 @@ def psg_plot(rows: list[dict], path: str, title: str = "") -> bool:
     import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    batches = sorted({int(r["batch"]) for r in rows})
-    for key, label in PSG_SERIES:
-        pts = sorted((int(r["batch"]), float(r["ratio"])) for r in rows if f" {key} b" in r["label"])
+    xs = sorted({int(r[x_key]) for r in rows})
+    for key, label in series:
+        pts = sorted((int(r[x_key]), float(r["ratio"])) for r in rows if f" {key}" in r["label"])
         if pts:
             ax.plot([b for b, _ in pts], [v for _, v in pts], marker="o", label=label)
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xscale("log", base=2)
-    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.set_xticks(xs, [str(b) for b in xs])
     ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-    ax.set_xlabel("batch size")
-    ax.set_ylabel("speed ratio vs loop of single-sample backward (>1: vafunc faster)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.yaxis.label.set_size(8)
-    ax.set_title(title or "per-sample gradients", fontsize=8, loc="left")
+    ax.set_title(title, fontsize=8, loc="left")
     ax.legend(fontsize=8, frameon=False)
     fig.tight_layout()
     tmp = path + ".tmp.png"
