@@ -6,7 +6,7 @@ statistics and its own dropout / stochastic-depth key. Lowerings (``method=``; o
 default here and in ``make_train_step(ensemble_method=)``):
 
 * ``"auto"`` (the default): ``"batched"`` where the family has a members-mode lowering and the
-  stacked batch is small (research scale: ``N * B * H * W <= 2**17``), else ``"loop"``: the
+  member's batch is small (research scale: ``B * H * W <= 2**14`` pixels), else ``"loop"``: the
   faster of the two as measured on 2-core CPUs (:func:`vafunc.members.prefer` has the figures).
 * ``"batched"``: members mode (:mod:`vafunc.members`), all members in one forward pass, each
   parameterised layer lowered by its shape (batched matrix products on small maps, grouped

@@ -38,16 +38,18 @@ from . import random as vrandom
 
 __all__ = ["NotCovered", "conv", "linear", "batch_norm", "affine", "dropout", "drop_path", "covers", "prefer"]
 
-#: ``method="auto"``: members mode where the stacked batch holds at most this many pixels
-#: (``N * B * H * W``), the loop above it. Measured on 2-core CPUs (ratio to a loop over
-#: torchvision modules; benchmarks/results/ensemble.csv): resnet18 16 x 8 @32 (2^17 pixels)
-#: eager 1.11x members vs 0.96x loop; 8 x 32 @32 (2^18) 0.85x vs 1.00x; 16 x 8 @64 0.76x vs
-#: 0.98x; mobilenet_v3_small 8 x 8 @224 0.45x vs 0.93x. Compiled with frozen weights members mode
-#: goes further (resnet18 16 x 8 @32 1.95x, 8 x 32 @32 1.21x, against 0.90x / 0.98x for the
-#: members as modules in one graph), and loses at 224 (mobilenet_v3_small 0.68x vs 1.55x). Large
-#: stacked activations leave the cache, where each member's own pass keeps its activations.
-EAGER_MAX_PIXELS = 2**17
-COMPILED_MAX_PIXELS = 2**18
+#: ``method="auto"``: members mode where each member's batch holds at most this many pixels
+#: (``B * H * W``: where per-op cost, not arithmetic, dominates a member's pass), the loop above
+#: it. Measured on 2-core CPUs (ratio to a loop over torchvision modules, eval, resnet18):
+#: members mode vs the loop at 16 x 8 @32 (8192 pixels a member) 1.46 vs 1.02, 32 x 8 @32 1.50 vs
+#: 1.02; at 32 x 16 @32 (16384) 1.00 vs 1.05; at 8 x 32 @32 and 16 x 8 @64 (32768) 1.00 vs 1.13 and
+#: 0.91 vs 1.05; mobilenet_v3_small 8 x 8 @224 0.53 vs 0.93: large stacked activations leave the
+#: cache, where each member's own pass keeps its activations. The train step gains sooner (the
+#: demo, 4 x 64 @16: 66 s vs 72 s). Compiled with frozen weights members mode goes further
+#: (resnet18 16 x 8 @32 1.95-2.3x, 8 x 32 @32 1.21x, against 0.90x / 0.98x for the members as
+#: modules in one graph) and loses at 224 (mobilenet_v3_small 0.68x vs 1.55x).
+EAGER_MAX_PIXELS = 2**14
+COMPILED_MAX_PIXELS = 2**15
 
 
 class NotCovered(Exception):
@@ -220,11 +222,11 @@ def drop_path(x, rate: float, keys, *, train: bool, n: int):
 
 def prefer(model, n: int, x: torch.Tensor, *, compiled: bool = False) -> bool:
     """Whether ``method="auto"`` takes members mode for ``n`` members on ``x`` (``[B, C, H, W]``
-    shared or ``[N, B, C, H, W]``): the family is covered and the stacked batch is small (see
+    shared or ``[N, B, C, H, W]``): the family is covered and each member's batch is small (see
     :data:`EAGER_MAX_PIXELS`)."""
     b, h, w = x.shape[-4], x.shape[-2], x.shape[-1]
     limit = COMPILED_MAX_PIXELS if compiled else EAGER_MAX_PIXELS
-    return n * b * h * w <= limit and covers(model)
+    return b * h * w <= limit and covers(model)
 
 
 _COVER: dict = {}
