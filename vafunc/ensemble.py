@@ -113,9 +113,8 @@ def ensemble_apply(model, params, state, x, *, train: bool = False, rng=None, me
     if method != "loop":
         raise ValueError(f"method must be 'auto', 'batched', 'loop' or 'vmap', got {method!r}")
     outs, states = [], []
-    for i in range(n):
-        p = vtree.tree_map(lambda t: t[i], params)
-        s = vtree.tree_map(lambda t: t[i], state)
+    member_params, member_state = vtree.unstack(params), vtree.unstack(state) or [state] * n
+    for i, (p, s) in enumerate(zip(member_params, member_state)):
         out, ns = model.apply(p, s, x[i] if per_member else x, train=train,
                               rng=None if keys is None else keys[i], **kw)
         outs.append(out)

@@ -120,9 +120,10 @@ def make_train_step(model, optimizer, loss_fn: Callable = cross_entropy, *, ense
             return torch.vmap(func_grad, in_dims=in_dims)(params, state, x, y, keys)
         if ensemble_method == "batched" or (ensemble_method == "auto" and members_prefer(model, n, x)):
             return members_grad(params, state, x, y, keys)
+        member_params, member_state = vtree.unstack(params), vtree.unstack(state) or [state] * n
         results = [
-            single_grad(vtree.tree_map(lambda t: t[i], params), vtree.tree_map(lambda t: t[i], state),
-                        x if shared else x[i], y if shared else y[i], None if keys is None else keys[i])
+            single_grad(member_params[i], member_state[i], x if shared else x[i], y if shared else y[i],
+                        None if keys is None else keys[i])
             for i in range(n)
         ]
         grads = vtree.stack([g for g, _ in results])

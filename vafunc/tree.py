@@ -146,7 +146,8 @@ def unstack(tree: Mapping, dim: int = 0) -> list[dict]:
     if len(sizes) != 1:
         raise ValueError(f"leaves disagree on the size of axis {dim}: {sorted(sizes)}")
     n = sizes.pop()
-    return [unflatten({k: v.select(dim, i) for k, v in flat.items()}) for i in range(n)]
+    parts = {k: v.unbind(dim) for k, v in flat.items()}  # one call per leaf, not one per leaf and member
+    return [unflatten({k: v[i] for k, v in parts.items()}) for i in range(n)]
 
 
 def count_params(params: Mapping) -> int:
