@@ -10,7 +10,7 @@ from torch._inductor.utils import run_and_get_code
 import torch_compat
 import vafunc
 from benchmarks.photos import photo_crops, realistic_random
-from oracle import perturb, representatives
+from oracle import ORACLE_SIZES, perturb, representatives
 
 FAST = ("resnet18", "mobilenet_v3_small")  # plain convs and residuals; depthwise, hardswish and SE
 #: every other family's representative, and EfficientNet v2's fused blocks
@@ -28,14 +28,17 @@ def _perturbed(name, **kw):
 
 
 def _size(model):
-    return max(64, model.min_size)
+    m = model.size_multiple
+    return -(-max(64, model.min_size) // m) * m
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) for n in (*FAST[1:], *SLOW)])
 def test_compiled_equals_eager(name):
     model, params, state = _perturbed(name)
-    s = _size(model)
-    x = torch.randn(3, 3, s, s + 8)
+    s, m = _size(model), model.size_multiple
+    # non-square and a multiple of what the model needs; the fixed-size models at their size
+    b, h, w = ORACLE_SIZES[name][-1] if name in ORACLE_SIZES else (3, s, s + -(-8 // m) * m)
+    x = torch.randn(b, 3, h, w)
     with torch.no_grad():
         want = model.apply(params, state, x)[0]
     f = vafunc.compile(model, params, state)
