@@ -191,8 +191,8 @@ def stage(m, x, blocks: tuple, cfg: ResNetConfig, rng=None):
 def forward(m, cfg: ResNetConfig, x):
     """``x [N, C, H, W] -> logits [N, num_classes]``.
 
-    Feature names: the stem activation ``relu`` (torchvision; timm's SE models: ``act1``, stride
-    2), ``maxpool`` (4), every block ``layer{i}.{j}`` and every stage ``layer1`` .. ``layer4``
+    Feature names: the stem activation ``relu`` (torchvision; timm's module path ``act1`` for the
+    SE and GroupNorm models, which only timm has), stride 2, ``maxpool`` (4), every block ``layer{i}.{j}`` and every stage ``layer1`` .. ``layer4``
     (strides 4, 8, 16, 32 without dilation).
 
     Random slots (train mode, non-zero rates only): ``m.key(0)`` the dropout before ``fc``
@@ -200,7 +200,7 @@ def forward(m, cfg: ResNetConfig, x):
     ``fold_in(m.key(1), b)``.
     """
     y = m.conv_norm_act(x, 64, 7, conv="conv1", norm="bn1", act="relu", stride=2, padding=3)
-    y = m.tap("act1" if cfg.attn_layer else "relu", y)
+    y = m.tap("act1" if cfg.attn_layer or cfg.norm == "group" else "relu", y)
     y = m.tap("maxpool", L.max_pool2d(y, 3, 2, 1))
     k_blocks = m.key(1) if cfg.drop_path_rate else None
     for i, blocks in enumerate(plan(cfg)):
