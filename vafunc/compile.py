@@ -28,6 +28,7 @@ The result is eval-mode only, runs under ``torch.no_grad`` and does not see late
 from __future__ import annotations
 
 import contextlib
+import itertools
 import re
 import types
 from typing import Mapping
@@ -39,6 +40,9 @@ from .registry import ModelDef, check_image
 from .weights import from_state_dict
 
 __all__ = ["compile", "CompiledModel"]
+
+_INSTANCES = itertools.count()
+
 
 def _safe(name: str) -> str:
     return re.sub(r"\W", "_", name)
@@ -101,9 +105,13 @@ class CompiledModel:
             self._apply_kw["policy"] = self.policy
         # dynamo keeps its compiled graphs on the code object, and at most 8 per code object
         # (torch._dynamo.config.recompile_limit) before it silently falls back to eager: a private
-        # copy of the code gives every CompiledModel its own cache
+        # copy of the code gives every CompiledModel its own cache. Its name is unique too: dynamo's
+        # automatic-dynamic memory (torch._dynamo.pgo) is keyed by file, line and code name, so two
+        # CompiledModels of one model would share it, and the second would start with a symbolic
+        # batch because the first saw two batch sizes (members-mode graphs then take many minutes)
         code = CompiledModel._forward.__code__
-        own = types.FunctionType(code.replace(co_name=f"_forward_{_safe(model.name)}"), globals(), "_forward")
+        name = f"_forward_{_safe(model.name)}_{next(_INSTANCES)}"
+        own = types.FunctionType(code.replace(co_name=name), globals(), "_forward")
         self._compiled = torch.compile(types.MethodType(own, self), dynamic=dynamic, mode=mode, fullgraph=fullgraph)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
