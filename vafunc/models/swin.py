@@ -209,7 +209,10 @@ def relative_coords_table(wh: int, ww: int) -> torch.Tensor:
 def _gather_bias(table, index, n: int) -> torch.Tensor:
     """A per-offset table ``[T, heads]`` (or ``[1, a, b, heads]``) -> the bias ``[heads, n, n]``."""
     t = einops.rearrange(table, "... h -> (...) h").index_select(0, index)  # (much faster than table[index])
-    return einops.rearrange(t, "(n m) h -> h n m", n=n)
+    # contiguous, as the references keep it: attention reads the bias along rows, and under
+    # torch.compile a heads-innermost frozen constant turns the fused softmax into gathers
+    # (compiled swin_t bf16 spent twice torchvision's time in its softmax kernels)
+    return einops.rearrange(t, "(n m) h -> h n m", n=n).contiguous()
 
 
 def _cpb_bias(m, coords, index, heads: int, n: int, dtype) -> torch.Tensor:
