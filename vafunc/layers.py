@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from . import random as vrandom
+from ._pairs import pair
 
 __all__ = [
     "conv2d",
@@ -219,10 +220,6 @@ def _(info, in_dims, x, kernel_size, stride, padding, dilation, ceil_mode):
     return y.view(*xs.shape[:2], *y.shape[1:]), 0
 
 
-def _ints2(v) -> list[int]:
-    return [v, v] if isinstance(v, int) else [int(i) for i in v]
-
-
 def max_pool2d(x, kernel_size, stride=None, padding=0, *, ceil_mode=False, dilation=1):
     """Max pooling. Without a gradient to record, an NCHW input on the CPU is pooled in
     channels_last and returned contiguous: torch's CPU kernel for contiguous NCHW is 3-6x slower
@@ -235,7 +232,7 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, *, ceil_mode=False, dilat
             and not (torch.is_grad_enabled() and x.requires_grad)):
         stride = kernel_size if stride is None else stride
         if torch._C._functorch.is_batchedtensor(x):
-            return _max_pool2d_cl(x, _ints2(kernel_size), _ints2(stride), _ints2(padding), _ints2(dilation),
+            return _max_pool2d_cl(x, pair(kernel_size), pair(stride), pair(padding), pair(dilation),
                                   bool(ceil_mode))
         if not torch._C._functorch.is_functorch_wrapped_tensor(x) and x.is_contiguous():
             return _pool_cl(x, kernel_size, stride, padding, dilation, ceil_mode)

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from . import random as vrandom
+from ._pairs import pair
 
 __all__ = ["NotCovered", "conv", "linear", "batch_norm", "affine", "dropout", "drop_path", "covers", "prefer"]
 
@@ -75,10 +76,6 @@ def enter(x, n: int, taps, shared_input: bool):
 _GROUPED_MAX_POSITIONS = 64
 
 
-def _pair(v):
-    return (v, v) if isinstance(v, int) else tuple(v)
-
-
 def _members_first(y: torch.Tensor, n: int) -> torch.Tensor:
     """``[B, N * C, ...]`` -> ``[N * B, C, ...]``."""
     b = y.shape[0]
@@ -89,10 +86,10 @@ def conv(x, w, b, stride, padding, dilation, groups, n: int, shared: bool = Fals
     """Conv of ``x [N*B, Cin, H, W]`` (or, with ``shared``, one ``[B, Cin, H, W]`` every member
     sees) with member weights ``w [N, Cout, Cin/groups, kh, kw]``, bias ``[N, Cout]``."""
     cout, k = w.shape[1], tuple(w.shape[3:])
-    stride, dilation = _pair(stride), _pair(dilation)
+    stride, dilation = pair(stride), pair(dilation)
     if isinstance(padding, str):
         raise NotCovered("string padding")
-    padding = _pair(padding)
+    padding = pair(padding)
     nb, cin, h, wd = x.shape
     ho = (h + 2 * padding[0] - dilation[0] * (k[0] - 1) - 1) // stride[0] + 1
     wo = (wd + 2 * padding[1] - dilation[1] * (k[1] - 1) - 1) // stride[1] + 1

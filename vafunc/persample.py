@@ -42,12 +42,9 @@ import torch
 import torch.nn.functional as F
 
 from . import tree as vtree
+from ._pairs import pair
 
 __all__ = ["Tape", "per_sample_grads", "per_sample_grad_norms", "tape_covers", "empty_like_batched"]
-
-
-def _pair(v):
-    return (v, v) if isinstance(v, int) else tuple(v)
 
 
 # --------------------------------------------------------------------------- per-sample products
@@ -297,7 +294,7 @@ class Tape:
 
     # ------------------------------------------------------------------ layers (called by the kit)
     def conv(self, x, w, b, stride, padding, dilation, groups):
-        stride, dilation = _pair(stride), _pair(dilation)
+        stride, dilation = pair(stride), pair(dilation)
         if isinstance(padding, str):
             if padding == "valid":
                 padding = 0
@@ -305,7 +302,7 @@ class Tape:
                 tot = [d * (k - 1) for d, k in zip(dilation, w.shape[2:])]
                 x = F.pad(x, (tot[1] // 2, tot[1] - tot[1] // 2, tot[0] // 2, tot[0] - tot[0] // 2))
                 padding = 0
-        padding = _pair(padding)
+        padding = pair(padding)
         return _Conv.apply(x, w, b, self._ghost(w), self._ghost(b), self, stride, padding, dilation, groups)
 
     def linear(self, x, w, b):

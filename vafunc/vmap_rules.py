@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import members as M
+from ._pairs import pair
 
 __all__ = ["wants", "conv2d"]
 
@@ -65,10 +66,6 @@ def _(info, in_dims, x, w, b, stride, padding, dilation, groups):
     return y.view(n, bsz, *y.shape[1:]), 0
 
 
-def _ints(v) -> list[int]:
-    return [v, v] if isinstance(v, int) else [int(i) for i in v]
-
-
 def wants(w: torch.Tensor) -> bool:
     """Whether the conv with weight ``w`` takes the custom operator (module notes)."""
     return (not torch.compiler.is_compiling() and _is_batched(w) and w.dim() == 4
@@ -78,4 +75,4 @@ def wants(w: torch.Tensor) -> bool:
 def conv2d(x, w, b, stride, padding, dilation, groups):
     if isinstance(padding, str):
         return F.conv2d(x, w, b, stride, padding, dilation, groups)
-    return _member_conv2d(x, w, b, _ints(stride), _ints(padding), _ints(dilation), int(groups))
+    return _member_conv2d(x, w, b, pair(stride), pair(padding), pair(dilation), int(groups))
