@@ -207,3 +207,34 @@ def test_every_compiled_model_has_its_own_cache():
             f = vafunc.compile(model, params, state)
             with torch.no_grad():
                 torch.testing.assert_close(f(x), model.apply(params, state, x)[0], rtol=1e-4, atol=1e-5)
+
+
+def _pgo_dynamic(state) -> bool:
+    """Whether dynamo's automatic-dynamic record of one frame has a tensor with a symbolic size
+    (a scalar's entry has no per-axis sizes)."""
+    from torch._dynamo.pgo import auto_dynamic
+
+    return any(isinstance(e.size, tuple) and auto_dynamic in e.size for e in state.automatic_dynamic.values())
+
+
+def test_a_second_compiled_model_starts_static():
+    """dynamo remembers which input sizes changed (``torch._dynamo.pgo``) per file, line and code
+    name. A CompiledModel that has seen two input sizes must not make the next CompiledModel of the
+    same model start with symbolic sizes (that sent compile_ensemble's members graph into many
+    minutes of shape algebra): each one's code has a name of its own."""
+    from torch._dynamo.pgo import get_code_state
+
+    model = vafunc.get_model("squeezenet1_1", num_classes=3)
+    params, state = model.init(0)
+    with torch.no_grad():
+        a = vafunc.compile(model, params, state, freeze=False)
+        a(torch.randn(2, 3, 64, 64))
+        a(torch.randn(3, 3, 72, 72))
+        b = vafunc.compile(model, params, state, freeze=False)
+        x = torch.randn(2, 3, 64, 64)
+        torch.testing.assert_close(b(x), model.apply(params, state, x)[0], rtol=1e-4, atol=1e-5)
+    ours = {cid.name: s for cid, s in get_code_state().items() if cid.name.startswith("_forward_squeezenet1_1_")}
+    dynamic = sorted(name for name, s in ours.items() if _pgo_dynamic(s))
+    assert len(ours) >= 2 and len(dynamic) >= 1, ours  # a's record (dynamic after two sizes) and b's
+    name_b = max(ours, key=lambda n: int(n.rsplit("_", 1)[1]))  # b was built last
+    assert name_b not in dynamic, {n: [e.render() for e in ours[n].automatic_dynamic.values()] for n in ours}
