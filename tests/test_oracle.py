@@ -18,7 +18,7 @@ so the path is known to work on a family before its first giant arrives.
 from __future__ import annotations
 
 import collections
-import functools
+import gc
 
 import pytest
 import torch
@@ -121,9 +121,12 @@ def _require_reference(name):
 
 @pytest.fixture(scope="module")
 def pair(request):
+    """The model's name. Module-scoped and parametrized so that pytest runs one model's tests
+    together; the built pair lives in _pair's one-entry cache only, so building the next model's
+    frees the previous (a fixture holding it would keep two giants alive at once)."""
     name = request.param
     _require_reference(name)
-    return _pair(name)
+    return name
 
 
 #: float32 gradient tolerances above the default 1e-4: the biases in front of MaxViT's / CoAtNet's
@@ -138,14 +141,29 @@ GRAD_RTOL = {"maxvit_t": 5e-4, "coatnet_0_224": 5e-4, "coatnet_0_rw_224": 5e-4}
 OWN_INIT = frozenset(representatives().values()) | frozenset(GRAD_ALSO)
 
 
-@functools.lru_cache(maxsize=1)
+_LAST: dict = {}
+
+
 def _pair(name, own_init=None):
-    """The fixture's value, kept for the last model: pytest-xdist may tear a module fixture down
-    between two tests of the same parameter when its queue runs dry, and building a large
-    reference again costs seconds."""
+    """``(name, model, ref, sd, params, state)`` for ``name``, kept for the last model only:
+    building a large reference again costs seconds, and keeping two costs memory (a giant's pair
+    and its gradients need 10+ GB). The previous pair is dropped before the next is built.
+    ``own_init``: the reference's own initialisation (default: for OWN_INIT models), else the
+    cheap fill; ``"any"``: whichever pair of ``name`` is cached."""
+    if own_init == "any":
+        hit = next((v for (n, _), v in _LAST.items() if n == name), None)
+        return hit if hit is not None else _pair(name)
+    own = name in OWN_INIT if own_init is None else own_init
+    if (name, own) not in _LAST:
+        _LAST.clear()
+        gc.collect()  # modules can hold reference cycles: free the previous pair's tensors now
+        _LAST[(name, own)] = _build_pair(name, own)
+    return _LAST[(name, own)]
+
+
+def _build_pair(name, own):
     torch.manual_seed(1234)
     model = vafunc.get_model(name)
-    own = name in OWN_INIT if own_init is None else own_init
     ref = perturb((build_reference if own else build_reference_fast)(name), seed=7, size=sizes_for(model)[0])
     live = ref.state_dict()
     sd = collections.OrderedDict((k, v.detach().clone()) for k, v in live.items())
@@ -162,7 +180,7 @@ def _close(a, b, rel, what, floor=1e-6):
 
 @pytest.mark.parametrize("pair", ALL, indirect=True)
 def test_state_dict_names_shapes_and_counts(pair):
-    name, model, ref, sd, params, state = pair
+    name, model, ref, sd, params, state = _pair(pair)
     mine = vafunc.to_state_dict(*model.init(device="meta"))
     assert set(mine) == set(sd), (
         f"missing {sorted(set(sd) - set(mine))[:10]}, extra {sorted(set(mine) - set(sd))[:10]}"
@@ -191,14 +209,14 @@ def _check_eval(name, model, ref, params, state, size):
 @pytest.mark.parametrize("pair", ALL, indirect=True)
 def test_eval_matches_reference(pair):
     """At the first (odd, non-square) size, the one the BatchNorm statistics were calibrated at."""
-    name, model, ref, sd, params, state = pair
+    name, model, ref, sd, params, state = _pair(pair)
     ref.eval()
     _check_eval(name, model, ref, params, state, sizes_for(model)[0])
 
 
 @pytest.mark.parametrize("pair", HEAVY, indirect=True)
 def test_eval_matches_reference_at_more_sizes(pair):
-    name, model, ref, sd, params, state = pair
+    name, model, ref, sd, params, state = _pair(pair)
     ref.eval()
     for size in sizes_for(model)[1:]:
         _check_eval(name, model, ref, params, state, size)
@@ -206,7 +224,7 @@ def test_eval_matches_reference_at_more_sizes(pair):
 
 @pytest.mark.parametrize("pair", HEAVY, indirect=True)
 def test_train_matches_reference(pair):
-    name, _, ref, sd, params, state = pair
+    name, _, ref, sd, params, state = _pair(pair)
     entry = vafunc.get_entry(name)
     model = vafunc.get_model(name, **deterministic_overrides(name))
     ref = _deterministic(ref)
@@ -241,10 +259,8 @@ def test_train_matches_reference(pair):
 
 @pytest.mark.parametrize("pair", HEAVY_GRAD, indirect=True)
 def test_gradients_match_reference(pair):
-    name = pair[0]
-    if name not in OWN_INIT:  # -m slow: the reference's own init conditions the comparison
-        pair = _pair(name, True)
-    name, _, ref, sd, params, state = pair
+    # -m slow: the reference's own init conditions the comparison (_pair(name) is that for OWN_INIT)
+    name, _, ref, sd, params, state = _pair(pair, True)
     entry = vafunc.get_entry(name)
     model = vafunc.get_model(name, **deterministic_overrides(name))
     ref = _deterministic(ref)
@@ -280,7 +296,7 @@ def test_gradients_match_reference(pair):
 
 @pytest.mark.parametrize("pair", ALL, indirect=True)
 def test_state_dict_round_trip_is_exact(pair):
-    name, model, ref, sd, params, state = pair
+    name, model, ref, sd, params, state = _pair(pair, "any")  # either init: no rebuild after the gradient check
     back = vafunc.to_state_dict(params, state)
     assert list(back) == list(sd), "to_state_dict order differs from the reference state_dict"
     for k in sd:
