@@ -21,9 +21,9 @@ def _deterministic():
     yield
 
 
-#: models whose slow batteries (float64 references, gradients, compile) need 15-22 GB each: two at
-#: once on two xdist workers exceed a 24 GB machine, so every test of one of them joins one xdist
-#: group and they run one after another on a single worker
+#: models whose slow batteries (float64 references, gradients, compile) take 10+ GB each: two at
+#: once on two xdist workers can exceed a 24 GB machine, so every test of one of them joins one
+#: xdist group and they run one after another on a single worker
 GIANT_PARAMS = 300_000_000
 
 

@@ -126,9 +126,7 @@ def pad_same(x: torch.Tensor, kernel, stride=1, dilation=1, value: float = 0.0) 
     """TensorFlow's ``"SAME"`` padding: pad ``[N, C, H, W]`` so that a ``kernel``/``stride``
     window gives ``ceil(H / stride)`` outputs, the extra row/column (if any) at the bottom/right.
     TF-ported checkpoints (timm's ``tf_*`` models) need it in front of their strided convs."""
-    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
-    sh, sw = (stride, stride) if isinstance(stride, int) else stride
-    dh, dw = (dilation, dilation) if isinstance(dilation, int) else dilation
+    (kh, kw), (sh, sw), (dh, dw) = pair(kernel), pair(stride), pair(dilation)
     ih, iw = x.shape[-2:]
     ph = max((-(-ih // sh) - 1) * sh + (kh - 1) * dh + 1 - ih, 0)
     pw = max((-(-iw // sw) - 1) * sw + (kw - 1) * dw + 1 - iw, 0)
