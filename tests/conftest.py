@@ -36,6 +36,30 @@ def _giant_of(item):
     return None
 
 
+#: set on an xdist worker whose grouping is lost (see pytest_collection_finish)
+_UNGROUPED: set = set()
+
+
+def pytest_collection_finish(session):
+    """Under ``--dist loadgroup`` an xdist worker marks each grouped test's node id with
+    ``@group``, and the controller schedules by that suffix only. If a pytest / pytest-xdist
+    pairing stops writing it (pytest 9.2 with xdist 3.8), grouping is lost without a word: every
+    model's oracle pair is built on both workers, and giants run side by side. The grouped tests
+    then fail with the reason (an exception here would only crash the worker, its text unseen)."""
+    if session.config.getvalue("loadgroup"):
+        _UNGROUPED.update(
+            item.nodeid for item in session.items
+            if item.get_closest_marker("xdist_group") is not None and "@" not in item.nodeid.rpartition("]")[2])
+
+
+@pytest.fixture(autouse=True)
+def _grouping_holds(request):
+    if request.node.nodeid in _UNGROUPED:
+        pytest.fail("--dist loadgroup is not grouping: this pytest does not carry the @group that "
+                    "pytest-xdist writes into node ids (pytest-dev/pytest-xdist#1386); install the "
+                    "pytest that the test extras allow (pip install -e '.[test]')", pytrace=False)
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("slow") is not None and _giant_of(item) is not None:

@@ -224,7 +224,7 @@ def test_a_second_compiled_model_starts_static():
     minutes of shape algebra): each one's code has a name of its own."""
     from torch._dynamo.pgo import get_code_state
 
-    model = vafunc.get_model("squeezenet1_1", num_classes=3)
+    model = vafunc.get_model("alexnet", num_classes=3)
     params, state = model.init(0)
     with torch.no_grad():
         a = vafunc.compile(model, params, state, freeze=False)
@@ -233,7 +233,7 @@ def test_a_second_compiled_model_starts_static():
         b = vafunc.compile(model, params, state, freeze=False)
         x = torch.randn(2, 3, 64, 64)
         torch.testing.assert_close(b(x), model.apply(params, state, x)[0], rtol=1e-4, atol=1e-5)
-    ours = {cid.name: s for cid, s in get_code_state().items() if cid.name.startswith("_forward_squeezenet1_1_")}
+    ours = {cid.name: s for cid, s in get_code_state().items() if cid.name.startswith("_forward_alexnet_")}
     dynamic = sorted(name for name, s in ours.items() if _pgo_dynamic(s))
     assert len(ours) >= 2 and len(dynamic) >= 1, ours  # a's record (dynamic after two sizes) and b's
     name_b = max(ours, key=lambda n: int(n.rsplit("_", 1)[1]))  # b was built last
