@@ -217,6 +217,7 @@ def _pgo_dynamic(state) -> bool:
     return any(isinstance(e.size, tuple) and auto_dynamic in e.size for e in state.automatic_dynamic.values())
 
 
+@pytest.mark.slow  # a symbolic-size compile: 35 s with inductor's cache cold
 def test_a_second_compiled_model_starts_static():
     """dynamo remembers which input sizes changed (``torch._dynamo.pgo``) per file, line and code
     name. A CompiledModel that has seen two input sizes must not make the next CompiledModel of the
