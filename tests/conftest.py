@@ -21,10 +21,11 @@ def _deterministic():
     yield
 
 
-#: models whose slow batteries (float64 references, gradients, compile) take 10+ GB each: two at
-#: once on two xdist workers can exceed a 24 GB machine, so every test of one of them joins one
-#: xdist group and they run one after another on a single worker
-GIANT_PARAMS = 300_000_000
+#: models whose slow batteries (float64 references, gradients, compile) take 8-16 GB each: two at
+#: once on two xdist workers can exceed a 24 GB machine (a worker at 16 GB was OOM-killed while the
+#: other held 8), so every test of one of them joins one xdist group and they run one after
+#: another on a single worker
+GIANT_PARAMS = 100_000_000
 
 
 def _giant_of(item):
