@@ -47,7 +47,7 @@ def pytest_collection_finish(session):
     pairing stops writing it (pytest 9.2 with xdist 3.8), grouping is lost without a word: every
     model's oracle pair is built on both workers, and giants run side by side. The grouped tests
     then fail with the reason (an exception here would only crash the worker, its text unseen)."""
-    if session.config.getvalue("loadgroup"):
+    if getattr(session.config.option, "loadgroup", False):  # set on xdist workers only
         _UNGROUPED.update(
             item.nodeid for item in session.items
             if item.get_closest_marker("xdist_group") is not None and "@" not in item.nodeid.rpartition("]")[2])

@@ -329,9 +329,10 @@ def main_logits(out):
 
 def fit(model, s: int) -> int:
     """The smallest valid input side of ``model`` that is at least ``s`` (at least the minimum
-    size, rounded up to the size multiple: a patch or window size)."""
+    size, rounded up to the size multiple: a patch or window size), capped at a maximum (CoAtNet)."""
     k = model.size_multiple
-    return -(-max(int(s), model.min_size) // k) * k
+    s = -(-max(int(s), model.min_size) // k) * k
+    return s if model.max_size is None else min(s, model.max_size)
 
 
 def test_sizes(model) -> list[tuple[int, int, int]]:

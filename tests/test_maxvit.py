@@ -286,10 +286,13 @@ def test_coatnet_eval_train_and_gradients_equal_timm_in_float64(name):
 
 def test_coatnet_size_config_and_init():
     model = vafunc.get_model("coatnet_0_224")
-    assert model.min_size == 224 and model.size_multiple == 224
+    assert model.min_size == 224 and model.size_multiple == 224 and model.max_size == 224
+    assert vafunc.get_model("coatnet_0_224", img_size=64).max_size == 64
+    assert vafunc.get_model("maxvit_t").max_size is None  # its window biases do not cover the map
     p, s = model.init(device="meta")
-    with pytest.raises(ValueError, match="224x224"):
-        model.apply(p, s, torch.randn(1, 3, 448, 448, device="meta"))
+    for shape in ((448, 448), (224, 448)):
+        with pytest.raises(ValueError, match="exactly 224x224"):
+            model.apply(p, s, torch.randn(1, 3, *shape, device="meta"))
     with pytest.raises(ValueError, match="variant"):
         vafunc.get_model("coatnet_0_224", variant="coatnet_9")
     with pytest.raises(ValueError, match="img_size"):

@@ -83,6 +83,8 @@ def _cmd_info(args) -> int:
         "parameters": e.params,
         "state_dict_keys": len(shapes),
         "min_input_size": model.min_size,
+        "max_input_size": model.max_size,
+        "size_multiple": model.size_multiple,
         "reference": str(e.reference) if e.reference else None,
         "paper": e.paper,
         "config": {k: v for k, v in vars(model.config).items()},
@@ -97,8 +99,11 @@ def _cmd_info(args) -> int:
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return 0
-    for k in ("name", "family", "parameters", "state_dict_keys", "min_input_size", "reference", "paper"):
+    for k in ("name", "family", "parameters", "state_dict_keys", "min_input_size", "max_input_size",
+              "size_multiple", "reference", "paper"):
         v = info[k]
+        if k == "max_input_size" and v is None or k == "size_multiple" and v == 1:
+            continue
         print(f"{k:>16}: {v:,}" if isinstance(v, int) else f"{k:>16}: {v}")
     for k, v in e.extra:
         print(f"{k:>16}: {v}")

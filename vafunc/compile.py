@@ -39,7 +39,7 @@ from typing import Mapping
 import torch
 
 from . import tree as vtree
-from .registry import ModelDef, check_image
+from .registry import ModelDef
 from .weights import from_state_dict
 
 __all__ = ["compile", "CompiledModel"]
@@ -193,7 +193,7 @@ class CompiledModel:
         return out.to(out_dtype)
 
     def _check(self, x) -> None:
-        check_image(x, name=self.model.name, in_channels=self.model.in_channels, min_size=self.model.min_size)
+        self.model.check_input(x)
         p = next(iter(vtree.flatten(self._params).values()))
         if x.device != p.device:
             raise ValueError(f"{self.model.name} was compiled for {p.device}, got an input on {x.device}")

@@ -444,12 +444,15 @@ def family(
     init_size: int | Callable[[Any], int] = 224,
     defaults: Callable[[Any], dict] | dict | None = None,
     in_channels: Callable[[Any], int] = lambda cfg: getattr(cfg, "in_channels", 3),
+    max_size: Callable[[Any], int | None] | None = None,
 ) -> Family:
     """Declare a family from its one ``forward(m, cfg, x, **kw)``.
 
     ``defaults``: the family's init schemes and BatchNorm settings, ``{"conv": scheme,
     "linear": scheme, "eps": 1e-5, "momentum": 0.1}`` (a dict, or a function of the config).
     ``init_size``: a square input size the network accepts, used to run init on meta tensors.
+    ``max_size(cfg)``: the largest input side, for a network that has one (the minimum and the
+    size multiple are derived; a maximum cannot be probed, so it is declared).
     Extra keywords of ``forward`` (``aux=True``) pass through ``apply``.
     """
 
@@ -496,5 +499,6 @@ def family(
 
     fam = Family(name=name, config=config, init=init, apply=apply, min_size=lambda cfg: min_size(fam, cfg),
                  paper=paper, remap=remap, in_channels=in_channels, probe=run_init,
-                 multiple=lambda cfg: size_multiple(fam, cfg))
+                 multiple=lambda cfg: size_multiple(fam, cfg),
+                 max_size=max_size if max_size is not None else (lambda cfg: None))
     return fam

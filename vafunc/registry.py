@@ -73,6 +73,9 @@ class Family:
     probe: Callable | None = field(default=None, compare=False, repr=False)
     #: ``multiple(cfg) -> int``: what input heights and widths must be multiples of (1: any).
     multiple: Callable[[Any], int] = field(default=lambda cfg: 1, compare=False, repr=False)
+    #: ``max_size(cfg) -> int | None``: the largest input height/width (None: no limit). CoAtNet's
+    #: relative position biases cover its whole map, so it takes ``img_size`` only.
+    max_size: Callable[[Any], int | None] = field(default=lambda cfg: None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -197,7 +200,8 @@ def check_config(cfg, *, positive_ints=("num_classes", "in_channels"), rates=(),
 # --------------------------------------------------------------------------- input checks
 
 
-def check_image(x, *, name: str, in_channels: int, min_size: int, multiple: int = 1) -> None:
+def check_image(x, *, name: str, in_channels: int, min_size: int, multiple: int = 1,
+                max_size: int | None = None) -> None:
     """Raise a clear ``TypeError``/``ValueError`` for inputs the network cannot take."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} expects a torch.Tensor image batch [N, C, H, W], got {type(x).__name__}")
@@ -213,6 +217,9 @@ def check_image(x, *, name: str, in_channels: int, min_size: int, multiple: int 
     h, w = x.shape[-2], x.shape[-1]
     if h < min_size or w < min_size:
         raise ValueError(f"{name} needs images of at least {min_size}x{min_size}, got {h}x{w}")
+    if max_size is not None and (h > max_size or w > max_size):
+        what = f"exactly {max_size}x{max_size}" if max_size == min_size else f"at most {max_size}x{max_size}"
+        raise ValueError(f"{name} takes images of {what}, got {h}x{w}")
     if multiple > 1 and (h % multiple or w % multiple):
         raise ValueError(f"{name} needs heights and widths divisible by {multiple}, got {h}x{w}")
 
@@ -259,6 +266,16 @@ class ModelDef:
         return self.family.multiple(self.config)
 
     @property
+    def max_size(self) -> int | None:
+        """The largest input height and width (None: any size from ``min_size``)."""
+        return self.family.max_size(self.config)
+
+    def check_input(self, x) -> None:
+        """A clear ``TypeError``/``ValueError`` for an input this model cannot take."""
+        check_image(x, name=self.name, in_channels=self.in_channels, min_size=self.min_size,
+                    multiple=self.size_multiple, max_size=self.max_size)
+
+    @property
     def in_channels(self) -> int:
         return self.family.in_channels(self.config)
 
@@ -282,7 +299,7 @@ class ModelDef:
         """
         if not isinstance(train, bool):
             raise TypeError(f"train must be a bool, got {type(train).__name__}")
-        check_image(x, name=self.name, in_channels=self.in_channels, min_size=self.min_size, multiple=self.size_multiple)
+        self.check_input(x)
         return self.family.apply(self.config, params, state, x, train=train, rng=rng, **kw)
 
     __call__ = apply
@@ -320,7 +337,7 @@ class ModelDef:
             close = {n: difflib.get_close_matches(n, sorted(known), n=3) for n in unknown}
             raise ValueError(f"{self.name} has no features {unknown}; close names: {close} (see model.feature_names)")
         taps = Taps(names)
-        check_image(x, name=self.name, in_channels=self.in_channels, min_size=self.min_size, multiple=self.size_multiple)
+        self.check_input(x)
         _, new_state = self.family.apply(self.config, params, state, x, train=train, rng=rng, taps=taps, **kw)
         return {n: taps.got[n] for n in names}, new_state
 

@@ -222,7 +222,7 @@ def forward(m, cfg: CoAtNetConfig, x):
 
 
 FAMILY = family("coatnet", CoAtNetConfig, forward, paper=PAPER, init_size=lambda cfg: cfg.img_size,
-                defaults={"conv": "goog", "linear": "torch_default"})
+                max_size=lambda cfg: cfg.img_size, defaults={"conv": "goog", "linear": "torch_default"})
 
 register("coatnet_0_224", FAMILY, params=25036820, reference=Reference("timm", "coatnet_0_224"),
          notes="Table 3 of the paper (CoAtNet-0), as timm's coatnet_0_224 (untrained there).", variant="coatnet_0")
