@@ -26,15 +26,25 @@ def _deterministic():
 #: other held 8), so every test of one of them joins one xdist group and they run one after
 #: another on a single worker
 GIANT_PARAMS = 100_000_000
+#: models whose slow tests need the machine to themselves (vit_h_14's gradient check peaks at
+#: 19 GB): the other workers wait while one runs (see pytest_runtest_protocol)
+EXCLUSIVE_PARAMS = 300_000_000
 
 
-def _giant_of(item):
+def _model_of(item):
     import vafunc
 
     for value in getattr(getattr(item, "callspec", None), "params", {}).values():
-        if isinstance(value, str) and value in vafunc.list_models() and vafunc.get_entry(value).params > GIANT_PARAMS:
+        if isinstance(value, str) and value in vafunc.list_models():
             return value
     return None
+
+
+def _params_of(item) -> int:
+    import vafunc
+
+    name = _model_of(item)
+    return 0 if name is None else vafunc.get_entry(name).params
 
 
 #: set on an xdist worker whose grouping is lost (see pytest_collection_finish)
@@ -61,10 +71,87 @@ def _grouping_holds(request):
                     "pytest that the test extras allow (pip install -e '.[test]')", pytrace=False)
 
 
+#: node ids of the tests that run alone (filled at collection, on every worker alike)
+_EXCLUSIVE: set = set()
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups into the node ids
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if item.get_closest_marker("slow") is not None and _giant_of(item) is not None:
+        if item.get_closest_marker("slow") is None:
+            continue
+        params = _params_of(item)
+        if params > GIANT_PARAMS:
             # xdist joins every xdist_group name an item carries into one group: drop the
             # item's own (a per-model or per-file group) so all giants share one
             item.own_markers[:] = [m for m in item.own_markers if m.name != "xdist_group"]
             item.add_marker(pytest.mark.xdist_group("giants"))
+        if params > EXCLUSIVE_PARAMS:
+            _EXCLUSIVE.add(item.nodeid.partition("@")[0])
+
+
+class _Gate:
+    """A readers-writer lock between the xdist workers of one run, on two lock files: every test
+    holds ``main`` shared, a test in _EXCLUSIVE holds it exclusively. ``turn`` gives the
+    exclusive side priority: a waiting exclusive test holds it, and it stops new shared entries."""
+
+    def __init__(self, uid: str):
+        import tempfile
+
+        base = os.path.join(tempfile.gettempdir(), f"vafunc-tests-{uid}")
+        self.turn = open(base + ".turn", "a+")
+        self.main = open(base + ".main", "a+")
+        self.held = None
+
+    def enter(self, exclusive: bool) -> None:
+        import fcntl
+
+        want = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+        if self.held == want:
+            return
+        if self.held is not None:
+            fcntl.flock(self.main, fcntl.LOCK_UN)
+        fcntl.flock(self.turn, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        fcntl.flock(self.main, want)
+        if not exclusive:
+            fcntl.flock(self.turn, fcntl.LOCK_UN)
+        self.held = want
+
+    def leave(self) -> None:
+        import fcntl
+
+        fcntl.flock(self.main, fcntl.LOCK_UN)
+        fcntl.flock(self.turn, fcntl.LOCK_UN)
+        self.held = None
+
+
+_GATE: list = []
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """With exclusive tests in the run (``-m slow`` on xdist workers), each test runs under the gate;
+    an exclusive one keeps the machine through the next test if that is exclusive too, and on
+    leaving a run of them the test module's ``release_caches()`` (if it has one) frees what they
+    left cached, before the other workers resume."""
+    uid = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if not _EXCLUSIVE or uid is None:
+        return (yield)
+    if not _GATE:
+        _GATE.append(_Gate(uid))
+    gate = _GATE[0]
+    exclusive = item.nodeid.partition("@")[0] in _EXCLUSIVE
+    gate.enter(exclusive)
+    try:
+        return (yield)
+    finally:
+        if exclusive and (nextitem is None or nextitem.nodeid.partition("@")[0] not in _EXCLUSIVE):
+            release = getattr(item.module, "release_caches", None)
+            if release is not None:
+                release()
+        if exclusive:
+            import gc
+
+            gc.collect()
+        if not exclusive or nextitem is None or nextitem.nodeid.partition("@")[0] not in _EXCLUSIVE:
+            gate.leave()

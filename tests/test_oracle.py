@@ -161,6 +161,13 @@ def _pair(name, own_init=None):
     return _LAST[(name, own)]
 
 
+def release_caches():
+    """Drop the cached pair (tests/conftest.py calls it after a run of tests that need the machine
+    to themselves, so a giant's pair is not held while the other workers resume)."""
+    _LAST.clear()
+    gc.collect()
+
+
 def _build_pair(name, own):
     torch.manual_seed(1234)
     model = vafunc.get_model(name)
