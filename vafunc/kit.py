@@ -23,15 +23,14 @@ The rest follows from the same declaration:
   which :func:`family`'s apply catches, so the head is never computed. This is plain Python
   control flow, so ``torch.compile(fullgraph=True)`` traces it.
 * **parameter count**: from init on the meta device (``ModelDef.num_params``).
-* **valid input sizes**: :func:`min_size` probes the init-mode forward on meta inputs and finds
-  the smallest square size every op accepts. Layers that need divisible sizes (patch
-  embeddings, window partitions) declare it with ``m.require_multiple(k)``; the probe then
-  searches multiples of ``k`` only.
+* **valid input sizes**: :func:`min_size` probes the init-mode forward on meta inputs for the
+  smallest square size every op accepts; layers that need divisible sizes (patch embeddings,
+  window partitions) declare ``m.require_multiple(k)``, and the probe searches multiples of ``k``.
+  A largest size, where there is one, is declared to :func:`family` (``max_size``).
 
-Everything is pure. A scope lives for one call, and apply mutates nothing it was given, so the
-functions vmap, grad and compile like hand-written ones. In apply mode a layer call is a dict
-lookup and the torch op, with no per-call tree copies. Design notes: ``docs/design.md``; a worked
-example: ``docs/adding-a-family.md``.
+Everything is pure: a scope lives for one call and apply mutates nothing it was given, so the
+functions vmap, grad and compile like hand-written ones; an apply-mode layer call is a dict lookup
+and the torch op. Design notes: ``docs/design.md``; a worked example: ``docs/adding-a-family.md``.
 """
 
 from __future__ import annotations
@@ -444,15 +443,14 @@ def family(
     init_size: int | Callable[[Any], int] = 224,
     defaults: Callable[[Any], dict] | dict | None = None,
     in_channels: Callable[[Any], int] = lambda cfg: getattr(cfg, "in_channels", 3),
-    max_size: Callable[[Any], int | None] | None = None,
+    max_size: Callable[[Any], int | None] = lambda cfg: None,
 ) -> Family:
     """Declare a family from its one ``forward(m, cfg, x, **kw)``.
 
     ``defaults``: the family's init schemes and BatchNorm settings, ``{"conv": scheme,
     "linear": scheme, "eps": 1e-5, "momentum": 0.1}`` (a dict, or a function of the config).
     ``init_size``: a square input size the network accepts, used to run init on meta tensors.
-    ``max_size(cfg)``: the largest input side, for a network that has one (the minimum and the
-    size multiple are derived; a maximum cannot be probed, so it is declared).
+    ``max_size(cfg)``: the largest input side, where there is one (it cannot be probed).
     Extra keywords of ``forward`` (``aux=True``) pass through ``apply``.
     """
 
@@ -490,8 +488,7 @@ def family(
         except Done:
             y = None
         if policy is not None:
-            if y is not None:
-                y = y.to(policy.output)
+            y = None if y is None else y.to(policy.output)
             if taps is not None:
                 for k, v in taps.got.items():
                     taps.got[k] = v.to(policy.output) if v.is_floating_point() else v
@@ -499,6 +496,5 @@ def family(
 
     fam = Family(name=name, config=config, init=init, apply=apply, min_size=lambda cfg: min_size(fam, cfg),
                  paper=paper, remap=remap, in_channels=in_channels, probe=run_init,
-                 multiple=lambda cfg: size_multiple(fam, cfg),
-                 max_size=max_size if max_size is not None else (lambda cfg: None))
+                 multiple=lambda cfg: size_multiple(fam, cfg), max_size=max_size)
     return fam
