@@ -44,7 +44,19 @@ def _fmix32(x: torch.Tensor) -> torch.Tensor:
 
 
 def _hash(k: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
-    """32 random bits for each counter value under key ``k`` (``k[..., 0]``, ``k[..., 1]``)."""
+    """32 random bits for each counter value under key ``k`` (``k[..., 0]``, ``k[..., 1]``).
+
+    Under ``torch.compile`` the chain runs as one opaque operator (``vafunc::hash32``, the same
+    eager ops inside): inductor inlines a pointwise node into each of its readers, and every
+    xorshift and limb multiply reads its input twice, so one hash (about 80 ops) was expanded
+    into tens of thousands of generated ops: 13-20 s of compile per call site, minutes for a
+    network with a key per block. The bits are the eager bits either way."""
+    if torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active():
+        return _hash_op(k, counter)
+    return _hash_eager(k, counter)  # eager, and inside torch.func transforms (vmap, grad) under compile
+
+
+def _hash_eager(k: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
     k0 = k[..., 0:1] if k.dim() > 1 else k[0]
     k1 = k[..., 1:2] if k.dim() > 1 else k[1]
     lo = counter & _M32
@@ -53,6 +65,16 @@ def _hash(k: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
     x = _fmix32((x + k1 + _GOLDEN) & _M32)
     x = _fmix32((x ^ (hi + k0 + 2 * _GOLDEN)) & _M32)
     return _fmix32((x + k1) & _M32)
+
+
+@torch.library.custom_op("vafunc::hash32", mutates_args=())
+def _hash_op(k: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
+    return _hash_eager(k, counter)
+
+
+@_hash_op.register_fake
+def _(k, counter):
+    return _hash_eager(k, counter)
 
 
 def is_key(obj) -> bool:
