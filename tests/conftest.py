@@ -71,6 +71,11 @@ def _grouping_holds(request):
                     "pytest that the test extras allow (pip install -e '.[test]')", pytrace=False)
 
 
+def _plain_id(item) -> str | None:
+    """The node id without xdist's ``@group`` suffix (None for no item)."""
+    return None if item is None else item.nodeid.partition("@")[0]
+
+
 #: node ids of the tests that run alone, and of all giants' tests (filled at collection, on every
 #: worker alike)
 _EXCLUSIVE: set = set()
@@ -88,9 +93,9 @@ def pytest_collection_modifyitems(config, items):
             # item's own (a per-model or per-file group) so all giants share one
             item.own_markers[:] = [m for m in item.own_markers if m.name != "xdist_group"]
             item.add_marker(pytest.mark.xdist_group("giants"))
-            _GIANT.add(item.nodeid.partition("@")[0])
+            _GIANT.add(_plain_id(item))
         if params > EXCLUSIVE_PARAMS:
-            _EXCLUSIVE.add(item.nodeid.partition("@")[0])
+            _EXCLUSIVE.add(_plain_id(item))
 
 
 class _Gate:
@@ -110,11 +115,9 @@ class _Gate:
         import fcntl
 
         want = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
-        if self.held == want:
+        if self.held == want:  # an exclusive test right after another keeps the machine
             return
-        if self.held is not None:
-            fcntl.flock(self.main, fcntl.LOCK_UN)
-        fcntl.flock(self.turn, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        fcntl.flock(self.turn, want)
         fcntl.flock(self.main, want)
         if not exclusive:
             fcntl.flock(self.turn, fcntl.LOCK_UN)
@@ -156,21 +159,22 @@ def pytest_runtest_protocol(item, nextitem):
         try:
             return (yield)
         finally:
-            if item.nodeid.partition("@")[0] in _GIANT:
+            if _plain_id(item) in _GIANT:
                 _return_freed_memory()
     if not _GATE:
         _GATE.append(_Gate(uid))
     gate = _GATE[0]
-    exclusive = item.nodeid.partition("@")[0] in _EXCLUSIVE
+    exclusive = _plain_id(item) in _EXCLUSIVE
+    next_exclusive = _plain_id(nextitem) in _EXCLUSIVE
     gate.enter(exclusive)
     try:
         return (yield)
     finally:
-        if exclusive and (nextitem is None or nextitem.nodeid.partition("@")[0] not in _EXCLUSIVE):
+        if exclusive and not next_exclusive:
             release = getattr(item.module, "release_caches", None)
             if release is not None:
                 release()
-        if item.nodeid.partition("@")[0] in _GIANT:
+        if _plain_id(item) in _GIANT:
             _return_freed_memory()
-        if not exclusive or nextitem is None or nextitem.nodeid.partition("@")[0] not in _EXCLUSIVE:
+        if not (exclusive and next_exclusive):
             gate.leave()
