@@ -171,6 +171,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-dp", action="store_true", help="psg: skip the DP-SGD step rows")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--malloc", choices=["default", "reuse"], default="default",
+                   help="'reuse': vafunc.memory.set_malloc_thresholds() first, for both sides (glibc)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = p.parse_args(argv)
     psg = args.bench == "psg"
@@ -180,8 +182,10 @@ def main(argv=None) -> int:
     args.reps = args.reps or (5 if psg else 15)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.malloc == "reuse" and not vafunc.memory.set_malloc_thresholds():
+        p.error("--malloc reuse needs glibc")
     info = machine_info()
-    print(f"machine: {info['cpu']}, {info['threads']} threads, torch {info['torch']}")
+    print(f"machine: {info['cpu']}, {info['threads']} threads, torch {info['torch']}, malloc {args.malloc}")
     print("| case | batch x size | vafunc ms (median) | torchvision ms (median) | ratio tv/vafunc (IQR) |")
     print("|---|---|---:|---:|---:|")
     if args.bench == "eager":
@@ -192,6 +196,8 @@ def main(argv=None) -> int:
         rows = bench_psg(args)
     else:
         rows = bench_research(args)
+    if args.malloc != "default":  # the CSV's columns stay as they are: the label says it
+        rows = [{**r, "label": f"{r['label']} (malloc {args.malloc})"} for r in rows]
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"{args.bench}.csv")
     new = not os.path.exists(path)

@@ -15,6 +15,8 @@ from typing import Callable
 
 import torch
 
+from vafunc.memory import set_malloc_thresholds
+
 
 @dataclass
 class Pair:
@@ -170,14 +172,7 @@ def fix_malloc_thresholds() -> None:
     """Make glibc return large blocks to the OS at once (fixed mmap threshold), so that resident
     memory follows what the program holds and peak measurements do not depend on which function
     ran first. No effect where glibc is absent."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: fixed, which also turns off its adaptation
-        libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
+    set_malloc_thresholds(128 * 1024, 128 * 1024)
 
 
 def peak_memory_mb(fn: Callable[[], object], device: str = "cpu") -> float:

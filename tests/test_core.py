@@ -228,3 +228,49 @@ def test_compat_loads_torchvision_strict_and_matches_in_train_mode():
 def test_bad_config_values_name_the_field(name, kw, exc, msg):
     with pytest.raises(exc, match=msg):
         vafunc.get_model(name, **kw)
+
+
+# ------------------------------------------------------------------ host memory
+
+_REUSE_PROBE = """
+import resource, torch, vafunc
+print(vafunc.memory.set_malloc_thresholds() if {apply} else 'default')
+faults = []
+for _ in range(6):
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.empty(16, 512, 512, 3, 3).fill_(1.0)     # 151 MB, allocated and freed
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+print(faults[0], min(faults[1:]))
+"""
+
+
+@pytest.mark.skipif(not vafunc.memory._LIBC, reason="glibc only (mallopt)")
+def test_set_malloc_thresholds_reuses_large_buffers():
+    """With the thresholds set, a large buffer freed and allocated again is served from pages that
+    are already resident: the repeats fault in a small share of what the first allocation did
+    (glibc's defaults map and fault it in afresh every time)."""
+    import subprocess
+    import sys
+
+    out = {}
+    for apply in (False, True):
+        r = subprocess.run([sys.executable, "-c", _REUSE_PROBE.format(apply=apply)], capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0, r.stderr
+        head, counts = r.stdout.split("\n")[:2]
+        out[apply] = (head, *map(int, counts.split()))
+    pages = 16 * 512 * 512 * 9 * 4 // 4096
+    assert out[True][0] == "True"
+    assert out[False][2] > pages // 2            # the default: every allocation faults afresh
+    assert out[True][2] < pages // 10            # reused: resident pages
+
+
+def test_set_malloc_thresholds_rejects_bad_values():
+    with pytest.raises(TypeError, match="mmap_threshold must be an int"):
+        vafunc.memory.set_malloc_thresholds(1.5)
+    with pytest.raises(TypeError, match="trim_threshold must be an int"):
+        vafunc.memory.set_malloc_thresholds(1 << 20, True)
+    with pytest.raises(ValueError, match=r"mmap_threshold must be in 1\.\.2147483647 bytes .* got 4294967296"):
+        vafunc.memory.set_malloc_thresholds(1 << 32)
+    with pytest.raises(ValueError, match="trim_threshold must be in"):
+        vafunc.memory.set_malloc_thresholds(1 << 20, 0)

@@ -19,13 +19,20 @@ def test_digits_split_is_real_data():
 
 @pytest.mark.parametrize("method", ["auto"] + [pytest.param(m, marks=pytest.mark.slow) for m in ("loop", "vmap")])
 def test_demo_short_run_writes_loadable_checkpoints(tmp_path, method):
+    """The command line, in its own process (the demo sets the process's allocator thresholds)."""
+    import subprocess
+    import sys
+
     out = tmp_path / "demo"
-    result = run(DemoConfig(model="resnet18", members=2, epochs=2, batch_size=64, size=16, out=str(out),
-                            ensemble_method=method))
+    r = subprocess.run([sys.executable, "-m", "vafunc.cli", "demo", "--members", "2", "--epochs", "2",
+                        "--batch-size", "64", "--size", "16", "--out", str(out), "--ensemble-method", method],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert ("host memory: large freed blocks are kept for reuse" in r.stdout) == bool(vafunc.memory._LIBC)
+    result = json.loads((out / "metrics.json").read_text())
     assert len(result["test_member_accuracy"]) == 2
     assert result["test_ensemble_accuracy"] > 0.3  # two short epochs already learn (chance: 0.1)
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["test_ensemble_accuracy"] == result["test_ensemble_accuracy"]
+    assert f"{100 * result['test_ensemble_accuracy']:.2f}%" in r.stdout
     assert (out / "training.png").stat().st_size > 10_000
     # a member's checkpoint is a torchvision state_dict: strict load, same predictions
     model = vafunc.get_model("resnet18", num_classes=10)

@@ -6,7 +6,7 @@
 >>> logits, state = model.apply(params, state, x)          # doctest: +SKIP
 """
 
-from . import distributed, ensemble, init, layers, optim, persample, random, train, tree
+from . import distributed, ensemble, init, layers, memory, optim, persample, random, train, tree
 from .ensemble import ensemble_apply, ensemble_init
 from .persample import per_sample_grad_norms, per_sample_grads
 from .registry import Entry, Family, ModelDef, Reference, get_entry, get_model, list_models, register
@@ -53,4 +53,5 @@ __all__ = [
     "layers",
     "init",
     "tree",
+    "memory",
 ]

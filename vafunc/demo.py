@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from . import random as vrandom
 from . import tree as vtree
 from .ensemble import ensemble_apply, ensemble_init
+from .memory import set_malloc_thresholds
 from .optim import adamw, sgd, warmup_cosine_schedule
 from .registry import get_model
 from .train import make_train_step
@@ -271,6 +272,16 @@ def add_parser(sub) -> None:
                    help="bf16: the precision policy float32 params / bfloat16 compute / float32 logits")
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default=d.optimizer)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.set_defaults(fn=lambda a: 0 if run(DemoConfig(a.model, a.members, a.epochs, a.batch_size, a.size, a.lr,
-                                                     a.weight_decay, a.seed, a.out, a.ensemble_method,
-                                                     parse_config(a.config), a.precision, a.optimizer)) else 1)
+    p.add_argument("--malloc", choices=["reuse", "default"], default="reuse",
+                   help="reuse (default): glibc keeps large freed blocks for the next step "
+                        "(vafunc.memory.set_malloc_thresholds; this process only)")
+    p.set_defaults(fn=_main)
+
+
+def _main(a) -> int:
+    if a.malloc == "reuse" and set_malloc_thresholds():
+        print("host memory: large freed blocks are kept for reuse (vafunc.memory.set_malloc_thresholds; "
+              "--malloc default turns it off)", flush=True)
+    cfg = DemoConfig(a.model, a.members, a.epochs, a.batch_size, a.size, a.lr, a.weight_decay, a.seed, a.out,
+                     a.ensemble_method, parse_config(a.config), a.precision, a.optimizer)
+    return 0 if run(cfg) else 1

@@ -108,8 +108,9 @@ def conv(x, w, b, stride, padding, dilation, groups, n: int, shared: bool = Fals
         if h == wd == 1 and ho == wo == 1 and padding[0] >= k[0] // 2 and padding[1] >= k[1] // 2 and k[0] % 2 and k[1] % 2 \
                 and padding[0] - (k[0] // 2) * dilation[0] <= 0:
             # a 1x1 map: only the centre tap meets data, the rest meets zero padding
-            # [N, Cout, Cin], gathered once (bmm would copy a strided operand member by member)
-            wc = w[:, :, :, k[0] // 2, k[1] // 2].contiguous()
+            # [N, Cout, Cin], gathered once (bmm would copy a strided operand member by member); one
+            # index into the flattened taps, so the backward zero-fills one gradient, not two
+            wc = w.flatten(3)[:, :, :, (k[0] // 2) * k[1] + k[1] // 2].contiguous()
             y = torch.bmm(x.view(n, bsz, cin), wc.transpose(1, 2))
             if b is not None:
                 y = y + b[:, None]

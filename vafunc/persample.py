@@ -33,9 +33,6 @@ which is exact for every model but slower (see the README for which families tak
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import sys
 from typing import Callable
 
 import torch
@@ -43,6 +40,7 @@ import torch.nn.functional as F
 
 from . import tree as vtree
 from ._pairs import pair
+from .memory import advise_huge
 
 __all__ = ["Tape", "per_sample_grads", "per_sample_grad_norms", "tape_covers", "empty_like_batched"]
 
@@ -171,30 +169,6 @@ class _Expand(torch.autograd.Function):
 # --------------------------------------------------------------------------- the tape
 
 
-def _advise_huge(t: torch.Tensor) -> None:
-    """Ask Linux for transparent huge pages on a large fresh buffer before it is first written:
-    first-touch page faults otherwise cost as much as computing per-sample gradients."""
-    if t.device.type != "cpu" or t.numel() * t.element_size() < 1 << 24 or not _LIBC:
-        return
-    ptr, n = t.data_ptr(), t.numel() * t.element_size()
-    start = -(-ptr // (1 << 21)) << 21
-    length = (ptr + n - start) >> 21 << 21
-    if length > 0:
-        _LIBC[0].madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), 14)  # MADV_HUGEPAGE
-
-
-def _load_libc():
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        return [libc]
-    except (OSError, AttributeError):
-        return []
-
-
-_LIBC = _load_libc() if sys.platform.startswith("linux") else []
-
-
 def empty_like_batched(params, batch: int) -> dict:
     """A params-shaped tree of ``[batch, *shape]`` leaves, views of one flat buffer per dtype and
     device (one allocation, huge pages where Linux grants them): where per-sample gradients go."""
@@ -205,7 +179,7 @@ def empty_like_batched(params, batch: int) -> dict:
     views = {}
     for (dtype, device), ts in groups.items():
         buf = torch.empty(batch * sum(t.numel() for t in ts), dtype=dtype, device=device)
-        _advise_huge(buf)
+        advise_huge(buf)
         off = 0
         for t in ts:
             n = batch * t.numel()
