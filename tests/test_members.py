@@ -155,3 +155,27 @@ def test_a_users_vmap_takes_the_member_conv_operator():
     y = torch.tensor([0, 1, 2])
     g = torch.vmap(torch.func.grad(lambda p, s: F.cross_entropy(model.apply(p, s, x)[0], y)))
     assert "vafunc::member_conv2d" not in _ops(lambda: g(params, state))
+
+
+def test_centre_tap_gradient_in_every_mode():
+    """The centre-tap gather of a 1x1 map (``members._Tap``): its one-pass backward, forward-mode
+    derivative and generated vmap rule equal those of plain indexing (float64)."""
+    from vafunc.members import _Tap
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(3, 4, 5, 3, 3, dtype=torch.float64, generator=g)
+    t = torch.randn(3, 4, 5, dtype=torch.float64, generator=g)
+    plain = lambda w: (w[:, :, :, 1, 1] * t).sum()  # noqa: E731
+    ours = lambda w: (_Tap.apply(w, 4) * t).sum()  # noqa: E731
+    assert torch.autograd.gradcheck(lambda w: _Tap.apply(w, 4), (w.clone().requires_grad_(),))
+    want = torch.func.grad(plain)(w)
+    got = torch.func.grad(ours)(w)
+    assert got.is_contiguous() and torch.equal(got, want)
+    v = torch.randn_like(w)
+    assert torch.equal(torch.func.jvp(ours, (w,), (v,))[1], torch.func.jvp(plain, (w,), (v,))[1])
+    ws = torch.stack([w, 2 * w])
+    assert torch.equal(torch.vmap(torch.func.grad(ours))(ws), torch.vmap(torch.func.grad(plain))(ws))
+    # a transposed incoming gradient (what bmm's backward hands over) still gives a contiguous one
+    w2 = w.clone().requires_grad_()
+    (_Tap.apply(w2, 4).transpose(1, 2).contiguous() * t.transpose(1, 2)).sum().backward()
+    assert w2.grad.is_contiguous() and torch.equal(w2.grad, want)

@@ -52,6 +52,25 @@ def test_sgd_matches_torch(kw, donate):
         assert torch.equal(vafunc.flatten(params)[k], v), "update mutated the caller's params"
 
 
+@pytest.mark.parametrize("kw", [dict(momentum=0.9), dict(momentum=0.9, nesterov=True, weight_decay=5e-4), dict()])
+def test_sgd_donated_fused_pass_equals_the_pure_update(kw, monkeypatch):
+    """A donated update hands contiguous CPU tensors to torch's fused kernel and the rest (here a
+    transposed gradient, which that kernel would read in the wrong order) to the _foreach path;
+    with a schedule and 20 steps the parameters and buffers equal the pure update's."""
+    calls = []
+    fused = torch._fused_sgd_
+    monkeypatch.setattr(torch, "_fused_sgd_", lambda p, *a, **k: (calls.append(len(p)), fused(p, *a, **k))[1])
+    params, grads = _problem(2)
+    grads = [{**g, "b": g["b"], "a": {**g["a"], "weight": g["a"]["weight"].t().contiguous().t()}} for g in grads]
+    assert not grads[0]["a"]["weight"].is_contiguous()
+    opt = optim.sgd(optim.cosine_schedule(0.1, 20), **kw)
+    pure = _run_vafunc(params, grads, opt)
+    donated = _run_vafunc(params, grads, opt, donate=True)
+    assert calls == [2] * 20  # bias and b fused, the transposed weight not
+    for k in pure:
+        torch.testing.assert_close(donated[k], pure[k], rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("kw", [dict(), dict(lr=3e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1)])
 @pytest.mark.parametrize("donate", [False, True], ids=["pure", "donate"])
 def test_adamw_matches_torch(kw, donate):

