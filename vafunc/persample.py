@@ -68,8 +68,12 @@ def _weight_grad(a, g, out=None):
     (one batched matrix product over samples and groups; written into ``out`` if given)."""
     b, groups, d, t = a.shape
     o = g.shape[2]
-    res = torch.bmm(g.reshape(b * groups, o, t), a.reshape(b * groups, d, t).transpose(1, 2),
-                    out=None if out is None else out.view(b * groups, o, d))
+    dest = None if out is None else out.view(b * groups, o, d)
+    if t == 1:  # one position (a linear, a conv on a 1x1 output): an outer product, written in one pass
+        # (bmm with an inner dimension of 1 took 41 ms for resnet18's layer4 at batch 32, this 12)
+        res = torch.mul(g.reshape(b * groups, o, 1), a.reshape(b * groups, 1, d), out=dest)
+    else:
+        res = torch.bmm(g.reshape(b * groups, o, t), a.reshape(b * groups, d, t).transpose(1, 2), out=dest)
     return res.view(b, groups, o, d)
 
 
