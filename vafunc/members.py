@@ -17,8 +17,8 @@ resnet18 16 x 8 @ 32; ``benchmarks`` has the figures):
 * the first conv of the network when every member sees the same input: one convolution with the
   members' ``N * Cout`` filters stacked (torch's own conv, the input read once);
 * linear: batched matrix product; BatchNorm: per-member statistics over each member's rows (eval:
-  one fused scale-and-shift; train: each member's batch statistics and running-statistic update,
-  as torch's kernel computes them); LayerNorm / GroupNorm: torch's kernel without affine, then
+  one fused scale-and-shift; train: torch's own kernel with the members as ``N * C`` channels, so
+  each member's batch statistics and running-statistic update are the kernel's); LayerNorm / GroupNorm: torch's kernel without affine, then
   the members' affine parameters;
 * dropout and stochastic depth: each member's mask drawn from its own key with the member's own
   batch shape, so the masks are the loop's.
