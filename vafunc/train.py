@@ -59,6 +59,10 @@ def make_train_step(model, optimizer, loss_fn: Callable = cross_entropy, *, ense
     ``policy``: a :class:`vafunc.precision.Policy` for the forward (e.g. ``Policy.bf16()``: float32
     parameters and optimizer state, bfloat16 compute, float32 logits and loss); gradients arrive
     in the parameters' dtype.
+
+    On Linux, an ensemble's stacked gradients are large blocks that glibc maps and faults in afresh
+    every step; :func:`vafunc.memory.set_malloc_thresholds` (an explicit, process-wide opt-in)
+    lets them be reused: resnet18 16 x 8 @32, 0.6-0.8x -> 1.6x a loop of torchvision steps.
     """
     from .precision import check_policy
 
