@@ -44,7 +44,7 @@ def photo_crops(size: int = 224, *, flips: bool = True, names=PHOTOS, resize: in
 @torch.no_grad()
 def realistic_random(model: torch.nn.Module, x: torch.Tensor, seed: int = 0) -> torch.nn.Module:
     """Perturb a randomly initialised reference module in place, set its BatchNorm statistics
-    from ``x`` (a cumulative average over the batch) and scale its last linear layer so the logits
+    from ``x`` (a cumulative average over the batch) and scale its classifier layer so the logits
     have a standard deviation of about 3 on ``x``. Returns the module in eval mode."""
     g = torch.Generator().manual_seed(seed)
     for p in model.parameters():
@@ -59,6 +59,11 @@ def realistic_random(model: torch.nn.Module, x: torch.Tensor, seed: int = 0) -> 
     for b in bns:
         b.momentum = 0.1
     model.eval()
-    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
-    last.weight.mul_(3.0 / model(x).std())
+    # the classifier: the last linear layer, or the last convolution where the head is one
+    # (SqueezeNet's 1x1 conv); weight and bias scaled together, so the logits scale exactly
+    last = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))][-1]
+    s = 3.0 / model(x).std()
+    last.weight.mul_(s)
+    if last.bias is not None:
+        last.bias.mul_(s)
     return model

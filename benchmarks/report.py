@@ -63,6 +63,8 @@ def flops_per_image(model, params, state, size: int) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     x = torch.zeros(1, model.in_channels, size, size)
+    with torch.no_grad():
+        model.apply(params, state, x)  # a model's first call probes its shapes once: not counted
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
         model.apply(params, state, x)
     return float(fc.get_total_flops())
