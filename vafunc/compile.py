@@ -167,6 +167,9 @@ class CompiledModel:
         self._apply_kw = dict(apply_kw)
         self._params = vtree.tree_map(lambda t: _private_copy(t, channels_last), params)
         self._state = vtree.tree_map(lambda t: _private_copy(t, channels_last), state)
+        # where the weights live, found once: flattening the tree on every call cost ~1 ms, 10% of
+        # a compiled shufflenet_v2_x0_5 at batch 8
+        self._device = next(iter(vtree.flatten(self._params).values())).device
         self.policy = None
         if dtype is not None:
             from .precision import Policy
@@ -194,9 +197,8 @@ class CompiledModel:
 
     def _check(self, x) -> None:
         self.model.check_input(x)
-        p = next(iter(vtree.flatten(self._params).values()))
-        if x.device != p.device:
-            raise ValueError(f"{self.model.name} was compiled for {p.device}, got an input on {x.device}")
+        if x.device != self._device:
+            raise ValueError(f"{self.model.name} was compiled for {self._device}, got an input on {x.device}")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x)
