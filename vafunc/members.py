@@ -17,9 +17,9 @@ resnet18 16 x 8 @ 32; ``benchmarks`` has the figures):
 * the first conv of the network when every member sees the same input: one convolution with the
   members' ``N * Cout`` filters stacked (torch's own conv, the input read once);
 * linear: batched matrix product; BatchNorm: per-member statistics over each member's rows (eval:
-  one fused scale-and-shift; train: torch's own kernel with the members as ``N * C`` channels, so
-  each member's batch statistics and running-statistic update are the kernel's); LayerNorm / GroupNorm: torch's kernel without affine, then
-  the members' affine parameters;
+  one fused scale-and-shift; train: the single-model BatchNorm with the members as ``N * C``
+  channels, so each member's statistics and running-statistic update are torch's kernel's);
+  LayerNorm / GroupNorm: torch's kernel without affine, then the members' affine parameters;
 * dropout and stochastic depth: each member's mask drawn from its own key with the member's own
   batch shape, so the masks are the loop's.
 
@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from . import random as vrandom
+from . import layers as L
 from ._pairs import pair
 
 __all__ = ["NotCovered", "conv", "linear", "batch_norm", "affine", "dropout", "drop_path", "covers", "prefer"]
@@ -141,7 +142,7 @@ def conv(x, w, b, stride, padding, dilation, groups, n: int, shared: bool = Fals
             # a 1x1 map: only the centre tap meets data, the rest meets zero padding
             # [N, Cout, Cin], gathered once (bmm would copy a strided operand member by member)
             centre = (k[0] // 2) * k[1] + k[1] // 2
-            wc = _Tap.apply(w, centre) if w.requires_grad else w.flatten(3)[..., centre].contiguous()
+            wc = _Tap.apply(w, centre) if w.requires_grad else _Tap.forward(w, centre)
             y = torch.bmm(x.view(n, bsz, cin), wc.transpose(1, 2))
             if b is not None:
                 y = y + b[:, None]
@@ -193,20 +194,18 @@ def batch_norm(x, p, s, *, train: bool, momentum: float, eps: float, n: int):
         if b is not None:
             shift = shift + b
         return torch.addcmul(_bcast(shift, n, x), xs, _bcast(scale, n, x)).view(x.shape), s
-    # the members as N*C channels of one [B, N*C, ...] batch: torch's fused kernel then computes each
-    # member's statistics over its own rows and updates fresh copies of the running statistics (as
-    # layers.batch_norm does), forward and backward in one pass each, where the decomposed formula
-    # took a strided var_mean and a dozen elementwise kernels
+    # the members as N*C channels of one [B, N*C, ...] batch: the single-model BatchNorm (torch's
+    # fused kernel on fresh copies of the statistics) then computes each member's statistics over
+    # its own rows, forward and backward in one pass each (a strided var_mean and a decomposed
+    # formula took a dozen kernels)
     c, bsz = x.shape[1], x.shape[0] // n
     xt = xs.transpose(0, 1).reshape(bsz, n * c, *x.shape[2:])
-    new_rm, new_rv = rm.reshape(-1).clone(), rv.reshape(-1).clone()
-    y = F.batch_norm(xt, new_rm, new_rv, None if w is None else w.reshape(-1), None if b is None else b.reshape(-1),
-                     True, momentum, eps)
+    stats = ("running_mean", "running_var")  # [N, C] <-> [N*C]; num_batches_tracked [N] as it is
+    y, new = L.batch_norm({k: v.reshape(-1) for k, v in p.items()},
+                          {k: v.reshape(-1) if k in stats else v for k, v in s.items()}, xt, train=True,
+                          momentum=momentum, eps=eps)
     y = y.view(bsz, n, c, *x.shape[2:]).transpose(0, 1).reshape(x.shape)
-    new = {"running_mean": new_rm.view(n, c), "running_var": new_rv.view(n, c)}
-    if "num_batches_tracked" in s:
-        new["num_batches_tracked"] = s["num_batches_tracked"] + 1
-    return y, new
+    return y, {k: v.view(n, c) if k in stats else v for k, v in new.items()}
 
 
 def affine(xhat, w, b, n: int, axis: int):

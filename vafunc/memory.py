@@ -5,8 +5,8 @@ stacked weight gradient of resnet18's layer4 for 16 members is 151 MB; its per-s
 batch 32 are 1.5 GB). glibc maps every block above its mmap threshold (at most 32 MB when left to
 adapt) freshly from the kernel and unmaps it on free, so each call faults those pages in again,
 one 4 KiB page at a time: on the 2-core machines measured here that costs more than the arithmetic
-(a 151 MB buffer: 40 ms to fill fresh, 10 ms resident; the resnet18 16-member train step 906 ms
-against 501 ms). Two remedies, both explicit:
+(a 151 MB buffer: 40 ms to fill fresh, 5-10 ms resident; the resnet18 16-member train step 906 ms
+against 455 ms). Two remedies, both explicit:
 
 * :func:`set_malloc_thresholds` (opt-in, process-wide): serve blocks up to ``mmap_threshold``
   from the heap and keep up to ``trim_threshold`` of freed memory there, so the next step reuses

@@ -165,7 +165,8 @@ def sgd(lr: LR, momentum: float = 0.0, *, dampening: float = 0.0, nesterov: bool
                               momentum=momentum, lr=lr_t, dampening=0.0, nesterov=nesterov, maximize=False,
                               is_first_step=False)
         new_p, new_buf = list(p), list(buf) if momentum else None
-        rest = [i for i in range(len(p)) if i not in set(fused)]
+        taken = set(fused)
+        rest = [i for i in range(len(p)) if i not in taken]
         if rest:
             pick = lambda ts: [ts[i] for i in rest]  # noqa: E731
             rp, rb = foreach_update(pick(p), pick(d), pick(buf) if momentum else None, step, lr_t, donate)
