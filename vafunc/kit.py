@@ -108,6 +108,7 @@ class Ctx(NamedTuple):
     tape: Any = None  # a vafunc.persample.Tape: per-sample gradients / norms in one backward
     members: int | None = None  # members mode (vafunc.members): N stacked members in the batch axis
     shared: Any = None  # members mode: (the [N*B] input, the [B] batch every member shares)
+    fold: bool = False  # Policy.fold_norm: eval BatchNorm folded into the conv before the cast
 
 
 _CTX = Ctx()
@@ -189,18 +190,42 @@ class Scope:
     def _init(self, kind: str, init):
         return self.defaults.get(kind) if init is None else init
 
-    def _weights(self, name: str, x):
+    def _weights(self, name: str, x, fold=None):
         """``(weight, bias, x)`` of a conv or linear layer, cast to the compute dtype of the
         precision policy (gradients flow back to the stored tensors); without a policy, a float
-        input of another dtype than the weights gets a clear TypeError."""
+        input of another dtype than the weights gets a clear TypeError. ``fold``: the
+        ``(name, eps)`` of an eval-mode BatchNorm that follows, folded in first (:meth:`_fold_bn`)."""
         p = self.p[name]
         w, b = p["weight"], p.get("bias")
         c = self.ctx.compute
         if c is not None:
+            if fold is not None:
+                w, b = self._fold_bn(w, b, *fold)
             return w.to(c), (None if b is None else b.to(c)), x.to(c)
         if x.dtype != w.dtype:
             raise dtype_mismatch(f"layer {self.path}{name}", x.dtype, w.dtype)
         return w, b, x
+
+    def _fold_bn(self, w, b, name: str, eps: float):
+        """The conv ``(w, b)`` with the eval-mode BatchNorm at ``name`` folded in, computed in the
+        stored dtype: ``w * g / sqrt(var + eps)`` and ``beta + (b - mean) * g / sqrt(var + eps)``,
+        rounded to the compute dtype once (inductor's binary folding multiplies after the cast
+        and rounds twice)."""
+        g, s = self.p.get(name, _EMPTY), self.s[name]
+        scale = torch.rsqrt(s["running_var"] + eps)
+        if "weight" in g:
+            scale = scale * g["weight"]
+        shift = (-s["running_mean"] if b is None else b - s["running_mean"]) * scale
+        if "bias" in g:
+            shift = shift + g["bias"]
+        return w * scale.reshape(-1, *(1,) * (w.dim() - 1)), shift
+
+    def _folds_bn(self) -> bool:
+        """Whether :meth:`conv_norm_act` folds its BatchNorm into the conv: eval mode under a
+        mixed precision policy that asks for it (``Policy.fold_norm``), outside per-sample
+        gradients and members mode."""
+        return (self.ctx.fold and self.ini is None and not self.train and self.ctx.tape is None
+                and not self.ctx.members and self.defaults.get("norm", "batch") == "batch")
 
     def cast(self, t):
         """A parameter used directly by the family (a class token, a position embedding, a
@@ -209,13 +234,14 @@ class Scope:
         return t if c is None or not t.is_floating_point() else t.to(c)
 
     # ------------------------------------------------------------------ layers
-    def conv(self, name, x, cout, kernel, *, stride=1, padding=None, dilation=1, groups=1, bias=False, init=None):
+    def conv(self, name, x, cout, kernel, *, stride=1, padding=None, dilation=1, groups=1, bias=False, init=None,
+             _fold=None):
         """Conv2d ``[N, Cin, H, W] -> [N, cout, H', W']`` with tensors at ``name``; padding
         defaults to "same" (:func:`same_padding`); ``padding="tf_same"``: TensorFlow's "SAME"
         (:func:`vafunc.layers.pad_same`, for TF-ported checkpoints: asymmetric at stride 2);
         ``init``: an init scheme (``vafunc.init``)."""
         if self.ini is None:
-            w, b, x = self._weights(name, x)
+            w, b, x = self._weights(name, x, _fold)
         else:
             scheme = self._init("conv", init)
             p = self._create(name, lambda ini: ini.conv_scheme(scheme, x.shape[1], cout, kernel, groups=groups, bias=bias))
@@ -379,10 +405,17 @@ class Scope:
                       dilation=1, groups=1, bias=False, eps=None, momentum=None, init=None, zero_init=False):
         """Convolution -> BatchNorm -> activation (torchvision's ``Conv2dNormActivation``, timm's
         ``ConvNormAct``, Inception's ``BasicConv2d``): the conv's tensors at ``conv``, the
-        norm's at ``norm``. The activation runs in place on the fresh BatchNorm output."""
-        y = self.conv(conv, x, cout, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups,
-                      bias=bias, init=init)
-        y = self.norm(norm, y, eps=eps, momentum=momentum, zero_init=zero_init)
+        norm's at ``norm``. The activation runs in place on the fresh BatchNorm output. Under a
+        precision policy with ``fold_norm`` the eval-mode BatchNorm is folded into the conv in the
+        stored dtype before the cast (:meth:`_fold_bn`)."""
+        if self._folds_bn():  # Policy(fold_norm=True), eval: BatchNorm folded into the conv
+            eps = self.defaults.get("eps", 1e-5) if eps is None else eps
+            y = self.conv(conv, x, cout, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                          bias=bias, _fold=(norm, eps))
+        else:
+            y = self.conv(conv, x, cout, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                          bias=bias, init=init)
+            y = self.norm(norm, y, eps=eps, momentum=momentum, zero_init=zero_init)
         act = activation(act)
         return y if act is None else L.INPLACE.get(act, act)(y)
 
@@ -477,7 +510,8 @@ def family(
             x = x.to(policy.compute)
             if shared is not None:
                 shared = (x, shared[1].to(policy.compute))
-            ctx = Ctx(policy.compute if policy.mixed else None, attention, tape, members, shared)
+            ctx = Ctx(policy.compute if policy.mixed else None, attention, tape, members, shared,
+                      policy.mixed and policy.fold_norm)
         elif attention != "auto" or tape is not None or members is not None:
             ctx = Ctx(None, attention, tape, members, shared)
         if attention not in L.ATTENTION_IMPLS:
