@@ -18,14 +18,13 @@ the fold does to the top-1 agreement on the trained EfficientNet-Lite0.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import time
 
 import torch
 
 import vafunc
-from benchmarks.harness import compare_many, fix_malloc_thresholds, machine_info, paired_ratio
+from benchmarks.harness import append_rows, compare_many, fix_malloc_thresholds, machine_info, paired_ratio
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "fold_norm.csv")
 DEFAULT_MODELS = ("shufflenet_v2_x0_5", "regnet_x_400mf", "efficientnet_lite0")
@@ -80,13 +79,7 @@ def main(argv=None) -> int:
         rows.append({"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": info["cpu"], "threads": args.threads,
                      "torch": torch.__version__, **r})
     if not args.no_write and rows:
-        new = not os.path.exists(RESULTS)
-        with open(RESULTS, "a", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            if new:
-                w.writeheader()
-            w.writerows(rows)
-        print(f"appended {len(rows)} rows to {RESULTS}")
+        append_rows(RESULTS, rows)
     return 0
 
 

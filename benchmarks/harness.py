@@ -168,6 +168,23 @@ def _proc_status_kb(field: str) -> int | None:
     return None
 
 
+def append_rows(path: str, rows: list[dict]) -> None:
+    """Append ``rows`` to the CSV at ``path`` (its header written first if the file is new) and
+    say so."""
+    import csv
+    import os
+
+    if not rows:
+        return
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+    print(f"appended {len(rows)} rows to {path}")
+
+
 def fix_malloc_thresholds() -> None:
     """Make glibc return large blocks to the OS at once (fixed mmap threshold), so that resident
     memory follows what the program holds and peak measurements do not depend on which function

@@ -18,13 +18,13 @@ the float32 top-1 (the float32 result is the same for both implementations).
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import time
 
 import torch
 
 import vafunc
+from benchmarks.harness import append_rows
 from benchmarks.photos import PHOTOS, photo_crops
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "lite_bf16.csv")
@@ -111,13 +111,7 @@ def main(argv=None) -> int:
                          "path": key, "crops": r["crops"], "top1_agreement": round(r[key], 4),
                          "threads": torch.get_num_threads(), "torch": torch.__version__})
     if not args.no_write:
-        new = not os.path.exists(RESULTS)
-        with open(RESULTS, "a", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            if new:
-                w.writeheader()
-            w.writerows(rows)
-        print(f"appended {len(rows)} rows to {RESULTS}")
+        append_rows(RESULTS, rows)
     return 0
 
 
