@@ -184,7 +184,7 @@ def test_fold_norm_keeps_gradients_and_leaves_train_mode_alone():
     g_ref = torch.func.grad(lambda p: model.apply(p, s64, x)[0].square().sum())(p64)
     for k in ("bn1.weight", "bn1.bias", "layer4.1.bn2.weight", "conv1.weight"):
         a, b = vafunc.flatten(g_fold)[k], vafunc.flatten(g_ref)[k]
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * float(b.abs().max())), k
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * float(b.abs().max()), msg=lambda m, k=k: f"{k}: {m}")
     with _OpNames() as ops:
         _, new = model.apply(params, state, x.float(), train=True, policy=Policy.bf16(fold_norm=True))
     assert any("batch_norm" in n for n in ops.names)

@@ -220,6 +220,10 @@ class Scope:
             shift = shift + g["bias"]
         return w * scale.reshape(-1, *(1,) * (w.dim() - 1)), shift
 
+    def _eps(self, eps):
+        """A BatchNorm's epsilon: ``eps``, else the family's, else torch's 1e-5."""
+        return self.defaults.get("eps", 1e-5) if eps is None else eps
+
     def _folds_bn(self) -> bool:
         """Whether :meth:`conv_norm_act` folds its BatchNorm into the conv: eval mode under a
         mixed precision policy that asks for it (``Policy.fold_norm``), outside per-sample
@@ -289,7 +293,7 @@ class Scope:
     def batch_norm(self, name, x, *, eps=None, momentum=None, zero_init=False, affine=True):
         """BatchNorm over channels with tensors at ``name`` (:func:`vafunc.layers.batch_norm`);
         ``eps``/``momentum`` default to the family's (torch's 1e-5 / 0.1 unless declared)."""
-        eps = self.defaults.get("eps", 1e-5) if eps is None else eps
+        eps = self._eps(eps)
         momentum = self.defaults.get("momentum", 0.1) if momentum is None else momentum
         if self.ini is not None:
             self._create(name, lambda ini: ini.batch_norm(x.shape[1], zero_weight=zero_init, affine=affine))
@@ -334,7 +338,7 @@ class Scope:
         (:meth:`group_norm`; torchvision's ``norm_layer`` choice)."""
         if self.defaults.get("norm", "batch") == "group":
             return self.group_norm(name, x, self.defaults.get("norm_groups", 32),
-                                   eps=self.defaults.get("eps", 1e-5) if eps is None else eps, zero_init=zero_init)
+                                   eps=self._eps(eps), zero_init=zero_init)
         return self.batch_norm(name, x, eps=eps, momentum=momentum, zero_init=zero_init)
 
     def layer_norm(self, name, x, *, eps=1e-5):
@@ -408,13 +412,10 @@ class Scope:
         norm's at ``norm``. The activation runs in place on the fresh BatchNorm output. Under a
         precision policy with ``fold_norm`` the eval-mode BatchNorm is folded into the conv in the
         stored dtype before the cast (:meth:`_fold_bn`)."""
-        if self._folds_bn():  # Policy(fold_norm=True), eval: BatchNorm folded into the conv
-            eps = self.defaults.get("eps", 1e-5) if eps is None else eps
-            y = self.conv(conv, x, cout, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups,
-                          bias=bias, _fold=(norm, eps))
-        else:
-            y = self.conv(conv, x, cout, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups,
-                          bias=bias, init=init)
+        fold = (norm, self._eps(eps)) if self._folds_bn() else None  # Policy(fold_norm=True), eval
+        y = self.conv(conv, x, cout, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                      bias=bias, init=init, _fold=fold)
+        if fold is None:
             y = self.norm(norm, y, eps=eps, momentum=momentum, zero_init=zero_init)
         act = activation(act)
         return y if act is None else L.INPLACE.get(act, act)(y)
