@@ -166,7 +166,7 @@ def pytest_runtest_protocol(item, nextitem):
     gate = _GATE[0]
     exclusive = _plain_id(item) in _EXCLUSIVE
     next_exclusive = _plain_id(nextitem) in _EXCLUSIVE
-    if gate.held is None:
+    if gate.held is None and item.get_closest_marker("slow") is not None:
         # a worker about to wait for (or start) a test hands back the heap its last one freed: a
         # worker holding 4 GB of it beside vit_h_14's 19.7 GB gradient check was one too many
         _return_freed_memory()

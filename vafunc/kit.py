@@ -44,6 +44,7 @@ from . import layers as L
 from . import members as M
 from . import random as vrandom
 from . import vmap_rules as VR
+from .layers import activation, same_padding
 from .precision import check_policy, dtype_mismatch
 from .registry import Family
 from .sizes import min_size, size_multiple
@@ -60,24 +61,6 @@ class Done(Exception):
 def subkey(rng, i: int):
     """``fold_in(rng, i)``, or ``None`` when no key was given (eval and deterministic runs)."""
     return None if rng is None else vrandom.fold_in(rng, i)
-
-
-def same_padding(kernel, dilation=1):
-    """The symmetric "same" padding of an odd kernel: ``(k - 1) // 2 * dilation`` per axis."""
-    if isinstance(kernel, int):
-        return (kernel - 1) // 2 * dilation
-    d = (dilation, dilation) if isinstance(dilation, int) else dilation
-    return tuple((k - 1) // 2 * di for k, di in zip(kernel, d))
-
-
-def activation(act):
-    """An activation from a :data:`vafunc.layers.ACTIVATIONS` name, a callable, or ``None``."""
-    if act is None or callable(act):
-        return act
-    try:
-        return L.ACTIVATIONS[act]
-    except KeyError:
-        raise ValueError(f"unknown activation {act!r}; known: {sorted(L.ACTIVATIONS)}") from None
 
 
 def _meta(t: dict) -> dict:
@@ -108,7 +91,7 @@ class Ctx(NamedTuple):
     tape: Any = None  # a vafunc.persample.Tape: per-sample gradients / norms in one backward
     members: int | None = None  # members mode (vafunc.members): N stacked members in the batch axis
     shared: Any = None  # members mode: (the [N*B] input, the [B] batch every member shares)
-    fold: bool = False  # Policy.fold_norm: eval BatchNorm folded into the conv before the cast
+    fold: bool = False  # Policy.fold_norm (not with tape/members): eval BatchNorm folded into the conv
 
 
 _CTX = Ctx()
@@ -193,43 +176,25 @@ class Scope:
     def _weights(self, name: str, x, fold=None):
         """``(weight, bias, x)`` of a conv or linear layer, cast to the compute dtype of the
         precision policy (gradients flow back to the stored tensors); without a policy, a float
-        input of another dtype than the weights gets a clear TypeError. ``fold``: the
-        ``(name, eps)`` of an eval-mode BatchNorm that follows, folded in first (:meth:`_fold_bn`)."""
+        input of another dtype than the weights gets a clear TypeError. ``fold``: ``(name, eps)``
+        of an eval BatchNorm after it, folded in before the cast."""
         p = self.p[name]
         w, b = p["weight"], p.get("bias")
         c = self.ctx.compute
         if c is not None:
             if fold is not None:
-                w, b = self._fold_bn(w, b, *fold)
+                w, b = L.fold_batch_norm(w, b, self.p.get(fold[0], _EMPTY), self.s[fold[0]], eps=fold[1])
             return w.to(c), (None if b is None else b.to(c)), x.to(c)
         if x.dtype != w.dtype:
             raise dtype_mismatch(f"layer {self.path}{name}", x.dtype, w.dtype)
         return w, b, x
 
-    def _fold_bn(self, w, b, name: str, eps: float):
-        """The conv ``(w, b)`` with the eval-mode BatchNorm at ``name`` folded in, computed in the
-        stored dtype: ``w * g / sqrt(var + eps)`` and ``beta + (b - mean) * g / sqrt(var + eps)``,
-        rounded to the compute dtype once (inductor's binary folding multiplies after the cast
-        and rounds twice)."""
-        g, s = self.p.get(name, _EMPTY), self.s[name]
-        scale = torch.rsqrt(s["running_var"] + eps)
-        if "weight" in g:
-            scale = scale * g["weight"]
-        shift = (-s["running_mean"] if b is None else b - s["running_mean"]) * scale
-        if "bias" in g:
-            shift = shift + g["bias"]
-        return w * scale.reshape(-1, *(1,) * (w.dim() - 1)), shift
-
-    def _eps(self, eps):
-        """A BatchNorm's epsilon: ``eps``, else the family's, else torch's 1e-5."""
+    def _eps(self, eps):  # a BatchNorm's epsilon: the given one, the family's, or torch's 1e-5
         return self.defaults.get("eps", 1e-5) if eps is None else eps
 
     def _folds_bn(self) -> bool:
-        """Whether :meth:`conv_norm_act` folds its BatchNorm into the conv: eval mode under a
-        mixed precision policy that asks for it (``Policy.fold_norm``), outside per-sample
-        gradients and members mode."""
-        return (self.ctx.fold and self.ini is None and not self.train and self.ctx.tape is None
-                and not self.ctx.members and self.defaults.get("norm", "batch") == "batch")
+        """Whether :meth:`conv_norm_act` folds its BatchNorm (``Policy.fold_norm``, eval, plain mode)."""
+        return self.ctx.fold and not self.train and self.defaults.get("norm", "batch") == "batch"
 
     def cast(self, t):
         """A parameter used directly by the family (a class token, a position embedding, a
@@ -411,8 +376,8 @@ class Scope:
         ``ConvNormAct``, Inception's ``BasicConv2d``): the conv's tensors at ``conv``, the
         norm's at ``norm``. The activation runs in place on the fresh BatchNorm output. Under a
         precision policy with ``fold_norm`` the eval-mode BatchNorm is folded into the conv in the
-        stored dtype before the cast (:meth:`_fold_bn`)."""
-        fold = (norm, self._eps(eps)) if self._folds_bn() else None  # Policy(fold_norm=True), eval
+        stored dtype before the cast (:func:`vafunc.layers.fold_batch_norm`)."""
+        fold = (norm, self._eps(eps)) if self._folds_bn() else None
         y = self.conv(conv, x, cout, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups,
                       bias=bias, init=init, _fold=fold)
         if fold is None:
@@ -512,7 +477,7 @@ def family(
             if shared is not None:
                 shared = (x, shared[1].to(policy.compute))
             ctx = Ctx(policy.compute if policy.mixed else None, attention, tape, members, shared,
-                      policy.mixed and policy.fold_norm)
+                      policy.mixed and policy.fold_norm and tape is None and members is None)
         elif attention != "auto" or tape is not None or members is not None:
             ctx = Ctx(None, attention, tape, members, shared)
         if attention not in L.ATTENTION_IMPLS:

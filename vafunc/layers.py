@@ -20,9 +20,11 @@ __all__ = [
     "conv2d",
     "linear",
     "batch_norm",
+    "fold_batch_norm",
     "layer_norm2d",
     "channel_shuffle",
     "pad_same",
+    "same_padding",
     "relu",
     "relu6",
     "hardswish",
@@ -30,6 +32,7 @@ __all__ = [
     "silu",
     "sigmoid",
     "ACTIVATIONS",
+    "activation",
     "max_pool2d",
     "avg_pool2d",
     "adaptive_avg_pool2d",
@@ -99,6 +102,21 @@ def batch_norm(
     return y, new
 
 
+def fold_batch_norm(w: torch.Tensor, b: torch.Tensor | None, p: Params, s: Mapping[str, torch.Tensor], *,
+                    eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """A conv's ``(w, b)`` with the eval-mode BatchNorm ``(p, s)`` that follows folded in:
+    ``w * g / sqrt(var + eps)`` and ``beta + (b - mean) * g / sqrt(var + eps)``, in the tensors'
+    own dtype. The precision policy's ``fold_norm`` casts the result once (inductor's binary
+    folding multiplies after the cast, and rounds twice)."""
+    scale = torch.rsqrt(s["running_var"] + eps)
+    if "weight" in p:
+        scale = scale * p["weight"]
+    shift = (-s["running_mean"] if b is None else b - s["running_mean"]) * scale
+    if "bias" in p:
+        shift = shift + p["bias"]
+    return w * scale.reshape(-1, *(1,) * (w.dim() - 1)), shift
+
+
 def layer_norm2d(p: Params, x: torch.Tensor, *, eps: float = 1e-6) -> torch.Tensor:
     """LayerNorm over the channels of ``[N, C, H, W]`` at every position (ConvNeXt's
     ``LayerNorm2d``), computed as torchvision does: to channels-last, ``F.layer_norm`` over ``C``,
@@ -120,6 +138,14 @@ def channel_shuffle(x: torch.Tensor | Sequence[torch.Tensor], groups: int | None
     if not isinstance(x, torch.Tensor):
         return torch.stack(tuple(x), 2).flatten(1, 2)
     return einops.rearrange(x, "n (g c) h w -> n (c g) h w", g=groups).contiguous()
+
+
+def same_padding(kernel, dilation=1):
+    """The symmetric "same" padding of an odd kernel: ``(k - 1) // 2 * dilation`` per axis."""
+    if isinstance(kernel, int):
+        return (kernel - 1) // 2 * dilation
+    d = (dilation, dilation) if isinstance(dilation, int) else dilation
+    return tuple((k - 1) // 2 * di for k, di in zip(kernel, d))
 
 
 def pad_same(x: torch.Tensor, kernel, stride=1, dilation=1, value: float = 0.0) -> torch.Tensor:
@@ -190,6 +216,16 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "sigmoid": sigmoid,
     "identity": lambda x: x,
 }
+
+
+def activation(act):
+    """An activation from a :data:`ACTIVATIONS` name, a callable, or ``None``."""
+    if act is None or callable(act):
+        return act
+    try:
+        return ACTIVATIONS[act]
+    except KeyError:
+        raise ValueError(f"unknown activation {act!r}; known: {sorted(ACTIVATIONS)}") from None
 
 
 # --------------------------------------------------------------------------- pooling
