@@ -274,3 +274,28 @@ def test_set_malloc_thresholds_rejects_bad_values():
         vafunc.memory.set_malloc_thresholds(1 << 32)
     with pytest.raises(ValueError, match="trim_threshold must be in"):
         vafunc.memory.set_malloc_thresholds(1 << 20, 0)
+
+
+@pytest.mark.parametrize("chunk", [1, 3 * 6 * 9 * 11 * 4, 1 << 30], ids=["per-sample", "3-samples", "whole"])
+@pytest.mark.parametrize("k,s,p,d,ceil", [(3, 2, 1, 1, False), (3, 2, 0, 1, True), (2, 2, 0, 1, False), (3, 1, 1, 2, True)])
+def test_max_pool_in_channels_last_chunks_is_torchs_pool(monkeypatch, chunk, k, s, p, d, ceil):
+    """layers.max_pool2d pools a contiguous NCHW input in channels_last, POOL_CHUNK_BYTES of it at
+    a time, into an NCHW output: bit-equal to F.max_pool2d (a maximum is exact), also with a last
+    chunk shorter than the others, under torch.vmap, and on the recorded path with a gradient."""
+    import torch.nn.functional as F
+
+    from vafunc import layers as L
+
+    monkeypatch.setattr(L, "POOL_CHUNK_BYTES", chunk)
+    x = torch.randn(5, 6, 9, 11)
+    want = F.max_pool2d(x, k, s, p, d, ceil)
+    got = L.max_pool2d(x, k, s, p, ceil_mode=ceil, dilation=d)
+    assert got.is_contiguous() and torch.equal(got, want)
+    xs = torch.randn(2, 5, 6, 9, 11)
+    got = torch.vmap(lambda t: L.max_pool2d(t, k, s, p, ceil_mode=ceil, dilation=d))(xs)
+    assert torch.equal(got, torch.stack([F.max_pool2d(t, k, s, p, d, ceil) for t in xs]))
+    xg = x.clone().requires_grad_()
+    L.max_pool2d(xg, k, s, p, ceil_mode=ceil, dilation=d).sum().backward()
+    xr = x.clone().requires_grad_()
+    F.max_pool2d(xr, k, s, p, d, ceil).sum().backward()
+    assert torch.equal(xg.grad, xr.grad)

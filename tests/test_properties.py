@@ -89,10 +89,14 @@ def test_ensemble_vmap_equals_loop(members, train):
     """vafunc.ensemble_apply lowered with torch.vmap equals the Python loop over the members, with
     per-member BatchNorm statistics and per-member dropout / stochastic-depth keys."""
     model, ms = members
-    params, state = vafunc.stack([p for p, _ in ms]), vafunc.stack([s for _, s in ms])
-    if train:  # float64, and final maps of 2x2 or more: BN over a 1x1 map of 2 samples is sign(x1 - x2)
-        params, state = (vafunc.tree_map(lambda t: t.double() if t.is_floating_point() else t, t_)
-                         for t_ in (params, state))
+
+    def stack(trees):  # cast leaf by leaf: a giant's float32 stack and its float64 copy never coexist
+        return vafunc.tree_map(lambda *ts: torch.stack(ts).to(F64 if train and ts[0].is_floating_point() else ts[0].dtype),
+                               *trees)
+
+    # train: float64, and final maps of 2x2 or more (BN over a 1x1 map of 2 samples is sign(x1 - x2))
+    params, state = stack([p for p, _ in ms]), stack([s for _, s in ms])
+    if train:
         s, rel = fit(model, max(model.min_size, 64) + 3), 1e-6
     else:
         s, rel = _size(model, 3), 1e-5

@@ -231,9 +231,30 @@ def activation(act):
 # --------------------------------------------------------------------------- pooling
 
 
+#: bytes of input converted to channels_last at a time by :func:`max_pool2d` (whole samples)
+POOL_CHUNK_BYTES = 2 << 20
+
+
 def _pool_cl(x, kernel_size, stride, padding, dilation, ceil_mode):
-    y = F.max_pool2d(x.contiguous(memory_format=torch.channels_last), kernel_size, stride, padding, dilation, ceil_mode)
-    return y.contiguous()
+    """Pool a contiguous NCHW ``x`` in channels_last, a few samples at a time, into an NCHW output:
+    the channels_last copy is at most POOL_CHUNK_BYTES beside the input (the whole copy cost
+    squeezenet1_1 37% more peak memory than torchvision's eager call), and chunks that stay in
+    cache are as fast or faster than one big copy (2 threads, batch 8: 64x112x112 5.5 ms vs 6.2 ms,
+    96x109x109 14 ms vs 26 ms; plain NCHW 25 ms and 35 ms)."""
+    n = x.shape[0]
+    step = max(1, POOL_CHUNK_BYTES // max(1, x[0].nbytes)) if n else 1
+    if step >= n:
+        y = F.max_pool2d(x.contiguous(memory_format=torch.channels_last), kernel_size, stride, padding, dilation,
+                         ceil_mode)
+        return y.contiguous()
+    out = None
+    for i in range(0, n, step):
+        y = F.max_pool2d(x[i:i + step].contiguous(memory_format=torch.channels_last), kernel_size, stride, padding,
+                         dilation, ceil_mode)
+        if out is None:
+            out = x.new_empty((n, *y.shape[1:]))
+        out[i:i + step] = y
+    return out
 
 
 @torch.library.custom_op("vafunc::max_pool2d_cl", mutates_args=())

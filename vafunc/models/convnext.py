@@ -145,8 +145,11 @@ def cn_block(m, x, b: BlockSpec):
     gamma = m.layer_scale("layer_scale", c, b.layer_scale)  # registered before `block` in the state_dict
     s = m.child("block")
     y = s.conv("0", x, c, 7, padding=3, groups=c, bias=True).permute(0, 2, 3, 1)
-    y = s.linear("3", s.layer_norm("2", y, eps=1e-6), 4 * c)
-    y = s.linear("5", F.gelu(y), c).permute(0, 3, 1, 2)
+    # one step per line: each rebinding frees the step's input, as nn.Sequential does
+    y = s.layer_norm("2", y, eps=1e-6)
+    y = s.linear("3", y, 4 * c)
+    y = F.gelu(y)
+    y = s.linear("5", y, c).permute(0, 3, 1, 2)
     y = m.drop_path(gamma * y, b.drop_path, m.rng)
     return y.add_(x)  # a fresh tensor: the product (or the drop-path output)
 

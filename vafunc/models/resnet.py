@@ -146,7 +146,8 @@ def basic_block(m, x, b: BlockSpec, cfg: ResNetConfig):
     """
     y = m.conv_norm_act(x, b.width, 3, conv="conv1", norm="bn1", act="relu", stride=b.stride, padding=1)
     y = m.conv_norm_act(y, b.outplanes, 3, conv="conv2", norm="bn2", padding=1, zero_init=cfg.zero_init_residual)
-    return L.add_relu_(branch_tail(m, y, b, cfg), shortcut(m, x, b))
+    y = branch_tail(m, y, b, cfg)  # rebound first: the tensor before SE is freed before the shortcut's conv
+    return L.add_relu_(y, shortcut(m, x, b))
 
 
 def bottleneck(m, x, b: BlockSpec, cfg: ResNetConfig):
@@ -158,7 +159,8 @@ def bottleneck(m, x, b: BlockSpec, cfg: ResNetConfig):
     y = m.conv_norm_act(y, b.width, 3, conv="conv2", norm="bn2", act="relu", stride=b.stride, padding=b.dilation,
                         dilation=b.dilation, groups=b.groups)
     y = m.conv_norm_act(y, b.outplanes, 1, conv="conv3", norm="bn3", zero_init=cfg.zero_init_residual)
-    return L.add_relu_(branch_tail(m, y, b, cfg), shortcut(m, x, b))
+    y = branch_tail(m, y, b, cfg)  # as in basic_block
+    return L.add_relu_(y, shortcut(m, x, b))
 
 
 def branch_tail(m, y, b: BlockSpec, cfg: ResNetConfig):
