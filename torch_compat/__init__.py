@@ -1,13 +1,13 @@
-"""``nn.Module`` shells over vafunc models, named exactly like the reference modules.
+"""vafunc models as the reference's ``nn.Module`` trees.
 
 >>> m = torch_compat.create("resnet50")
 >>> m.load_state_dict(torchvision.models.resnet50().state_dict())   # strict=True
->>> logits = m(x)
+>>> m.layer4[-1].register_forward_hook(hook); m.fc = nn.Linear(2048, 10); logits = m(x)
 
-Parameters and buffers live in a tree of plain container modules that mirrors the reference's
-module names, so ``state_dict()`` keys, their order and shapes equal torchvision's. ``forward``
-gathers them into ``(params, state)`` and calls the pure ``apply``; in train mode it writes the
-new BatchNorm statistics back into the buffers, as torch's BatchNorm does.
+The tree is derived from the family's one declaration (:mod:`torch_compat.tree`): torch's own
+leaves (``nn.Conv2d``, ``nn.BatchNorm2d``, ``nn.Linear``, ...), ``nn.Sequential`` where the
+reference has one, and blocks whose forward runs the family's block function over their children,
+so ``state_dict()`` keys, order and shapes are the reference's and every module call is a real one.
 """
 
 from __future__ import annotations
@@ -20,78 +20,9 @@ from torch import nn
 import vafunc
 from vafunc import tree as vtree
 
+from .tree import VafuncModule
+
 __all__ = ["create", "VafuncModule", "from_model", "compile_ensemble"]
-
-
-class _Node(nn.Module):
-    """A plain container standing in for a reference submodule (holds tensors, no forward)."""
-
-
-def _build(node: nn.Module, tree: Mapping) -> None:
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            child = _Node()
-            node.add_module(k, child)
-            _build(child, v)
-        elif k in vtree.STATE_LEAVES:
-            node.register_buffer(k, v)
-        else:
-            node.register_parameter(k, nn.Parameter(v))
-
-
-def _gather(node: nn.Module, want_state: bool) -> dict:
-    out: dict = {}
-    src = node._buffers if want_state else node._parameters
-    for k, v in src.items():
-        if v is not None:
-            out[k] = v
-    for k, child in node._modules.items():
-        sub = _gather(child, want_state)
-        if sub:
-            out[k] = sub
-    return out
-
-
-def _write_back(node: nn.Module, new: Mapping) -> None:
-    for k, v in new.items():
-        if isinstance(v, Mapping):
-            _write_back(node._modules[k], v)
-        else:
-            node._buffers[k].copy_(v)
-
-
-class VafuncModule(nn.Module):
-    """An ``nn.Module`` whose ``forward`` is ``vafunc`` ``apply`` over its own tensors.
-
-    Stochastic layers (dropout, stochastic depth) draw from a vafunc key; in train mode the
-    module splits a fresh key per call from ``torch``'s global generator unless ``rng=`` is given.
-    """
-
-    def __init__(self, model: "vafunc.ModelDef", params: Mapping, state: Mapping):
-        super().__init__()
-        object.__setattr__(self, "model", model)
-        _build(self, vtree.merge(params, state))
-
-    def extra_repr(self) -> str:
-        return f"vafunc model {self.model.name!r}"
-
-    def params_and_state(self) -> tuple[dict, dict]:
-        return _gather(self, False), _gather(self, True)
-
-    def forward(self, x: torch.Tensor, *, rng=None, **kw):
-        params, state = self.params_and_state()
-        if self.training:
-            # autograd may keep the running statistics it was given for the backward pass; hand
-            # it copies so that writing the new statistics back in place below is safe.
-            state = vtree.tree_map(torch.clone, state)
-        if self.training and rng is None:
-            seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
-            rng = vafunc.random.key(seed, device=x.device)
-        out, new_state = self.model.apply(params, state, x, train=self.training, rng=rng, **kw)
-        if self.training:
-            with torch.no_grad():
-                _write_back(self, vtree.tree_map(lambda t: t.detach(), new_state))
-        return out
 
 
 def from_model(model: "vafunc.ModelDef", params: Mapping | None = None, state: Mapping | None = None,

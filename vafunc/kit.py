@@ -154,6 +154,14 @@ class Scope:
             raise Done
         return y
 
+    def op(self, name: str, fn: Callable, x, *args, tap: bool = True, **kw):
+        """A parameter-free layer the reference holds as a module at ``name`` (an activation, a
+        pool, a dropout, a flatten): ``fn(x, *args, **kw)``, recorded as the feature
+        ``path.name`` unless ``tap=False``. In a ``torch_compat`` tree it is a module of its own
+        (torch's class where there is one), so hooks, slicing and replacement see it."""
+        y = fn(x, *args, **kw)
+        return self.tap(name, y) if tap else y
+
     def key(self, i: int):
         """The key of slot ``i`` of this scope's ``rng`` (``None`` without one)."""
         return None if self.rng is None else vrandom.fold_in(self.rng, i)
@@ -371,19 +379,27 @@ class Scope:
         return t if t.device.type == "meta" else torch.empty_like(t, device="meta")
 
     def conv_norm_act(self, x, cout, kernel, *, conv="0", norm="1", act=None, stride=1, padding=None,
-                      dilation=1, groups=1, bias=False, eps=None, momentum=None, init=None, zero_init=False):
+                      dilation=1, groups=1, bias=False, eps=None, momentum=None, init=None, zero_init=False,
+                      act_name=None):
         """Convolution -> BatchNorm -> activation (torchvision's ``Conv2dNormActivation``, timm's
         ``ConvNormAct``, Inception's ``BasicConv2d``): the conv's tensors at ``conv``, the
         norm's at ``norm``. The activation runs in place on the fresh BatchNorm output. Under a
         precision policy with ``fold_norm`` the eval-mode BatchNorm is folded into the conv in the
-        stored dtype before the cast (:func:`vafunc.layers.fold_batch_norm`)."""
+        stored dtype before the cast (:func:`vafunc.layers.fold_batch_norm`). The activation is a
+        module of the reference at ``act_name`` (default ``"2"`` after ``conv="0", norm="1"``, as in
+        ``Conv2dNormActivation``; ``None`` elsewhere: computed inline, as BasicConv2d's ``F.relu``)."""
         fold = (norm, self._eps(eps)) if self._folds_bn() else None
         y = self.conv(conv, x, cout, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups,
                       bias=bias, init=init, _fold=fold)
         if fold is None:
             y = self.norm(norm, y, eps=eps, momentum=momentum, zero_init=zero_init)
         act = activation(act)
-        return y if act is None else L.INPLACE.get(act, act)(y)
+        if act is None:
+            return y
+        if act_name is None and conv == "0" and norm == "1":
+            act_name = "2"
+        act = L.INPLACE.get(act, act)
+        return act(y) if act_name is None else self.op(act_name, act, y, tap=False)
 
     def squeeze_excite(self, x, squeeze, *, act="relu", gate="sigmoid", fc1="fc1", fc2="fc2", init=None):
         """Squeeze-and-excitation (Hu et al. 2018, Eq. 2-4): ``x * gate(fc2(act(fc1(mean_hw x))))``,
@@ -411,14 +427,16 @@ class Scope:
         return L.attention(q, k, v, bias=bias, scale=scale, rate=rate, rng=rng, train=self.train,
                            impl=self.ctx.attention)
 
-    def dropout(self, x, rate: float, rng):
-        """Keyed element-wise dropout (train mode only; :func:`vafunc.layers.dropout`)."""
+    def dropout(self, x, rate: float, rng, name: str | None = None):
+        """Keyed element-wise dropout (train mode only; :func:`vafunc.layers.dropout`); ``name``:
+        the reference's ``nn.Dropout`` module path, where it has one (a module in torch_compat)."""
         if self.ctx.members:
             return M.dropout(x, rate, rng, train=self.train, n=self.ctx.members)
         return L.dropout(x, rate, rng, train=self.train)
 
-    def drop_path(self, x, rate: float, rng):
-        """Keyed per-sample stochastic depth (train mode only; :func:`vafunc.layers.drop_path`)."""
+    def drop_path(self, x, rate: float, rng, name: str | None = None):
+        """Keyed per-sample stochastic depth (train mode only; :func:`vafunc.layers.drop_path`);
+        ``name`` as in :meth:`dropout`."""
         if self.ctx.members:
             return M.drop_path(x, rate, rng, train=self.train, n=self.ctx.members)
         return L.drop_path(x, rate, rng, train=self.train)
@@ -457,15 +475,15 @@ def family(
         d = defaults(cfg) if callable(defaults) else (defaults or {})
         return {"conv": "kaiming_fan_out", "linear": "torch_default", **d}
 
-    def run_init(cfg, ini, size=None, sizes=None):
+    def run_init(cfg, ini, size=None, sizes=None, scope=Scope):
         s = size or (init_size(cfg) if callable(init_size) else init_size)
-        m = Scope({}, None, ini=ini, defaults=scope_defaults(cfg), sizes=sizes)
+        m = scope({}, None, ini=ini, defaults=scope_defaults(cfg), sizes=sizes)
         # the input in the init dtype: a float32 input meets float64 biases in meta convs otherwise
         forward(m, cfg, torch.empty(1, in_channels(cfg), s, s, device="meta", dtype=ini.dtype))
-        return m.p
+        return m
 
     def init(cfg, ini):
-        return run_init(cfg, ini)
+        return run_init(cfg, ini).p
 
     def apply(cfg, params, state, x, *, train: bool = False, rng=None, taps=None, policy=None,
               attention: str = "auto", tape=None, members=None, **kw):
@@ -496,5 +514,14 @@ def family(
 
     fam = Family(name=name, config=config, init=init, apply=apply, min_size=lambda cfg: min_size(fam, cfg),
                  paper=paper, remap=remap, in_channels=in_channels, probe=run_init,
-                 multiple=lambda cfg: size_multiple(fam, cfg), max_size=max_size)
+                 multiple=lambda cfg: size_multiple(fam, cfg), max_size=max_size,
+                 declaration=Declaration(forward, scope_defaults))
     return fam
+
+
+class Declaration(NamedTuple):
+    """A kit family's one declaration, for backends outside the kit (``torch_compat`` binds it to a
+    module tree): ``forward(m, cfg, x, **kw)`` and the scope defaults of a config."""
+
+    forward: Callable
+    defaults: Callable[[Any], dict]

@@ -76,6 +76,8 @@ class Family:
     #: ``max_size(cfg) -> int | None``: the largest input height/width (None: no limit). CoAtNet's
     #: relative position biases cover its whole map, so it takes ``img_size`` only.
     max_size: Callable[[Any], int | None] = field(default=lambda cfg: None, compare=False, repr=False)
+    #: a kit family's ``vafunc.kit.Declaration`` (its forward and scope defaults)
+    declaration: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -226,6 +228,12 @@ def check_image(x, *, name: str, in_channels: int, min_size: int, multiple: int 
 
 # --------------------------------------------------------------------------- the model
 
+
+def _model_def(name: str, config) -> "ModelDef":
+    """Unpickle a :class:`ModelDef`: the registered family of ``name`` with ``config``."""
+    return ModelDef(name, config, get_entry(name).family)
+
+
 _FEATURE_NAMES: dict = {}
 
 
@@ -246,6 +254,11 @@ class ModelDef:
     name: str
     config: Any
     family: Family = field(repr=False)
+
+    def __reduce__(self):
+        # by name and config (the family's functions are closures): a ModelDef, a partial over
+        # its apply and a torch_compat module cross multiprocessing and torch.save
+        return (_model_def, (self.name, self.config))
 
     # ---------------------------------------------------------------- metadata
     @property

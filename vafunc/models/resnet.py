@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 from .. import layers as L
 from ..blocks import make_divisible
-from ..kit import family, subkey
+from ..kit import Scope, family, subkey
 from ..registry import Reference, check_config, register
 
 PAPER = "He et al. 2016, Deep Residual Learning for Image Recognition, arXiv:1512.03385"
@@ -168,7 +168,7 @@ def branch_tail(m, y, b: BlockSpec, cfg: ResNetConfig):
     stochastic depth at ``b.drop_path`` keyed by the block scope's key; ``y`` stays a fresh
     tensor (the sum is taken in place in it)."""
     if cfg.attn_layer == "se":
-        y = m.child("se").squeeze_excite(y, se_channels(y.shape[1]), init=SE_INIT)
+        y = m.block("se", Scope.squeeze_excite, y, se_channels(b.outplanes), init=SE_INIT, tap=False)
     if b.drop_path:
         y = m.drop_path(y, b.drop_path, m.rng)
     return y
@@ -178,15 +178,15 @@ def shortcut(m, x, b: BlockSpec):
     """Identity, or the 1x1 projection ``downsample.{0: conv, 1: BN}`` when the shape changes."""
     if not b.downsample:
         return x
-    return m.child("downsample").conv_norm_act(x, b.outplanes, 1, stride=b.stride)
+    return m.block("downsample", Scope.conv_norm_act, x, b.outplanes, 1, stride=b.stride, tap=False)
 
 
 BLOCKS = {"basic": basic_block, "bottleneck": bottleneck}
 
 
-def stage(m, x, blocks: tuple, cfg: ResNetConfig, rng=None):
+def stage(m, x, blocks: tuple, cfg: ResNetConfig):
     for j, b in enumerate(blocks):
-        x = m.block(str(j), BLOCKS[cfg.block], x, b, cfg, rng=subkey(rng, b.index))
+        x = m.block(str(j), BLOCKS[cfg.block], x, b, cfg, rng=subkey(m.rng, b.index))
     return x
 
 
@@ -201,12 +201,12 @@ def forward(m, cfg: ResNetConfig, x):
     (``drop_rate``); block ``b`` (counted over all stages) draws its stochastic depth from
     ``fold_in(m.key(1), b)``.
     """
-    y = m.conv_norm_act(x, 64, 7, conv="conv1", norm="bn1", act="relu", stride=2, padding=3)
-    y = m.tap("act1" if cfg.attn_layer or cfg.norm == "group" else "relu", y)
-    y = m.tap("maxpool", L.max_pool2d(y, 3, 2, 1))
+    act = "act1" if cfg.attn_layer or cfg.norm == "group" else "relu"
+    y = m.tap(act, m.conv_norm_act(x, 64, 7, conv="conv1", norm="bn1", act="relu", act_name=act, stride=2, padding=3))
+    y = m.op("maxpool", L.max_pool2d, y, 3, 2, 1)
     k_blocks = m.key(1) if cfg.drop_path_rate else None
     for i, blocks in enumerate(plan(cfg)):
-        y = m.block(f"layer{i + 1}", stage, y, blocks, cfg, k_blocks)
+        y = m.block(f"layer{i + 1}", stage, y, blocks, cfg, rng=k_blocks)
     return m.head(y, cfg.num_classes, rate=cfg.drop_rate, rng=m.key(0) if cfg.drop_rate else None)
 
 

@@ -1,0 +1,440 @@
+"""A kit family's one declaration bound to a tree of real torch modules.
+
+The module tree is not written per family: it is derived from the family's ``forward(m, cfg, x)``
+by running it twice with two more kinds of :class:`vafunc.kit.Scope` (see ``docs/design.md``,
+"torch_compat: the declaration bound to modules"):
+
+* **build** (:class:`_Builder`, once, on meta tensors): an init-mode scope that also creates a
+  module for every layer call: ``m.conv`` an ``nn.Conv2d`` with the call's stride, padding,
+  dilation and groups, ``m.batch_norm`` an ``nn.BatchNorm2d``, ``m.linear`` an ``nn.Linear``, the
+  norms ``nn.GroupNorm``/``nn.LayerNorm``, ``m.op`` the parameter-free layer (``nn.ReLU``,
+  ``nn.MaxPool2d``, or :class:`Op`), ``m.param``/``m.buffer`` a tensor of the enclosing module.
+  ``m.block(name, fn, x, *args)`` becomes a :class:`Block` whose forward is ``fn`` with the
+  call's arguments, or a :class:`Seq` (an ``nn.Sequential``) where its children are ``0..n-1``
+  and each takes the previous one's output (the build checks the chain on the meta tensors).
+* **forward** (:class:`Bound`, every call): each layer call of the declaration is a call of the
+  module at that name, ``m.conv("conv1", x, ...)`` is ``self.conv1(x)``, so every
+  ``nn.Module.__call__`` runs: hooks fire, parametrizations apply, and a replaced submodule
+  (``m.fc = nn.Linear(512, 10)``, ``m.layer4 = nn.Identity()``) replaces its computation.
+
+Randomness stays keyed: a block's key is handed to it as ``rng=``; where none was given (train
+mode, a block called on its own), a dropout or stochastic-depth layer draws a fresh key from
+torch's global generator, as ``nn.Dropout`` draws from it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vafunc import layers as L
+from vafunc import tree as vtree
+from vafunc.init import Initializer
+from vafunc.kit import Scope
+from vafunc.layers import same_padding
+
+__all__ = ["VafuncModule", "Block", "Seq", "Op", "Dropout", "DropPath", "LayerNorm2d", "Conv2dSame", "Bound"]
+
+_EMPTY: dict = {}
+
+
+def fresh_key(device) -> torch.Tensor:
+    """A vafunc key drawn from torch's global generator (a train-mode call without ``rng=``)."""
+    return torch.randint(0, 2**32, (2,), dtype=torch.int64, device=device)
+
+
+def tracing() -> bool:
+    """Whether FX, TorchScript's tracer or dynamo is tracing (input checks are skipped then)."""
+    return (torch.jit.is_tracing() or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+            or torch.compiler.is_compiling())
+
+
+# --------------------------------------------------------------------------- leaves
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of ``[N, C, H, W]`` (torchvision's ConvNeXt ``LayerNorm2d``,
+    an ``nn.LayerNorm``): :func:`vafunc.layers.layer_norm2d`."""
+
+    def forward(self, x):
+        return L.layer_norm2d({"weight": self.weight, "bias": self.bias}, x, eps=self.eps)
+
+
+class Conv2dSame(nn.Conv2d):
+    """A convolution with TensorFlow's ``"SAME"`` padding, computed from the input size
+    (:func:`vafunc.layers.pad_same`; timm's ``Conv2dSame``)."""
+
+    def forward(self, x):
+        return self._conv_forward(L.pad_same(x, self.kernel_size, self.stride, self.dilation), self.weight, self.bias)
+
+
+class Op(nn.Module):
+    """A parameter-free layer of the reference that torch has no class for: ``fn(x, *args, **kw)``."""
+
+    def __init__(self, fn: Callable, args: tuple = (), kw: dict | None = None):
+        super().__init__()
+        self.fn, self.args, self.kw = fn, tuple(args), dict(kw or {})
+
+    def forward(self, x):
+        return self.fn(x, *self.args, **self.kw)
+
+    def extra_repr(self) -> str:
+        return getattr(self.fn, "__name__", type(self.fn).__name__)
+
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` with vafunc's keyed masks (:func:`vafunc.layers.dropout`): ``rng=`` a key,
+    else (train mode) a fresh key from torch's global generator."""
+
+    def forward(self, x, rng=None):
+        if self.training and self.p and rng is None:
+            rng = fresh_key(x.device)
+        return L.dropout(x, self.p, rng, train=self.training)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (torchvision's ``StochasticDepth(mode="row")``, timm's
+    ``DropPath``), keyed as :class:`Dropout`."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x, rng=None):
+        if self.training and self.p and rng is None:
+            rng = fresh_key(x.device)
+        return L.drop_path(x, self.p, rng, train=self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def _op_module(fn: Callable, args: tuple, kw: dict) -> nn.Module:
+    """torch's own class for the common parameter-free layers (same kernels, so the same values),
+    :class:`Op` for the rest."""
+    if fn in (L.relu, F.relu) and not args and not kw:
+        return nn.ReLU()
+    if fn in (L.relu_, torch.relu_) and not args and not kw:
+        return nn.ReLU(inplace=True)
+    if fn is L.max_pool2d:  # max_pool2d(x, kernel, stride, padding, *, ceil_mode, dilation): nn.MaxPool2d's order
+        return nn.MaxPool2d(*args, **kw)
+    return Op(fn, args, kw)
+
+
+# --------------------------------------------------------------------------- containers
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    """Whether a block's call arguments are the ones it was built with (no tensors among them)."""
+    if a is b:
+        return True
+    if len(a) != len(b):
+        return False
+    for u, v in zip(a, b):
+        if u is v:
+            continue
+        if isinstance(u, torch.Tensor) or isinstance(v, torch.Tensor) or type(u) is not type(v) or u != v:
+            return False
+    return True
+
+
+class _Declared:
+    """What :class:`Block` and :class:`Seq` share: ``fn`` of the declaration with the arguments
+    of the build's call, run in a :class:`Bound` scope over this module."""
+
+    fn: Callable | None
+    args: tuple
+    kw: dict
+    defaults: dict
+
+    def _declare(self, fn, args, kw, defaults):
+        self.fn, self.args, self.kw, self.defaults = fn, tuple(args), dict(kw), defaults
+
+    def matches(self, args: tuple, kw: dict) -> bool:
+        return _same(args, self.args) and (kw is self.kw or _same(tuple(kw.items()), tuple(self.kw.items())))
+
+    def _run(self, x, args, kw, rng):
+        if not args and not kw:
+            args, kw = self.args, self.kw
+        return self.fn(Bound(self, self.training, rng, self.defaults), x, *args, **kw)
+
+
+class Block(_Declared, nn.Module):
+    """A block of the declaration (``m.block(name, fn, x, *args)``): ``forward(x)`` runs ``fn``
+    over this module's children."""
+
+    def __init__(self, fn: Callable, args: tuple = (), kw: dict | None = None, defaults: dict | None = None):
+        nn.Module.__init__(self)
+        self._declare(fn, args, kw or {}, defaults or {})
+
+    def forward(self, x, *args, rng=None, **kw):
+        return self._run(x, args, kw, rng)
+
+    def extra_repr(self) -> str:
+        return getattr(self.fn, "__qualname__", "")
+
+
+class Seq(_Declared, nn.Sequential):
+    """An ``nn.Sequential`` of the reference (``layer1``, ``features``, ``downsample``): indexable,
+    sliceable, assignable. While its children are the ones built (replaced ones included) it runs
+    the declaration's ``fn``, which threads the keys of its blocks as the pure apply does; once
+    children are added, removed or reordered (``append``, ``del``, a slice), it is a plain chain."""
+
+    def __init__(self, *mods):
+        nn.Sequential.__init__(self, *mods)
+        self._declare(None, (), {}, {})
+        self.names: tuple = ()
+
+    def forward(self, x, *args, rng=None, **kw):
+        if self.fn is not None and tuple(self._modules) == self.names:
+            return self._run(x, args, kw, rng)
+        for mod in self._modules.values():
+            x = mod(x)
+        return x
+
+
+class Bound(Scope):
+    """The scope of a compat module's forward: every layer call is a call of the submodule at that
+    name (``docs/design.md``). Parameter-free arithmetic of the declaration runs inline."""
+
+    __slots__ = ("mod",)
+
+    def __init__(self, mod: nn.Module, train: bool, rng, defaults: dict):
+        Scope.__init__(self, _EMPTY, _EMPTY, rng=rng, defaults=defaults)
+        self.train = train
+        self.mod = mod
+
+    def _call(self, name, x):
+        return self.mod._modules[name](x)
+
+    # structure
+    def child(self, name, rng=None):
+        return Bound(self.mod._modules[name], self.train, rng, self.defaults)
+
+    def block(self, name, fn, x, *args, tap=True, rng=None, **kw):
+        mod = self.mod._modules[name]
+        if not isinstance(mod, _Declared):  # a user's replacement (nn.Identity(), a new head)
+            return mod(x)
+        if mod.matches(args, kw):
+            return mod(x) if rng is None else mod(x, rng=rng)
+        return mod(x, *args, rng=rng, **kw)
+
+    def tap(self, name, y):
+        return y
+
+    def require_multiple(self, k, what="input"):
+        return None
+
+    def cast(self, t):
+        return t
+
+    # layers: the module at the name
+    def conv(self, name, x, cout=None, kernel=None, **kw):
+        return self.mod._modules[name](x)
+
+    def linear(self, name, x, fout=None, **kw):
+        return self.mod._modules[name](x)
+
+    def batch_norm(self, name, x, **kw):
+        return self.mod._modules[name](x)
+
+    def group_norm(self, name, x, groups=None, **kw):
+        return self.mod._modules[name](x)
+
+    def norm(self, name, x, **kw):
+        return self.mod._modules[name](x)
+
+    def layer_norm(self, name, x, **kw):
+        return self.mod._modules[name](x)
+
+    def layer_norm2d(self, name, x, **kw):
+        return self.mod._modules[name](x)
+
+    def op(self, name, fn, x, *args, tap=True, **kw):
+        return self.mod._modules[name](x)
+
+    def param(self, name, shape=None, init=None, *, batched=False):
+        return getattr(self.mod, name)
+
+    def layer_scale(self, name, channels=None, value=None, *, shape=None):
+        return getattr(self.mod, name)
+
+    def buffer(self, name, make=None):
+        return getattr(self.mod, name)
+
+    def linear_with(self, x, w, b=None):
+        return F.linear(x, w, b)
+
+    def dropout(self, x, rate, rng, name=None):
+        if name is not None:
+            mod = self.mod._modules[name]
+            return mod(x) if rng is None or not isinstance(mod, Dropout) else mod(x, rng)
+        if self.train and rate and rng is None:
+            rng = fresh_key(x.device)
+        return L.dropout(x, rate, rng, train=self.train)
+
+    def drop_path(self, x, rate, rng, name=None):
+        if name is not None:
+            mod = self.mod._modules[name]
+            return mod(x) if rng is None or not isinstance(mod, DropPath) else mod(x, rng)
+        if self.train and rate and rng is None:
+            rng = fresh_key(x.device)
+        return L.drop_path(x, rate, rng, train=self.train)
+
+    def attention(self, q, k, v, *, bias=None, scale=None, rate=0.0, rng=None):
+        if self.train and rate and rng is None:
+            rng = fresh_key(q.device)
+        return L.attention(q, k, v, bias=bias, scale=scale, rate=rate, rng=rng, train=self.train)
+
+
+# --------------------------------------------------------------------------- build
+
+
+class _Builder(Scope):
+    """An init-mode scope (on meta tensors) that also builds the module tree: see the module
+    docstring. ``calls`` records ``(name, input, output)`` of each child module call, for the
+    chain check that makes a block an ``nn.Sequential``."""
+
+    __slots__ = ("mod", "calls")
+
+    def __init__(self, p, s, *, mod: nn.Module, **kw):
+        Scope.__init__(self, p, s, **kw)
+        self.mod = mod
+        self.calls: list = []
+
+    def _sub(self, name: str, module: nn.Module) -> "_Builder":
+        mods = self.mod._modules
+        module = mods.setdefault(name, module)
+        return _Builder(self.p.setdefault(name, {}), None, mod=module, ini=self.ini, path=f"{self.path}{name}.",
+                        defaults=self.defaults, sizes=self.sizes, ctx=self.ctx)
+
+    def _leaf(self, name: str, module: nn.Module, x, y):
+        if name not in self.mod._modules:
+            self.mod.add_module(name, module)
+        self.calls.append((name, x, y))
+        return y
+
+    def child(self, name, rng=None):
+        return self._sub(name, nn.Module())
+
+    def block(self, name, fn, x, *args, tap=True, rng=None, **kw):
+        if name in self.mod._modules:
+            raise ValueError(f"{self.path}{name} is declared twice")
+        mod = Block(fn, args, kw, self.defaults)
+        c = self._sub(name, mod)
+        y = fn(c, x, *args, **kw)
+        names = tuple(mod._modules)
+        chain = (names and names == tuple(str(i) for i in range(len(names))) and len(c.calls) == len(names)
+                 and [n for n, _, _ in c.calls] == list(names) and c.calls[0][1] is x and c.calls[-1][2] is y
+                 and all(c.calls[i][1] is c.calls[i - 1][2] for i in range(1, len(names)))
+                 and not mod._parameters and not mod._buffers)
+        if chain:  # the reference's nn.Sequential: same children, the declaration's fn while unmodified
+            seq = Seq()
+            seq._modules = mod._modules
+            seq._declare(fn, args, kw, self.defaults)
+            seq.names = names
+            self.mod._modules[name] = seq
+        self.calls.append((name, x, y))
+        return self.tap(name, y) if tap else y
+
+    def conv(self, name, x, cout, kernel, *, stride=1, padding=None, dilation=1, groups=1, bias=False, init=None,
+             _fold=None):
+        y = Scope.conv(self, name, x, cout, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                       bias=bias, init=init)
+        cls, pad = nn.Conv2d, padding
+        if padding is None:
+            pad = same_padding(kernel, dilation)
+        elif padding == "tf_same":
+            odd = kernel % 2 if isinstance(kernel, int) else all(k % 2 for k in kernel)
+            if stride in (1, (1, 1)) and odd:
+                pad = same_padding(kernel, dilation)
+            else:
+                cls, pad = Conv2dSame, 0
+        mod = cls(x.shape[1], cout, kernel, stride, pad, dilation, groups, bias, device="meta", dtype=x.dtype)
+        return self._leaf(name, mod, x, y)
+
+    def linear(self, name, x, fout, *, bias=True, init=None):
+        y = Scope.linear(self, name, x, fout, bias=bias, init=init)
+        return self._leaf(name, nn.Linear(x.shape[-1], fout, bias=bias, device="meta", dtype=x.dtype), x, y)
+
+    def batch_norm(self, name, x, *, eps=None, momentum=None, zero_init=False, affine=True):
+        y = Scope.batch_norm(self, name, x, eps=eps, momentum=momentum, zero_init=zero_init, affine=affine)
+        eps = self._eps(eps)
+        momentum = self.defaults.get("momentum", 0.1) if momentum is None else momentum
+        cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[x.dim()]
+        return self._leaf(name, cls(x.shape[1], eps=eps, momentum=momentum, affine=affine, device="meta",
+                                    dtype=x.dtype), x, y)
+
+    def group_norm(self, name, x, groups, *, eps=1e-5, zero_init=False):
+        y = Scope.group_norm(self, name, x, groups, eps=eps, zero_init=zero_init)
+        return self._leaf(name, nn.GroupNorm(groups, x.shape[1], eps, device="meta", dtype=x.dtype), x, y)
+
+    def layer_norm(self, name, x, *, eps=1e-5):
+        y = Scope.layer_norm(self, name, x, eps=eps)
+        return self._leaf(name, nn.LayerNorm(x.shape[-1], eps, device="meta", dtype=x.dtype), x, y)
+
+    def layer_norm2d(self, name, x, *, eps=1e-6):
+        y = Scope.layer_norm2d(self, name, x, eps=eps)
+        return self._leaf(name, LayerNorm2d(x.shape[1], eps, device="meta", dtype=x.dtype), x, y)
+
+    def op(self, name, fn, x, *args, tap=True, **kw):
+        y = fn(x, *args, **kw)
+        self._leaf(name, _op_module(fn, args, kw), x, y)
+        return self.tap(name, y) if tap else y
+
+    def dropout(self, x, rate, rng, name=None):
+        y = Scope.dropout(self, x, rate, rng)
+        return y if name is None else self._leaf(name, Dropout(rate), x, y)
+
+    def drop_path(self, x, rate, rng, name=None):
+        y = Scope.drop_path(self, x, rate, rng)
+        return y if name is None else self._leaf(name, DropPath(rate), x, y)
+
+    def param(self, name, shape, init=("zeros",), *, batched=False):
+        t = Scope.param(self, name, shape, init, batched=batched)
+        self.mod.register_parameter(name, nn.Parameter(torch.empty_like(t, device="meta")))
+        return t
+
+    def buffer(self, name, make):
+        t = Scope.buffer(self, name, make)
+        self.mod.register_buffer(name, torch.empty_like(t, device="meta"))
+        return t
+
+
+class VafuncModule(nn.Module):
+    """A vafunc model as the reference's module tree (:mod:`torch_compat.tree`), holding the given
+    ``params``/``state`` tensors (shared, not copied).
+
+    ``forward(x, *, rng=None, **kw)`` runs the family's declaration over the modules; ``rng``
+    keys its dropout and stochastic depth in train mode as in ``apply(..., rng=rng)`` (the same
+    key gives the same output), and without one they draw from torch's global generator.
+    ``model`` is the :class:`vafunc.ModelDef`, :meth:`params_and_state` the two trees back.
+    """
+
+    def __init__(self, model, params, state):
+        super().__init__()
+        decl = model.family.declaration
+        if decl is None:
+            raise TypeError(f"{model.name}: torch_compat builds module trees of kit families (vafunc.kit.family)")
+        object.__setattr__(self, "model", model)
+        self.defaults = decl.defaults(model.config)
+        dtype = next((t.dtype for t in vtree.tree_leaves(params) if t.is_floating_point()), None)
+        ini = Initializer.from_key(0, device="meta", dtype=dtype)
+        model.family.probe(model.config, ini, scope=lambda p, s, **kw: _Builder(p, s, mod=self, **kw))
+        self.load_state_dict(vtree.to_state_dict(params, state), strict=True, assign=True)
+
+    def extra_repr(self) -> str:
+        return f"vafunc model {self.model.name!r}"
+
+    def params_and_state(self) -> tuple[dict, dict]:
+        """The module's tensors as vafunc's ``(params, state)`` trees (the tensors themselves)."""
+        return (vtree.unflatten(dict(self.named_parameters())), vtree.unflatten(dict(self.named_buffers())))
+
+    def forward(self, x: torch.Tensor, *, rng=None, **kw) -> Any:
+        if not tracing():
+            self.model.check_input(x)
+        m = Bound(self, self.training, rng, self.defaults)
+        return self.model.family.declaration.forward(m, self.model.config, x, **kw)
