@@ -360,3 +360,34 @@ def min_eval_size(model) -> tuple[int, int, int]:
         return (2, m, m)
     _, h, w = min(test_sizes(model), key=lambda s: (s[1] * s[2], s))
     return (2, h, w)  # two samples at least: the check that the output depends on the input needs them
+
+
+# --------------------------------------------------------------------------- torch_compat trees
+
+
+def module_tree_problems(compat: torch.nn.Module, ref: torch.nn.Module) -> list[str]:
+    """How a torch_compat tree differs from the reference's module tree: every module of the
+    reference with its own parameters or buffers, and every ``nn.Sequential``, must exist at the
+    same path, with the reference's class where that is torch's own (``nn.Conv2d``,
+    ``nn.BatchNorm2d``, ...) and as an ``nn.Sequential`` where the reference has one; and no
+    module of the compat tree may be a bare container its forward never calls (its hooks could
+    not fire)."""
+    from torch import nn
+
+    mine = dict(compat.named_modules())
+    problems = []
+    for path, r in ref.named_modules():
+        if not path:
+            continue
+        own = next(r.parameters(recurse=False), None) is not None or next(r.buffers(recurse=False), None) is not None
+        if not (own or isinstance(r, nn.Sequential)):
+            continue
+        m = mine.get(path)
+        if m is None:
+            problems.append(f"missing {path} ({type(r).__name__})")
+        elif isinstance(r, nn.Sequential) and not isinstance(m, nn.Sequential):
+            problems.append(f"{path}: {type(m).__name__}, the reference has an nn.Sequential")
+        elif type(r).__module__.startswith("torch.nn") and not isinstance(m, type(r)):
+            problems.append(f"{path}: {type(m).__name__}, the reference has torch's {type(r).__name__}")
+    problems += [f"{p}: a container its forward never calls" for p, m in mine.items() if type(m) is nn.Module]
+    return problems

@@ -24,6 +24,7 @@ import pytest
 import torch
 from torch.func import grad
 
+import torch_compat
 import vafunc
 from oracle import (
     AUX_OUTPUTS,
@@ -37,6 +38,7 @@ from oracle import (
     is_big,
     main_logits,
     min_eval_size,
+    module_tree_problems,
     perturb,
     representatives,
     test_sizes as sizes_for,
@@ -207,6 +209,10 @@ def _check_eval(name, model, ref, params, state, size):
         got, new_state = model.apply(params, state, x)
     assert new_state is state
     assert got.shape == want.shape
+    # the torch_compat module over the same tensors runs the same ops through its modules
+    compat = torch_compat.from_model(model, params, state).eval()
+    with torch.no_grad():
+        assert torch.equal(main_logits(compat(x)), got), f"{name}: torch_compat module != apply"
     # the comparison means something only if the output depends on the input
     spread = float((want - want.mean(0)).abs().max())
     assert spread > 1e-3 * float(want.abs().max()), f"{name}: reference output ignores its input"
@@ -259,6 +265,14 @@ def test_train_matches_reference(pair):
         # the caller's state was not touched
         for k, v in vafunc.flatten(state).items():
             assert torch.equal(v, vafunc.flatten(state_before)[k]), f"apply mutated input state {k}"
+        # the torch_compat module (on copies: its BatchNorms update their buffers in place)
+        compat = torch_compat.from_model(model, params, state_before).train()
+        mine = outputs(compat(x, **kw))
+        for k in want:
+            assert torch.equal(mine[k], got[k]), f"{name}: torch_compat train {k} != apply"
+        buffers = dict(compat.named_buffers())
+        for k, v in flat_new.items():
+            assert torch.equal(buffers[k], v), f"{name}: torch_compat buffer {k} != apply"
     finally:
         ref.load_state_dict(sd)
         ref.eval()
@@ -334,6 +348,11 @@ def test_meta_state_dict_matches_reference(name):
     assert vafunc.count_params(params) == ref_count == model.metadata["params"]
     assert set(vafunc.flatten(params)) == {k for k, _ in ref.named_parameters()}
     assert set(vafunc.flatten(state)) == {k for k, _ in ref.named_buffers()}
+    # the torch_compat module tree: the reference's modules, containers and classes
+    compat = torch_compat.from_model(model, params, state)
+    assert list(compat.state_dict()) == list(theirs)
+    problems = module_tree_problems(compat, ref)
+    assert not problems, f"{len(problems)} differences from the reference's module tree: {problems[:8]}"
 
 
 def META_EVAL_CONFIG(model) -> dict:

@@ -433,8 +433,10 @@ class VafuncModule(nn.Module):
         """The module's tensors as vafunc's ``(params, state)`` trees (the tensors themselves)."""
         return (vtree.unflatten(dict(self.named_parameters())), vtree.unflatten(dict(self.named_buffers())))
 
-    def forward(self, x: torch.Tensor, *, rng=None, **kw) -> Any:
-        if not tracing():
+    def forward(self, x: torch.Tensor, rng=None, **kw) -> Any:
+        if torch.fx._symbolic_trace.is_fx_symbolic_tracing():
+            rng, kw = None, {}  # FX hands every argument a Proxy; a traced graph takes the image only
+        elif not tracing():
             self.model.check_input(x)
         m = Bound(self, self.training, rng, self.defaults)
         return self.model.family.declaration.forward(m, self.model.config, x, **kw)
