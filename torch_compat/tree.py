@@ -46,6 +46,24 @@ def fresh_key(device) -> torch.Tensor:
     return torch.randint(0, 2**32, (2,), dtype=torch.int64, device=device)
 
 
+def keyed_dropout(x, rate: float, rng, train: bool):
+    """:func:`vafunc.layers.dropout`, one opaque node under FX (the mask's counters need the shape)."""
+    if train and rate and rng is None:
+        rng = fresh_key(x.device)
+    return L.dropout(x, rate, rng, train=train)
+
+
+def keyed_drop_path(x, rate: float, rng, train: bool):
+    """:func:`vafunc.layers.drop_path`, one opaque node under FX."""
+    if train and rate and rng is None:
+        rng = fresh_key(x.device)
+    return L.drop_path(x, rate, rng, train=train)
+
+
+torch.fx.wrap("keyed_dropout")
+torch.fx.wrap("keyed_drop_path")
+
+
 def tracing() -> bool:
     """Whether FX, TorchScript's tracer or dynamo is tracing (input checks are skipped then)."""
     return (torch.jit.is_tracing() or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
@@ -63,12 +81,35 @@ class LayerNorm2d(nn.LayerNorm):
         return L.layer_norm2d({"weight": self.weight, "bias": self.bias}, x, eps=self.eps)
 
 
+def pad_same(x, kernel, stride, dilation):
+    """:func:`vafunc.layers.pad_same`, one opaque node under FX (the padding is read off the size)."""
+    return L.pad_same(x, kernel, stride, dilation)
+
+
+torch.fx.wrap("pad_same")
+
+
 class Conv2dSame(nn.Conv2d):
     """A convolution with TensorFlow's ``"SAME"`` padding, computed from the input size
     (:func:`vafunc.layers.pad_same`; timm's ``Conv2dSame``)."""
 
     def forward(self, x):
-        return self._conv_forward(L.pad_same(x, self.kernel_size, self.stride, self.dilation), self.weight, self.bias)
+        return self._conv_forward(pad_same(x, self.kernel_size, self.stride, self.dilation), self.weight, self.bias)
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """BatchNorm followed by its activation module ``act``, one module (timm's ``BatchNormAct2d``)."""
+
+    def __init__(self, *args, act: Callable, **kw):
+        super().__init__(*args, **kw)
+        self.act = _op_module(act, (), {})
+
+    def _check_input_dim(self, x):
+        if not torch.fx._symbolic_trace.is_fx_symbolic_tracing():  # FX traces into this class
+            super()._check_input_dim(x)
+
+    def forward(self, x):
+        return self.act(super().forward(x))
 
 
 class Op(nn.Module):
@@ -90,9 +131,7 @@ class Dropout(nn.Dropout):
     else (train mode) a fresh key from torch's global generator."""
 
     def forward(self, x, rng=None):
-        if self.training and self.p and rng is None:
-            rng = fresh_key(x.device)
-        return L.dropout(x, self.p, rng, train=self.training)
+        return keyed_dropout(x, self.p, rng, self.training)
 
 
 class DropPath(nn.Module):
@@ -104,9 +143,7 @@ class DropPath(nn.Module):
         self.p = p
 
     def forward(self, x, rng=None):
-        if self.training and self.p and rng is None:
-            rng = fresh_key(x.device)
-        return L.drop_path(x, self.p, rng, train=self.training)
+        return keyed_drop_path(x, self.p, rng, self.training)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -119,6 +156,15 @@ def _op_module(fn: Callable, args: tuple, kw: dict) -> nn.Module:
         return nn.ReLU()
     if fn in (L.relu_, torch.relu_) and not args and not kw:
         return nn.ReLU(inplace=True)
+    torch_class = {L.relu6_: nn.ReLU6, L.hardswish_: nn.Hardswish, L.silu_: nn.SiLU}.get(fn)
+    if torch_class is not None and not args and not kw:
+        return torch_class(inplace=True)
+    torch_class = {torch.sigmoid: nn.Sigmoid, F.gelu: nn.GELU, L.hardswish: nn.Hardswish, L.silu: nn.SiLU,
+                   L.relu6: nn.ReLU6}.get(fn)
+    if torch_class is not None and not args and not kw:
+        return torch_class()
+    if fn in (L.adaptive_avg_pool2d, F.adaptive_avg_pool2d) and not kw:
+        return nn.AdaptiveAvgPool2d(*args)
     if fn is L.max_pool2d:  # max_pool2d(x, kernel, stride, padding, *, ceil_mode, dilation): nn.MaxPool2d's order
         return nn.MaxPool2d(*args, **kw)
     return Op(fn, args, kw)
@@ -250,6 +296,9 @@ class Bound(Scope):
     def layer_norm(self, name, x, **kw):
         return self.mod._modules[name](x)
 
+    def norm_act(self, name, x, act=None, **kw):
+        return self.mod._modules[name](x)
+
     def layer_norm2d(self, name, x, **kw):
         return self.mod._modules[name](x)
 
@@ -272,17 +321,13 @@ class Bound(Scope):
         if name is not None:
             mod = self.mod._modules[name]
             return mod(x) if rng is None or not isinstance(mod, Dropout) else mod(x, rng)
-        if self.train and rate and rng is None:
-            rng = fresh_key(x.device)
-        return L.dropout(x, rate, rng, train=self.train)
+        return keyed_dropout(x, rate, rng, self.train)
 
     def drop_path(self, x, rate, rng, name=None):
         if name is not None:
             mod = self.mod._modules[name]
             return mod(x) if rng is None or not isinstance(mod, DropPath) else mod(x, rng)
-        if self.train and rate and rng is None:
-            rng = fresh_key(x.device)
-        return L.drop_path(x, rate, rng, train=self.train)
+        return keyed_drop_path(x, rate, rng, self.train)
 
     def attention(self, q, k, v, *, bias=None, scale=None, rate=0.0, rng=None):
         if self.train and rate and rng is None:
@@ -371,6 +416,13 @@ class _Builder(Scope):
     def group_norm(self, name, x, groups, *, eps=1e-5, zero_init=False):
         y = Scope.group_norm(self, name, x, groups, eps=eps, zero_init=zero_init)
         return self._leaf(name, nn.GroupNorm(groups, x.shape[1], eps, device="meta", dtype=x.dtype), x, y)
+
+    def norm_act(self, name, x, act, *, eps=None, momentum=None, zero_init=False):
+        y = act(Scope.batch_norm(self, name, x, eps=eps, momentum=momentum, zero_init=zero_init))
+        eps = self._eps(eps)
+        momentum = self.defaults.get("momentum", 0.1) if momentum is None else momentum
+        return self._leaf(name, BatchNormAct2d(x.shape[1], eps=eps, momentum=momentum, act=act, device="meta",
+                                               dtype=x.dtype), x, y)
 
     def layer_norm(self, name, x, *, eps=1e-5):
         y = Scope.layer_norm(self, name, x, eps=eps)

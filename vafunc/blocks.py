@@ -35,6 +35,8 @@ from typing import Callable
 
 import torch
 
+from .kit import Scope
+
 __all__ = [
     "make_divisible",
     "Layout",
@@ -48,6 +50,7 @@ __all__ = [
     "depthwise_separable",
     "sequence",
     "stages",
+    "classifier",
     "transform_input",
     "drop_aux_remap",
 ]
@@ -130,17 +133,20 @@ class Layout:
                 out.append(((*pre, str(self.start + i)), *(("fc1", "fc2") if role == "se" else ("0", "1"))))
         return out
 
-    def scopes(self, m, units: tuple) -> list:
-        """:meth:`place`, with each module path resolved to a child scope of ``m`` (one scope
-        per module, shared by the units that live in it): ``[(scope, key, key), ...]``."""
-        memo, out = {(): m}, []
-        for path, a, b in self.place(units):
-            for i in range(1, len(path) + 1):
-                if path[:i] not in memo:
-                    memo[path[:i]] = memo[path[: i - 1]].child(path[i - 1])
-            out.append((memo[path], a, b))
-        return out
-
+    def run(self, m, x, units: tuple, calls: tuple):
+        """Run a block's units in ``m``: ``units`` as in :meth:`place`, ``calls`` one
+        ``(fn, args, kw)`` per unit (``Scope.conv_norm_act`` or ``Scope.squeeze_excite``), to
+        which the unit's two keys are given as ``conv``/``norm`` (``fc1``/``fc2`` for SE). Every
+        module path of the layout is a block of its own, so the units that share a container
+        (torchvision's ``block``, MobileNetV2's ``conv``, MNASNet's ``layers``) run inside one
+        call of it, in order."""
+        steps = []
+        for (path, a, b), (role, act), (fn, args, kw) in zip(self.place(units), units, calls):
+            keys = {"fc1": a, "fc2": b} if role == "se" else {"conv": a, "norm": b}
+            if self.kind == "flat" and act:  # the activation module follows the BN in the sequence
+                keys["act_name"] = str(int(b) + 1)
+            steps.append((path, fn, tuple(args), tuple({**dict(kw), **keys}.items())))
+        return run_units(m, x, tuple(steps))
 
 TORCHVISION = Layout("cna", "block")
 MOBILENET_V2 = Layout("cna_bare_project", "conv")
@@ -153,6 +159,25 @@ TIMM_IR = Layout.named(expand=("conv_pw", "bn1"), dw=("conv_dw", "bn2"), se=("se
 # --------------------------------------------------------------------------- blocks
 
 
+def run_units(m, y, steps: tuple):
+    """``steps``: ``(module path, fn, args, kw pairs)`` run in order from ``m``; consecutive steps
+    under the same first path component run inside one ``m.block`` of that module (a module
+    tree in torch_compat, a child scope in the pure apply)."""
+    i = 0
+    while i < len(steps):
+        path, fn, args, kw = steps[i]
+        if not path:
+            y, i = fn(m, y, *args, **dict(kw)), i + 1
+            continue
+        j = i
+        while j < len(steps) and steps[j][0][:1] == path[:1]:
+            j += 1
+        inner = tuple((p[1:], f, a, k) for p, f, a, k in steps[i:j])
+        y, i = m.block(path[0], run_units, y, inner, tap=False), j
+    return y
+
+
+
 def _residual(m, x, y, rate: float, rng):
     """``x + drop_path(y)`` (per-sample stochastic depth, keyed by ``rng`` or the scope's key)."""
     return m.drop_path(y, rate, m.rng if rng is None else rng) + x
@@ -163,6 +188,7 @@ def mbconv(
     x,
     cout: int,
     *,
+    cin: int | None = None,
     expanded: int,
     kernel: int,
     stride: int = 1,
@@ -188,28 +214,25 @@ def mbconv(
     squeeze-and-excitation to ``se`` channels (``se_act``, ``se_gate``), then a linear 1x1
     projection. The residual is added when ``stride == 1 and cin == cout``, with stochastic depth
     ``drop_path`` keyed by ``rng`` (default: the scope's key). ``eps``/``momentum``: BatchNorm's
-    (default: the family's).
+    (default: the family's). ``cin``: the input channels, read off ``x`` when not given; the
+    families pass it from their block specs, so that no Python decision reads a tensor's shape
+    (torch_compat's module trees are traced by FX with symbolic shapes).
     """
-    cin = x.shape[1]
+    cin = x.shape[1] if cin is None else cin
     if stride not in (1, 2):
         raise ValueError(f"MBConv stride must be 1 or 2, got {stride}")
     expand = expanded != cin if expand is None else expand
     if not expand and expanded != cin:
         raise ValueError(f"MBConv without expansion needs expanded == cin, got {expanded} != {cin}")
+    bn = (("eps", eps), ("momentum", momentum))
     units = (("expand", True),) * expand + (("dw", True),) + (("se", False),) * (se is not None) + (("project", False),)
-    u = iter(names.scopes(m, units))
-    y = x
-    if expand:
-        s, c, n = next(u)
-        y = s.conv_norm_act(y, expanded, 1, conv=c, norm=n, act=act, eps=eps, momentum=momentum)
-    s, c, n = next(u)
-    y = s.conv_norm_act(y, expanded, kernel, conv=c, norm=n, act=act, stride=1 if dilation > 1 else stride,
-                        padding=padding, dilation=dilation, groups=expanded, eps=eps, momentum=momentum)
-    if se is not None:
-        s, c, n = next(u)
-        y = s.squeeze_excite(y, se, act=se_act, gate=se_gate, fc1=c, fc2=n)
-    s, c, n = next(u)
-    y = s.conv_norm_act(y, cout, 1, conv=c, norm=n, eps=eps, momentum=momentum)
+    calls = ((Scope.conv_norm_act, (expanded, 1), (("act", act),) + bn),) * expand + (
+        (Scope.conv_norm_act, (expanded, kernel), (("act", act), ("stride", 1 if dilation > 1 else stride),
+                                                   ("padding", padding), ("dilation", dilation),
+                                                   ("groups", expanded)) + bn),
+    ) + ((Scope.squeeze_excite, (se,), (("act", se_act), ("gate", se_gate))),) * (se is not None) + (
+        (Scope.conv_norm_act, (cout, 1), bn),)
+    y = names.run(m, x, units, calls)
     return _residual(m, x, y, drop_path, rng) if stride == 1 and cin == cout else y
 
 
@@ -218,6 +241,7 @@ def fused_mbconv(
     x,
     cout: int,
     *,
+    cin: int | None = None,
     expanded: int,
     kernel: int,
     stride: int = 1,
@@ -240,25 +264,21 @@ def fused_mbconv(
     ``cin -> cout`` with activation (role ``"fused"``). Residual (with ``drop_path``) when
     ``stride == 1 and cin == cout``; other keywords as :func:`mbconv`.
     """
-    cin = x.shape[1]
+    cin = x.shape[1] if cin is None else cin
     if stride not in (1, 2):
         raise ValueError(f"Fused-MBConv stride must be 1 or 2, got {stride}")
+    bn = (("eps", eps), ("momentum", momentum))
+    conv = (("act", act), ("stride", stride), ("padding", padding)) + bn
     if expanded == cin:
         if se is not None:
             raise ValueError("Fused-MBConv without expansion has no squeeze-and-excitation")
-        ((s, c, n),) = names.scopes(m, (("fused", True),))
-        y = s.conv_norm_act(x, cout, kernel, conv=c, norm=n, act=act, stride=stride, padding=padding,
-                            eps=eps, momentum=momentum)
+        y = names.run(m, x, (("fused", True),), ((Scope.conv_norm_act, (cout, kernel), conv),))
     else:
-        u = iter(names.scopes(m, (("expand", True),) + (("se", False),) * (se is not None) + (("project", False),)))
-        s, c, n = next(u)
-        y = s.conv_norm_act(x, expanded, kernel, conv=c, norm=n, act=act, stride=stride, padding=padding,
-                            eps=eps, momentum=momentum)
-        if se is not None:
-            s, c, n = next(u)
-            y = s.squeeze_excite(y, se, act=se_act, gate=se_gate, fc1=c, fc2=n)
-        s, c, n = next(u)
-        y = s.conv_norm_act(y, cout, 1, conv=c, norm=n, eps=eps, momentum=momentum)
+        units = (("expand", True),) + (("se", False),) * (se is not None) + (("project", False),)
+        calls = ((Scope.conv_norm_act, (expanded, kernel), conv),) + (
+            (Scope.squeeze_excite, (se,), (("act", se_act), ("gate", se_gate))),) * (se is not None) + (
+            (Scope.conv_norm_act, (cout, 1), bn),)
+        y = names.run(m, x, units, calls)
     return _residual(m, x, y, drop_path, rng) if stride == 1 and cin == cout else y
 
 
@@ -267,6 +287,7 @@ def depthwise_separable(
     x,
     cout: int,
     *,
+    cin: int | None = None,
     kernel: int = 3,
     stride: int = 1,
     act: str,
@@ -289,17 +310,14 @@ def depthwise_separable(
     ``project_act``, as in MobileNetV1). MobileNetV1 has no shortcut (``skip=False``); with
     ``skip`` the identity is added (with ``drop_path``) when the shapes allow it.
     """
-    cin = x.shape[1]
+    cin = x.shape[1] if cin is None else cin
+    bn = (("eps", eps), ("momentum", momentum))
     units = (("dw", True),) + (("se", False),) * (se is not None) + (("project", project_act),)
-    u = iter(names.scopes(m, units))
-    s, c, n = next(u)
-    y = s.conv_norm_act(x, cin, kernel, conv=c, norm=n, act=act, stride=stride, padding=padding, groups=cin,
-                        eps=eps, momentum=momentum)
-    if se is not None:
-        s, c, n = next(u)
-        y = s.squeeze_excite(y, se, act=se_act, gate=se_gate, fc1=c, fc2=n)
-    s, c, n = next(u)
-    y = s.conv_norm_act(y, cout, 1, conv=c, norm=n, act=act if project_act else None, eps=eps, momentum=momentum)
+    calls = ((Scope.conv_norm_act, (cin, kernel), (("act", act), ("stride", stride), ("padding", padding),
+                                                   ("groups", cin)) + bn),) + (
+        (Scope.squeeze_excite, (se,), (("act", se_act), ("gate", se_gate))),) * (se is not None) + (
+        (Scope.conv_norm_act, (cout, 1), (("act", act if project_act else None),) + bn),)
+    y = names.run(m, x, units, calls)
     return _residual(m, x, y, drop_path, rng) if skip and stride == 1 and cin == cout else y
 
 
@@ -325,6 +343,13 @@ def stages(m, x, plan, block, *, start: int = 0):
         x = m.block(str(start + i), sequence, x, specs, block, rng=m.rng, index=b)
         b += len(specs)
     return x
+
+
+def classifier(m, x, num_classes: int, rate: float, *, init=None):
+    """torchvision's ``classifier = Sequential(Dropout(rate), Linear(C, num_classes))``
+    (MobileNetV2, EfficientNet, MNASNet): ``[N, C] -> [N, num_classes]``, the dropout keyed by
+    the scope's key."""
+    return m.linear("1", m.dropout(x, rate, m.rng, name="0"), num_classes, init=init)
 
 
 # --------------------------------------------------------------------------- Inception-era helpers

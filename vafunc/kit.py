@@ -314,6 +314,12 @@ class Scope:
                                    eps=self._eps(eps), zero_init=zero_init)
         return self.batch_norm(name, x, eps=eps, momentum=momentum, zero_init=zero_init)
 
+    def norm_act(self, name, x, act: Callable, *, eps=None, momentum=None, zero_init=False):
+        """The family's norm at ``name`` then ``act`` in place: one module in the reference (timm's
+        ``BatchNormAct2d``; a family declares ``defaults={"norm_act": True}`` and
+        :meth:`conv_norm_act` uses it)."""
+        return act(self.norm(name, x, eps=eps, momentum=momentum, zero_init=zero_init))
+
     def layer_norm(self, name, x, *, eps=1e-5):
         """LayerNorm over the last axis of ``[..., C]`` (``nn.LayerNorm(C)``), tensors at
         ``name`` (weight 1, bias 0)."""
@@ -391,9 +397,11 @@ class Scope:
         fold = (norm, self._eps(eps)) if self._folds_bn() else None
         y = self.conv(conv, x, cout, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups,
                       bias=bias, init=init, _fold=fold)
+        act = activation(act)
+        if fold is None and self.defaults.get("norm_act") and act is not None:
+            return self.norm_act(norm, y, L.INPLACE.get(act, act), eps=eps, momentum=momentum, zero_init=zero_init)
         if fold is None:
             y = self.norm(norm, y, eps=eps, momentum=momentum, zero_init=zero_init)
-        act = activation(act)
         if act is None:
             return y
         if act_name is None and conv == "0" and norm == "1":

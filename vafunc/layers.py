@@ -186,12 +186,25 @@ def silu(x: torch.Tensor) -> torch.Tensor:
     return F.silu(x)
 
 
+def relu6_(x: torch.Tensor) -> torch.Tensor:
+    return F.hardtanh_(x, 0.0, 6.0)
+
+
+def hardswish_(x: torch.Tensor) -> torch.Tensor:
+    return F.hardswish(x, inplace=True)
+
+
+def silu_(x: torch.Tensor) -> torch.Tensor:
+    return F.silu(x, inplace=True)
+
+
 #: In-place twins, for tensors the caller owns (a fresh layer output): same values, less memory.
+#: (Named functions, not lambdas: torch_compat modules hold them and are pickled.)
 INPLACE: dict[Callable, Callable] = {
     relu: torch.relu_,
-    relu6: lambda x: F.hardtanh_(x, 0.0, 6.0),
-    hardswish: lambda x: F.hardswish(x, inplace=True),
-    silu: lambda x: F.silu(x, inplace=True),
+    relu6: relu6_,
+    hardswish: hardswish_,
+    silu: silu_,
 }
 
 

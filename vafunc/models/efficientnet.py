@@ -23,7 +23,10 @@ import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import torch
+
 from .. import blocks as B
+from .. import layers as L
 from .. import random as vrandom
 from ..kit import Scope, family
 from ..registry import Reference, check_config, register
@@ -146,9 +149,9 @@ def block(m, x, b: BlockSpec):
     """One MBConv (SE squeeze: input channels / 4) or Fused-MBConv, SiLU, torchvision's layout;
     its stochastic-depth key is the scope's."""
     if b.kind == "fused":
-        return B.fused_mbconv(m, x, b.cout, expanded=b.expanded, kernel=b.kernel, stride=b.stride, act="silu",
+        return B.fused_mbconv(m, x, b.cout, cin=b.cin, expanded=b.expanded, kernel=b.kernel, stride=b.stride, act="silu",
                               drop_path=b.drop_path, names=B.TORCHVISION)
-    return B.mbconv(m, x, b.cout, expanded=b.expanded, kernel=b.kernel, stride=b.stride, act="silu",
+    return B.mbconv(m, x, b.cout, cin=b.cin, expanded=b.expanded, kernel=b.kernel, stride=b.stride, act="silu",
                     se=max(1, b.cin // 4), se_act="silu", drop_path=b.drop_path, names=B.TORCHVISION)
 
 
@@ -162,15 +165,20 @@ def forward(m, cfg: EfficientNetConfig, x):
     Feature names (torchvision module paths): ``features.0`` (stem, stride 2), every block
     ``features.{i}.{j}``, every stage ``features.{i}``, and the head conv ``features.{K+1}``.
     """
-    if cfg.arch != "b" and min(x.shape[-2:]) < V2_MIN_SIZE:
+    if m.initializing and cfg.arch != "b" and min(x.shape[-2:]) < V2_MIN_SIZE:  # the size probe: min_size
         raise ValueError(f"EfficientNetV2 needs inputs of at least {V2_MIN_SIZE}x{V2_MIN_SIZE}")
     stem, stages, last = plan(cfg)
     k_blocks, k_head = (None, None) if m.rng is None else vrandom.split(m.rng).unbind(-2)
-    f = m.child("features", rng=k_blocks)
-    y = f.block("0", Scope.conv_norm_act, x, stem, 3, stride=2, act="silu")
-    y = B.stages(f, y, stages, block, start=1)
-    y = f.block(str(len(stages) + 1), Scope.conv_norm_act, y, last, 1, act="silu")
-    return m.child("classifier").head(y, cfg.num_classes, name="1", rate=cfg.dropout, rng=k_head)
+    y = m.block("features", features, x, stem, stages, last, tap=False, rng=k_blocks)
+    y = torch.flatten(m.op("avgpool", L.adaptive_avg_pool2d, y, 1, tap=False), 1)
+    return m.block("classifier", B.classifier, y, cfg.num_classes, cfg.dropout, tap=False, rng=k_head)
+
+
+def features(m, x, stem: int, stages: tuple, last: int):
+    """torchvision's ``features``: the stem ``0``, the stages ``1..K`` and the head conv ``K+1``."""
+    y = m.block("0", Scope.conv_norm_act, x, stem, 3, stride=2, act="silu")
+    y = B.stages(m, y, stages, block, start=1)
+    return m.block(str(len(stages) + 1), Scope.conv_norm_act, y, last, 1, act="silu")
 
 
 #: torchvision's init: convs kaiming_normal_(fan_out), classifier uniform in +-1/sqrt(classes);

@@ -92,6 +92,7 @@ class LiteBlock(NamedTuple):
     stride: int
     drop_path: float
     padding: str | None  # None: PyTorch's symmetric padding, "tf_same": TensorFlow's "SAME"
+    cin: int
 
 
 def plan(cfg: EfficientNetLiteConfig) -> tuple:
@@ -111,7 +112,7 @@ def plan(cfg: EfficientNetLiteConfig) -> tuple:
         for j in range(n):
             kind = "ds" if i == 0 else "ir"
             stage.append(LiteBlock(kind, cout, B.make_divisible(cin * t, 8), k, s if j == 0 else 1,
-                                   cfg.drop_path_rate * b / total, pad))
+                                   cfg.drop_path_rate * b / total, pad, cin))
             cin, b = cout, b + 1
         stages.append(tuple(stage))
     return tuple(stages)
@@ -120,9 +121,10 @@ def plan(cfg: EfficientNetLiteConfig) -> tuple:
 def block(m, x, b: LiteBlock):
     """One block (ReLU6, no SE) in timm's names; its stochastic-depth key is the scope's."""
     if b.kind == "ds":  # timm: the skip only where the shapes allow it (never in Lite's tables)
-        return B.depthwise_separable(m, x, b.cout, kernel=b.kernel, stride=b.stride, act="relu6", project_act=False,
+        return B.depthwise_separable(m, x, b.cout, cin=b.cin, kernel=b.kernel, stride=b.stride, act="relu6", project_act=False,
                                      skip=True, padding=b.padding, drop_path=b.drop_path, names=B.TIMM_DS)
-    return B.mbconv(m, x, b.cout, expanded=b.expanded, expand=True, kernel=b.kernel, stride=b.stride, act="relu6",
+    return B.mbconv(m, x, b.cout, cin=b.cin, expanded=b.expanded, expand=True, kernel=b.kernel, stride=b.stride,
+                    act="relu6",
                     padding=b.padding, drop_path=b.drop_path, names=B.TIMM_IR)
 
 
@@ -137,7 +139,7 @@ def forward(m, cfg: EfficientNetLiteConfig, x):
     k_blocks, k_head = (None, None) if m.rng is None else vrandom.split(m.rng).unbind(-2)
     y = m.conv_norm_act(x, STEM, 3, conv="conv_stem", norm="bn1", act="relu6", stride=2, padding=pad)
     y = m.tap("bn1", y)
-    y = B.stages(m.child("blocks", rng=k_blocks), y, plan(cfg), block)
+    y = m.block("blocks", B.stages, y, plan(cfg), block, tap=False, rng=k_blocks)
     y = m.tap("bn2", m.conv_norm_act(y, HEAD, 1, conv="conv_head", norm="bn2", act="relu6"))
     return m.head(y, cfg.num_classes, name="classifier", rate=cfg.drop_rate, rng=k_head)
 
@@ -186,9 +188,11 @@ def remap(cfg: EfficientNetLiteConfig, flat: dict) -> tuple[dict, list[str]]:
 
 
 #: timm's ``_init_weight_goog``: convs normal(0, sqrt(2 / (k*k*cout/groups))), the classifier
-#: uniform in +-1/sqrt(classes), zero biases; BatchNorm eps per builder, momentum 0.1.
+#: uniform in +-1/sqrt(classes), zero biases; BatchNorm eps per builder, momentum 0.1; each
+#: BatchNorm and its activation are one module (timm's ``BatchNormAct2d``).
 FAMILY = family("efficientnet_lite", EfficientNetLiteConfig, forward, paper=PAPER, remap=remap,
-                defaults=lambda cfg: {"conv": "goog", "linear": "uniform_range", "eps": cfg.bn_eps})
+                defaults=lambda cfg: {"conv": "goog", "linear": "uniform_range", "eps": cfg.bn_eps,
+                                      "norm_act": True})
 
 # timm's builders: (variant, channel_multiplier, depth_multiplier, params)
 for _i, _w, _d, _n in [

@@ -75,6 +75,7 @@ class StackBlock(NamedTuple):
     expanded: int
     kernel: int
     stride: int
+    cin: int
 
 
 def plan(cfg: MNASNetConfig) -> tuple[tuple[int, int], tuple]:
@@ -82,13 +83,14 @@ def plan(cfg: MNASNetConfig) -> tuple[tuple[int, int], tuple]:
     d = depths(cfg)
     stacks, cin = [], d[1]
     for (k, stride, t, n), cout in zip(STACKS, d[2:]):
-        stacks.append(tuple(StackBlock(cout, (cin if j == 0 else cout) * t, k, stride if j == 0 else 1) for j in range(n)))
+        stacks.append(tuple(StackBlock(cout, (cin if j == 0 else cout) * t, k, stride if j == 0 else 1,
+                                       cin if j == 0 else cout) for j in range(n)))
         cin = cout
     return d[:2], tuple(stacks)
 
 
 def block(m, x, b: StackBlock):
-    return B.mbconv(m, x, b.cout, expanded=b.expanded, expand=True, kernel=b.kernel, stride=b.stride, act="relu",
+    return B.mbconv(m, x, b.cout, cin=b.cin, expanded=b.expanded, expand=True, kernel=b.kernel, stride=b.stride, act="relu",
                     names=B.MNASNET)
 
 
@@ -104,16 +106,20 @@ def forward(m, cfg: MNASNetConfig, x):
     32, 32) and ``layers.16`` (head).
     """
     (c0, c1), stacks = plan(cfg)
-    lay = m.child("layers")
-    y = lay.conv_norm_act(x, c0, 3, conv="0", norm="1", act="relu", stride=2)
-    y = B.depthwise_separable(lay, y, c1, act="relu", project_act=False, names=_STEM_DS)
-    y = lay.tap("7", y)
-    y = B.stages(lay, y, stacks, block, start=_FIRST_STACK)
+    y = m.block("layers", layers, x, c0, c1, stacks, tap=False)
+    return m.block("classifier", B.classifier, y.mean((2, 3)), cfg.num_classes, cfg.dropout, tap=False, rng=m.rng)
+
+
+def layers(m, x, c0: int, c1: int, stacks: tuple):
+    """torchvision's flat ``layers`` sequence: stem conv ``0-2``, its depthwise-separable conv
+    ``3-7``, the stacks ``8..13``, the head conv ``14-16``."""
+    y = m.conv_norm_act(x, c0, 3, conv="0", norm="1", act="relu", stride=2)
+    y = B.depthwise_separable(m, y, c1, cin=c0, act="relu", project_act=False, names=_STEM_DS)
+    y = m.tap("7", y)
+    y = B.stages(m, y, stacks, block, start=_FIRST_STACK)
     h = _FIRST_STACK + len(stacks)
-    y = lay.conv_norm_act(y, HEAD, 1, conv=str(h), norm=str(h + 1), act="relu")
-    y = lay.tap(str(h + 2), y)
-    y = m.dropout(y.mean((2, 3)), cfg.dropout, m.rng)
-    return m.child("classifier").linear("1", y, cfg.num_classes)
+    return m.tap(str(h + 2), m.conv_norm_act(y, HEAD, 1, conv=str(h), norm=str(h + 1), act="relu",
+                                             act_name=str(h + 2)))
 
 
 def remap(cfg: MNASNetConfig, flat: dict):

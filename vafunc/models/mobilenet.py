@@ -20,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import torch
+
 from .. import blocks as B
 from .. import layers as L
 from ..kit import Scope, family
@@ -60,17 +62,21 @@ class MobileNetV1Config:
 class V1Block(NamedTuple):
     cout: int
     stride: int
+    cin: int
 
 
 def plan_v1(cfg: MobileNetV1Config) -> tuple[int, tuple]:
     """``(stem channels, stages of V1Blocks)``; channels rounded like timm."""
     ch = lambda c: B.make_divisible(c * cfg.width_mult, 8)  # noqa: E731
-    stages = tuple(tuple(V1Block(ch(c), stride if j == 0 else 1) for j in range(n)) for n, c, stride in V1_STAGES)
-    return ch(32), stages
+    stages, cin = [], ch(32)
+    for n, c, stride in V1_STAGES:
+        stages.append(tuple(V1Block(ch(c), stride if j == 0 else 1, cin if j == 0 else ch(c)) for j in range(n)))
+        cin = ch(c)
+    return ch(32), tuple(stages)
 
 
 def block_v1(m, x, b: V1Block):
-    return B.depthwise_separable(m, x, b.cout, stride=b.stride, act="relu6", names=B.TIMM_DS)
+    return B.depthwise_separable(m, x, b.cout, cin=b.cin, stride=b.stride, act="relu6", names=B.TIMM_DS)
 
 
 def forward_v1(m, cfg: MobileNetV1Config, x):
@@ -82,12 +88,13 @@ def forward_v1(m, cfg: MobileNetV1Config, x):
     stem, stages = plan_v1(cfg)
     y = m.conv_norm_act(x, stem, 3, conv="conv_stem", norm="bn1", act="relu6", stride=2)
     y = m.tap("bn1", y)
-    y = B.stages(m.child("blocks"), y, stages, block_v1)
+    y = m.block("blocks", B.stages, y, stages, block_v1, tap=False)
     return m.head(y, cfg.num_classes, name="classifier", rate=cfg.drop_rate, rng=m.rng)
 
 
+#: timm's layout: each BatchNorm and its activation are one module (``BatchNormAct2d``)
 FAMILY_V1 = family("mobilenet_v1", MobileNetV1Config, forward_v1, paper=PAPER_V1,
-                   defaults={"conv": "goog", "linear": "uniform_range"})
+                   defaults={"conv": "goog", "linear": "uniform_range", "norm_act": True})
 
 
 # =========================================================================== MobileNetV2
@@ -127,6 +134,7 @@ class V2Block(NamedTuple):
     expanded: int
     expand: bool
     stride: int
+    cin: int
 
 
 def plan_v2(cfg: MobileNetV2Config) -> tuple[int, tuple, int]:
@@ -138,13 +146,13 @@ def plan_v2(cfg: MobileNetV2Config) -> tuple[int, tuple, int]:
     for t, c, n, s in cfg.inverted_residual_setting:
         cout = B.make_divisible(c * cfg.width_mult, rnd)
         for j in range(int(n)):
-            blocks.append(V2Block(cout, int(round(cin * t)), t != 1, s if j == 0 else 1))
+            blocks.append(V2Block(cout, int(round(cin * t)), t != 1, s if j == 0 else 1, cin))
             cin = cout
     return stem, tuple(blocks), B.make_divisible(1280 * max(1.0, cfg.width_mult), rnd)
 
 
 def block_v2(m, x, b: V2Block):
-    return B.mbconv(m, x, b.cout, expanded=b.expanded, expand=b.expand, kernel=3, stride=b.stride, act="relu6",
+    return B.mbconv(m, x, b.cout, cin=b.cin, expanded=b.expanded, expand=b.expand, kernel=3, stride=b.stride, act="relu6",
                     names=B.MOBILENET_V2)
 
 
@@ -155,11 +163,17 @@ def forward_v2(m, cfg: MobileNetV2Config, x):
     stride 2, the last block of each stride level ends a stage).
     """
     stem, blocks, last = plan_v2(cfg)
-    f = m.child("features")
-    y = f.block("0", Scope.conv_norm_act, x, stem, 3, stride=2, act="relu6")
-    y = B.sequence(f, y, blocks, block_v2, start=1)
-    y = f.block(str(len(blocks) + 1), Scope.conv_norm_act, y, last, 1, act="relu6")
-    return m.child("classifier").head(y, cfg.num_classes, name="1", rate=cfg.dropout, rng=m.rng)
+    y = m.block("features", features, x, stem, blocks, last, block_v2, "relu6", tap=False)
+    y = L.global_avg_pool(y)  # functional in torchvision's MobileNetV2
+    return m.block("classifier", B.classifier, y, cfg.num_classes, cfg.dropout, tap=False, rng=m.rng)
+
+
+def features(m, x, stem: int, blocks: tuple, last: int, block, act: str):
+    """torchvision's ``features`` of MobileNetV2/V3: the stem ``0``, the blocks ``1..n`` and the
+    head conv ``n+1``."""
+    y = m.block("0", Scope.conv_norm_act, x, stem, 3, stride=2, act=act)
+    y = B.sequence(m, y, blocks, block, start=1)
+    return m.block(str(len(blocks) + 1), Scope.conv_norm_act, y, last, 1, act=act)
 
 
 FAMILY_V2 = family("mobilenet_v2", MobileNetV2Config, forward_v2, paper=PAPER_V2,
@@ -241,6 +255,7 @@ class V3Block(NamedTuple):
     dilation: int
     act: str
     se: int | None  # squeeze channels
+    cin: int
 
 
 def plan_v3(cfg: MobileNetV3Config) -> tuple[int, tuple, int, int]:
@@ -253,13 +268,14 @@ def plan_v3(cfg: MobileNetV3Config) -> tuple[int, tuple, int, int]:
     for i, (cin, k, exp, out, se, act, stride) in enumerate(arch["rows"]):
         tail, after = i >= arch["c4"], i > arch["c4"]
         exp, out = ch(exp // div if after else exp), ch(out // div if tail else out)
-        blocks.append(V3Block(out, exp, k, stride, dil if tail else 1, act, B.make_divisible(exp // 4, 8) if se else None))
+        blocks.append(V3Block(out, exp, k, stride, dil if tail else 1, act, B.make_divisible(exp // 4, 8) if se else None,
+                              blocks[-1].cout if blocks else ch(cin)))
     stem = ch(arch["rows"][0][0])
     return stem, tuple(blocks), 6 * out, ch(arch["last_channel"] // div)
 
 
 def block_v3(m, x, b: V3Block):
-    return B.mbconv(m, x, b.cout, expanded=b.expanded, kernel=b.kernel, stride=b.stride, dilation=b.dilation,
+    return B.mbconv(m, x, b.cout, cin=b.cin, expanded=b.expanded, kernel=b.kernel, stride=b.stride, dilation=b.dilation,
                     act=b.act, se=b.se, se_gate="hardsigmoid", names=B.TORCHVISION)
 
 
@@ -269,13 +285,15 @@ def forward_v3(m, cfg: MobileNetV3Config, x):
     Feature names: ``features.0`` .. ``features.{n+1}`` (torchvision's module paths).
     """
     stem, blocks, head, hidden = plan_v3(cfg)
-    f = m.child("features")
-    y = f.block("0", Scope.conv_norm_act, x, stem, 3, stride=2, act="hardswish")
-    y = B.sequence(f, y, blocks, block_v3, start=1)
-    y = f.block(str(len(blocks) + 1), Scope.conv_norm_act, y, head, 1, act="hardswish")
-    c = m.child("classifier")
-    y = L.hardswish(c.linear("0", L.global_avg_pool(y), hidden))
-    return c.linear("3", m.dropout(y, cfg.dropout, m.rng), cfg.num_classes)
+    y = m.block("features", features, x, stem, blocks, head, block_v3, "hardswish", tap=False)
+    y = torch.flatten(m.op("avgpool", L.adaptive_avg_pool2d, y, 1, tap=False), 1)
+    return m.block("classifier", classifier_v3, y, hidden, cfg.num_classes, cfg.dropout, tap=False, rng=m.rng)
+
+
+def classifier_v3(m, x, hidden: int, num_classes: int, rate: float):
+    """``Sequential(Linear, Hardswish, Dropout, Linear)``; the dropout keyed by the scope's key."""
+    y = m.op("1", L.hardswish_, m.linear("0", x, hidden), tap=False)
+    return m.linear("3", m.dropout(y, rate, m.rng, name="2"), num_classes)
 
 
 #: torchvision's MobileNetV3: BatchNorm eps 1e-3, momentum 0.01; classifier N(0, 0.01).
