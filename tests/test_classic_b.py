@@ -444,7 +444,12 @@ def _brute_force_pool(x):
 
 @pytest.mark.parametrize("h,w", [(8, 10), (7, 9), (7, 10), (1, 2), (5, 5)])
 def test_bninception_reduction_pool(h, w):
-    from vafunc.models.bninception import reduction_pool
+    """The reduction modules' pool: ``pad_odd``, then Caffe's ceil-mode 3x3/2 max pool."""
+    from vafunc import layers as L
+    from vafunc.models.bninception import pad_odd
+
+    def reduction_pool(x):
+        return L.max_pool2d(pad_odd(x), 3, 2, ceil_mode=True)
 
     x = torch.randn(2, 3, h, w)
     got = reduction_pool(x)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import einops
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -62,6 +63,11 @@ def keyed_drop_path(x, rate: float, rng, train: bool):
 
 torch.fx.wrap("keyed_dropout")
 torch.fx.wrap("keyed_drop_path")
+# einops does not know FX's Proxy: its functions are single nodes of a traced graph. torch.fx.wrap
+# patches a name in the globals of the module that calls it at top level, so it runs at the top
+# level of einops' namespace, where the families' ``einops.rearrange(...)`` looks the name up.
+exec("import torch.fx\nfor _f in ('rearrange', 'repeat', 'reduce', 'einsum'):\n    torch.fx.wrap(_f)\ndel _f",  # noqa: S102
+     einops.__dict__)
 
 
 def tracing() -> bool:
@@ -102,6 +108,7 @@ class BatchNormAct2d(nn.BatchNorm2d):
 
     def __init__(self, *args, act: Callable, **kw):
         super().__init__(*args, **kw)
+        self.drop = nn.Identity()
         self.act = _op_module(act, (), {})
 
     def _check_input_dim(self, x):
@@ -109,7 +116,7 @@ class BatchNormAct2d(nn.BatchNorm2d):
             super()._check_input_dim(x)
 
     def forward(self, x):
-        return self.act(super().forward(x))
+        return self.act(self.drop(super().forward(x)))
 
 
 class Op(nn.Module):
@@ -156,6 +163,8 @@ def _op_module(fn: Callable, args: tuple, kw: dict) -> nn.Module:
         return nn.ReLU()
     if fn in (L.relu_, torch.relu_) and not args and not kw:
         return nn.ReLU(inplace=True)
+    if fn is L.identity:
+        return nn.Identity()
     torch_class = {L.relu6_: nn.ReLU6, L.hardswish_: nn.Hardswish, L.silu_: nn.SiLU}.get(fn)
     if torch_class is not None and not args and not kw:
         return torch_class(inplace=True)
@@ -173,16 +182,24 @@ def _op_module(fn: Callable, args: tuple, kw: dict) -> nn.Module:
 # --------------------------------------------------------------------------- containers
 
 
+_DATA = (torch.Tensor, torch.fx.Proxy)
+
+
+def call(mod: nn.Module, x):
+    """A module the declaration does not run itself, called as the reference calls it: an
+    ``nn.MultiheadAttention`` as self-attention ``mod(x, x, x, need_weights=False)[0]``, any
+    other module ``mod(x)``."""
+    if isinstance(mod, nn.MultiheadAttention):
+        return mod(x, x, x, need_weights=False)[0]
+    return mod(x)
+
+
 def _same(a: tuple, b: tuple) -> bool:
     """Whether a block's call arguments are the ones it was built with (no tensors among them)."""
-    if a is b:
-        return True
     if len(a) != len(b):
         return False
     for u, v in zip(a, b):
-        if u is v:
-            continue
-        if isinstance(u, torch.Tensor) or isinstance(v, torch.Tensor) or type(u) is not type(v) or u != v:
+        if isinstance(u, _DATA) or isinstance(v, _DATA) or type(u) is not type(v) or u != v:
             return False
     return True
 
@@ -200,7 +217,7 @@ class _Declared:
         self.fn, self.args, self.kw, self.defaults = fn, tuple(args), dict(kw), defaults
 
     def matches(self, args: tuple, kw: dict) -> bool:
-        return _same(args, self.args) and (kw is self.kw or _same(tuple(kw.items()), tuple(self.kw.items())))
+        return _same(args, self.args) and _same(tuple(kw.items()), tuple(self.kw.items()))
 
     def _run(self, x, args, kw, rng):
         if not args and not kw:
@@ -257,13 +274,13 @@ class Bound(Scope):
         return self.mod._modules[name](x)
 
     # structure
-    def child(self, name, rng=None):
+    def child(self, name, rng=None, *, module=None):
         return Bound(self.mod._modules[name], self.train, rng, self.defaults)
 
-    def block(self, name, fn, x, *args, tap=True, rng=None, **kw):
+    def block(self, name, fn, x, *args, tap=True, rng=None, module=None, sequential=False, **kw):
         mod = self.mod._modules[name]
-        if not isinstance(mod, _Declared):  # a user's replacement (nn.Identity(), a new head)
-            return mod(x)
+        if not isinstance(mod, _Declared):  # torch's layer, or a user's replacement (nn.Identity(), a new head)
+            return call(mod, x)
         if mod.matches(args, kw):
             return mod(x) if rng is None else mod(x, rng=rng)
         return mod(x, *args, rng=rng, **kw)
@@ -362,20 +379,38 @@ class _Builder(Scope):
         self.calls.append((name, x, y))
         return y
 
-    def child(self, name, rng=None):
-        return self._sub(name, nn.Module())
+    def child(self, name, rng=None, *, module=None):
+        return self._sub(name, nn.Module() if module is None else _torch_module(module, None))
 
-    def block(self, name, fn, x, *args, tap=True, rng=None, **kw):
+    def declare(self, name, module):
+        if name in self.mod._modules:
+            raise ValueError(f"{self.path}{name} is declared twice")
+        self.mod.add_module(name, _torch_module(module, None))
+
+    def block(self, name, fn, x, *args, tap=True, rng=None, module=None, sequential=False, **kw):
         if name in self.mod._modules:
             raise ValueError(f"{self.path}{name} is declared twice")
         mod = Block(fn, args, kw, self.defaults)
         c = self._sub(name, mod)
         y = fn(c, x, *args, **kw)
+        if module is not None:  # torch's layer: the same tensors under the same names, checked
+            torch_mod = _torch_module(module, x.dtype)
+            want = {k: tuple(v.shape) for k, v in torch_mod.state_dict().items()}
+            got = {k: tuple(v.shape) for k, v in mod.state_dict().items()}
+            if want != got:
+                raise ValueError(f"{self.path}{name}: the declaration's tensors {got} are not those of "
+                                 f"torch's {module[0]} {want}")
+            self.mod._modules[name] = torch_mod
+            self.calls.append((name, x, y))
+            return self.tap(name, y) if tap else y
         names = tuple(mod._modules)
-        chain = (names and names == tuple(str(i) for i in range(len(names))) and len(c.calls) == len(names)
+        ints = names == tuple(str(i) for i in range(len(names)))
+        chain = (names and (ints or sequential) and len(c.calls) == len(names)
                  and [n for n, _, _ in c.calls] == list(names) and c.calls[0][1] is x and c.calls[-1][2] is y
                  and all(c.calls[i][1] is c.calls[i - 1][2] for i in range(1, len(names)))
                  and not mod._parameters and not mod._buffers)
+        if sequential and not chain:
+            raise ValueError(f"{self.path}{name} is declared sequential, but its children do not form a chain")
         if chain:  # the reference's nn.Sequential: same children, the declaration's fn while unmodified
             seq = Seq()
             seq._modules = mod._modules
@@ -454,6 +489,14 @@ class _Builder(Scope):
         t = Scope.buffer(self, name, make)
         self.mod.register_buffer(name, torch.empty_like(t, device="meta"))
         return t
+
+
+def _torch_module(spec: tuple, dtype) -> nn.Module:
+    """``(torch class name, keywords)`` -> that module of ``torch.nn`` on the meta device."""
+    cls, kw = spec
+    if cls in ("Sequential", "ModuleList", "ModuleDict", "Identity"):  # containers: no tensors of their own
+        return getattr(nn, cls)(**dict(kw))
+    return getattr(nn, cls)(**dict(kw), device="meta", dtype=dtype)
 
 
 class VafuncModule(nn.Module):

@@ -127,8 +127,10 @@ class Scope:
         auxiliary heads, must run then so their parameters exist)."""
         return self.ini is not None
 
-    def child(self, name: str, rng=None) -> "Scope":
-        """The scope of submodule ``name`` (``rng``: its key, default none)."""
+    def child(self, name: str, rng=None, *, module: tuple | None = None) -> "Scope":
+        """The scope of submodule ``name`` (``rng``: its key, default none). ``module``: where
+        the reference holds a torch layer here whose tensors its forward reads without calling it
+        (Swin's ``qkv``), ``(torch class name, keywords)``; torch_compat's tree holds that class."""
         if self.ini is not None:
             return Scope(self.p.setdefault(name, {}), None, ini=self.ini, path=f"{self.path}{name}.",
                          defaults=self.defaults, sizes=self.sizes, ctx=self.ctx)
@@ -138,9 +140,14 @@ class Scope:
             self.new[name] = c.new
         return c
 
-    def block(self, name: str, fn: Callable, x, *args, tap: bool = True, rng=None, **kw):
+    def block(self, name: str, fn: Callable, x, *args, tap: bool = True, rng=None, module: tuple | None = None,
+              sequential: bool = False, **kw):
         """``fn(child_scope, x, *args, **kw)`` in the child scope ``name``; the output is recorded
-        as the feature ``path.name`` unless ``tap=False``."""
+        as the feature ``path.name`` unless ``tap=False``. For torch_compat's module tree (the
+        pure apply ignores both): ``module``, the reference's torch layer when it has one here,
+        ``(torch class name, keywords)`` (ViT's ``nn.MultiheadAttention``; ``fn`` is its pure
+        lowering); ``sequential``, the block is an ``nn.Sequential`` although its children are
+        named (ViT's ``encoder_layer_{i}``); children named ``0..n-1`` are detected."""
         y = fn(self.child(name, rng), x, *args, **kw)
         return self.tap(name, y) if tap else y
 
@@ -161,6 +168,11 @@ class Scope:
         (torch's class where there is one), so hooks, slicing and replacement see it."""
         y = fn(x, *args, **kw)
         return self.tap(name, y) if tap else y
+
+    def declare(self, name: str, module: tuple) -> None:
+        """A module the reference holds at ``name`` that has no tensors and computes nothing
+        (ShuffleNet V2's empty ``branch1`` Sequential of a basic unit), ``(torch class name,
+        keywords)``: only torch_compat's tree holds it; the pure apply ignores it."""
 
     def key(self, i: int):
         """The key of slot ``i`` of this scope's ``rng`` (``None`` without one)."""
@@ -398,8 +410,9 @@ class Scope:
         y = self.conv(conv, x, cout, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups,
                       bias=bias, init=init, _fold=fold)
         act = activation(act)
-        if fold is None and self.defaults.get("norm_act") and act is not None:
-            return self.norm_act(norm, y, L.INPLACE.get(act, act), eps=eps, momentum=momentum, zero_init=zero_init)
+        if fold is None and self.defaults.get("norm_act"):  # timm's BatchNormAct2d, with or without its act
+            return self.norm_act(norm, y, L.INPLACE.get(act, act) if act is not None else L.identity, eps=eps,
+                                 momentum=momentum, zero_init=zero_init)
         if fold is None:
             y = self.norm(norm, y, eps=eps, momentum=momentum, zero_init=zero_init)
         if act is None:

@@ -62,31 +62,31 @@ def features(m, x):
     """
     for i, layer in enumerate(FEATURES):
         if isinstance(layer, Conv):
-            x = m.conv(str(i), x, layer.out, layer.kernel, stride=layer.stride, padding=layer.padding, bias=True)
+            x = m.tap(str(i), m.conv(str(i), x, layer.out, layer.kernel, stride=layer.stride, padding=layer.padding,
+                                     bias=True))
         elif layer == "relu":  # in place (as torchvision) unless the conv output was recorded as a feature
-            x = L.relu_(x) if m.taps is None else L.relu(x)
+            x = m.op(str(i), L.relu_ if m.taps is None else L.relu, x)
         else:
-            x = L.max_pool2d(x, *POOL)
-        x = m.tap(str(i), x)
+            x = m.op(str(i), L.max_pool2d, x, *POOL)
     return x
 
 
 def classifier(m, x, cfg: AlexNetConfig):
     """Three fully connected layers with dropout before the first two (paper Section 4.2):
     ``[N, 256 * 6 * 6] -> [N, num_classes]``; dropout keys ``m.key(0)`` and ``m.key(1)``."""
-    x = m.dropout(x, cfg.dropout, m.key(0))
-    x = L.relu_(m.linear("1", x, HIDDEN))  # a fresh linear output: in place is safe
-    x = m.dropout(x, cfg.dropout, m.key(1))
-    x = L.relu_(m.linear("4", x, HIDDEN))
+    x = m.dropout(x, cfg.dropout, m.key(0), name="0")
+    x = m.op("2", L.relu_, m.linear("1", x, HIDDEN), tap=False)  # a fresh linear output: in place is safe
+    x = m.dropout(x, cfg.dropout, m.key(1), name="3")
+    x = m.op("5", L.relu_, m.linear("4", x, HIDDEN), tap=False)
     return m.linear("6", x, cfg.num_classes)
 
 
 def forward(m, cfg: AlexNetConfig, x):
     """``x [N, C, H, W] -> logits [N, num_classes]``; any size >= 63x63 (adaptive 6x6 pooling).
     AlexNet has no BatchNorm: the state is empty."""
-    y = features(m.child("features"), x)
-    y = L.adaptive_avg_pool2d(y, POOLED).flatten(1)
-    return classifier(m.child("classifier", m.rng), y, cfg)
+    y = m.block("features", features, x, tap=False)
+    y = m.op("avgpool", L.adaptive_avg_pool2d, y, POOLED, tap=False).flatten(1)
+    return m.block("classifier", classifier, y, cfg, rng=m.rng, tap=False)
 
 
 #: torch's default init everywhere (torchvision's AlexNet has no init of its own).

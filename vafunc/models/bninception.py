@@ -87,23 +87,25 @@ class BNInceptionConfig:
 # --------------------------------------------------------------------------- blocks
 
 
-def conv_bn_relu(m, name: str, x, cout: int, kernel: int, stride: int = 1):
-    """Caffe's conv (with bias, "same" padding) -> BatchNorm -> ReLU, tensors ``name`` and
-    ``name + "_bn"``."""
-    return m.conv_norm_act(x, cout, kernel, conv=name, norm=name + "_bn", act="relu", stride=stride, bias=True)
+def conv_bn_relu(m, pre: str, layer: str, x, cout: int, kernel: int, stride: int = 1, relu: str | None = None):
+    """Caffe's conv (with bias, "same" padding) -> BatchNorm -> ReLU (in place), modules
+    ``pre + layer``, ``pre + layer + "_bn"`` and ``relu`` (default ``pre + "relu_" + layer``)."""
+    return m.conv_norm_act(x, cout, kernel, conv=pre + layer, norm=pre + layer + "_bn", act="relu",
+                           act_name=relu or pre + "relu_" + layer, stride=stride, bias=True)
 
 
-def reduction_pool(x: torch.Tensor) -> torch.Tensor:
-    """Ceil-mode 3x3/2 max pool with output ``ceil(H / 2) x ceil(W / 2)``.
-
-    On even sizes this is exactly Caffe's (and Cadene's) ``MaxPool2d(3, 2, ceil_mode=True)``; odd
-    sizes get one ``-inf`` row/column at the bottom/right first, so the result matches the strided
-    conv branches it is concatenated with (see the module docstring).
-    """
+def pad_odd(x: torch.Tensor) -> torch.Tensor:
+    """One ``-inf`` row/column at the bottom/right of an odd-sized map, so that the reduction
+    modules' ceil-mode 3x3/2 max pool gives ``ceil(H / 2) x ceil(W / 2)`` and matches the strided
+    conv branches it is concatenated with (see the module docstring); even maps pass unchanged.
+    A leaf function of FX graphs (``torch.fx.wrap``): it branches on the map's size."""
     h, w = x.shape[-2], x.shape[-1]
     if h % 2 or w % 2:
         x = F.pad(x, (0, w % 2, 0, h % 2), value=float("-inf"))
-    return L.max_pool2d(x, 3, 2, ceil_mode=True)
+    return x
+
+
+torch.fx.wrap("pad_odd")
 
 
 def inception_module(m, x, r: ModuleRow):
@@ -114,20 +116,20 @@ def inception_module(m, x, r: ModuleRow):
     pre = f"inception_{r.name}_"
     branches = []
     if r.c1x1:
-        branches.append(conv_bn_relu(m, pre + "1x1", x, r.c1x1, 1))
-    y = conv_bn_relu(m, pre + "3x3_reduce", x, r.c3x3_reduce, 1)
-    branches.append(conv_bn_relu(m, pre + "3x3", y, r.c3x3, 3, stride=r.stride))
-    y = conv_bn_relu(m, pre + "double_3x3_reduce", x, r.cd3x3_reduce, 1)
-    y = conv_bn_relu(m, pre + "double_3x3_1", y, r.cd3x3, 3)
-    branches.append(conv_bn_relu(m, pre + "double_3x3_2", y, r.cd3x3, 3, stride=r.stride))
-    if r.pool == "reduce":
-        branches.append(reduction_pool(x))
+        branches.append(conv_bn_relu(m, pre, "1x1", x, r.c1x1, 1))
+    y = conv_bn_relu(m, pre, "3x3_reduce", x, r.c3x3_reduce, 1)
+    branches.append(conv_bn_relu(m, pre, "3x3", y, r.c3x3, 3, stride=r.stride))
+    y = conv_bn_relu(m, pre, "double_3x3_reduce", x, r.cd3x3_reduce, 1)
+    y = conv_bn_relu(m, pre, "double_3x3_1", y, r.cd3x3, 3)
+    branches.append(conv_bn_relu(m, pre, "double_3x3_2", y, r.cd3x3, 3, stride=r.stride))
+    if r.pool == "reduce":  # Caffe's ceil-mode 3x3/2 max pool, no projection
+        branches.append(m.op(pre + "pool", L.max_pool2d, pad_odd(x), 3, 2, ceil_mode=True, tap=False))
     else:
         if r.pool == "avg":  # 3x3/1, zero padding counted in the average (Caffe's AVE pooling)
-            y = L.avg_pool2d(x, 3, 1, 1, ceil_mode=True, count_include_pad=True)
+            y = m.op(pre + "pool", L.avg_pool2d, x, 3, 1, 1, ceil_mode=True, count_include_pad=True, tap=False)
         else:
-            y = L.max_pool2d(x, 3, 1, 1, ceil_mode=True)
-        branches.append(conv_bn_relu(m, pre + "pool_proj", y, r.pool_proj, 1))
+            y = m.op(pre + "pool", L.max_pool2d, x, 3, 1, 1, ceil_mode=True, tap=False)
+        branches.append(conv_bn_relu(m, pre, "pool_proj", y, r.pool_proj, 1))
     return torch.cat(branches, 1)
 
 
@@ -143,15 +145,16 @@ def forward(m, cfg: BNInceptionConfig, x):
     concatenated output ``inception_{3a,3b}_output`` (8), ``inception_3c_output`` and
     ``inception_4{a..d}_output`` (16), ``inception_4e_output``, ``inception_5{a,b}_output`` (32).
     """
-    y = m.tap("conv1_relu_7x7", conv_bn_relu(m, "conv1_7x7_s2", x, 64, 7, stride=2))
-    y = m.tap("pool1_3x3_s2", L.max_pool2d(y, 3, 2, ceil_mode=True))
-    y = conv_bn_relu(m, "conv2_3x3_reduce", y, 64, 1)
-    y = m.tap("conv2_relu_3x3", conv_bn_relu(m, "conv2_3x3", y, 192, 3))
-    y = m.tap("pool2_3x3_s2", L.max_pool2d(y, 3, 2, ceil_mode=True))
+    y = m.tap("conv1_relu_7x7", conv_bn_relu(m, "conv1_", "7x7_s2", x, 64, 7, stride=2, relu="conv1_relu_7x7"))
+    y = m.op("pool1_3x3_s2", L.max_pool2d, y, 3, 2, ceil_mode=True)
+    y = conv_bn_relu(m, "conv2_", "3x3_reduce", y, 64, 1)
+    y = m.tap("conv2_relu_3x3", conv_bn_relu(m, "conv2_", "3x3", y, 192, 3))
+    y = m.op("pool2_3x3_s2", L.max_pool2d, y, 3, 2, ceil_mode=True)
     for r in MODULES:
         y = m.tap(f"inception_{r.name}_output", inception_module(m, y, r))
     # Cadene: AvgPool2d(7) + flatten, i.e. the same thing on the 7x7 map of a 224 input
-    return m.head(y, cfg.num_classes, name="last_linear")
+    y = m.op("global_pool", L.adaptive_avg_pool2d, y, 1, tap=False).flatten(1)
+    return m.linear("last_linear", y, cfg.num_classes)
 
 
 #: Cadene's module keeps torch's defaults: convs and the classifier ``kaiming_uniform(a=sqrt(5))``

@@ -99,8 +99,10 @@ def dense_layer(m, x, cfg: DenseNetConfig):
     ``-> [N, k, H, W]``, the layer's new features, then dropout at ``drop_rate`` (train mode,
     keyed by ``m.rng``).
     """
-    y = m.conv("conv1", L.relu_(m.batch_norm("norm1", x)), cfg.bn_size * cfg.growth_rate, 1, padding=0)
-    y = m.conv("conv2", L.relu_(m.batch_norm("norm2", y)), cfg.growth_rate, 3, padding=1)
+    y = m.op("relu1", L.relu_, m.batch_norm("norm1", x), tap=False)
+    y = m.conv("conv1", y, cfg.bn_size * cfg.growth_rate, 1, padding=0)
+    y = m.op("relu2", L.relu_, m.batch_norm("norm2", y), tap=False)
+    y = m.conv("conv2", y, cfg.growth_rate, 3, padding=1)
     return m.dropout(y, cfg.drop_rate, m.rng) if cfg.drop_rate else y
 
 
@@ -120,8 +122,23 @@ def dense_block(m, x, b: BlockSpec, cfg: DenseNetConfig):
 def transition(m, x, cout: int):
     """Transition layer (Sec. 3, "Pooling layers"): BN-ReLU-Conv1x1 (halving the channels, the BC
     compression theta = 0.5) then 2x2/2 average pooling. ``[N, C, H, W] -> [N, C/2, H/2, W/2]``."""
-    y = m.conv("conv", L.relu_(m.batch_norm("norm", x)), cout, 1, padding=0)
-    return L.avg_pool2d(y, 2, 2)
+    y = m.conv("conv", m.op("relu", L.relu_, m.batch_norm("norm", x), tap=False), cout, 1, padding=0)
+    return m.op("pool", L.avg_pool2d, y, 2, 2, tap=False)
+
+
+def features(m, x, cfg: DenseNetConfig):
+    """torchvision's ``features``: the stem (7x7/2 conv, BN, ReLU, 3x3/2 max pool), the dense
+    blocks and transitions, the final BatchNorm ``norm5`` (its ReLU is the head's).
+    ``[N, C, H, W] -> [N, C', H / 32, W / 32]``; the blocks' dropout keys come from ``m.rng``."""
+    y = m.conv_norm_act(x, cfg.num_init_features, 7, conv="conv0", norm="norm0", act="relu", act_name="relu0",
+                        stride=2)
+    y = m.tap("relu0", y)
+    y = m.op("pool0", L.max_pool2d, y, 3, 2, 1)
+    for i, b in enumerate(plan(cfg)):
+        y = m.block(f"denseblock{i + 1}", dense_block, y, b, cfg, rng=m.rng)
+        if b.transition is not None:
+            y = m.block(f"transition{i + 1}", transition, y, b.transition, sequential=True)
+    return m.tap("norm5", m.batch_norm("norm5", y))
 
 
 def forward(m, cfg: DenseNetConfig, x):
@@ -133,17 +150,7 @@ def forward(m, cfg: DenseNetConfig, x):
     ``features.denseblock{b}`` (strides 4, 8, 16, 32), every ``features.transition{t}`` and
     ``features.norm5`` (the final BatchNorm, before the last ReLU).
     """
-    if m.train and cfg.drop_rate > 0.0:
-        L.require_rng(m.rng, f"DenseNet dropout (drop_rate {cfg.drop_rate})")
-    f = m.child("features")
-    y = f.conv_norm_act(x, cfg.num_init_features, 7, conv="conv0", norm="norm0", act="relu", stride=2)
-    y = f.tap("relu0", y)
-    y = f.tap("pool0", L.max_pool2d(y, 3, 2, 1))
-    for i, b in enumerate(plan(cfg)):
-        y = f.block(f"denseblock{i + 1}", dense_block, y, b, cfg, rng=m.rng)
-        if b.transition is not None:
-            y = f.block(f"transition{i + 1}", transition, y, b.transition)
-    y = f.tap("norm5", f.batch_norm("norm5", y))
+    y = m.block("features", features, x, cfg, rng=m.rng, tap=False, sequential=True)
     return m.head(L.relu(y), cfg.num_classes, name="classifier")  # not in place: norm5 may be a tap
 
 

@@ -118,25 +118,31 @@ def inception(m, x, b: InceptionSpec):
     Branches: 1x1; 1x1 -> 3x3; 1x1 -> "5x5" (a 3x3 in torchvision, see the module docstring);
     3x3 max-pool (stride 1, ceil mode; slot "0" of torchvision's branch4) -> 1x1 projection.
     """
-    b1 = basic_conv(m.child("branch1"), x, b.ch1x1, 1)
-    b2 = _reduce_then_3x3(m.child("branch2"), x, b.ch3x3red, b.ch3x3)
-    b3 = _reduce_then_3x3(m.child("branch3"), x, b.ch5x5red, b.ch5x5)
-    b4 = basic_conv(m.child("branch4").child("1"), L.max_pool2d(x, 3, 1, 1, ceil_mode=True), b.pool_proj, 1)
+    b1 = m.block("branch1", basic_conv, x, b.ch1x1, 1, tap=False)
+    b2 = m.block("branch2", _reduce_then_3x3, x, b.ch3x3red, b.ch3x3, tap=False)
+    b3 = m.block("branch3", _reduce_then_3x3, x, b.ch5x5red, b.ch5x5, tap=False)
+    b4 = m.block("branch4", _pool_then_proj, x, b.pool_proj, tap=False)
     return torch.cat([b1, b2, b3, b4], 1)
 
 
 def _reduce_then_3x3(m, x, reduce: int, cout: int):
     """Slot "0": 1x1 reduction; slot "1": 3x3 conv with padding 1."""
-    y = basic_conv(m.child("0"), x, reduce, 1)
-    return basic_conv(m.child("1"), y, cout, 3)
+    y = m.block("0", basic_conv, x, reduce, 1, tap=False)
+    return m.block("1", basic_conv, y, cout, 3, tap=False)
 
 
-def aux_head(m, x, num_classes: int, rate: float, rng):
+def _pool_then_proj(m, x, cout: int):
+    """Slot "0": 3x3/1 max pool (ceil mode); slot "1": 1x1 projection."""
+    y = m.op("0", L.max_pool2d, x, 3, 1, 1, ceil_mode=True, tap=False)
+    return m.block("1", basic_conv, y, cout, 1, tap=False)
+
+
+def aux_head(m, x, num_classes: int, rate: float):
     """Auxiliary classifier (paper Section 5): 4x4 average pool, 1x1 conv to 128, FC 1024 with
-    ReLU and dropout, FC to the classes. ``[N, C, H, W] -> [N, num_classes]``."""
-    y = basic_conv(m.child("conv"), L.adaptive_avg_pool2d(x, AUX_POOLED), AUX_WIDTH, 1)
+    ReLU and dropout (keyed by ``m.rng``), FC to the classes. ``[N, C, H, W] -> [N, num_classes]``."""
+    y = m.block("conv", basic_conv, L.adaptive_avg_pool2d(x, AUX_POOLED), AUX_WIDTH, 1, tap=False)
     y = L.relu(m.linear("fc1", y.flatten(1), AUX_HIDDEN))
-    return m.linear("fc2", m.dropout(y, rate, rng), num_classes)
+    return m.linear("fc2", m.dropout(y, rate, m.rng, name="dropout"), num_classes)
 
 
 def forward(m, cfg: GoogLeNetConfig, x, *, aux: bool = False):
@@ -153,24 +159,25 @@ def forward(m, cfg: GoogLeNetConfig, x, *, aux: bool = False):
     if cfg.transform_input:
         x = transform_input(x)
     y = m.block("conv1", basic_conv, x, 64, 7, stride=2)
-    y = m.tap("maxpool1", L.max_pool2d(y, 3, 2, ceil_mode=True))
+    y = m.op("maxpool1", L.max_pool2d, y, 3, 2, ceil_mode=True)
     y = m.block("conv2", basic_conv, y, 64, 1)
     y = m.block("conv3", basic_conv, y, 192, 3)
-    y = m.tap("maxpool2", L.max_pool2d(y, 3, 2, ceil_mode=True))
+    y = m.op("maxpool2", L.max_pool2d, y, 3, 2, ceil_mode=True)
     run_aux = aux or (m.initializing and cfg.aux_logits)
     aux_inputs = {}
     for name, b in BODY:
         if isinstance(b, Pool):
-            y = m.tap(name, L.max_pool2d(y, b.kernel, b.stride, ceil_mode=True))
+            y = m.op(name, L.max_pool2d, y, b.kernel, b.stride, ceil_mode=True)
         else:
             y = m.block(name, inception, y, b)
         if run_aux and name in AUX_HEADS:
             aux_inputs[AUX_HEADS[name]] = y
     outputs = {
-        h.name: aux_head(m.child(h.name), a, cfg.num_classes, cfg.dropout_aux, m.key(h.slot))
+        h.name: m.block(h.name, aux_head, a, cfg.num_classes, cfg.dropout_aux, rng=m.key(h.slot), tap=False)
         for h, a in aux_inputs.items()
     }
-    logits = m.head(y, cfg.num_classes, rate=cfg.dropout, rng=m.key(0))
+    y = m.op("avgpool", L.adaptive_avg_pool2d, y, 1, tap=False).flatten(1)
+    logits = m.linear("fc", m.dropout(y, cfg.dropout, m.key(0), name="dropout"), cfg.num_classes)
     return {"logits": logits, **outputs} if aux else logits
 
 

@@ -23,7 +23,7 @@ import torch
 
 from .. import layers as L
 from ..blocks import drop_aux_remap, transform_input
-from ..kit import family
+from ..kit import Scope, family
 from ..registry import Reference, check_config, register
 
 PAPER = "Szegedy et al. 2016, Rethinking the Inception Architecture for Computer Vision, arXiv:1512.00567"
@@ -38,9 +38,9 @@ DEFAULT_STD, AUX_FC_STD = 0.1, 0.001
 
 def conv(m, name: str, x, cout: int, kernel, stride: int = 1, padding=0):
     """torchvision's ``BasicConv2d`` ``name`` (tensors ``name.conv``, ``name.bn``): conv (no
-    bias; padding 0 unless given) -> BatchNorm (eps 1e-3) -> ReLU."""
-    return m.child(name).conv_norm_act(x, cout, kernel, conv="conv", norm="bn", act="relu", stride=stride,
-                                       padding=padding)
+    bias; padding 0 unless given) -> BatchNorm (eps 1e-3) -> ReLU (functional, as there)."""
+    return m.block(name, Scope.conv_norm_act, x, cout, kernel, conv="conv", norm="bn", act="relu", stride=stride,
+                   padding=padding, tap=False)
 
 
 def conv_1x7(m, name, x, cout):
@@ -57,6 +57,16 @@ def conv_1x3(m, name, x, cout):
 
 def conv_3x1(m, name, x, cout):
     return conv(m, name, x, cout, (3, 1), padding=(1, 0))
+
+
+def max_pool_3x3_s2(x):
+    """The grid reductions' 3x3/2 max pool (functional in torchvision too). A leaf function of FX
+    graphs (``torch.fx.wrap``): :func:`vafunc.layers.max_pool2d` picks its CPU fast path by
+    looking at the tensor, which symbolic tracing cannot do."""
+    return L.max_pool2d(x, 3, 2)
+
+
+torch.fx.wrap("max_pool_3x3_s2")
 
 
 # --------------------------------------------------------------------------- the five blocks
@@ -81,7 +91,7 @@ def block_b(m, x):
     bd = conv(m, "branch3x3dbl_1", x, 64, 1)
     bd = conv(m, "branch3x3dbl_2", bd, 96, 3, padding=1)
     bd = conv(m, "branch3x3dbl_3", bd, 96, 3, stride=2)
-    return torch.cat([b3, bd, L.max_pool2d(x, 3, 2)], 1)
+    return torch.cat([b3, bd, max_pool_3x3_s2(x)], 1)
 
 
 def block_c(m, x, c7: int):
@@ -106,7 +116,7 @@ def block_d(m, x):
     b7 = conv_1x7(m, "branch7x7x3_2", b7, 192)
     b7 = conv_7x1(m, "branch7x7x3_3", b7, 192)
     b7 = conv(m, "branch7x7x3_4", b7, 192, 3, stride=2)
-    return torch.cat([b3, b7, L.max_pool2d(x, 3, 2)], 1)
+    return torch.cat([b3, b7, max_pool_3x3_s2(x)], 1)
 
 
 def block_e(m, x):
@@ -192,10 +202,10 @@ def forward(m, cfg: InceptionV3Config, x, *, aux: bool = False):
     y = m.tap("Conv2d_1a_3x3", conv(m, "Conv2d_1a_3x3", x, 32, 3, stride=2))
     y = m.tap("Conv2d_2a_3x3", conv(m, "Conv2d_2a_3x3", y, 32, 3))
     y = m.tap("Conv2d_2b_3x3", conv(m, "Conv2d_2b_3x3", y, 64, 3, padding=1))
-    y = m.tap("maxpool1", L.max_pool2d(y, 3, 2))
+    y = m.op("maxpool1", L.max_pool2d, y, 3, 2)
     y = m.tap("Conv2d_3b_1x1", conv(m, "Conv2d_3b_1x1", y, 80, 1))
     y = m.tap("Conv2d_4a_3x3", conv(m, "Conv2d_4a_3x3", y, 192, 3))
-    y = m.tap("maxpool2", L.max_pool2d(y, 3, 2))
+    y = m.op("maxpool2", L.max_pool2d, y, 3, 2)
     out = {}
     for name, kind, args in MIXED:
         y = m.block(name, BLOCKS[kind], y, *args)
@@ -204,8 +214,9 @@ def forward(m, cfg: InceptionV3Config, x, *, aux: bool = False):
             # grid of a 299 input, so the probed minimum size is the main network's
             a = y.new_empty(*y.shape[:2], AUX_GRID, AUX_GRID) if m.initializing else y
             fc_init = ("trunc_normal_default_bias", AUX_FC_STD) if cfg.init_weights else None
-            out["aux"] = aux_head(m.child("AuxLogits"), a, cfg.num_classes, fc_init)
-    logits = m.head(y, cfg.num_classes, rate=cfg.dropout, rng=m.key(0))
+            out["aux"] = m.block("AuxLogits", aux_head, a, cfg.num_classes, fc_init, tap=False)
+    y = m.op("avgpool", L.adaptive_avg_pool2d, y, 1, tap=False)
+    logits = m.linear("fc", m.dropout(y, cfg.dropout, m.key(0), name="dropout").flatten(1), cfg.num_classes)
     return {"logits": logits, **out} if aux else logits
 
 

@@ -28,7 +28,7 @@ import torch
 
 from .. import layers as L
 from ..blocks import make_divisible
-from ..kit import family
+from ..kit import Scope, family
 from ..registry import Reference, check_config, register
 
 PAPER = "Radosavovic et al. 2020, Designing Network Design Spaces, arXiv:2003.13678"
@@ -128,33 +128,41 @@ def stage_params(depth: int, w_0: int, w_a: float, w_m: float, group_width: int,
 # --------------------------------------------------------------------------- the network
 
 
-def res_bottleneck(m, x, width: int, stride: int, group_width: int, cfg: RegNetConfig):
-    """``ResBottleneckBlock`` (paper Fig. 3/4; Y: with SE): ``relu(proj(x) + f(x))``, ``f`` =
-    1x1 -> grouped 3x3 (stride) [-> SE] -> 1x1. ``[N, C, H, W] -> [N, width, H/stride, W/stride]``."""
-    cin = x.shape[1]
+def bottleneck_transform(m, x, cin: int, width: int, stride: int, group_width: int, cfg: RegNetConfig):
+    """``BottleneckTransform`` ``f``: 1x1 ``a`` -> grouped 3x3 ``b`` (stride) [-> SE ``se``] ->
+    1x1 ``c`` (conv-BN, no activation). ``[N, cin, H, W] -> [N, width, H/stride, W/stride]``."""
+    w_b = int(round(width * cfg.bottleneck_multiplier))
+    y = m.block("a", Scope.conv_norm_act, x, w_b, 1, act="relu", tap=False)
+    y = m.block("b", Scope.conv_norm_act, y, w_b, 3, act="relu", stride=stride, groups=w_b // group_width, tap=False)
+    if cfg.se_ratio:  # the SE width is relative to the block's input width
+        y = m.block("se", Scope.squeeze_excite, y, int(round(cfg.se_ratio * cin)), init="kaiming_fan_out_default_bias",
+                    tap=False)
+    return m.block("c", Scope.conv_norm_act, y, width, 1, tap=False)
+
+
+def res_bottleneck(m, x, cin: int, width: int, stride: int, group_width: int, cfg: RegNetConfig):
+    """``ResBottleneckBlock`` (paper Fig. 3/4; Y: with SE): ``relu(proj(x) + f(x))``, ``f`` the
+    :func:`bottleneck_transform`. ``[N, cin, H, W] -> [N, width, H/stride, W/stride]``."""
     shortcut = x
     if cin != width or stride != 1:  # the projection is registered (and drawn) before f
-        shortcut = m.child("proj").conv_norm_act(x, width, 1, stride=stride)
-    f = m.child("f")
-    w_b = int(round(width * cfg.bottleneck_multiplier))
-    y = f.child("a").conv_norm_act(x, w_b, 1, act="relu")
-    y = f.child("b").conv_norm_act(y, w_b, 3, act="relu", stride=stride, groups=w_b // group_width)
-    if cfg.se_ratio:  # the SE width is relative to the block's input width
-        y = f.child("se").squeeze_excite(y, int(round(cfg.se_ratio * cin)), init="kaiming_fan_out_default_bias")
-    y = f.child("c").conv_norm_act(y, width, 1)
-    return L.add_relu_(y, shortcut)
+        shortcut = m.block("proj", Scope.conv_norm_act, x, width, 1, stride=stride, tap=False)
+    y = m.block("f", bottleneck_transform, x, cin, width, stride, group_width, cfg, tap=False, sequential=True)
+    return m.op("activation", L.relu_, y.add_(shortcut), tap=False)  # y: a fresh BN output
 
 
-def any_stage(m, x, i: int, stage: Stage, cfg: RegNetConfig):
-    """``AnyStage``: blocks ``block{i}-{j}``, the first with stride 2."""
+def any_stage(m, x, i: int, cin: int, stage: Stage, cfg: RegNetConfig):
+    """``AnyStage``: blocks ``block{i}-{j}`` from ``cin`` channels, the first with stride 2."""
     for j in range(stage.depth):
-        x = m.block(f"block{i}-{j}", res_bottleneck, x, stage.width, 2 if j == 0 else 1, stage.group_width, cfg)
+        x = m.block(f"block{i}-{j}", res_bottleneck, x, cin if j == 0 else stage.width, stage.width,
+                    2 if j == 0 else 1, stage.group_width, cfg)
     return x
 
 
 def trunk(m, x, cfg: RegNetConfig):
+    cin = cfg.stem_width
     for i, stage in enumerate(cfg.stages, 1):
-        x = m.block(f"block{i}", any_stage, x, i, stage, cfg)
+        x = m.block(f"block{i}", any_stage, x, i, cin, stage, cfg, sequential=True)
+        cin = stage.width
     return x
 
 
@@ -170,8 +178,9 @@ def forward(m, cfg: RegNetConfig, x):
     stage ``trunk_output.block{i}`` (strides 4, 8, 16, 32) and ``trunk_output``. No randomness.
     """
     y = m.block("stem", stem, x, cfg)
-    y = m.block("trunk_output", trunk, y, cfg)
-    return m.head(y, cfg.num_classes, init=("normal", 0.01))
+    y = m.block("trunk_output", trunk, y, cfg, sequential=True)
+    y = m.op("avgpool", L.adaptive_avg_pool2d, y, 1, tap=False).flatten(1)
+    return m.linear("fc", y, cfg.num_classes, init=("normal", 0.01))
 
 
 FAMILY = family("regnet", RegNetConfig, forward, paper=PAPER, defaults={"conv": "kaiming_fan_out"})

@@ -62,15 +62,21 @@ class ShuffleNetV2Config:
         check_config(self)
 
 
+def branch1(m, x, cin: int, c: int, stride: int):
+    """Depthwise 3x3 conv-BN (stride) -> 1x1 conv-BN-ReLU: ``[N, cin, H, W] -> [N, c, ...]``."""
+    y = m.conv_norm_act(x, cin, 3, conv="0", norm="1", stride=stride, groups=cin)
+    return m.conv_norm_act(y, c, 1, conv="2", norm="3", act="relu", act_name="4")
+
+
 def branch2(m, x, c: int, stride: int):
     """1x1 conv-BN-ReLU -> depthwise 3x3 conv-BN (stride) -> 1x1 conv-BN-ReLU: ``-> [N, c, ...]``."""
     y = m.conv_norm_act(x, c, 1, conv="0", norm="1", act="relu")
     y = m.conv_norm_act(y, c, 3, conv="3", norm="4", stride=stride, groups=c)
-    return m.conv_norm_act(y, c, 1, conv="5", norm="6", act="relu")
+    return m.conv_norm_act(y, c, 1, conv="5", norm="6", act="relu", act_name="7")
 
 
-def inverted_residual(m, x, cout: int, stride: int):
-    """``InvertedResidual`` (paper Fig. 3c/d): ``[N, C, H, W] -> [N, cout, H/stride, W/stride]``.
+def inverted_residual(m, x, cin: int, cout: int, stride: int):
+    """``InvertedResidual`` (paper Fig. 3c/d): ``[N, cin, H, W] -> [N, cout, H/stride, W/stride]``.
 
     Basic unit (stride 1): channel split, ``branch2`` on the second half. Down-sampling unit:
     ``branch1`` (depthwise 3x3/2 conv-BN, 1x1 conv-BN-ReLU) and ``branch2`` on the whole input.
@@ -78,20 +84,20 @@ def inverted_residual(m, x, cout: int, stride: int):
     """
     c = cout // 2
     if stride == 1:
+        m.declare("branch1", ("Sequential", ()))  # torchvision keeps an empty one
         x1, x2 = x.chunk(2, dim=1)
-        halves = (x1, branch2(m.child("branch2"), x2, c, 1))
+        halves = (x1, m.block("branch2", branch2, x2, c, 1, tap=False))
     else:
-        b1 = m.child("branch1")
-        y1 = b1.conv_norm_act(x, x.shape[1], 3, conv="0", norm="1", stride=stride, groups=x.shape[1])
-        y1 = b1.conv_norm_act(y1, c, 1, conv="2", norm="3", act="relu")
-        halves = (y1, branch2(m.child("branch2"), x, c, stride))
+        halves = (m.block("branch1", branch1, x, cin, c, stride, tap=False),
+                  m.block("branch2", branch2, x, c, stride, tap=False))
     return L.channel_shuffle(halves)  # = channel_shuffle(torch.cat(halves, 1), 2), in one copy
 
 
-def stage(m, x, repeats: int, cout: int):
-    """One stage: a down-sampling unit, then ``repeats - 1`` basic units (``stage{s}.{i}``)."""
+def stage(m, x, repeats: int, cin: int, cout: int):
+    """One stage: a down-sampling unit from ``cin`` channels, then ``repeats - 1`` basic units
+    (``stage{s}.{i}``)."""
     for i in range(repeats):
-        x = m.block(str(i), inverted_residual, x, cout, 2 if i == 0 else 1)
+        x = m.block(str(i), inverted_residual, x, cin if i == 0 else cout, cout, 2 if i == 0 else 1)
     return x
 
 
@@ -108,9 +114,9 @@ def forward(m, cfg: ShuffleNetV2Config, x):
     """
     outs = cfg.stages_out_channels
     y = m.block("conv1", conv_bn_relu, x, outs[0], 3, 2)
-    y = m.tap("maxpool", L.max_pool2d(y, 3, 2, 1))
-    for s, (repeats, cout) in enumerate(zip(cfg.stages_repeats, outs[1:4]), 2):
-        y = m.block(f"stage{s}", stage, y, repeats, cout)
+    y = m.op("maxpool", L.max_pool2d, y, 3, 2, 1)
+    for s, (repeats, cin, cout) in enumerate(zip(cfg.stages_repeats, outs[0:3], outs[1:4]), 2):
+        y = m.block(f"stage{s}", stage, y, repeats, cin, cout)
     y = m.block("conv5", conv_bn_relu, y, outs[4], 1)
     return m.linear("fc", y.mean([2, 3]), cfg.num_classes)  # torchvision's global pool: a mean
 

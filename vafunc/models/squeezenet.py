@@ -56,9 +56,9 @@ class SqueezeNetConfig:
 
 def fire(m, x, squeeze: int, e1: int, e3: int):
     """Fire module (Sec. 3.2, Fig. 1): ``[N, C, H, W] -> [N, e1 + e3, H, W]``."""
-    s = L.relu_(m.conv("squeeze", x, squeeze, 1, bias=True))
-    return torch.cat([L.relu_(m.conv("expand1x1", s, e1, 1, bias=True)),
-                      L.relu_(m.conv("expand3x3", s, e3, 3, bias=True))], 1)
+    s = m.op("squeeze_activation", L.relu_, m.conv("squeeze", x, squeeze, 1, bias=True), tap=False)
+    return torch.cat([m.op("expand1x1_activation", L.relu_, m.conv("expand1x1", s, e1, 1, bias=True), tap=False),
+                      m.op("expand3x3_activation", L.relu_, m.conv("expand3x3", s, e3, 3, bias=True), tap=False)], 1)
 
 
 def features(m, x, cfg: SqueezeNetConfig):
@@ -68,10 +68,18 @@ def features(m, x, cfg: SqueezeNetConfig):
         elif kind == "conv":
             x = m.tap(str(i), m.conv(str(i), x, args[0], args[1], stride=2, padding=0, bias=True))
         elif kind == "relu":  # the stem's ReLU: in place unless its input is a recorded feature
-            x = m.tap(str(i), L.relu(x) if m.taps else L.relu_(x))
+            x = m.op(str(i), L.relu if m.taps else L.relu_, x)
         else:
-            x = m.tap(str(i), L.max_pool2d(x, 3, 2, ceil_mode=True))
+            x = m.op(str(i), L.max_pool2d, x, 3, 2, ceil_mode=True)
     return x
+
+
+def classifier(m, x, cfg: SqueezeNetConfig):
+    """Dropout (key ``m.key(0)``), the final 1x1 conv to the classes, ReLU, global average pool:
+    ``[N, 512, h, w] -> [N, num_classes, 1, 1]``."""
+    x = m.dropout(x, cfg.dropout, m.key(0), name="0")
+    x = m.op("2", L.relu_, m.conv("1", x, cfg.num_classes, 1, bias=True, init=("normal", 0.01)), tap=False)
+    return m.op("3", L.adaptive_avg_pool2d, x, 1, tap=False)
 
 
 def forward(m, cfg: SqueezeNetConfig, x):
@@ -82,10 +90,7 @@ def forward(m, cfg: SqueezeNetConfig, x):
     ``fold_in(rng, 0)``.
     """
     y = m.block("features", features, x, cfg, tap=False)
-    c = m.child("classifier")
-    y = m.dropout(y, cfg.dropout, m.key(0))
-    y = L.relu_(c.conv("1", y, cfg.num_classes, 1, bias=True, init=("normal", 0.01)))
-    return L.global_avg_pool(y)
+    return m.block("classifier", classifier, y, cfg, rng=m.rng, tap=False).flatten(1)
 
 
 FAMILY = family("squeezenet", SqueezeNetConfig, forward, paper=PAPER, defaults={"conv": "kaiming_uniform"})

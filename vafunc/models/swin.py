@@ -138,6 +138,7 @@ class BlockSpec(NamedTuple):
     shift: tuple[int, int]  # nominal: (0, 0) or M // 2; switched off per axis on one-window maps
     hidden: int  # MLP width
     drop_path: float
+    dim: int  # channels of the stage
 
 
 def plan(cfg: SwinConfig) -> tuple[tuple[BlockSpec, ...], ...]:
@@ -151,7 +152,7 @@ def plan(cfg: SwinConfig) -> tuple[tuple[BlockSpec, ...], ...]:
     for i, (n, heads) in enumerate(zip(cfg.depths, cfg.num_heads)):
         hidden = int((cfg.embed_dim << i) * cfg.mlp_ratio)
         out.append(tuple(BlockSpec(heads, cfg.window_size, shifted if j % 2 else (0, 0), hidden,
-                                   cfg.stochastic_depth_prob * (b + j) / last) for j in range(n)))
+                                   cfg.stochastic_depth_prob * (b + j) / last, cfg.embed_dim << i) for j in range(n)))
         b += n
     return tuple(out)
 
@@ -218,9 +219,13 @@ def _gather_bias(table, index, n: int) -> torch.Tensor:
 def _cpb_bias(m, coords, index, heads: int, n: int, dtype) -> torch.Tensor:
     """Swin V2's continuous position bias: ``16 * sigmoid(cpb_mlp(coords))`` gathered to
     ``[heads, n, n]``; ``cpb_mlp`` = Linear(2, 512), ReLU, Linear(512, heads, no bias)."""
-    c = m.child("cpb_mlp")
-    t = c.linear("2", L.relu_(c.linear("0", coords.to(dtype), 512)), heads, bias=False)
+    t = m.block("cpb_mlp", cpb_mlp, coords.to(dtype), heads, tap=False)
     return 16 * torch.sigmoid(_gather_bias(t, index, n))
+
+
+def cpb_mlp(m, coords, heads: int):
+    """``cpb_mlp``: ``0`` Linear(2, 512), ``1`` ReLU, ``2`` Linear(512, heads, no bias)."""
+    return m.linear("2", m.op("1", L.relu_, m.linear("0", coords, 512), tap=False), heads, bias=False)
 
 
 def _pad_with(t, value, pb: int, pr: int):
@@ -231,7 +236,7 @@ def _pad_with(t, value, pb: int, pr: int):
     return out
 
 
-def window_attention(m, x, spec: BlockSpec, cfg: SwinConfig, mask):
+def window_attention(m, x, spec: BlockSpec, cfg: SwinConfig, mask=None):
     """(Shifted) window multi-head self-attention, torchvision's ``shifted_window_attention``:
     ``[B, H, W, C] -> same``: pad to whole windows (zeros), cyclic shift (``torch.roll``),
     partition, attention with the relative position bias (plus ``mask``, the stage's shift
@@ -240,8 +245,10 @@ def window_attention(m, x, spec: BlockSpec, cfg: SwinConfig, mask):
     Where the map is padded, the padded tokens are zeros, so their q/k/v are exactly the qkv
     bias: the qkv projection runs on the real tokens only and its output is padded with the bias
     vector, and the output projection runs after the crop (same values; at small inputs, where
-    a 1x1 map becomes a 7x7 window, this is most of the work). Keys: slot 2 of the scope's key
-    for attention dropout, slot 3 for the dropout after the projection."""
+    a 1x1 map becomes a 7x7 window, this is most of the work). ``mask``: the stage's shift mask,
+    made here when not given (a block called on its own). Keys: slot 2 of the scope's key for
+    attention dropout, slot 3 for the dropout after the projection. ``qkv`` is an ``nn.Linear``
+    of the reference whose tensors its forward reads; the declaration does the same."""
     b, h, w, c = x.shape
     (wh, ww), heads, n = spec.window, spec.heads, spec.window[0] * spec.window[1]
     pb, pr, sh, sw = _windows(h, w, spec.window, spec.shift)
@@ -253,7 +260,7 @@ def window_attention(m, x, spec: BlockSpec, cfg: SwinConfig, mask):
         logit_scale = m.param("logit_scale", (heads, 1, 1), ("full", math.log(10.0)))
         coords = m.buffer("relative_coords_table", lambda: relative_coords_table(wh, ww))
     index = m.buffer("relative_position_index", lambda: relative_position_index(wh, ww))
-    p = m.child("qkv")
+    p = m.child("qkv", module=("Linear", (("in_features", c), ("out_features", 3 * c))))
     weight = p.param("weight", (3 * c, c), ("trunc_normal", 0.02))
     qb = p.param("bias", (3 * c,), ("zeros",))
     if cfg.version == 2:  # no k bias (torchvision zeroes that third of qkv.bias at every call)
@@ -277,6 +284,8 @@ def window_attention(m, x, spec: BlockSpec, cfg: SwinConfig, mask):
     if cfg.version == 2:  # scaled cosine attention: the per-head 1/tau goes into q, SDPA's scale is 1
         q = F.normalize(q, dim=-1) * torch.clamp(logit_scale, max=math.log(100.0)).exp()
         k, scale = F.normalize(k, dim=-1), 1.0
+    if mask is None and shifted and not m.initializing:
+        mask = shift_mask(hp, wp, spec.window, (sh, sw), dtype=x.dtype, device=x.device)
     if mask is not None and shifted:  # [nW, n, n] + [heads, n, n] -> [(b nW), heads, n, n], one pass
         nw = mask.shape[0]
         bias = (bias + mask.view(1, nw, 1, n, n).expand(b, nw, 1, n, n)).flatten(0, 1)
@@ -288,18 +297,20 @@ def window_attention(m, x, spec: BlockSpec, cfg: SwinConfig, mask):
     y = einops.rearrange(y, "(b nh nw) h (wh ww) d -> b (nh wh) (nw ww) (h d)", b=b, nh=hp // wh, wh=wh, ww=ww)
     if shifted:
         y = torch.roll(y, (sh, sw), (1, 2))
-    if padded:
-        y = y[:, :h, :w]
+    if padded:  # contiguous: a strided input's product rounds by its address (not reproducible)
+        y = y[:, :h, :w].contiguous()
     y = m.linear("proj", y, c)
     if cfg.version == 2 and m.initializing:
         _cpb_bias(m, coords, index, heads, n, x.dtype)
     return m.dropout(y, cfg.dropout, m.key(3) if cfg.dropout else None)
 
 
-def mlp(m, x, hidden: int, rate: float):
-    """torchvision's ``MLP``: ``0`` Linear, GELU, dropout (key slot 4), ``3`` Linear, dropout (slot 5)."""
-    y = m.dropout(F.gelu(m.linear("0", x, hidden)), rate, m.key(4) if rate else None)
-    return m.dropout(m.linear("3", y, x.shape[-1]), rate, m.key(5) if rate else None)
+def mlp(m, x, hidden: int, rate: float, width: int):
+    """torchvision's ``MLP``: ``0`` Linear, ``1`` GELU, ``2`` Dropout (key slot 4), ``3``
+    Linear, ``4`` Dropout (slot 5)."""
+    y = m.op("1", F.gelu, m.linear("0", x, hidden), tap=False)
+    y = m.linear("3", m.dropout(y, rate, m.key(4) if rate else None, name="2"), width)
+    return m.dropout(y, rate, m.key(5) if rate else None, name="4")
 
 
 def _post_norm(m, name: str, x, branch, *args):
@@ -318,18 +329,14 @@ def swin_block(m, x, spec: BlockSpec, cfg: SwinConfig, mask):
     MLP's dropouts."""
     rng = m.rng
     sd = spec.drop_path
-    attn = lambda s, y: window_attention(s, y, spec, cfg, mask)  # noqa: E731
+    attn = lambda t: m.block("attn", window_attention, t, spec, cfg, mask, tap=False, rng=rng)  # noqa: E731
+    feed = lambda t: m.block("mlp", mlp, t, spec.hidden, cfg.dropout, spec.dim, tap=False, rng=rng)  # noqa: E731
     if cfg.version == 1:
-        y = m.layer_norm("norm1", x)  # before the child scope opens: init order is call order
-        y = attn(m.child("attn", rng), y)
+        y = attn(m.layer_norm("norm1", x))  # the norm before the attention: init order is call order
     else:
-        y = _post_norm(m, "norm1", x, lambda t: attn(m.child("attn", rng), t))
+        y = _post_norm(m, "norm1", x, attn)
     x = m.drop_path(y, sd, m.key(0) if sd else None).add_(x)
-    if cfg.version == 1:
-        y = m.layer_norm("norm2", x)
-        y = mlp(m.child("mlp", rng), y, spec.hidden, cfg.dropout)
-    else:
-        y = _post_norm(m, "norm2", x, lambda t: mlp(m.child("mlp", rng), t, spec.hidden, cfg.dropout))
+    y = feed(m.layer_norm("norm2", x)) if cfg.version == 1 else _post_norm(m, "norm2", x, feed)
     return m.drop_path(y, sd, m.key(1) if sd else None).add_(x)
 
 
@@ -370,8 +377,26 @@ def stem(m, x, cfg: SwinConfig):
     """Patch embedding: ``0`` conv (patch x patch / patch, with bias), ``1`` permute to
     channels-last, ``2`` LayerNorm. ``[B, 3, H, W] -> [B, H/4, W/4, C]``."""
     p = cfg.patch_size
-    y = m.conv("0", x, cfg.embed_dim, p, stride=p, padding=0, bias=True)
-    return m.layer_norm("2", einops.rearrange(y, "b c h w -> b h w c"))
+    y = m.op("1", channels_last, m.conv("0", x, cfg.embed_dim, p, stride=p, padding=0, bias=True), tap=False)
+    return m.layer_norm("2", y)
+
+
+def channels_last(x):
+    """``[B, C, H, W] -> [B, H, W, C]`` (torchvision's ``Permute([0, 2, 3, 1])``)."""
+    return einops.rearrange(x, "b c h w -> b h w c")
+
+
+def features(m, x, cfg: SwinConfig):
+    """torchvision's ``features``: the patch embedding ``0``, then each stage ``2i+1`` and the
+    patch merging ``2i+2`` after it (but the last)."""
+    y = m.block("0", stem, x, cfg)
+    b, stages = 0, plan(cfg)
+    for i, specs in enumerate(stages):
+        y = m.block(str(2 * i + 1), stage, y, specs, cfg, b, rng=m.rng)
+        b += len(specs)
+        if i + 1 < len(stages):
+            y = m.block(str(2 * i + 2), patch_merging, y, cfg.version)
+    return y
 
 
 def forward(m, cfg: SwinConfig, x):
@@ -383,14 +408,7 @@ def forward(m, cfg: SwinConfig, x):
     ``norm`` (the final LayerNorm). Keys: block ``b`` (counted over all stages) uses
     ``fold_in(rng, b)``, with the slots of :func:`swin_block`.
     """
-    f = m.child("features", rng=m.rng)
-    y = f.block("0", stem, x, cfg)
-    b, stages = 0, plan(cfg)
-    for i, specs in enumerate(stages):
-        y = f.block(str(2 * i + 1), stage, y, specs, cfg, b, rng=f.rng)
-        b += len(specs)
-        if i + 1 < len(stages):
-            y = f.block(str(2 * i + 2), patch_merging, y, cfg.version)
+    y = m.block("features", features, x, cfg, tap=False, rng=m.rng)
     y = m.tap("norm", m.layer_norm("norm", y))
     y = F.adaptive_avg_pool2d(einops.rearrange(y, "b h w c -> b c h w"), 1).flatten(1)
     return m.linear("head", y, cfg.num_classes)

@@ -79,31 +79,32 @@ def features(m, x, cfg: VGGConfig):
     for layer in plan(cfg):
         name = str(layer.index)
         if layer.kind == "conv":
-            x = m.conv(name, x, layer.cout, 3, padding=1, bias=True)
+            x = m.tap(name, m.conv(name, x, layer.cout, 3, padding=1, bias=True))
         elif layer.kind == "bn":
-            x = m.batch_norm(name, x)
+            x = m.tap(name, m.batch_norm(name, x))
         elif layer.kind == "relu":  # in place unless the previous output was recorded as a feature
-            x = L.relu_(x) if m.taps is None else L.relu(x)
+            x = m.op(name, L.relu_ if m.taps is None else L.relu, x)
         else:
-            x = L.max_pool2d(x, 2, 2)
-        x = m.tap(name, x)
+            x = m.op(name, L.max_pool2d, x, 2, 2)
     return x
 
 
 def classifier(m, x, cfg: VGGConfig):
     """Three fully connected layers, dropout after the first two (paper Section 3.1):
     ``[N, 512 * 7 * 7] -> [N, num_classes]``; dropout keys ``m.key(0)`` and ``m.key(1)``."""
-    x = m.dropout(L.relu_(m.linear("0", x, HIDDEN)), cfg.dropout, m.key(0))  # fresh outputs: in place
-    x = m.dropout(L.relu_(m.linear("3", x, HIDDEN)), cfg.dropout, m.key(1))
+    x = m.op("1", L.relu_, m.linear("0", x, HIDDEN), tap=False)  # fresh outputs: in place
+    x = m.dropout(x, cfg.dropout, m.key(0), name="2")
+    x = m.op("4", L.relu_, m.linear("3", x, HIDDEN), tap=False)
+    x = m.dropout(x, cfg.dropout, m.key(1), name="5")
     return m.linear("6", x, cfg.num_classes)
 
 
 def forward(m, cfg: VGGConfig, x):
     """``x [N, C, H, W] -> logits [N, num_classes]``; any size >= 32x32 (the 7x7 adaptive pool
     replaces the paper's fixed 224 input; below 32 the fifth pool has nothing left)."""
-    y = features(m.child("features"), x, cfg)
-    y = L.adaptive_avg_pool2d(y, POOLED).flatten(1)
-    return classifier(m.child("classifier", m.rng), y, cfg)
+    y = m.block("features", features, x, cfg, tap=False)
+    y = m.op("avgpool", L.adaptive_avg_pool2d, y, POOLED, tap=False).flatten(1)
+    return m.block("classifier", classifier, y, cfg, rng=m.rng, tap=False)
 
 
 def defaults(cfg: VGGConfig) -> dict:

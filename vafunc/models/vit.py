@@ -108,7 +108,7 @@ def _zeros(ini, fin, fout, bias=True):
 # --------------------------------------------------------------------------- the network
 
 
-def position_embedding(pos: torch.Tensor, grid: tuple[int, int], stored: int) -> torch.Tensor:
+def position_embedding(pos: torch.Tensor, grid, stored: int) -> torch.Tensor:
     """The stored ``[1, 1 + stored^2, D]`` embedding for a ``grid = (gh, gw)`` patch grid:
     unchanged when the grid is the stored one, else the patch part resampled bicubically
     (``align_corners=True``) to ``gh x gw``, the class token's part kept."""
@@ -120,33 +120,69 @@ def position_embedding(pos: torch.Tensor, grid: tuple[int, int], stored: int) ->
     return torch.cat([cls, einops.rearrange(img, "b d h w -> b (h w) d")], 1)
 
 
-def self_attention(m, x, heads: int, rate: float, rng):
+torch.fx.wrap("position_embedding")  # one node under FX: the grid is read off the input's shape
+
+
+def self_attention(m, x, heads: int, rate: float, d: int):
     """Multi-head self-attention in ``nn.MultiheadAttention``'s layout (one fused ``[3D, D]``
     input projection, ``out_proj``): ``[N, L, D] -> [N, L, D]``; the heads attend through the
-    kit's attention (fused SDPA or the math path), attention dropout at ``rate``."""
-    d = x.shape[-1]
+    kit's attention (fused SDPA or the math path), attention dropout at ``rate`` keyed by the
+    scope's key. torch_compat's tree holds torch's ``nn.MultiheadAttention`` here."""
     w = m.param("in_proj_weight", (3 * d, d), _xavier_uniform(d, 3 * d))
     b = m.param("in_proj_bias", (3 * d,))
     qkv = m.linear_with(x.to(w.dtype), w, b)
     q, k, v = einops.rearrange(qkv, "n l (three h e) -> three n h l e", three=3, h=heads).unbind(0)
-    y = m.attention(q, k, v, rate=rate, rng=rng)
+    y = m.attention(q, k, v, rate=rate, rng=m.rng)
     y = einops.rearrange(y, "n h l e -> n l (h e)")
     return m.linear("out_proj", y, d, init="torch_default_zero_bias")
+
+
+def mlp(m, x, cfg: ViTConfig):
+    """torchvision's ``MLPBlock``: ``0`` Linear, ``1`` GELU, ``2`` Dropout (key slot 2 of the
+    scope's key), ``3`` Linear, ``4`` Dropout (slot 3)."""
+    y = m.op("1", F.gelu, m.linear("0", x, cfg.mlp_dim, init=_mlp_linear), tap=False)
+    y = m.linear("3", m.dropout(y, cfg.dropout, m.key(2), name="2"), cfg.hidden_dim, init=_mlp_linear)
+    return m.dropout(y, cfg.dropout, m.key(3), name="4")
 
 
 def encoder_block(m, x, cfg: ViTConfig):
     """torchvision's ``EncoderBlock`` (Eq. 2-3): ``x + drop(attn(ln_1 x))``, then
     ``+ mlp(ln_2 .)``; dropout keys: slot 0 attention probabilities, 1 after attention, 2 and 3
     the MLP's two dropouts."""
+    d, heads, rate = cfg.hidden_dim, cfg.num_heads, cfg.attention_dropout
     y = m.layer_norm("ln_1", x, eps=1e-6)
-    y = self_attention(m.child("self_attention"), y, cfg.num_heads, cfg.attention_dropout, m.key(0))
-    x = m.dropout(y, cfg.dropout, m.key(1)) + x
+    y = m.block("self_attention", self_attention, y, heads, rate, d, tap=False, rng=m.key(0),
+                module=("MultiheadAttention", (("embed_dim", d), ("num_heads", heads), ("dropout", rate),
+                                               ("batch_first", True))))
+    x = m.dropout(y, cfg.dropout, m.key(1), name="dropout") + x
     y = m.layer_norm("ln_2", x, eps=1e-6)
-    mlp = m.child("mlp")
-    y = mlp.linear("0", y, cfg.mlp_dim, init=_mlp_linear)
-    y = m.dropout(F.gelu(y), cfg.dropout, m.key(2))
-    y = m.dropout(mlp.linear("3", y, x.shape[-1], init=_mlp_linear), cfg.dropout, m.key(3))
-    return x + y
+    return x + m.block("mlp", mlp, y, cfg, tap=False, rng=m.rng)
+
+
+def encoder(m, tokens, cfg: ViTConfig, grid):
+    """torchvision's ``Encoder``: the position embedding (resampled to the patch ``grid``),
+    dropout (key slot 0), the blocks ``layers.encoder_layer_{i}`` (keys ``fold_in(rng, 1 + i)``)
+    and the final LayerNorm ``ln``."""
+    p, d = cfg.patch_size, cfg.hidden_dim
+    pos = m.param("pos_embedding", (1, 1 + (cfg.image_size // p) ** 2, d), ("normal", 0.02), batched=True)
+    t = m.dropout(tokens + position_embedding(pos, grid, cfg.image_size // p), cfg.dropout, m.key(0), name="dropout")
+    t = m.block("layers", encoder_layers, t, cfg, tap=False, rng=m.rng, sequential=True)
+    return m.layer_norm("ln", t, eps=1e-6)
+
+
+def encoder_layers(m, t, cfg: ViTConfig):
+    for i in range(cfg.num_layers):
+        t = m.block(f"encoder_layer_{i}", encoder_block, t, cfg, rng=m.key(1 + i))
+    return t
+
+
+def heads(m, y, cfg: ViTConfig):
+    """torchvision's ``heads``: ``pre_logits`` Linear and ``act`` Tanh (with a
+    ``representation_size``), then ``head``."""
+    if cfg.representation_size is not None:
+        y = m.op("act", torch.tanh, m.linear("pre_logits", y, cfg.representation_size, init=_pre_logits_init),
+                 tap=False)
+    return m.linear("head", y, cfg.num_classes, init=_zeros)
 
 
 def forward(m, cfg: ViTConfig, x):
@@ -163,22 +199,11 @@ def forward(m, cfg: ViTConfig, x):
     d = cfg.hidden_dim
     cls = m.param("class_token", (1, 1, d), batched=True)
     y = m.tap("conv_proj", m.conv("conv_proj", x, d, p, stride=p, padding=0, bias=True, init=_proj_init))
-    grid = tuple(y.shape[-2:])
+    grid = y.shape[-2:]
     tokens = einops.rearrange(y, "n d h w -> n (h w) d")
     tokens = torch.cat([cls.expand(tokens.shape[0], -1, -1), tokens], 1)
-    e = m.child("encoder", rng=m.rng)
-    pos = e.param("pos_embedding", (1, 1 + (cfg.image_size // p) ** 2, d), ("normal", 0.02), batched=True)
-    t = e.dropout(tokens + position_embedding(pos, grid, cfg.image_size // p), cfg.dropout, e.key(0))
-    layers = e.child("layers", rng=e.rng)
-    for i in range(cfg.num_layers):
-        t = layers.block(f"encoder_layer_{i}", encoder_block, t, cfg, rng=layers.key(1 + i))
-    t = e.layer_norm("ln", t, eps=1e-6)
-    m.tap("encoder", t)
-    h = m.child("heads")
-    y = t[:, 0]
-    if cfg.representation_size is not None:
-        y = torch.tanh(h.linear("pre_logits", y, cfg.representation_size, init=_pre_logits_init))
-    return h.linear("head", y, cfg.num_classes, init=_zeros)
+    t = m.block("encoder", encoder, tokens, cfg, grid, rng=m.rng)
+    return m.block("heads", heads, t[:, 0], cfg, tap=False, sequential=True)
 
 
 def _pre_logits_init(ini, fin, fout, bias=True):

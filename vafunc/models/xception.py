@@ -10,8 +10,8 @@ State-dict names are timm's (the Keras weights ported by Cadene and timm, ``lega
 ``conv1``, ``bn1``, ``conv2``, ``bn2``, ``block{1..12}.skip``, ``block{i}.skipbn``,
 ``block{i}.rep.{j}.conv1`` (depthwise), ``block{i}.rep.{j}.pointwise``, ``block{i}.rep.{j}``
 (BatchNorm), ``conv3``/``conv4`` (separable: ``.conv1``, ``.pointwise``), ``bn3``, ``bn4``, ``fc``.
-``rep.{j}`` indexes timm's ``nn.Sequential`` of [ReLU, SeparableConv, BN] triples, so the indices
-skip the ReLUs (and block 1, which starts without a ReLU, is shifted by one).
+``rep.{j}`` indexes timm's ``nn.Sequential`` of [ReLU, SeparableConv, BN] triples (block 1, which
+starts without a ReLU, is shifted by one), ended by the 3x3 max pool in the strided blocks.
 
 Config keywords: ``num_classes``, ``in_channels`` (timm's ``in_chans``) and ``drop_rate`` (timm's
 name, as torchvision has no Xception: dropout on the pooled features before ``fc``).
@@ -66,10 +66,10 @@ class XceptionConfig:
 
 
 class SepSpec(NamedTuple):
-    index: str  # position of the separable conv in timm's ``rep`` Sequential
+    relu: str | None  # position of the ReLU before it in timm's ``rep`` Sequential (None: none)
+    index: str  # position of the separable conv (relu + 1)
     bn: str  # position of its BatchNorm (index + 1)
     cout: int
-    relu_before: bool
 
 
 def block_plan(b: BlockRow) -> tuple[SepSpec, ...]:
@@ -79,7 +79,7 @@ def block_plan(b: BlockRow) -> tuple[SepSpec, ...]:
         cout = b.out_ch if b.grow_first or i == b.reps - 1 else b.in_ch
         # each rep is [ReLU, SepConv, BN]; without the leading ReLU everything shifts down by one
         idx = 3 * i + 1 - (0 if b.start_with_relu else 1)
-        out.append(SepSpec(str(idx), str(idx + 1), cout, b.start_with_relu or i > 0))
+        out.append(SepSpec(str(idx - 1) if b.start_with_relu or i else None, str(idx), str(idx + 1), cout))
     return tuple(out)
 
 
@@ -97,9 +97,22 @@ def separable_conv(m, x, cout: int):
     return m.conv("pointwise", m.conv("conv1", x, c, 3, groups=c), cout, 1)
 
 
+def rep(m, x, b: BlockRow, seps: tuple[SepSpec, ...]):
+    """timm's ``rep`` Sequential: ``reps`` x (ReLU, separable conv, BN), then a 3x3/stride max
+    pool when strided. ``[N, in_ch, H, W] -> [N, out_ch, ceil(H / stride), ceil(W / stride)]``."""
+    y = x
+    for i, sep in enumerate(seps):
+        if sep.relu is not None:  # the first ReLU keeps x intact for the shortcut; later ones act on fresh BN outputs
+            y = m.op(sep.relu, L.relu if i == 0 else L.relu_, y, tap=False)
+        y = m.batch_norm(sep.bn, m.block(sep.index, separable_conv, y, sep.cout, tap=False))
+    if b.stride != 1:
+        y = m.op(str(int(seps[-1].bn) + 1), L.max_pool2d, y, 3, b.stride, 1, tap=False)
+    return y
+
+
 def block(m, x, b: BlockRow, seps: tuple[SepSpec, ...]):
-    """A residual block of Fig. 5: ``reps`` x (ReLU, separable conv, BN), a 3x3/2 max pool when
-    strided, plus the shortcut (identity, or 1x1/stride conv + BN when the shape changes).
+    """A residual block of Fig. 5: :func:`rep` plus the shortcut (identity, or 1x1/stride conv +
+    BN when the shape changes).
 
     ``x [N, in_ch, H, W] -> [N, out_ch, ceil(H / stride), ceil(W / stride)]``. The shortcut takes
     the block input before the leading ReLU; it is computed first, as its tensors come first in
@@ -109,14 +122,7 @@ def block(m, x, b: BlockRow, seps: tuple[SepSpec, ...]):
         shortcut = m.conv_norm_act(x, b.out_ch, 1, conv="skip", norm="skipbn", stride=b.stride)
     else:
         shortcut = x
-    rep = m.child("rep")
-    y = x
-    for i, sep in enumerate(seps):
-        if sep.relu_before:  # the first ReLU keeps x intact for the shortcut; later ones act on fresh BN outputs
-            y = L.relu(y) if i == 0 else L.relu_(y)
-        y = rep.batch_norm(sep.bn, rep.block(sep.index, separable_conv, y, sep.cout, tap=False))
-    if b.stride != 1:
-        y = L.max_pool2d(y, 3, b.stride, 1)
+    y = m.block("rep", rep, x, b, seps, tap=False)
     return y.add_(shortcut)  # y is a fresh BN / pool output: in place, as timm's ``x += skip``
 
 
@@ -129,14 +135,18 @@ def forward(m, cfg: XceptionConfig, x):
     (the 2048-channel features that are pooled).
     """
     # conv1 (3x3/2) and conv2 (3x3) are unpadded: the network needs 7x7 inputs
-    y = m.tap("act1", m.conv_norm_act(x, 32, 3, conv="conv1", norm="bn1", act="relu", stride=2, padding=0))
-    y = m.tap("act2", m.conv_norm_act(y, 64, 3, conv="conv2", norm="bn2", act="relu", padding=0))
+    y = m.tap("act1", m.conv_norm_act(x, 32, 3, conv="conv1", norm="bn1", act="relu", act_name="act1", stride=2,
+                                      padding=0))
+    y = m.tap("act2", m.conv_norm_act(y, 64, 3, conv="conv2", norm="bn2", act="relu", act_name="act2", padding=0))
     for i, b in enumerate(BLOCKS):
         y = m.block(f"block{i + 1}", block, y, b, PLANS[i])
     for j, cout in enumerate(EXIT_CONVS, 3):
         y = m.block(f"conv{j}", separable_conv, y, cout)
-        y = m.tap(f"act{j}", L.relu_(m.batch_norm(f"bn{j}", y)))  # a fresh BN output
-    return m.head(y, cfg.num_classes, rate=cfg.drop_rate, rng=m.rng)
+        y = m.op(f"act{j}", L.relu_, m.batch_norm(f"bn{j}", y))  # a fresh BN output
+    y = m.op("global_pool", L.global_avg_pool, y, tap=False)  # timm's SelectAdaptivePool2d (with the flatten)
+    if cfg.drop_rate:
+        y = m.dropout(y, cfg.drop_rate, m.rng)
+    return m.linear("fc", y, cfg.num_classes)
 
 
 FAMILY = family("xception", XceptionConfig, forward, paper=PAPER)
