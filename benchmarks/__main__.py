@@ -1,6 +1,7 @@
 """``python -m benchmarks {eager,ensemble,train,psg} [--models ...] [--batch B] [--size S]``
 
 ``python -m benchmarks report`` writes the full report (see :mod:`benchmarks.report`);
+``python -m benchmarks compat`` times torch_compat's module trees (see :mod:`benchmarks.compat`);
 ``python -m benchmarks profile --model resnet50`` shows where the time goes.
 
 * ``eager``: inference, vafunc ``apply`` against the torchvision module holding the same weights;
@@ -150,6 +151,10 @@ def main(argv=None) -> int:
         from benchmarks import report
 
         return report.main(argv[1:])
+    if argv[:1] == ["compat"]:
+        from benchmarks import compat
+
+        return compat.main(argv[1:])
     if argv[:1] == ["profile"]:
         from benchmarks import profile
 

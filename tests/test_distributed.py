@@ -1,5 +1,6 @@
 """Data-parallel training on 2 local processes (gloo on loopback) equals single-process training
-on the same global batch: the functional train step and torch_compat inside DDP."""
+on the same global batch: the functional train step, and torch_compat's module tree inside DDP and
+under FSDP2 (``fully_shard`` on its blocks and on the model, as on torchvision's models)."""
 
 import os
 import socket
@@ -49,13 +50,21 @@ def _worker(rank, world, port, out_dir, mode):
             import torch_compat
 
             module = torch_compat.from_model(model, *model.init(0))
-            ddp = torch.nn.parallel.DistributedDataParallel(module)
-            opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+            if mode == "ddp":
+                net = torch.nn.parallel.DistributedDataParallel(module)
+            else:  # FSDP2 as on torchvision's models: every block (AlexNet's two Sequentials), then the model
+                from torch.distributed.fsdp import fully_shard
+
+                for block in (module.features, module.classifier):
+                    fully_shard(block)
+                net = fully_shard(module)
+            opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
             for x, y in _data():
                 opt.zero_grad()
-                torch.nn.functional.cross_entropy(ddp(x[shard]), y[shard]).backward()
+                torch.nn.functional.cross_entropy(net(x[shard]), y[shard]).backward()
                 opt.step()
-            result = {k: v.detach() for k, v in module.state_dict().items()}
+            result = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach()
+                      for k, v in module.state_dict().items()}
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -82,12 +91,12 @@ def _single_process(mode):
     return {k: v.detach() for k, v in module.state_dict().items()}
 
 
-@pytest.mark.parametrize("mode", ["functional", pytest.param("ddp", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("mode", ["functional", "fsdp2", pytest.param("ddp", marks=pytest.mark.slow)])
 def test_two_processes_equal_single_process(tmp_path, mode):
     if not dist.is_available():
         pytest.skip("torch.distributed is not available in this build")
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), mode), nprocs=2, join=True)
-    want = _single_process(mode)
+    want = _single_process("functional" if mode == "functional" else "module")
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert list(got) == list(want)

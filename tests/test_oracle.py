@@ -201,6 +201,16 @@ def test_state_dict_names_shapes_and_counts(pair):
     assert set(vafunc.flatten(params)) == {k for k, _ in ref.named_parameters()}
 
 
+def _same_as_apply(compat, a, b, what):
+    """A torch_compat module's output is the pure apply's, bit for bit: the same ops run through
+    the modules. torch's ``nn.MultiheadAttention`` (ViT) computes attention its own way, so where
+    the tree holds one the two agree to float rounding."""
+    if any(isinstance(mod, torch.nn.MultiheadAttention) for mod in compat.modules()):
+        _close(a.detach(), b.detach(), 1e-6, what)
+    else:
+        assert torch.equal(a, b), what
+
+
 def _check_eval(name, model, ref, params, state, size):
     b, h, w = size
     x = torch.randn(b, 3, h, w)
@@ -212,7 +222,7 @@ def _check_eval(name, model, ref, params, state, size):
     # the torch_compat module over the same tensors runs the same ops through its modules
     compat = torch_compat.from_model(model, params, state).eval()
     with torch.no_grad():
-        assert torch.equal(main_logits(compat(x)), got), f"{name}: torch_compat module != apply"
+        _same_as_apply(compat, main_logits(compat(x)), got, f"{name}: torch_compat module vs apply")
     # the comparison means something only if the output depends on the input
     spread = float((want - want.mean(0)).abs().max())
     assert spread > 1e-3 * float(want.abs().max()), f"{name}: reference output ignores its input"
@@ -267,9 +277,10 @@ def test_train_matches_reference(pair):
             assert torch.equal(v, vafunc.flatten(state_before)[k]), f"apply mutated input state {k}"
         # the torch_compat module (on copies: its BatchNorms update their buffers in place)
         compat = torch_compat.from_model(model, params, state_before).train()
-        mine = outputs(compat(x, **kw))
+        with torch.no_grad():  # as apply's tensors (no gradient: some kernels differ with one)
+            mine = outputs(compat(x, **kw))
         for k in want:
-            assert torch.equal(mine[k], got[k]), f"{name}: torch_compat train {k} != apply"
+            _same_as_apply(compat, mine[k], got[k], f"{name}: torch_compat train {k} vs apply")
         buffers = dict(compat.named_buffers())
         for k, v in flat_new.items():
             assert torch.equal(buffers[k], v), f"{name}: torch_compat buffer {k} != apply"

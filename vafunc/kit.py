@@ -40,10 +40,10 @@ from typing import Any, Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from . import backends as B
 from . import layers as L
 from . import members as M
 from . import random as vrandom
-from . import vmap_rules as VR
 from .layers import activation, same_padding
 from .precision import check_policy, dtype_mismatch
 from .registry import Family
@@ -83,15 +83,14 @@ def _overlay(old, new: dict):
 
 class Ctx(NamedTuple):
     """Per-call options every scope of a forward shares: the compute dtype of a mixed precision
-    policy (``None``: compute in the parameters' dtype) and the attention implementation
-    (:func:`vafunc.layers.attention_path`)."""
+    policy (``None``: compute in the parameters' dtype), the attention implementation
+    (:func:`vafunc.layers.attention_path`), the backend that runs the layers (chosen once per
+    call: :mod:`vafunc.backends`) and whether eval BatchNorm is folded into its conv."""
 
     compute: torch.dtype | None = None
     attention: str = "auto"
-    tape: Any = None  # a vafunc.persample.Tape: per-sample gradients / norms in one backward
-    members: int | None = None  # members mode (vafunc.members): N stacked members in the batch axis
-    shared: Any = None  # members mode: (the [N*B] input, the [B] batch every member shares)
-    fold: bool = False  # Policy.fold_norm (not with tape/members): eval BatchNorm folded into the conv
+    low: Any = B.PLAIN  # Plain, Taped (per-sample gradients) or Members (stacked members)
+    fold: bool = False  # Policy.fold_norm (plain backend only): eval BatchNorm folded into the conv
 
 
 _CTX = Ctx()
@@ -242,15 +241,7 @@ class Scope:
                 padding = same_padding(kernel, dilation)
             else:
                 x, padding = L.pad_same(x, kernel, stride, dilation), 0
-        if self.ctx.tape is not None and self.ini is None:
-            return self.ctx.tape.conv(x, w, b, stride, padding, dilation, groups)
-        if self.ctx.members and self.ini is None:
-            sh = self.ctx.shared
-            if sh is not None and x is sh[0] and groups == 1:
-                return M.conv(sh[1], w, b, stride, padding, dilation, groups, self.ctx.members, shared=True)
-            return M.conv(x, w, b, stride, padding, dilation, groups, self.ctx.members)
-        conv = VR.conv2d if VR.wants(w) else F.conv2d  # VR: a user's torch.vmap over member weights
-        return conv(x, w, b, stride, padding, dilation, groups)
+        return self.ctx.low.conv(x, w, b, stride, padding, dilation, groups)
 
     def linear(self, name, x, fout, *, bias=True, init=None):
         """Affine map ``[..., Fin] -> [..., fout]`` with tensors at ``name``."""
@@ -260,20 +251,12 @@ class Scope:
             scheme = self._init("linear", init)
             p = self._create(name, lambda ini: ini.linear_scheme(scheme, x.shape[-1], fout, bias=bias))
             w, b = p["weight"], p.get("bias")
-        if self.ctx.tape is not None and self.ini is None:
-            return self.ctx.tape.linear(x, w, b)
-        if self.ctx.members and self.ini is None:
-            return M.linear(x, w, b, self.ctx.members)
-        return F.linear(x, w, b)
+        return self.ctx.low.linear(x, w, b)
 
     def linear_with(self, x, w, b=None):
         """``F.linear(x, w, b)`` with tensors the family declared itself (``m.param``: a fused
         projection), taped under per-sample gradients like :meth:`linear`."""
-        if self.ctx.tape is not None and self.ini is None:
-            return self.ctx.tape.linear(x, w, b)
-        if self.ctx.members:
-            raise M.NotCovered("linear_with")
-        return F.linear(x, w, b)
+        return self.ctx.low.linear_with(x, w, b)
 
     def batch_norm(self, name, x, *, eps=None, momentum=None, zero_init=False, affine=True):
         """BatchNorm over channels with tensors at ``name`` (:func:`vafunc.layers.batch_norm`);
@@ -283,17 +266,8 @@ class Scope:
         if self.ini is not None:
             self._create(name, lambda ini: ini.batch_norm(x.shape[1], zero_weight=zero_init, affine=affine))
             return torch.empty_like(x)  # shapes only (meta BatchNorm runs a slow Python decomposition)
-        p = self.p.get(name, _EMPTY)
-        if self.ctx.members:
-            y, ns = M.batch_norm(x, p, self.s[name], train=self.train, momentum=momentum, eps=eps, n=self.ctx.members)
-            if self.train:
-                self.new[name] = ns
-            return y
-        if self.ctx.tape is not None and not self.train:  # eval: normalise, then the taped affine part
-            s = self.s[name]
-            xhat = F.batch_norm(x, s["running_mean"], s["running_var"], None, None, False, 0.0, eps)
-            return self.ctx.tape.affine(xhat, p.get("weight"), p.get("bias"), 1)
-        y, ns = L.batch_norm(p, self.s[name], x, train=self.train, momentum=momentum, eps=eps)
+        y, ns = self.ctx.low.batch_norm(x, self.p.get(name, _EMPTY), self.s[name], train=self.train,
+                                        momentum=momentum, eps=eps)
         if self.train:
             self.new[name] = ns
         return y
@@ -311,11 +285,7 @@ class Scope:
                                                 "bias": ini.zeros((c,))})
             return F.group_norm(x, groups, p["weight"], p["bias"], eps)
         p = self.p[name]
-        if self.ctx.tape is not None:
-            return self.ctx.tape.affine(F.group_norm(x, groups, None, None, eps), p["weight"], p["bias"], 1)
-        if self.ctx.members:
-            return M.affine(F.group_norm(x, groups, None, None, eps), p["weight"], p["bias"], self.ctx.members, 1)
-        return F.group_norm(x, groups, p["weight"], p["bias"], eps)
+        return self.ctx.low.group_norm(x, groups, p["weight"], p["bias"], eps)
 
     def norm(self, name, x, *, eps=None, momentum=None, zero_init=False):
         """The family's normalisation layer at ``name``: BatchNorm (:meth:`batch_norm`), or, when
@@ -335,23 +305,14 @@ class Scope:
     def layer_norm(self, name, x, *, eps=1e-5):
         """LayerNorm over the last axis of ``[..., C]`` (``nn.LayerNorm(C)``), tensors at
         ``name`` (weight 1, bias 0)."""
-        c = x.shape[-1]
-        p = self.p[name] if self.ini is None else self._create(name, lambda ini: ini.layer_norm(c))
-        if self.ctx.tape is not None and self.ini is None:
-            return self.ctx.tape.affine(F.layer_norm(x, (c,), None, None, eps), p["weight"], p["bias"], -1)
-        if self.ctx.members and self.ini is None:
-            return M.affine(F.layer_norm(x, (c,), None, None, eps), p["weight"], p["bias"], self.ctx.members, -1)
-        return F.layer_norm(x, (c,), p["weight"], p["bias"], eps)  # float32 weights under a policy
+        p = self.p[name] if self.ini is None else self._create(name, lambda ini: ini.layer_norm(x.shape[-1]))
+        return self.ctx.low.layer_norm(x, p["weight"], p["bias"], eps)
 
     def layer_norm2d(self, name, x, *, eps=1e-6):
         """LayerNorm over the channels of ``[N, C, H, W]`` at every position (ConvNeXt's
         ``LayerNorm2d``: :func:`vafunc.layers.layer_norm2d`), tensors at ``name``."""
         p = self.p[name] if self.ini is None else self._create(name, lambda ini: ini.layer_norm(x.shape[1]))
-        if self.ctx.tape is not None and self.ini is None:
-            return self.ctx.tape.affine(L.layer_norm2d(_EMPTY, x, eps=eps), p["weight"], p["bias"], 1)
-        if self.ctx.members and self.ini is None:
-            return M.affine(L.layer_norm2d(_EMPTY, x, eps=eps), p["weight"], p["bias"], self.ctx.members, 1)
-        return L.layer_norm2d(p, x, eps=eps)
+        return self.ctx.low.layer_norm2d(x, p["weight"], p["bias"], eps)
 
     def layer_scale(self, name, channels: int, value: float, *, shape=None):
         """Layer scale (Touvron et al. 2021, CaiT, Sec. 2.1; ConvNeXt): a learnable per-channel
@@ -360,10 +321,8 @@ class Scope:
         ``[channels]``). Returns the tensor, for the caller to multiply: declare it where the
         reference registers it (a module's own parameters precede its children's in the
         state_dict, so usually before the block's layers)."""
-        if self.ctx.members:
-            raise M.NotCovered("layer scale")
         t = self.param(name, (channels, 1, 1) if shape is None else tuple(shape), ("full", value))
-        return t if self.ctx.tape is None or self.ini is not None else self.ctx.tape.expand(t, 4)
+        return t if self.ini is not None else self.ctx.low.layer_scale(t)
 
     def param(self, name, shape, init=("zeros",), *, batched: bool = False):
         """A bare parameter ``name`` of ``shape`` used directly by the family (a class token, a
@@ -372,11 +331,8 @@ class Scope:
         ``("trunc_normal", std)`` (truncated at +-2). ``batched``: the leading axis (of size 1)
         broadcasts over the batch (ViT's class token and position embedding); under a
         per-sample tape it becomes the batch axis, so the family's code must broadcast it."""
-        if self.ctx.members:
-            raise M.NotCovered("bare parameter")
         if self.ini is None:
-            t = self.cast(self.p[name])
-            return self.ctx.tape.expand(t, t.dim()) if batched and self.ctx.tape is not None else t
+            return self.ctx.low.param(self.cast(self.p[name]), batched)
         if name in self.p:
             raise ValueError(f"{self.path}{name} is declared twice")
         t = self.p[name] = self.ini.draw(init, tuple(shape))
@@ -386,9 +342,8 @@ class Scope:
         """A constant buffer ``name`` the reference keeps in its state_dict (Swin's
         ``relative_position_index``): made by ``make()`` at init, stored in the state tree (its
         leaf name must be in :data:`vafunc.tree.STATE_LEAVES`), read from the state in apply."""
-        if self.ctx.members:
-            raise M.NotCovered("buffer")
         if self.ini is None:
+            self.ctx.low.buffer()
             return self.s[name]
         if name in self.p:
             raise ValueError(f"{self.path}{name} is declared twice")
@@ -443,24 +398,19 @@ class Scope:
         fused SDPA or the math path by the documented rule, keyed attention dropout at ``rate``
         in train mode; the implementation can be forced per call with ``apply(...,
         attention="math")``."""
-        if self.ctx.members and rate and self.train:
-            raise M.NotCovered("attention dropout")
+        self.ctx.low.attention(rate, self.train)
         return L.attention(q, k, v, bias=bias, scale=scale, rate=rate, rng=rng, train=self.train,
                            impl=self.ctx.attention)
 
     def dropout(self, x, rate: float, rng, name: str | None = None):
         """Keyed element-wise dropout (train mode only; :func:`vafunc.layers.dropout`); ``name``:
         the reference's ``nn.Dropout`` module path, where it has one (a module in torch_compat)."""
-        if self.ctx.members:
-            return M.dropout(x, rate, rng, train=self.train, n=self.ctx.members)
-        return L.dropout(x, rate, rng, train=self.train)
+        return self.ctx.low.dropout(x, rate, rng, self.train)
 
     def drop_path(self, x, rate: float, rng, name: str | None = None):
         """Keyed per-sample stochastic depth (train mode only; :func:`vafunc.layers.drop_path`);
         ``name`` as in :meth:`dropout`."""
-        if self.ctx.members:
-            return M.drop_path(x, rate, rng, train=self.train, n=self.ctx.members)
-        return L.drop_path(x, rate, rng, train=self.train)
+        return self.ctx.low.drop_path(x, rate, rng, self.train)
 
     # ------------------------------------------------------------------ results
     def new_state(self, state):
@@ -515,10 +465,12 @@ def family(
             x = x.to(policy.compute)
             if shared is not None:
                 shared = (x, shared[1].to(policy.compute))
-            ctx = Ctx(policy.compute if policy.mixed else None, attention, tape, members, shared,
-                      policy.mixed and policy.fold_norm and tape is None and members is None)
-        elif attention != "auto" or tape is not None or members is not None:
-            ctx = Ctx(None, attention, tape, members, shared)
+        low = B.Members(members, shared) if members is not None else B.Taped(tape) if tape is not None else B.PLAIN
+        if policy is not None:
+            ctx = Ctx(policy.compute if policy.mixed else None, attention, low,
+                      policy.mixed and policy.fold_norm and low is B.PLAIN)
+        elif attention != "auto" or low is not B.PLAIN:
+            ctx = Ctx(None, attention, low)
         if attention not in L.ATTENTION_IMPLS:
             raise ValueError(f"attention must be one of {L.ATTENTION_IMPLS}, got {attention!r}")
         m = Scope(params, state, train=train, rng=rng, taps=taps, defaults=scope_defaults(cfg), ctx=ctx)
