@@ -49,6 +49,19 @@ def deterministic_overrides(name: str) -> dict[str, float]:
     return {f.name: 0.0 for f in dataclasses.fields(config) if _is_rate(f)}
 
 
+def deterministic_reference(ref: torch.nn.Module) -> torch.nn.Module:
+    """Switch off the reference's dropout and stochastic depth (vafunc gets
+    oracle.deterministic_overrides), so train mode can be compared value for value."""
+    for m in ref.modules():
+        if isinstance(m, torch.nn.modules.dropout._DropoutNd):
+            m.p = 0.0
+        elif type(m).__name__ in {"StochasticDepth", "DropPath"}:
+            for attr in ("p", "drop_prob"):
+                if hasattr(m, attr):
+                    setattr(m, attr, 0.0)
+    return ref
+
+
 # --------------------------------------------------------------------------- which models run what
 
 #: family -> its representative in the heavier batteries, where the family's smallest model (by

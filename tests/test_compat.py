@@ -24,7 +24,8 @@ from torch.nn.utils import prune
 
 import torch_compat
 import vafunc
-from oracle import build_reference, deterministic_overrides, fit, heavy_params, main_logits, perturb
+from oracle import (build_reference, deterministic_overrides, deterministic_reference, fit, heavy_params, main_logits,
+                    perturb)
 from oracle import test_sizes as sizes_for
 
 MODELS = [n for n in vafunc.list_models() if vafunc.get_entry(n).reference is not None]
@@ -60,18 +61,6 @@ def _pair(name):
         compat = torch_compat.from_model(model, params, state).eval()
         _LAST[name] = (model, ref, compat, torch.randn(2, 3, h, w))
     return _LAST[name]
-
-
-def _deterministic(ref: nn.Module) -> nn.Module:
-    """The reference with dropout and stochastic depth off (vafunc gets deterministic_overrides)."""
-    for mod in ref.modules():
-        if isinstance(mod, nn.modules.dropout._DropoutNd):
-            mod.p = 0.0
-        elif type(mod).__name__ in {"StochasticDepth", "DropPath"}:
-            for attr in ("p", "drop_prob"):
-                if hasattr(mod, attr):
-                    setattr(mod, attr, 0.0)
-    return ref
 
 
 def _close(a, b, rel=1e-5, what=""):
@@ -250,7 +239,8 @@ def test_norm_layers_are_found_as_on_the_reference(pair):
     assert sync == want
     if want:  # update_bn resets and re-estimates every BatchNorm from the loader (no dropout)
         det = vafunc.get_model(model.name, **deterministic_overrides(model.name))
-        nets = [_deterministic(copy.deepcopy(ref)), torch_compat.from_model(det, *copy.deepcopy(compat).params_and_state())]
+        nets = [deterministic_reference(copy.deepcopy(ref)),
+                torch_compat.from_model(det, *copy.deepcopy(compat).params_and_state())]
         for net in nets:
             torch.optim.swa_utils.update_bn([x, x.flip(0)], net)
         for k, v in nets[0].state_dict().items():

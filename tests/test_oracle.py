@@ -33,6 +33,7 @@ from oracle import (
     build_reference_fast,
     build_reference_meta,
     deterministic_overrides,
+    deterministic_reference,
     has_reference,
     heavy_params,
     is_big,
@@ -83,19 +84,6 @@ DETERMINISTIC_SNAPSHOT = {
     **{f"vgg{d}{bn}": {"dropout": 0.0} for d in (11, 13, 16, 19) for bn in ("", "_bn")},
     "xception": {"drop_rate": 0.0},
 }
-
-
-def _deterministic(ref: torch.nn.Module) -> torch.nn.Module:
-    """Switch off the reference's dropout and stochastic depth (vafunc gets
-    oracle.deterministic_overrides), so train mode can be compared value for value."""
-    for m in ref.modules():
-        if isinstance(m, torch.nn.modules.dropout._DropoutNd):
-            m.p = 0.0
-        elif type(m).__name__ in {"StochasticDepth", "DropPath"}:
-            for attr in ("p", "drop_prob"):
-                if hasattr(m, attr):
-                    setattr(m, attr, 0.0)
-    return ref
 
 
 def _train_call(entry, model, ref, size):
@@ -250,7 +238,7 @@ def test_train_matches_reference(pair):
     name, _, ref, sd, params, state = _pair(pair)
     entry = vafunc.get_entry(name)
     model = vafunc.get_model(name, **deterministic_overrides(name))
-    ref = _deterministic(ref)
+    ref = deterministic_reference(ref)
     ref.load_state_dict(sd)
     ref.train()
     (b, h, w), kw, ref_outputs, outputs = _train_call(entry, model, ref, sizes_for(model)[0])
@@ -295,7 +283,7 @@ def test_gradients_match_reference(pair):
     name, _, ref, sd, params, state = _pair(pair, True)
     entry = vafunc.get_entry(name)
     model = vafunc.get_model(name, **deterministic_overrides(name))
-    ref = _deterministic(ref)
+    ref = deterministic_reference(ref)
     ref.load_state_dict(sd)
     ref.train()
     (b, h, w), kw, ref_outputs, outputs = _train_call(entry, model, ref, sizes_for(model)[1])
