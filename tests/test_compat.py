@@ -183,11 +183,10 @@ def test_feature_extractor_gives_the_reference_features(pair):
         assert whole(x)["out"].shape == model.features(*compat.params_and_state(), x, [names[-1]])[0][names[-1]].shape
 
 
-def _cam_layer(model, ref):
-    """The usual Grad-CAM target: the last feature map with a spatial extent."""
-    shapes = model.feature_shapes(fit(model, 64))
-    name = [n for n, s in shapes.items() if len(s) == 4 and s[-1] > 1 and n in dict(ref.named_modules())][-1]
-    return name
+def _cam_layer(model, ref, x):
+    """The usual Grad-CAM target: the last feature map with a spatial extent at ``x``'s size."""
+    shapes = model.feature_shapes(fit(model, min(x.shape[-2:])))
+    return [n for n, s in shapes.items() if len(s) == 4 and min(s[-2:]) > 1 and n in dict(ref.named_modules())][-1]
 
 
 @pytest.mark.parametrize("pair", CLIENTS, indirect=True)
@@ -196,7 +195,7 @@ def test_grad_cam_heat_map_is_the_reference_s(pair):
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     model, ref, compat, x = pair
-    layer = _cam_layer(model, ref)
+    layer = _cam_layer(model, ref, x)
     maps = []
     for net in (ref, compat):
         with GradCAM(model=net, target_layers=[net.get_submodule(layer)]) as cam:

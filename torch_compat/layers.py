@@ -19,7 +19,7 @@ from torch import nn
 from vafunc import layers as L
 
 __all__ = ["LayerNorm2d", "Conv2dSame", "BatchNormAct2d", "Op", "Dropout", "DropPath", "op_module", "fresh_key",
-           "keyed_dropout", "keyed_drop_path"]
+           "keyed_dropout", "keyed_drop_path", "keyed_attention"]
 
 
 def fresh_key(device) -> torch.Tensor:
@@ -41,6 +41,15 @@ def keyed_drop_path(x, rate: float, rng, train: bool):
     return L.drop_path(x, rate, rng, train=train)
 
 
+def keyed_attention(q, k, v, bias, scale, rate: float, rng, train: bool):
+    """:func:`vafunc.layers.attention` (the documented implementation rule), keyed attention
+    dropout; one opaque node under FX (the rule reads the operands' ranks)."""
+    if train and rate and rng is None:
+        rng = fresh_key(q.device)
+    return L.attention(q, k, v, bias=bias, scale=scale, rate=rate, rng=rng, train=train)
+
+
+torch.fx.wrap("keyed_attention")
 torch.fx.wrap("keyed_dropout")
 torch.fx.wrap("keyed_drop_path")
 # einops does not know FX's Proxy: its functions are single nodes of a traced graph. torch.fx.wrap
@@ -109,7 +118,7 @@ class Dropout(nn.Dropout):
     else (train mode) a fresh key from torch's global generator."""
 
     def forward(self, x, rng=None):
-        return keyed_dropout(x, self.p, rng, self.training)
+        return keyed_dropout(x, self.p, rng, self.training)  # (this module's global: the FX wrap applies)
 
 
 class DropPath(nn.Module):

@@ -31,14 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vafunc import layers as L
 from vafunc import tree as vtree
 from vafunc.init import Initializer
 from vafunc.kit import Scope
 from vafunc.layers import same_padding
 
-from .layers import (BatchNormAct2d, Conv2dSame, Dropout, DropPath, LayerNorm2d, fresh_key, keyed_drop_path,
-                     keyed_dropout, op_module)
+from . import layers as CL  # keyed_*: called through the module, where torch.fx.wrap patches them
+from .layers import BatchNormAct2d, Conv2dSame, Dropout, DropPath, LayerNorm2d, op_module
 
 __all__ = ["VafuncModule", "Block", "Sequential", "Bound", "call"]
 
@@ -210,18 +209,16 @@ class Bound(Scope):
         if name is not None:
             mod = self.mod._modules[name]
             return mod(x) if rng is None or not isinstance(mod, Dropout) else mod(x, rng)
-        return keyed_dropout(x, rate, rng, self.train)
+        return CL.keyed_dropout(x, rate, rng, self.train)
 
     def drop_path(self, x, rate, rng, name=None):
         if name is not None:
             mod = self.mod._modules[name]
             return mod(x) if rng is None or not isinstance(mod, DropPath) else mod(x, rng)
-        return keyed_drop_path(x, rate, rng, self.train)
+        return CL.keyed_drop_path(x, rate, rng, self.train)
 
     def attention(self, q, k, v, *, bias=None, scale=None, rate=0.0, rng=None):
-        if self.train and rate and rng is None:
-            rng = fresh_key(q.device)
-        return L.attention(q, k, v, bias=bias, scale=scale, rate=rate, rng=rng, train=self.train)
+        return CL.keyed_attention(q, k, v, bias, scale, rate, rng, self.train)
 
 
 # --------------------------------------------------------------------------- build
@@ -363,9 +360,17 @@ class _Builder(Scope):
         return t
 
 
+class Holder(nn.Module):
+    """A module of the reference whose tensors its parent reads without calling it (timm's
+    ``RelPosBias``, read by ``get_bias()``): declared ``m.child(name, module=("Holder", ()))``;
+    like the reference's, its forward hooks never fire."""
+
+
 def _torch_module(spec: tuple, dtype) -> nn.Module:
     """``(torch class name, keywords)`` -> that module of ``torch.nn`` on the meta device."""
     cls, kw = spec
+    if cls == "Holder":
+        return Holder()
     if cls in ("Sequential", "ModuleList", "ModuleDict", "Identity"):  # containers: no tensors of their own
         return getattr(nn, cls)(**dict(kw))
     return getattr(nn, cls)(**dict(kw), device="meta", dtype=dtype)

@@ -27,6 +27,9 @@ relative_position_bias_table``, ``attn.proj``, ``norm2``, ``mlp.fc1``/``fc2`` (1
 ``head.norm``/``head.pre_logits.fc``/``head.fc`` (paper) or ``norm``/``head.fc`` (rw). timm's
 ``relative_position_index`` is a non-persistent buffer: here a constant made in the forward.
 The bias covers the whole map of its stage, so the input size is fixed (``img_size``, 224).
+A BatchNorm followed by an activation (the stem's ``norm1``, the MBConvs' ``norm1``/``norm2``
+and, in the rw variant, ``pre_norm``) is one module in timm (``BatchNormAct2d``): the family
+declares ``norm_act``.
 
 Init is timm's ``vit_eff``: convs of the stem and MBConvs normal with ``std = sqrt(2 /
 fan_out)`` (``"goog"``), the transformer convs Xavier-uniform (MLP biases normal(0, 1e-6)), the
@@ -38,14 +41,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import einops
+import torch
 import torch.nn.functional as F
-from einops import rearrange
 
 from .. import layers as L
 from ..blocks import make_divisible
 from ..kit import family
 from ..registry import Reference, check_config, register
-from .maxvit import TIMM_MBCONV, linear_schedule, mlp, prenorm_mbconv, relative_position_bias
+from .maxvit import TIMM_MBCONV, MBConv, downsample2d, linear_schedule, prenorm_mbconv, relative_position_bias
 
 PAPER = "Dai et al. 2021, CoAtNet: Marrying Convolution and Attention for All Data Sizes, arXiv:2106.04803"
 
@@ -108,84 +112,117 @@ class CoAtNetConfig:
 # --------------------------------------------------------------------------- blocks
 
 
-def _downsample(m, x, cout: int, *, bias: bool):
-    """timm's ``Downsample2d`` (``avg2``): 2x2/2 average pool, then a 1x1 conv at ``expand``
-    when the width changes."""
-    y = F.avg_pool2d(x, 2, 2)
-    return y if x.shape[1] == cout else m.conv("expand", y, cout, 1, bias=bias)
-
-
-def _shortcut(cout: int, stride: int, bias: bool):
-    def shortcut(m, x):
-        return _downsample(m.child("shortcut"), x, cout, bias=bias) if stride == 2 else x
-
-    return shortcut
-
-
-def mbconv_block(m, x, v: Variant, cout: int, stride: int, rate: float):
+def mbconv_block(m, x, v: Variant, cin: int, cout: int, stride: int, rate: float):
     """timm's ``MbConvBlock`` (the shared :func:`~vafunc.models.maxvit.prenorm_mbconv`)."""
-    mid = make_divisible((cout if v.expand_output else x.shape[1]) * 4.0)
-    act = _ACTS[v.act]
-    names = TIMM_MBCONV._replace(se=("se_early.fc1", "se_early.fc2")) if v.se_early else TIMM_MBCONV
-    down = (lambda y: F.avg_pool2d(y, 2, 2)) if v.stride_pool and stride == 2 else None
-    return prenorm_mbconv(m, x, cout, stride=stride, expanded=mid, squeeze=int(0.25 * (cout if v.expand_output else mid)),
-                          act=act, se_act=_ACTS[v.se_act], shortcut=_shortcut(cout, stride, v.output_bias),
-                          names=names, pre_act=v.pre_norm_act, down=down, se_early=v.se_early,
-                          project_bias=v.output_bias, drop_path=rate)
+    mid = make_divisible((cout if v.expand_output else cin) * 4.0)
+    b = MBConv(cin, cout, stride, mid, int(0.25 * (cout if v.expand_output else mid)), _ACTS[v.act], _ACTS[v.se_act],
+               drop_path=rate, pre_act=v.pre_norm_act, stride_pool=v.stride_pool, se_early=v.se_early,
+               bias=v.output_bias)
+    return prenorm_mbconv(m, x, b, TIMM_MBCONV._replace(se="se_early") if v.se_early else TIMM_MBCONV)
 
 
-def attention2d(m, x, cout: int, heads: int, window):
-    """timm's ``Attention2d`` over the whole ``[N, C, H, W]`` map: 1x1 conv ``qkv`` packing
-    ``heads x (q k v) x head_dim``, attention with the relative position bias of the
-    ``H x W`` window, heads merged to channels, 1x1 conv ``proj`` to ``cout``."""
-    h, w = x.shape[2], x.shape[3]
+def attention2d(m, x, cout: int, heads: int, window: tuple[int, int]):
+    """timm's ``Attention2d`` over the whole ``[N, C, H, W]`` map (``(H, W) = window``): 1x1
+    conv ``qkv`` packing ``heads x (q k v) x head_dim``, attention with the relative position
+    bias of the window, heads merged to channels, 1x1 conv ``proj`` to ``cout``. The bias table
+    lives in ``rel_pos`` (timm's ``RelPosBias``, whose forward adds it to the attention logits;
+    here the bias goes to the fused attention as its mask, so that module is never called)."""
     c = heads * DIM_HEAD
     qkv = m.conv("qkv", x, 3 * c, 1, bias=True, init="xavier_uniform")
-    bias = relative_position_bias(m.child("rel_pos"), window, heads, buffer=False)
+    bias = relative_position_bias(m.child("rel_pos", module=("Holder", ())), window, heads, buffer=False)
     # tokens-major copies, as timm makes them: SDPA is slow on a strided head dimension
-    q, k, v = rearrange(qkv, "b (h three d) y x -> three b h (y x) d", three=3, h=heads).contiguous()
-    o = rearrange(m.attention(q, k, v, bias=bias), "b h (y x) d -> b (h d) y x", y=h)
+    q, k, v = einops.rearrange(qkv, "b (h three d) y x -> three b h (y x) d", three=3, h=heads).contiguous()
+    o = einops.rearrange(m.attention(q, k, v, bias=bias), "b h (y x) d -> b (h d) y x", y=window[0])
     return m.conv("proj", o, cout, 1, bias=True, init="xavier_uniform")
 
 
-def transformer_block(m, x, v: Variant, cout: int, stride: int, rate: float, window):
-    """timm's ``TransformerBlock2d``: ``shortcut(x) + drop_path(attn(norm1(x)))``, then
-    ``x + drop_path(mlp(norm2(x)))``, LayerNorm2d (eps 1e-6) and 1x1-conv MLP (ratio 4, GELU).
+def norm_down(m, x, cin: int):
+    """``norm1`` of a downsampling transformer block, an ``nn.Sequential``: LayerNorm2d ``norm``
+    (eps 1e-6), then timm's ``Downsample2d`` ``down`` (a 2x2/2 average pool)."""
+    return m.block("down", downsample2d, m.layer_norm2d("norm", x), cin, cin, 2, False, tap=False)
+
+
+def conv_mlp(m, x, hidden: int, cout: int):
+    """timm's ``ConvMlp``: 1x1 conv ``fc1`` to ``hidden``, GELU ``act``, 1x1 conv ``fc2``."""
+    y = m.op("act", F.gelu, m.conv("fc1", x, hidden, 1, bias=True, init="xavier_uniform_mlp"), tap=False)
+    return m.conv("fc2", y, cout, 1, bias=True, init="xavier_uniform_mlp")
+
+
+def transformer_block(m, x, v: Variant, cin: int, cout: int, stride: int, rate: float, window: tuple[int, int]):
+    """timm's ``TransformerBlock2d``: ``shortcut(x) + drop_path1(attn(norm1(x)))``, then
+    ``x + drop_path2(mlp(norm2(x)))``, LayerNorm2d (eps 1e-6) and 1x1-conv MLP (ratio 4, GELU).
     A downsampling block pools after ``norm1.norm`` and in the shortcut. Keys: slot 0 / 1 the two
     residuals' stochastic depth."""
-    cin = x.shape[1]
     if stride == 2:
-        res = _downsample(m.child("shortcut"), x, cout, bias=v.shortcut_bias)
-        n = m.child("norm1")
-        y = F.avg_pool2d(n.layer_norm2d("norm", x), 2, 2)
+        res = m.block("shortcut", downsample2d, x, cin, cout, 2, v.shortcut_bias, tap=False)
+        y = m.block("norm1", norm_down, x, cin, tap=False, sequential=True)
     else:
         res, y = x, m.layer_norm2d("norm1", x)
     heads = (cout if v.expand_first else cin) // DIM_HEAD
-    y = attention2d(m.child("attn"), y, cout, heads, window)
-    x = res + m.drop_path(y, rate, m.key(0))
-    y = m.layer_norm2d("norm2", x)
-    f = m.child("mlp")
-    y = f.conv("fc2", F.gelu(f.conv("fc1", y, 4 * cout, 1, bias=True, init="xavier_uniform_mlp")), cout, 1,
-               bias=True, init="xavier_uniform_mlp")
-    return x + m.drop_path(y, rate, m.key(1))
+    y = m.block("attn", attention2d, y, cout, heads, window, tap=False)
+    x = res + m.drop_path(y, rate, m.key(0), name="drop_path1")
+    y = m.block("mlp", conv_mlp, m.layer_norm2d("norm2", x), 4 * cout, cout, tap=False)
+    return x + m.drop_path(y, rate, m.key(1), name="drop_path2")
 
 
 def stem(m, x, v: Variant):
-    """3x3/2 conv, BN + act, 3x3 conv (no biases): ``[N, 3, H, W] -> [N, C, H/2, W/2]``."""
+    """3x3/2 conv, BN + act (timm's ``BatchNormAct2d``), 3x3 conv (no biases):
+    ``[N, 3, H, W] -> [N, C, H/2, W/2]``."""
     y = m.conv_norm_act(x, v.stem_width[0], 3, conv="conv1", norm="norm1", act=_ACTS[v.act], stride=2)
     return m.conv("conv2", y, v.stem_width[1], 3)
 
 
-def stage(m, x, cfg: CoAtNetConfig, i: int, rates, feat: int):
+def stage(m, x, cfg: CoAtNetConfig, i: int, rates: tuple, feat: int):
+    """timm's ``MaxxVitStage`` ``i``: its blocks in the ``nn.Sequential`` ``blocks``."""
+    return m.block("blocks", stage_blocks, x, cfg, i, rates, feat, tap=False, rng=m.rng)
+
+
+def stage_blocks(m, x, cfg: CoAtNetConfig, i: int, rates: tuple, feat: int):
+    """The blocks of stage ``i`` (MBConvs in S1-S2, transformer blocks in S3-S4 over the
+    ``feat x feat`` map), the first with stride 2; block ``j`` gets the key ``fold_in(rng, j)``."""
     v = VARIANTS[cfg.variant]
-    s = m.child("blocks")
+    cout = v.embed_dim[i]
     for j, rate in enumerate(rates):
-        stride = 2 if j == 0 else 1
+        cin, stride = (v.embed_dim[i - 1] if i else v.stem_width[1], 2) if j == 0 else (cout, 1)
         if BLOCKS[i] == "C":
-            x = s.block(str(j), mbconv_block, x, v, v.embed_dim[i], stride, rate, rng=m.key(j))
+            x = m.block(str(j), mbconv_block, x, v, cin, cout, stride, rate, rng=m.key(j))
         else:
-            x = s.block(str(j), transformer_block, x, v, v.embed_dim[i], stride, rate, (feat, feat), rng=m.key(j))
+            x = m.block(str(j), transformer_block, x, v, cin, cout, stride, rate, (feat, feat), rng=m.key(j))
     return x
+
+
+def stages(m, x, cfg: CoAtNetConfig):
+    """timm's ``stages``: stage ``i`` at ``i`` with the key ``fold_in(rng, i)``."""
+    v = VARIANTS[cfg.variant]
+    rates = linear_schedule(cfg.drop_path_rate, sum(v.depths))
+    b, feat = 0, cfg.img_size // 2
+    for i, n in enumerate(v.depths):
+        feat //= 2
+        x = m.block(str(i), stage, x, cfg, i, tuple(rates[b:b + n]), feat, rng=m.key(i))
+        b += n
+    return x
+
+
+def pre_logits(m, x, hidden: int):
+    """timm's ``pre_logits``, an ``nn.Sequential``: Linear ``fc``, Tanh ``act``."""
+    return m.op("act", torch.tanh, m.linear("fc", x, hidden), tap=False)
+
+
+def norm_mlp_head(m, x, hidden: int, num_classes: int, rate: float):
+    """timm's ``NormMlpClassifierHead`` (the paper's head): average pool ``global_pool``,
+    LayerNorm2d ``norm``, ``flatten``, ``pre_logits``, dropout ``drop`` (the scope's key), Linear
+    ``fc``. ``[N, C, H, W] -> [N, num_classes]``."""
+    y = m.layer_norm2d("norm", m.op("global_pool", F.adaptive_avg_pool2d, x, 1, tap=False))
+    y = m.op("flatten", torch.flatten, y, 1, tap=False)
+    y = m.block("pre_logits", pre_logits, y, hidden, tap=False, sequential=True)
+    return m.linear("fc", m.dropout(y, rate, m.rng, name="drop"), num_classes)
+
+
+def classifier_head(m, x, num_classes: int, rate: float):
+    """timm's ``ClassifierHead``: average pool and flatten ``global_pool``, dropout ``drop`` (the
+    scope's key), Linear ``fc``. ``[N, C, H, W] -> [N, num_classes]``."""
+    y = m.op("global_pool", L.global_avg_pool, x, tap=False)
+    return m.linear("fc", m.dropout(y, rate, m.rng, name="drop"), num_classes)
 
 
 def forward(m, cfg: CoAtNetConfig, x):
@@ -198,31 +235,24 @@ def forward(m, cfg: CoAtNetConfig, x):
     0 and 1); the head's dropout ``fold_in(rng, 4)``.
     """
     v = VARIANTS[cfg.variant]
-    if x.shape[-2:] != (cfg.img_size, cfg.img_size):
+    # the size probe (min_size); apply's inputs are checked by the model (multiple and maximum: img_size)
+    if m.initializing and x.shape[-2:] != (cfg.img_size, cfg.img_size):
         raise ValueError(f"coatnet expects {cfg.img_size}x{cfg.img_size} inputs (img_size: its relative position "
                          f"biases cover the whole map), got {x.shape[-2]}x{x.shape[-1]}")
     m.require_multiple(cfg.img_size)
     y = m.block("stem", stem, x, v)
-    rates = linear_schedule(cfg.drop_path_rate, sum(v.depths))
-    st = m.child("stages", rng=m.rng)
-    b, feat = 0, cfg.img_size // 2
-    for i, n in enumerate(v.depths):
-        feat //= 2
-        y = st.block(str(i), stage, y, cfg, i, rates[b:b + n], feat, rng=st.key(i))
-        b += n
+    y = m.block("stages", stages, y, cfg, tap=False, rng=m.rng)
     if v.head_hidden_size:
-        h = m.child("head")
-        y = h.layer_norm2d("norm", F.adaptive_avg_pool2d(y, 1)).flatten(1)
-        y = h.child("pre_logits").linear("fc", y, v.head_hidden_size).tanh()
-    else:
-        y = F.adaptive_avg_pool2d(m.layer_norm2d("norm", y), 1).flatten(1)
-        h = m.child("head")
-    y = m.dropout(y, cfg.drop_rate, m.key(4))
-    return h.linear("fc", y, cfg.num_classes)
+        return m.block("head", norm_mlp_head, y, v.head_hidden_size, cfg.num_classes, cfg.drop_rate, tap=False,
+                       rng=m.key(4))
+    y = m.layer_norm2d("norm", y)
+    return m.block("head", classifier_head, y, cfg.num_classes, cfg.drop_rate, tap=False, rng=m.key(4))
 
 
+#: timm's layout: each BatchNorm with an activation is one module (``BatchNormAct2d``)
 FAMILY = family("coatnet", CoAtNetConfig, forward, paper=PAPER, init_size=lambda cfg: cfg.img_size,
-                max_size=lambda cfg: cfg.img_size, defaults={"conv": "goog", "linear": "torch_default"})
+                max_size=lambda cfg: cfg.img_size,
+                defaults={"conv": "goog", "linear": "torch_default", "norm_act": True})
 
 register("coatnet_0_224", FAMILY, params=25036820, reference=Reference("timm", "coatnet_0_224"),
          notes="Table 3 of the paper (CoAtNet-0), as timm's coatnet_0_224 (untrained there).", variant="coatnet_0")

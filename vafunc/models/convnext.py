@@ -38,6 +38,7 @@ import re
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import torch
 import torch.nn.functional as F
 
 from .. import blocks as B
@@ -117,6 +118,7 @@ class ConvNeXtConfig:
 class BlockSpec(NamedTuple):
     layer_scale: float
     drop_path: float
+    channels: int
 
 
 def plan(cfg: ConvNeXtConfig) -> tuple[tuple[BlockSpec, ...], ...]:
@@ -125,8 +127,8 @@ def plan(cfg: ConvNeXtConfig) -> tuple[tuple[BlockSpec, ...], ...]:
     total = sum(n for _, _, n in cfg.block_setting)
     last = max(total - 1.0, 1.0)  # one block in all: rate 0 (torchvision divides by zero)
     stages, b = [], 0
-    for _, _, n in cfg.block_setting:
-        stages.append(tuple(BlockSpec(cfg.layer_scale, cfg.stochastic_depth_prob * (b + j) / last)
+    for c, _, n in cfg.block_setting:
+        stages.append(tuple(BlockSpec(cfg.layer_scale, cfg.stochastic_depth_prob * (b + j) / last, c)
                             for j in range(n)))
         b += n
     return tuple(stages)
@@ -135,22 +137,39 @@ def plan(cfg: ConvNeXtConfig) -> tuple[tuple[BlockSpec, ...], ...]:
 # --------------------------------------------------------------------------- the network
 
 
+def to_channels_last(x):
+    """``[N, C, H, W] -> [N, H, W, C]``, a view (torchvision's ``Permute([0, 2, 3, 1])``)."""
+    return x.permute(0, 2, 3, 1)
+
+
+def to_channels_first(x):
+    """``[N, H, W, C] -> [N, C, H, W]``, a view (torchvision's ``Permute([0, 3, 1, 2])``)."""
+    return x.permute(0, 3, 1, 2)
+
+
+def cn_branch(m, x, c: int):
+    """The residual branch of the block, torchvision's ``CNBlock.block``: 7x7 depthwise conv
+    ``0``, to channels-last ``1``, LayerNorm ``2``, linears ``3`` (to 4C) and ``5`` (back to C)
+    around GELU ``4``, back to channels-first ``6``. ``[N, C, H, W] -> same``."""
+    # one step per line: each rebinding frees the step's input, as nn.Sequential does
+    y = m.conv("0", x, c, 7, padding=3, groups=c, bias=True)
+    y = m.op("1", to_channels_last, y, tap=False)
+    y = m.layer_norm("2", y, eps=1e-6)
+    y = m.linear("3", y, 4 * c)
+    y = m.op("4", F.gelu, y, tap=False)
+    y = m.linear("5", y, c)
+    return m.op("6", to_channels_first, y, tap=False)
+
+
 def cn_block(m, x, b: BlockSpec):
     """The ConvNeXt block (Sec. 2.6, Fig. 4), torchvision's ``CNBlock``: ``[N, C, H, W] -> same``.
 
-    ``x + drop_path(layer_scale * permute(fc2(gelu(fc1(norm(permute(dwconv7x7(x))))))))``, the
-    LayerNorm and the linears channels-last; stochastic depth keyed by the scope's key.
+    ``x + stochastic_depth(layer_scale * block(x))``, ``block`` the branch of :func:`cn_branch`
+    (the LayerNorm and the linears channels-last); stochastic depth keyed by the scope's key.
     """
-    c = x.shape[1]
-    gamma = m.layer_scale("layer_scale", c, b.layer_scale)  # registered before `block` in the state_dict
-    s = m.child("block")
-    y = s.conv("0", x, c, 7, padding=3, groups=c, bias=True).permute(0, 2, 3, 1)
-    # one step per line: each rebinding frees the step's input, as nn.Sequential does
-    y = s.layer_norm("2", y, eps=1e-6)
-    y = s.linear("3", y, 4 * c)
-    y = F.gelu(y)
-    y = s.linear("5", y, c).permute(0, 3, 1, 2)
-    y = m.drop_path(gamma * y, b.drop_path, m.rng)
+    gamma = m.layer_scale("layer_scale", b.channels, b.layer_scale)  # registered before `block` in the state_dict
+    y = m.block("block", cn_branch, x, b.channels, tap=False)
+    y = m.drop_path(gamma * y, b.drop_path, m.rng, name="stochastic_depth")
     return y.add_(x)  # a fresh tensor: the product (or the drop-path output)
 
 
@@ -164,6 +183,26 @@ def downsample(m, x, cout: int):
     return m.conv("1", m.layer_norm2d("0", x), cout, 2, stride=2, padding=0, bias=True)
 
 
+def features(m, x, cfg: ConvNeXtConfig):
+    """torchvision's ``features``: the stem ``0``, stage ``i`` at ``2i + 1`` and the downsampling
+    layer after it at ``2i + 2``. Block ``b`` (counted over all stages) gets the key
+    ``fold_in(m.rng, b)``."""
+    y = m.block("0", stem, x, cfg.block_setting[0][0])
+    b = 0
+    for i, ((_, cout, _), specs) in enumerate(zip(cfg.block_setting, plan(cfg))):
+        y = m.block(str(2 * i + 1), B.sequence, y, specs, cn_block, rng=m.rng, index=b)
+        b += len(specs)
+        if cout is not None:
+            y = m.block(str(2 * i + 2), downsample, y, cout)
+    return y
+
+
+def classifier(m, x, num_classes: int):
+    """torchvision's ``classifier``: LayerNorm2d ``0``, flatten ``1``, linear ``2``.
+    ``[N, C, 1, 1] -> [N, num_classes]``."""
+    return m.linear("2", m.op("1", torch.flatten, m.layer_norm2d("0", x), 1, tap=False), num_classes)
+
+
 def forward(m, cfg: ConvNeXtConfig, x):
     """``x [N, C, H, W] -> logits [N, num_classes]``.
 
@@ -172,17 +211,9 @@ def forward(m, cfg: ConvNeXtConfig, x):
     downsampling layer ``features.{2i+2}``. Stochastic-depth keys: block ``b`` (counted over all
     stages) uses ``fold_in(rng, b)``.
     """
-    f = m.child("features", rng=m.rng)
-    y = f.block("0", stem, x, cfg.block_setting[0][0])
-    b = 0
-    for i, ((_, cout, _), specs) in enumerate(zip(cfg.block_setting, plan(cfg))):
-        y = f.block(str(2 * i + 1), B.sequence, y, specs, cn_block, rng=f.rng, index=b)
-        b += len(specs)
-        if cout is not None:
-            y = f.block(str(2 * i + 2), downsample, y, cout)
-    c = m.child("classifier")
-    y = c.layer_norm2d("0", F.adaptive_avg_pool2d(y, 1))
-    return c.linear("2", y.flatten(1), cfg.num_classes)
+    y = m.block("features", features, x, cfg, tap=False, rng=m.rng)
+    y = m.op("avgpool", F.adaptive_avg_pool2d, y, 1, tap=False)
+    return m.block("classifier", classifier, y, cfg.num_classes, tap=False)
 
 
 # --------------------------------------------------------------------------- timm checkpoints

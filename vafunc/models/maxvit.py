@@ -30,8 +30,9 @@ included: block attention uses P x P windows, grid attention a G x G grid of cel
 ``(H / G) x (W / G)`` pixels, as in the paper. At a square size the two agree value for value.
 
 Shared with :mod:`vafunc.models.coatnet` (one implementation of each concept):
-:func:`relative_position_index`, :func:`relative_position_bias`, :func:`prenorm_mbconv` (with
-its :class:`MBConvNames` layouts), :func:`mlp` and :func:`linear_schedule`.
+:func:`relative_position_index`, :func:`relative_position_bias`, :func:`prenorm_mbconv` (an
+:class:`MBConv`, with its :class:`MBConvNames` layouts and their shortcuts :func:`proj` and
+:func:`downsample2d`) and :func:`linear_schedule`.
 """
 
 from __future__ import annotations
@@ -39,11 +40,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
+import einops
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 
-from ..kit import family
+from .. import layers as L
+from ..kit import Scope, family
 from ..registry import Reference, check_config, register
 
 PAPER = "Tu et al. 2022, MaxViT: Multi-Axis Vision Transformer, arXiv:2204.01697"
@@ -57,8 +59,8 @@ def relative_position_index(h: int, w: int, device=None) -> torch.Tensor:
     ``(dy, dx) = pos_i - pos_j``: ``(dy + h - 1) * (2w - 1) + (dx + w - 1)`` (Swin, Sec. 3.2;
     torchvision's MaxViT/Swin and timm's ``gen_relative_position_index`` build the same table)."""
     ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
-    pos = rearrange(torch.stack((ys, xs)), "c h w -> c (h w)")
-    d = rearrange(pos, "c i -> c i 1") - rearrange(pos, "c j -> c 1 j")
+    pos = einops.rearrange(torch.stack((ys, xs)), "c h w -> c (h w)")
+    d = einops.rearrange(pos, "c i -> c i 1") - einops.rearrange(pos, "c j -> c 1 j")
     return (d[0] + (h - 1)) * (2 * w - 1) + (d[1] + (w - 1))
 
 
@@ -74,7 +76,8 @@ def relative_position_bias(m, window: tuple[int, int], heads: int, *, buffer: bo
         index = m.buffer("relative_position_index", lambda: relative_position_index(h, w))
     else:  # a constant of the graph: a few integer ops on a small grid, made where the table lives
         index = relative_position_index(h, w, device=table.device)
-    return rearrange(table[index], "i j heads -> heads i j").contiguous()  # as the references: SDPA reads it row-wise
+    # contiguous, as the references: SDPA reads it row-wise
+    return einops.rearrange(table[index], "i j heads -> heads i j").contiguous()
 
 
 def linear_schedule(rate: float, n: int) -> list[float]:
@@ -86,87 +89,119 @@ def linear_schedule(rate: float, n: int) -> list[float]:
     return [rate if i == n - 1 else i * step for i in range(n)]
 
 
-class MBConvNames(NamedTuple):
-    """Where a pre-norm MBConv keeps its tensors: dotted paths inside the block's scope
-    (``(conv, norm)`` pairs for the 1x1 expansion and the depthwise conv, ``(fc1, fc2)`` for SE)."""
+def proj(m, x, cin: int, cout: int, stride: int, bias: bool = True):
+    """torchvision's MBConv shortcut ``proj``, an ``nn.Sequential``: with stride 2 a 3x3/2
+    average pool (``count_include_pad``) ``0`` and a 1x1 conv ``1``; else the 1x1 conv ``0``."""
+    if stride == 2:
+        return m.conv("1", m.op("0", F.avg_pool2d, x, 3, 2, 1, tap=False), cout, 1, bias=bias)
+    return m.conv("0", x, cout, 1, bias=bias)
 
+
+def downsample2d(m, x, cin: int, cout: int, stride: int = 2, bias: bool = True):
+    """timm's ``Downsample2d`` (``pool_type="avg2"``): a 2x2/2 average pool ``pool``, then a 1x1
+    conv ``expand`` where the width changes (``stride`` is 2: the argument mirrors :func:`proj`)."""
+    y = m.op("pool", F.avg_pool2d, x, 2, 2, tap=False)
+    return y if cin == cout else m.conv("expand", y, cout, 1, bias=bias)
+
+
+class MBConvNames(NamedTuple):
+    """Where a pre-norm MBConv keeps its modules, inside the block's scope. ``layers``: the
+    container of the residual branch (torchvision's ``nn.Sequential``), or None (timm's flat
+    block). ``expand`` / ``dw``: a ``Conv2dNormActivation`` container (conv ``0``, norm ``1``,
+    activation ``2``), or a ``(conv, norm)`` pair of the block's own. ``shortcut``: the name and
+    the function (:func:`proj` or :func:`downsample2d`) of the shortcut; ``down``: the stride
+    pool's module (timm's, with ``stride_pool``); ``drop_path``: the stochastic-depth module."""
+
+    shortcut: tuple[str, Callable]
+    layers: str | None
     pre_norm: str
-    expand: tuple[str, str]
-    dw: tuple[str, str]
-    se: tuple[str, str]
+    down: str
+    expand: str | tuple[str, str]
+    dw: str | tuple[str, str]
+    se: str
     project: str
+    drop_path: str
 
 
 #: torchvision's ``MBConv``
-TORCHVISION_MBCONV = MBConvNames("layers.pre_norm", ("layers.conv_a.0", "layers.conv_a.1"),
-                                 ("layers.conv_b.0", "layers.conv_b.1"),
-                                 ("layers.squeeze_excitation.fc1", "layers.squeeze_excitation.fc2"), "layers.conv_c")
-#: timm's ``MbConvBlock`` (MaxxVit, CoAtNet)
-TIMM_MBCONV = MBConvNames("pre_norm", ("conv1_1x1", "norm1"), ("conv2_kxk", "norm2"), ("se.fc1", "se.fc2"),
-                          "conv3_1x1")
+TORCHVISION_MBCONV = MBConvNames(("proj", proj), "layers", "pre_norm", "down", "conv_a", "conv_b",
+                                 "squeeze_excitation", "conv_c", "stochastic_depth")
+#: timm's ``MbConvBlock`` (MaxxVit, CoAtNet); ``se`` is ``"se_early"`` where SE precedes ``norm2``
+TIMM_MBCONV = MBConvNames(("shortcut", downsample2d), None, "pre_norm", "down", ("conv1_1x1", "norm1"),
+                          ("conv2_kxk", "norm2"), "se", "conv3_1x1", "drop_path")
 
 
-class _Scopes:
-    """Child scopes of ``m`` by dotted path, each module's scope made once (train mode records
-    the new BatchNorm statistics per scope object, so a module must not get two)."""
+class MBConv(NamedTuple):
+    """A pre-norm MBConv (:func:`prenorm_mbconv`): ``cin -> cout`` channels, ``stride``, the 1x1
+    expansion to ``expanded`` channels, SE to ``squeeze`` channels, the activations ``act`` and
+    ``se_act`` (module-level functions), stochastic depth ``drop_path``; ``pre_act``: ``act``
+    after the pre-norm; ``stride_pool``: the stride in a 2x2 average pool before the expansion
+    (timm's ``stride_mode="pool"``) instead of the depthwise conv; ``se_early``: SE before the
+    depthwise conv's norm; ``bias``: biases on the projection and the shortcut's conv."""
 
-    def __init__(self, m):
-        self.memo = {"": m}
+    cin: int
+    cout: int
+    stride: int
+    expanded: int
+    squeeze: int
+    act: Callable
+    se_act: Callable
+    drop_path: float = 0.0
+    pre_act: bool = False
+    stride_pool: bool = False
+    se_early: bool = False
+    bias: bool = True
 
-    def __call__(self, path: str):
-        parent, _, leaf = path.rpartition(".")
-        return self.scope(parent), leaf
 
-    def scope(self, path: str):
-        s = self.memo.get(path)
-        if s is None:
-            parent, _, name = path.rpartition(".")
-            s = self.memo[path] = self.scope(parent).child(name)
-        return s
+def _conv_norm_act(m, at, x, cout: int, kernel: int, **kw):
+    """Conv, norm, activation at ``at``: a ``Conv2dNormActivation`` block of that name, or the
+    ``(conv, norm)`` pair of ``m`` (see :class:`MBConvNames`)."""
+    if isinstance(at, str):
+        return m.block(at, Scope.conv_norm_act, x, cout, kernel, tap=False, **kw)
+    return m.conv_norm_act(x, cout, kernel, conv=at[0], norm=at[1], **kw)
 
 
-def prenorm_mbconv(m, x, cout: int, *, stride: int, expanded: int, squeeze: int, act: Callable,
-                   se_act: Callable, shortcut: Callable, names: MBConvNames = TORCHVISION_MBCONV,
-                   pre_act: bool = False, down: Callable | None = None, se_early: bool = False,
-                   project_bias: bool = True, drop_path: float = 0.0, rng=None):
+def mbconv_branch(m, x, b: MBConv, names: MBConvNames):
+    """The residual branch of :func:`prenorm_mbconv`: ``[N, cin, H, W] -> [N, cout, H/stride, W/stride]``."""
+    if b.pre_act or m.defaults.get("norm_act"):  # timm's pre-norm is a BatchNormAct2d (act: identity or act)
+        y = m.norm_act(names.pre_norm, x, b.act if b.pre_act else L.identity)
+    else:
+        y = m.batch_norm(names.pre_norm, x)
+    stride = b.stride
+    if b.stride_pool and stride == 2:
+        y, stride = m.block(names.down, downsample2d, y, b.cin, b.cin, 2, False, tap=False), 1
+    y = _conv_norm_act(m, names.expand, y, b.expanded, 1, act=b.act)
+    if b.se_early:  # timm's se_early: the depthwise conv, SE, then its norm (+ act)
+        y = m.conv(names.dw[0], y, b.expanded, 3, stride=stride, groups=b.expanded)
+        y = m.block(names.se, Scope.squeeze_excite, y, b.squeeze, act=b.se_act, tap=False)
+        y = m.norm_act(names.dw[1], y, b.act)
+    else:
+        y = _conv_norm_act(m, names.dw, y, b.expanded, 3, act=b.act, stride=stride, groups=b.expanded)
+        y = m.block(names.se, Scope.squeeze_excite, y, b.squeeze, act=b.se_act, tap=False)
+    return m.conv(names.project, y, b.cout, 1, bias=b.bias)
+
+
+def prenorm_mbconv(m, x, b: MBConv, names: MBConvNames = TORCHVISION_MBCONV, rng=None):
     """The pre-norm MBConv of MaxViT (Sec. 3.1) and CoAtNet (Sec. 2.1; timm's ``MbConvBlock``):
     ``[N, cin, H, W] -> [N, cout, H/stride, W/stride]``.
 
-    ``shortcut(m, x) + drop_path(conv1x1(se(dw_kxk(conv1x1(norm(x))))))``: BatchNorm on the input
-    (with ``act`` when ``pre_act``: timm's early CoAtNets), then ``down`` (a pooling that carries
-    the stride instead of the depthwise conv, timm's ``stride_mode="pool"``), 1x1 expansion to
-    ``expanded`` (BN, ``act``), 3x3 depthwise conv with ``stride`` (BN, ``act``), SE to
-    ``squeeze`` channels (``se_act``, sigmoid gate; before the depthwise conv's BN when
-    ``se_early``), a 1x1 projection (bias when ``project_bias``). ``shortcut`` is the reference's
-    (identity, or pooling + 1x1 conv); stochastic depth keyed by ``rng``.
+    ``shortcut(x) + drop_path(conv1x1(se(dw_kxk(conv1x1(norm(x))))))``: BatchNorm on the input
+    (with ``act`` when ``pre_act``: timm's early CoAtNets; a family with ``norm_act`` has timm's
+    ``BatchNormAct2d`` there, its activation the identity without ``pre_act``),
+    then the stride pool (``stride_pool``), 1x1 expansion to ``expanded`` (BN, ``act``), 3x3
+    depthwise conv with ``stride`` (BN, ``act``), SE to ``squeeze`` channels (``se_act``, sigmoid
+    gate; before the depthwise conv's BN when ``se_early``), a 1x1 projection (bias when
+    ``bias``). The shortcut is the identity where ``stride == 1`` and ``cin == cout``, else the
+    layout's (pooling and a 1x1 conv); stochastic depth keyed by ``rng`` (default: the scope's key).
     """
-    res = shortcut(m, x)
-    at = _Scopes(m)
-    s, n = at(names.pre_norm)
-    y = s.batch_norm(n, x)
-    if pre_act:
-        y = act(y)
-    if down is not None:
-        y, stride = down(y), 1
-    (s, c), (_, n) = at(names.expand[0]), at(names.expand[1])
-    y = s.conv_norm_act(y, expanded, 1, conv=c, norm=n, act=act)
-    (s, c), (sn, n) = at(names.dw[0]), at(names.dw[1])
-    if se_early:
-        y = s.conv(c, y, expanded, 3, stride=stride, groups=expanded)
+    where, shortcut = names.shortcut  # the shortcut first: its tensors precede the branch's in the state_dict
+    res = x if b.stride == 1 and b.cin == b.cout else m.block(where, shortcut, x, b.cin, b.cout, b.stride, b.bias,
+                                                               tap=False)
+    if names.layers is None:
+        y = mbconv_branch(m, x, b, names)
     else:
-        y = s.conv_norm_act(y, expanded, 3, conv=c, norm=n, act=act, stride=stride, groups=expanded)
-    (se, f1), (_, f2) = at(names.se[0]), at(names.se[1])  # its scope after the conv's (key order)
-    y = se.squeeze_excite(y, squeeze, act=se_act, fc1=f1, fc2=f2)
-    if se_early:
-        y = act(sn.batch_norm(n, y))
-    s, c = at(names.project)
-    y = s.conv(c, y, cout, 1, bias=project_bias)
-    return m.drop_path(y, drop_path, m.rng if rng is None else rng) + res
-
-
-def mlp(m, x, hidden: int, *, fc1: str, fc2: str, act: Callable = F.gelu):
-    """The transformer MLP ``fc2(act(fc1(x)))`` over the last axis, ``[..., C] -> [..., C]``."""
-    return m.linear(fc2, act(m.linear(fc1, x, hidden)), x.shape[-1])
+        y = m.block(names.layers, mbconv_branch, x, b, names, tap=False, sequential=True)
+    return m.drop_path(y, b.drop_path, m.rng if rng is None else rng, name=names.drop_path) + res
 
 
 # --------------------------------------------------------------------------- the config
@@ -234,87 +269,107 @@ def size_multiple(cfg: MaxVitConfig) -> int:
 # --------------------------------------------------------------------------- the network
 
 
-def partition_attention(m, x, cfg: MaxVitConfig, kind: str, rate: float):
+def partition_attention(m, x, cfg: MaxVitConfig, kind: str, rate: float, width: int | None = None):
     """Block (``kind="window"``) or grid (``"grid"``) attention, torchvision's
-    ``PartitionAttentionLayer``: ``[N, C, H, W] -> same``.
+    ``PartitionAttentionLayer``: ``[N, C, H, W] -> same`` (``width``: C, read off ``x`` when not
+    given; the network passes it from the config).
 
     The map is cut into groups of ``P x P`` tokens: windows of adjacent pixels, or a ``P x P``
     grid of pixels ``(H/P, W/P)`` apart. Within each group, a pre-norm transformer layer:
-    ``t + drop_path(dropout(attn(LN(t))))``, then ``t + drop_path(dropout(mlp(LN(t))))``.
-    Key slots of the scope's key: 0 attention-output dropout, 1 its stochastic depth, 2 MLP
-    dropout, 3 its stochastic depth.
+    ``t + drop_path(attn_layer(t))``, then ``t + drop_path(mlp_layer(t))`` (one
+    ``stochastic_dropout`` module for both, as torchvision's). Key slots of the scope's key: 0
+    the attention layer's dropout, 1 its stochastic depth, 2 the MLP's dropout, 3 its stochastic
+    depth.
     """
     p = cfg.partition_size
-    c = x.shape[1]
+    c = x.shape[1] if width is None else width
     if kind == "window":  # windows of P x P adjacent pixels
-        t = rearrange(x, "b c (nh ph) (nw pw) -> b (nh nw) (ph pw) c", ph=p, pw=p)
+        t = einops.rearrange(x, "b c (nh ph) (nw pw) -> b (nh nw) (ph pw) c", ph=p, pw=p)
     else:  # a P x P grid whose cells are (H/P) x (W/P)
-        t = rearrange(x, "b c (ph nh) (pw nw) -> b (nh nw) (ph pw) c", ph=p, pw=p)
-    a = m.child("attn_layer")
-    y = a.layer_norm("0", t)
-    y = rel_attention(a.child("1"), y, c // cfg.head_dim, (p, p))
-    t = t + m.drop_path(m.dropout(y, cfg.attention_dropout, m.key(0)), rate, m.key(1))
-    f = m.child("mlp_layer")
-    y = mlp(f, f.layer_norm("0", t), c * cfg.mlp_ratio, fc1="1", fc2="3")
-    t = t + m.drop_path(m.dropout(y, cfg.mlp_dropout, m.key(2)), rate, m.key(3))
-    nh, nw = x.shape[2] // p, x.shape[3] // p
+        t = einops.rearrange(x, "b c (ph nh) (pw nw) -> b (nh nw) (ph pw) c", ph=p, pw=p)
+    y = m.block("attn_layer", attn_layer, t, c // cfg.head_dim, (p, p), c, cfg.attention_dropout, tap=False,
+                rng=m.key(0))
+    t = t + m.drop_path(y, rate, m.key(1), name="stochastic_dropout")
+    y = m.block("mlp_layer", mlp_layer, t, c * cfg.mlp_ratio, c, cfg.mlp_dropout, tap=False, rng=m.key(2))
+    t = t + m.drop_path(y, rate, m.key(3), name="stochastic_dropout")
+    nh = x.shape[2] // p  # a node of FX's graph (einops' functions are opaque nodes there)
     if kind == "window":
-        return rearrange(t, "b (nh nw) (ph pw) c -> b c (nh ph) (nw pw)", nh=nh, ph=p)
-    return rearrange(t, "b (nh nw) (ph pw) c -> b c (ph nh) (pw nw)", nh=nh, ph=p)
+        return einops.rearrange(t, "b (nh nw) (ph pw) c -> b c (nh ph) (nw pw)", nh=nh, ph=p)
+    return einops.rearrange(t, "b (nh nw) (ph pw) c -> b c (ph nh) (pw nw)", nh=nh, ph=p)
 
 
-def rel_attention(m, t, heads: int, window: tuple[int, int]):
+def attn_layer(m, t, heads: int, window: tuple[int, int], width: int, rate: float):
+    """torchvision's ``attn_layer``: LayerNorm ``0``, :func:`rel_attention` ``1``, dropout ``2``
+    (keyed by the scope's key). ``[..., L, C] -> same``."""
+    y = m.block("1", rel_attention, m.layer_norm("0", t), heads, window, width, tap=False)
+    return m.dropout(y, rate, m.rng, name="2")
+
+
+def mlp_layer(m, t, hidden: int, width: int, rate: float):
+    """torchvision's ``mlp_layer``: LayerNorm ``0``, Linear ``1``, GELU ``2``, Linear ``3``,
+    dropout ``4`` (keyed by the scope's key). ``[..., C] -> same``."""
+    y = m.linear("1", m.layer_norm("0", t), hidden)
+    y = m.linear("3", m.op("2", F.gelu, y, tap=False), width)
+    return m.dropout(y, rate, m.rng, name="4")
+
+
+def rel_attention(m, t, heads: int, window: tuple[int, int], width: int):
     """torchvision's ``RelativePositionalMultiHeadAttention``: ``[..., L, C] -> same``, ``L`` the
-    window's ``h*w`` tokens; ``to_qkv`` packs ``(q k v) x (heads, head_dim)``; the logits are
-    scaled by ``C ** -0.5`` (the full width: torchvision's choice) and get the relative position
-    bias; heads merged and projected by ``merge``."""
-    c = t.shape[-1]
+    window's ``h*w`` tokens, ``C = width``; ``to_qkv`` packs ``(q k v) x (heads, head_dim)``; the
+    logits are scaled by ``C ** -0.5`` (the full width: torchvision's choice) and get the relative
+    position bias; heads merged and projected by ``merge``."""
     bias = relative_position_bias(m, window, heads)  # own tensors precede the linears
-    q, k, v = rearrange(m.linear("to_qkv", t, 3 * c), "... l (three h d) -> three ... h l d", three=3, h=heads)
-    o = m.attention(q, k, v, bias=bias, scale=c ** -0.5)
-    return m.linear("merge", rearrange(o, "... h l d -> ... l (h d)"), c)
+    qkv = m.linear("to_qkv", t, 3 * width)
+    q, k, v = einops.rearrange(qkv, "... l (three h d) -> three ... h l d", three=3, h=heads)
+    o = m.attention(q, k, v, bias=bias, scale=width ** -0.5)
+    return m.linear("merge", einops.rearrange(o, "... h l d -> ... l (h d)"), width)
 
 
-def _proj(cout: int, stride: int):
-    """torchvision's MBConv shortcut: identity, or (3x3/2 average pool, count_include_pad) and a
-    1x1 conv with bias at ``proj.{1|0}``."""
-
-    def shortcut(m, x):
-        if stride == 1 and x.shape[1] == cout:
-            return x
-        p = m.child("proj")
-        if stride == 2:
-            return p.conv("1", F.avg_pool2d(x, 3, 2, 1), cout, 1, bias=True)
-        return p.conv("0", x, cout, 1, bias=True)
-
-    return shortcut
+def maxvit_layer(m, x, cfg: MaxVitConfig, cin: int, cout: int, stride: int, rate: float):
+    """One MaxViT block (Fig. 2), torchvision's ``MaxVitLayer``: its ``layers`` (an
+    ``nn.Sequential``) are the MBConv, block attention and grid attention
+    (:func:`maxvit_layers`). ``[N, cin, H, W] -> [N, cout, H/stride, W/stride]``."""
+    return m.block("layers", maxvit_layers, x, cfg, cin, cout, stride, rate, tap=False, sequential=True, rng=m.rng)
 
 
-def maxvit_layer(m, x, cfg: MaxVitConfig, cout: int, stride: int, rate: float):
-    """One MaxViT block (Fig. 2), torchvision's ``MaxVitLayer``: MBConv, block attention, grid
-    attention. ``[N, cin, H, W] -> [N, cout, H/stride, W/stride]``. Keys: ``fold_in(key, 0)``
-    the MBConv's stochastic depth, ``fold_in(key, 1)`` / ``(key, 2)`` the two attention layers'."""
-    s = m.child("layers")
-    x = s.block("MBconv", prenorm_mbconv, x, cout, stride=stride, expanded=int(cout * cfg.expansion_ratio),
-                squeeze=int(cout * cfg.squeeze_ratio), act=F.gelu, se_act=F.silu, shortcut=_proj(cout, stride),
-                drop_path=rate, tap=False, rng=m.key(0))
-    x = s.block("window_attention", partition_attention, x, cfg, "window", rate, rng=m.key(1), tap=False)
-    return s.block("grid_attention", partition_attention, x, cfg, "grid", rate, rng=m.key(2), tap=False)
+def maxvit_layers(m, x, cfg: MaxVitConfig, cin: int, cout: int, stride: int, rate: float):
+    """``MBconv``, ``window_attention``, ``grid_attention``. Keys: ``fold_in(key, 0)`` the
+    MBConv's stochastic depth, ``fold_in(key, 1)`` / ``(key, 2)`` the two attention layers'."""
+    b = MBConv(cin, cout, stride, int(cout * cfg.expansion_ratio), int(cout * cfg.squeeze_ratio), F.gelu, F.silu,
+               drop_path=rate)
+    x = m.block("MBconv", prenorm_mbconv, x, b, tap=False, rng=m.key(0))
+    x = m.block("window_attention", partition_attention, x, cfg, "window", rate, cout, rng=m.key(1), tap=False)
+    return m.block("grid_attention", partition_attention, x, cfg, "grid", rate, cout, rng=m.key(2), tap=False)
 
 
-def stage(m, x, cfg: MaxVitConfig, cout: int, rates, index: int):
-    """A stage (torchvision's ``MaxVitBlock``): its blocks at ``layers.{j}``, the first with
-    stride 2; block ``j`` gets the key ``fold_in(rng, index + j)``."""
-    s = m.child("layers")
+def stage(m, x, cfg: MaxVitConfig, cin: int, cout: int, rates: tuple, index: int):
+    """A stage (torchvision's ``MaxVitBlock``): its blocks at ``layers.{j}`` (an ``nn.ModuleList``
+    there: a container that is never called), the first with stride 2; block ``j`` gets the key
+    ``fold_in(rng, index + j)``."""
+    s = m.child("layers", module=("ModuleList", ()))
     for j, rate in enumerate(rates):
-        x = s.block(str(j), maxvit_layer, x, cfg, cout, 2 if j == 0 else 1, rate, rng=m.key(index + j))
+        x = s.block(str(j), maxvit_layer, x, cfg, cin if j == 0 else cout, cout, 2 if j == 0 else 1, rate,
+                    rng=m.key(index + j))
     return x
 
 
+def conv_bias(m, x, cout: int, kernel: int):
+    """A ``Conv2dNormActivation`` with neither norm nor activation: the conv ``0``, with bias."""
+    return m.conv("0", x, cout, kernel, bias=True)
+
+
 def stem(m, x, c: int):
-    """3x3/2 conv, BN, GELU, then a 3x3 conv with bias: ``[N, 3, H, W] -> [N, c, H/2, W/2]``."""
-    y = m.child("0").conv_norm_act(x, c, 3, stride=2, act=F.gelu)
-    return m.child("1").conv("0", y, c, 3, bias=True)
+    """``0``: 3x3/2 conv, BN, GELU; ``1``: a 3x3 conv with bias. ``[N, 3, H, W] -> [N, c, H/2, W/2]``."""
+    y = m.block("0", Scope.conv_norm_act, x, c, 3, stride=2, act=F.gelu, tap=False)
+    return m.block("1", conv_bias, y, c, 3, tap=False)
+
+
+def classifier(m, x, width: int, num_classes: int):
+    """torchvision's ``classifier``: average pool ``0``, flatten ``1``, LayerNorm ``2``, Linear
+    ``3``, Tanh ``4``, Linear ``5`` (no bias). ``[N, C, H, W] -> [N, num_classes]``."""
+    y = m.op("1", torch.flatten, m.op("0", F.adaptive_avg_pool2d, x, 1, tap=False), 1, tap=False)
+    y = m.op("4", torch.tanh, m.linear("3", m.layer_norm("2", y), width), tap=False)
+    return m.linear("5", y, num_classes, bias=False)
 
 
 def forward(m, cfg: MaxVitConfig, x):
@@ -329,15 +384,12 @@ def forward(m, cfg: MaxVitConfig, x):
     m.require_multiple(size_multiple(cfg))
     y = m.block("stem", stem, x, cfg.stem_channels)
     rates = linear_schedule(cfg.stochastic_depth_prob, sum(cfg.block_layers))
-    blocks = m.child("blocks", rng=m.rng)
-    b = 0
+    blocks = m.child("blocks", rng=m.rng, module=("ModuleList", ()))  # torchvision's: never called
+    b, cin = 0, cfg.stem_channels
     for i, (cout, n) in enumerate(zip(cfg.block_channels, cfg.block_layers)):
-        y = blocks.block(str(i), stage, y, cfg, cout, rates[b:b + n], b, rng=blocks.rng)
-        b += n
-    c = m.child("classifier")
-    y = c.layer_norm("2", F.adaptive_avg_pool2d(y, 1).flatten(1))
-    y = torch.tanh(c.linear("3", y, y.shape[-1]))
-    return c.linear("5", y, cfg.num_classes, bias=False)
+        y = blocks.block(str(i), stage, y, cfg, cin, cout, tuple(rates[b:b + n]), b, rng=blocks.rng)
+        b, cin = b + n, cout
+    return m.block("classifier", classifier, y, cfg.block_channels[-1], cfg.num_classes, tap=False)
 
 
 FAMILY = family("maxvit", MaxVitConfig, forward, paper=PAPER, init_size=lambda cfg: size_multiple(cfg),
