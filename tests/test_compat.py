@@ -47,7 +47,6 @@ KNOWN = {
                              "there); the compat tree calls proj",
     ("grad_cam", "xception"): "the heat map on the last map with a spatial extent is zero at this input size",
     ("dynamo", "maxvit_t"): "dynamo cannot compare a symbolic size in the block-argument check",
-    ("dynamo", "vit_b_32"): "the compiled module differs from eager beyond float rounding",
 }
 
 
