@@ -125,7 +125,10 @@ class Sequential(_Declared, nn.Sequential):
     def forward(self, x, *args, rng=None, **kw):
         if self.fn is not None and tuple(self._modules) == self.names:
             return self._run(x, args, kw, rng)
-        for mod in self._modules.values():
+        if args or kw:  # a plain chain hands its children the image only: say so, drop nothing silently
+            raise TypeError(f"this nn.Sequential's children were added, removed or reordered, so it runs as a "
+                            f"plain chain of x only; it cannot take the block arguments {args} {sorted(kw)}")
+        for mod in self._modules.values():  # (a key given as rng= is not used: dropout draws from torch's RNG)
             x = mod(x)
         return x
 
@@ -140,9 +143,6 @@ class Bound(Scope):
         Scope.__init__(self, _EMPTY, _EMPTY, rng=rng, defaults=defaults)
         self.train = train
         self.mod = mod
-
-    def _call(self, name, x):
-        return self.mod._modules[name](x)
 
     # structure
     def child(self, name, rng=None, *, module=None):
@@ -165,30 +165,11 @@ class Bound(Scope):
     def cast(self, t):
         return t
 
-    # layers: the module at the name
-    def conv(self, name, x, cout=None, kernel=None, **kw):
+    # layers: the module at the name (its hyperparameters live in the module, built from the declaration)
+    def _layer(self, name, x, *args, **kw):
         return self.mod._modules[name](x)
 
-    def linear(self, name, x, fout=None, **kw):
-        return self.mod._modules[name](x)
-
-    def batch_norm(self, name, x, **kw):
-        return self.mod._modules[name](x)
-
-    def group_norm(self, name, x, groups=None, **kw):
-        return self.mod._modules[name](x)
-
-    def norm(self, name, x, **kw):
-        return self.mod._modules[name](x)
-
-    def layer_norm(self, name, x, **kw):
-        return self.mod._modules[name](x)
-
-    def norm_act(self, name, x, act=None, **kw):
-        return self.mod._modules[name](x)
-
-    def layer_norm2d(self, name, x, **kw):
-        return self.mod._modules[name](x)
+    conv = linear = batch_norm = group_norm = norm = layer_norm = layer_norm2d = norm_act = _layer
 
     def op(self, name, fn, x, *args, tap=True, **kw):
         return self.mod._modules[name](x)
