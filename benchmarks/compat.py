@@ -81,7 +81,7 @@ def run(args) -> list[dict]:
                 cases.append(("compat compiled / reference compiled", lambda: cc(x), lambda: cr(x)))
             for label, fa, fb in cases:
                 with torch.inference_mode():
-                    pair = compare(label, fa, fb, warmup=args.warmup, reps=args.reps)
+                    pair = compare(label, fa, fb, warmup=args.warmup, reps=args.reps, min_seconds=args.min_seconds)
                 rows.append({"bench": "compat", "model": name, "batch": args.batch, "size": size, **pair.row()})
                 print(f"| {name} | {label} | {args.batch}x{size} | {pair.median_a_ms:.2f} | {pair.median_b_ms:.2f} | "
                       f"{pair.ratio:.3f} ({pair.ratio_q1:.3f}-{pair.ratio_q3:.3f}) |", flush=True)
@@ -96,6 +96,7 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", type=int, nargs="+", default=[224, 32])
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--min-seconds", type=float, default=4.0, help="time each case for at least this long")
     p.add_argument("--compiled", action="store_true")
     p.add_argument("--before", default="bfa5c06", help="git revision for the apply row ('' to skip)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))

@@ -70,6 +70,8 @@ def _same(a: tuple, b: tuple) -> bool:
     if len(a) != len(b):
         return False
     for u, v in zip(a, b):
+        if u is v and not isinstance(u, _DATA):
+            continue
         if isinstance(u, _DATA) or isinstance(v, _DATA) or type(u) is not type(v) or u != v:
             return False
     return True
@@ -88,7 +90,7 @@ class _Declared:
         self.fn, self.args, self.kw, self.defaults = fn, tuple(args), dict(kw), defaults
 
     def matches(self, args: tuple, kw: dict) -> bool:
-        return _same(args, self.args) and _same(tuple(kw.items()), tuple(self.kw.items()))
+        return _same(args, self.args) and ((not kw and not self.kw) or _same(tuple(kw.items()), tuple(self.kw.items())))
 
     def _run(self, x, args, kw, rng):
         if not args and not kw:
@@ -121,9 +123,10 @@ class Sequential(_Declared, nn.Sequential):
         nn.Sequential.__init__(self, *mods)
         self._declare(None, (), {}, {})
         self.names: tuple = ()
+        self.plain = False  # whether the declaration's fn is exactly the chain of its children
 
     def forward(self, x, *args, rng=None, **kw):
-        if self.fn is not None and tuple(self._modules) == self.names:
+        if self.fn is not None and tuple(self._modules) == self.names and not (self.plain and rng is None):
             return self._run(x, args, kw, rng)
         if args or kw:  # a plain chain hands its children the image only: say so, drop nothing silently
             raise TypeError(f"this nn.Sequential's children were added, removed or reordered, so it runs as a "
@@ -226,7 +229,7 @@ class _Builder(Scope):
     def _leaf(self, name: str, module: nn.Module, x, y):
         if name not in self.mod._modules:
             self.mod.add_module(name, module)
-        self.calls.append((name, x, y))
+        self.calls.append((name, x, y, x._version, y._version))
         return y
 
     def child(self, name, rng=None, *, module=None):
@@ -242,6 +245,7 @@ class _Builder(Scope):
             raise ValueError(f"{self.path}{name} is declared twice")
         mod = Block(fn, args, kw, self.defaults)
         c = self._sub(name, mod)
+        version = x._version
         y = fn(c, x, *args, **kw)
         if module is not None:  # torch's layer: the same tensors under the same names, checked
             torch_mod = _torch_module(module, x.dtype)
@@ -251,12 +255,12 @@ class _Builder(Scope):
                 raise ValueError(f"{self.path}{name}: the declaration's tensors {got} are not those of "
                                  f"torch's {module[0]} {want}")
             self.mod._modules[name] = torch_mod
-            self.calls.append((name, x, y))
+            self.calls.append((name, x, y, x._version, y._version))
             return self.tap(name, y) if tap else y
         names = tuple(mod._modules)
         ints = names == tuple(str(i) for i in range(len(names)))
         chain = (names and (ints or sequential) and len(c.calls) == len(names)
-                 and [n for n, _, _ in c.calls] == list(names) and c.calls[0][1] is x and c.calls[-1][2] is y
+                 and [n for n, *_ in c.calls] == list(names) and c.calls[0][1] is x and c.calls[-1][2] is y
                  and all(c.calls[i][1] is c.calls[i - 1][2] for i in range(1, len(names)))
                  and not mod._parameters and not mod._buffers)
         if sequential and not chain:
@@ -266,8 +270,9 @@ class _Builder(Scope):
             seq._modules = mod._modules
             seq._declare(fn, args, kw, self.defaults)
             seq.names = names
+            seq.plain = _plain_chain(c.calls, version, y, mod._modules)
             self.mod._modules[name] = seq
-        self.calls.append((name, x, y))
+        self.calls.append((name, x, y, x._version, y._version))
         return self.tap(name, y) if tap else y
 
     def conv(self, name, x, cout, kernel, *, stride=1, padding=None, dilation=1, groups=1, bias=False, init=None,
@@ -339,6 +344,22 @@ class _Builder(Scope):
         t = Scope.buffer(self, name, make)
         self.mod.register_buffer(name, torch.empty_like(t, device="meta"))
         return t
+
+
+def _plain_chain(calls: list, version: int, y, children: dict) -> bool:
+    """Whether a chain block's fn is nothing but its children called in order: every child a torch
+    leaf (not a block of the declaration, which may take arguments) and no in-place arithmetic of
+    the fn between the calls (tensor versions on meta: a leaf that works in place, ``nn.ReLU(inplace=
+    True)``, bumps its input's once). Such a block runs as a plain ``nn.Sequential`` when no key is
+    given (the same module calls, without the scope)."""
+    if any(isinstance(mod, (_Declared, Block)) for mod in children.values()):
+        return False
+    prev = version
+    for _, x, out, xv, yv in calls:
+        if xv != prev + (out is x):
+            return False
+        prev = yv
+    return y._version == prev
 
 
 class Holder(nn.Module):

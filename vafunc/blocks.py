@@ -30,6 +30,7 @@ a :class:`Layout` says where each unit of a block keeps its tensors (``names=``)
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -139,14 +140,41 @@ class Layout:
         which the unit's two keys are given as ``conv``/``norm`` (``fc1``/``fc2`` for SE). Every
         module path of the layout is a block of its own, so the units that share a container
         (torchvision's ``block``, MobileNetV2's ``conv``, MNASNet's ``layers``) run inside one
-        call of it, in order."""
-        steps = []
-        for (path, a, b), (role, act), (fn, args, kw) in zip(self.place(units), units, calls):
-            keys = {"fc1": a, "fc2": b} if role == "se" else {"conv": a, "norm": b}
-            if self.kind == "flat" and act:  # the activation module follows the BN in the sequence
-                keys["act_name"] = str(int(b) + 1)
-            steps.append((path, fn, tuple(args), tuple({**dict(kw), **keys}.items())))
-        return run_units(m, x, tuple(steps))
+        call of it, in order. The plan is built once per distinct block (:func:`_plan`)."""
+        return run_units(m, x, _plan(self, units, calls))
+
+
+@functools.lru_cache(maxsize=None)
+def _plan(layout: Layout, units: tuple, calls: tuple) -> tuple:
+    """:meth:`Layout.run`'s steps grouped by module path (see :func:`run_units`), built once per
+    distinct ``(layout, units, calls)``: every call of the same block gets the same plan object, so
+    a module tree recognises its build arguments by identity."""
+    steps = []
+    for (path, a, b), (role, act), (fn, args, kw) in zip(layout.place(units), units, calls):
+        keys = {"fc1": a, "fc2": b} if role == "se" else {"conv": a, "norm": b}
+        if layout.kind == "flat" and act:  # the activation module follows the BN in the sequence
+            keys["act_name"] = str(int(b) + 1)
+        steps.append((path, fn, tuple(args), {**dict(kw), **keys}))
+    return _group(steps)
+
+
+def _group(steps: list) -> tuple:
+    """``(module path, fn, args, kw)`` steps -> a plan of ``(None, fn, args, kw)`` (run here) and
+    ``(name, None, inner plan, None)`` (consecutive steps under the module ``name``, one block)."""
+    out, i = [], 0
+    while i < len(steps):
+        path, fn, args, kw = steps[i]
+        if not path:
+            out.append((None, fn, args, kw))
+            i += 1
+            continue
+        j = i
+        while j < len(steps) and steps[j][0][:1] == path[:1]:
+            j += 1
+        out.append((path[0], None, _group([(p[1:], f, a, k) for p, f, a, k in steps[i:j]]), None))
+        i = j
+    return tuple(out)
+
 
 TORCHVISION = Layout("cna", "block")
 MOBILENET_V2 = Layout("cna_bare_project", "conv")
@@ -159,23 +187,13 @@ TIMM_IR = Layout.named(expand=("conv_pw", "bn1"), dw=("conv_dw", "bn2"), se=("se
 # --------------------------------------------------------------------------- blocks
 
 
-def run_units(m, y, steps: tuple):
-    """``steps``: ``(module path, fn, args, kw pairs)`` run in order from ``m``; consecutive steps
-    under the same first path component run inside one ``m.block`` of that module (a module
-    tree in torch_compat, a child scope in the pure apply)."""
-    i = 0
-    while i < len(steps):
-        path, fn, args, kw = steps[i]
-        if not path:
-            y, i = fn(m, y, *args, **dict(kw)), i + 1
-            continue
-        j = i
-        while j < len(steps) and steps[j][0][:1] == path[:1]:
-            j += 1
-        inner = tuple((p[1:], f, a, k) for p, f, a, k in steps[i:j])
-        y, i = m.block(path[0], run_units, y, inner, tap=False), j
+def run_units(m, y, plan: tuple):
+    """Run a plan of :func:`_group` from ``m``: a step ``(None, fn, args, kw)`` is
+    ``fn(m, y, *args, **kw)``; a group ``(name, None, inner, None)`` runs ``inner`` inside one
+    ``m.block`` of that module (a module tree in torch_compat, a child scope in the pure apply)."""
+    for name, fn, args, kw in plan:
+        y = fn(m, y, *args, **kw) if name is None else m.block(name, run_units, y, args, tap=False)
     return y
-
 
 
 def _residual(m, x, y, rate: float, rng):
