@@ -177,7 +177,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--malloc", choices=["default", "reuse"], default="default",
-                   help="'reuse': vafunc.memory.set_malloc_thresholds() first, for both sides (glibc)")
+                   help="'reuse': vafunc.serving.memory.set_malloc_thresholds() first, for both sides (glibc)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = p.parse_args(argv)
     psg = args.bench == "psg"
@@ -187,7 +187,7 @@ def main(argv=None) -> int:
     args.reps = args.reps or (5 if psg else 15)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.malloc == "reuse" and not vafunc.memory.set_malloc_thresholds():
+    if args.malloc == "reuse" and not vafunc.serving.memory.set_malloc_thresholds():
         p.error("--malloc reuse needs glibc")
     info = machine_info()
     print(f"machine: {info['cpu']}, {info['threads']} threads, torch {info['torch']}, malloc {args.malloc}")

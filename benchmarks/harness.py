@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from vafunc.memory import set_malloc_thresholds
+from vafunc.serving.memory import set_malloc_thresholds
 
 
 @dataclass

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from vafunc import transforms as T
+from vafunc.serving import transforms as T
 
 # scikit-image's bundled colour photographs (no download needed)
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 
 import vafunc
 from benchmarks.harness import compare
-from vafunc import optim
-from vafunc.train import make_train_step
+from vafunc.training import optim
+from vafunc.training.train import make_train_step
 
 
 def _tv(name, **kw):
@@ -34,7 +34,7 @@ def ensemble(name: str, members: int, batch: int, size: int, *, train: bool, rep
     compiled ensemble and the floor (one torchvision model on the ``N * B`` batch: the same
     arithmetic with no per-member cost), each against a loop over ``members`` torchvision modules
     holding the same weights (eval: under ``torch.inference_mode``)."""
-    from vafunc.members import covers
+    from vafunc.research.members import covers
 
     model = vafunc.get_model(name, num_classes=classes)
     tvs = [_tv(name, num_classes=classes).train(train) for _ in range(members)]
@@ -225,7 +225,7 @@ def make_loop_dp_step(ref, lr: float = 0.01, clip: float = DP_CLIP, noise: float
 def _dp_step(model, params, state, *, train: bool, device):
     """vafunc's DP-SGD step (SGD lr 0.01) as a callable ``f(x, y)`` keeping its own state and a
     fresh key per step."""
-    from vafunc.train import make_dp_train_step
+    from vafunc.training.train import make_dp_train_step
 
     opt = optim.sgd(0.01)
     step = make_dp_train_step(model, opt, F.cross_entropy, clip_norm=DP_CLIP, noise_multiplier=DP_NOISE,

@@ -21,8 +21,8 @@ import torch
 
 import vafunc
 from benchmarks.harness import compare, machine_info, matmul_peak
-from vafunc import optim
-from vafunc.train import make_train_step
+from vafunc.training import optim
+from vafunc.training.train import make_train_step
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "transformers.csv")
 
@@ -58,7 +58,7 @@ def compiled(name, batch, size, reps, dtype):
     with torch.no_grad(), torch._inductor.config.patch(freezing=True):
         g(xr)
         p = compare(name, lambda: f(x), lambda: g(xr), warmup=2, reps=reps)
-    from vafunc._cli_weights import measured_gflops
+    from vafunc.cli.weights import measured_gflops
 
     gflop = 2 * measured_gflops(model, size) * batch  # FLOPs (2 per multiply-add) of the batch, in 1e9
     share = gflop / (p.median_a_ms / 1e3) / matmul_peak(dtype)

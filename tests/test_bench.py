@@ -7,7 +7,7 @@ import csv
 import pytest
 
 from benchmarks import report
-from vafunc import cli
+from vafunc.cli.app import main as cli
 
 
 @pytest.mark.slow

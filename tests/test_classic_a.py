@@ -24,7 +24,7 @@ from torch.func import grad
 
 import vafunc
 from oracle import perturb
-from vafunc import layers as L
+from vafunc.core import layers as L
 from vafunc.models.googlenet import IMAGENET_MEAN, IMAGENET_STD, transform_input
 
 

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch.func import grad
 
 import vafunc
-from vafunc import layers as L
-from vafunc import random as vrandom
+from vafunc.core import layers as L
+from vafunc.core import random as vrandom
 from oracle import ORACLE_SIZES, perturb
 
 import torchvision
@@ -445,7 +445,7 @@ def _brute_force_pool(x):
 @pytest.mark.parametrize("h,w", [(8, 10), (7, 9), (7, 10), (1, 2), (5, 5)])
 def test_bninception_reduction_pool(h, w):
     """The reduction modules' pool: ``pad_odd``, then Caffe's ceil-mode 3x3/2 max pool."""
-    from vafunc import layers as L
+    from vafunc.core import layers as L
     from vafunc.models.bninception import pad_odd
 
     def reduction_pool(x):

@@ -66,7 +66,7 @@ def test_compiled_equals_eager_with_frozen_private_weights():
     assert "_frozen_param" in src
     assert "mkldnn._convolution_pointwise" in src or "extern_kernels.convolution" in src
     # the classifier's float32 GEMM runs in the library measured faster for its shape here
-    onednn = importlib.import_module("vafunc.compile")._GEMM_CHOICE[(3, 512, 10, torch.get_num_threads())]
+    onednn = importlib.import_module("vafunc.serving.compile")._GEMM_CHOICE[(3, 512, 10, torch.get_num_threads())]
     assert ("mkldnn._linear_pointwise" if onednn else "mkl._mkl_linear") in src
     before = out.clone()
     params["conv1"]["weight"].mul_(0)  # the caller's tensors may change; the compiled weights do not

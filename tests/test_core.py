@@ -97,7 +97,7 @@ def test_features_via_taps_match_torchvision_resnet(r18):
     names = ["maxpool", "layer1.1", "layer2", "layer4"]
     extractor = create_feature_extractor(ref, names)
     x = torch.randn(2, 3, 64, 48)
-    taps = vafunc.layers.Taps(names)
+    taps = vafunc.core.layers.Taps(names)
     with torch.no_grad():
         logits, _ = model.family.apply(model.config, params, state, x, train=False, taps=taps)
         want = extractor(x)
@@ -126,7 +126,7 @@ def test_bad_input_errors(r18, x, exc, msg):
 
 def test_too_small_image_names_the_minimum():
     model = vafunc.get_model("resnet18")  # ResNet accepts 1x1; the check itself:
-    from vafunc.registry import check_image
+    from vafunc.core.registry import check_image
 
     with pytest.raises(ValueError, match="at least 75x75, got 60x80"):
         check_image(torch.randn(1, 3, 60, 80), name="inception_v3", in_channels=3, min_size=75)
@@ -234,7 +234,7 @@ def test_bad_config_values_name_the_field(name, kw, exc, msg):
 
 _REUSE_PROBE = """
 import resource, torch, vafunc
-print(vafunc.memory.set_malloc_thresholds() if {apply} else 'default')
+print(vafunc.serving.memory.set_malloc_thresholds() if {apply} else 'default')
 faults = []
 for _ in range(6):
     f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -244,7 +244,7 @@ print(faults[0], min(faults[1:]))
 """
 
 
-@pytest.mark.skipif(not vafunc.memory._LIBC, reason="glibc only (mallopt)")
+@pytest.mark.skipif(not vafunc.serving.memory._LIBC, reason="glibc only (mallopt)")
 def test_set_malloc_thresholds_reuses_large_buffers():
     """With the thresholds set, a large buffer freed and allocated again is served from pages that
     are already resident: the repeats fault in a small share of what the first allocation did
@@ -267,13 +267,13 @@ def test_set_malloc_thresholds_reuses_large_buffers():
 
 def test_set_malloc_thresholds_rejects_bad_values():
     with pytest.raises(TypeError, match="mmap_threshold must be an int"):
-        vafunc.memory.set_malloc_thresholds(1.5)
+        vafunc.serving.memory.set_malloc_thresholds(1.5)
     with pytest.raises(TypeError, match="trim_threshold must be an int"):
-        vafunc.memory.set_malloc_thresholds(1 << 20, True)
+        vafunc.serving.memory.set_malloc_thresholds(1 << 20, True)
     with pytest.raises(ValueError, match=r"mmap_threshold must be in 1\.\.2147483647 bytes .* got 4294967296"):
-        vafunc.memory.set_malloc_thresholds(1 << 32)
+        vafunc.serving.memory.set_malloc_thresholds(1 << 32)
     with pytest.raises(ValueError, match="trim_threshold must be in"):
-        vafunc.memory.set_malloc_thresholds(1 << 20, 0)
+        vafunc.serving.memory.set_malloc_thresholds(1 << 20, 0)
 
 
 @pytest.mark.parametrize("chunk", [1, 3 * 6 * 9 * 11 * 4, 1 << 30], ids=["per-sample", "3-samples", "whole"])
@@ -284,7 +284,7 @@ def test_max_pool_in_channels_last_chunks_is_torchs_pool(monkeypatch, chunk, k, 
     chunk shorter than the others, under torch.vmap, and on the recorded path with a gradient."""
     import torch.nn.functional as F
 
-    from vafunc import layers as L
+    from vafunc.core import layers as L
 
     monkeypatch.setattr(L, "POOL_CHUNK_BYTES", chunk)
     x = torch.randn(5, 6, 9, 11)

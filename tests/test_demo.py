@@ -7,7 +7,7 @@ import torch
 import torchvision
 
 import vafunc
-from vafunc.demo import DemoConfig, load_digits, run
+from vafunc.cli.demo import DemoConfig, load_digits, run
 
 
 def test_digits_split_is_real_data():
@@ -24,11 +24,11 @@ def test_demo_short_run_writes_loadable_checkpoints(tmp_path, method):
     import sys
 
     out = tmp_path / "demo"
-    r = subprocess.run([sys.executable, "-m", "vafunc.cli", "demo", "--members", "2", "--epochs", "2",
+    r = subprocess.run([sys.executable, "-m", "vafunc.cli.app", "demo", "--members", "2", "--epochs", "2",
                         "--batch-size", "64", "--size", "16", "--out", str(out), "--ensemble-method", method],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert ("host memory: large freed blocks are kept for reuse" in r.stdout) == bool(vafunc.memory._LIBC)
+    assert ("host memory: large freed blocks are kept for reuse" in r.stdout) == bool(vafunc.serving.memory._LIBC)
     result = json.loads((out / "metrics.json").read_text())
     assert len(result["test_member_accuracy"]) == 2
     assert result["test_ensemble_accuracy"] > 0.3  # two short epochs already learn (chance: 0.1)
@@ -57,7 +57,7 @@ SMALL_VIT = (("image_size", 16), ("patch_size", 4), ("num_layers", 4), ("num_hea
 
 
 def test_config_overrides_parse():
-    from vafunc.demo import parse_config
+    from vafunc.cli.demo import parse_config
 
     assert parse_config(["patch_size=4,num_layers=4", "dropout=0.1", "representation_size=none"]) == (
         ("patch_size", 4), ("num_layers", 4), ("dropout", 0.1), ("representation_size", None))

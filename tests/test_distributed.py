@@ -11,8 +11,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import vafunc
-from vafunc import optim
-from vafunc.train import make_train_step
+from vafunc.training import optim
+from vafunc.training.train import make_train_step
 
 # AlexNet has no BatchNorm, so the mean of the shards' gradients is exactly the global-batch gradient
 NAME, KW, STEPS, BATCH, SIZE = "alexnet", {"num_classes": 5, "dropout": 0.0}, 3, 8, 63
@@ -39,7 +39,7 @@ def _worker(rank, world, port, out_dir, mode):
         params, state = model.init(rank)  # different on purpose: the broadcast must fix it
         shard = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
         if mode == "functional":
-            params, state = vafunc.distributed.broadcast_tree((params, state))
+            params, state = vafunc.training.distributed.broadcast_tree((params, state))
             opt = optim.sgd(0.05, momentum=0.9)
             opt_state = opt.init(params)
             step = make_train_step(model, opt, distributed=True)
@@ -106,4 +106,4 @@ def test_two_processes_equal_single_process(tmp_path, mode):
 
 def test_all_reduce_outside_a_process_group_is_a_clear_error():
     with pytest.raises(RuntimeError, match="init_process_group"):
-        vafunc.distributed.all_reduce_mean({"w": torch.ones(2)})
+        vafunc.training.distributed.all_reduce_mean({"w": torch.ones(2)})

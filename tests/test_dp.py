@@ -1,4 +1,4 @@
-"""DP-SGD (vafunc.train.make_dp_train_step) and the GroupNorm ResNets it needs."""
+"""DP-SGD (vafunc.training.train.make_dp_train_step) and the GroupNorm ResNets it needs."""
 
 import math
 
@@ -7,9 +7,9 @@ import torch
 from torch.nn.functional import cross_entropy
 
 import vafunc
-from vafunc import optim
-from vafunc import random as vr
-from vafunc.train import gaussian_noise, make_dp_train_step, make_train_step
+from vafunc.training import optim
+from vafunc.core import random as vr
+from vafunc.training.train import gaussian_noise, make_dp_train_step, make_train_step
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def test_refuses_train_mode_batch_norm_and_bad_arguments():
     eval_step = make_dp_train_step(model, optim.sgd(0.1), clip_norm=1.0, noise_multiplier=1.0, train=False)
     new, _, _, m = eval_step(params, state, optim.sgd(0.1).init(params), x, y, vr.key(0))
     assert torch.isfinite(m["loss"]) and not torch.equal(new["fc"]["weight"], params["fc"]["weight"])
-    with pytest.raises(TypeError, match="fresh vafunc.random key"):
+    with pytest.raises(TypeError, match="fresh vafunc.core.random key"):
         eval_step(params, state, optim.sgd(0.1).init(params), x, y, None)
     with pytest.raises(ValueError, match="clip_norm"):
         make_dp_train_step(model, optim.sgd(0.1), clip_norm=0.0, noise_multiplier=1.0)

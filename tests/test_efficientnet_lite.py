@@ -24,8 +24,8 @@ import torch
 from oracle import build_reference, build_reference_meta, module_outputs, perturb
 
 import vafunc
-from vafunc import blocks as B
-from vafunc import layers as L
+from vafunc.core import blocks as B
+from vafunc.core import layers as L
 from vafunc.models import efficientnet_lite as EL
 
 import timm  # noqa: E402 - a test extra: missing, the suite fails (no silent skip)
@@ -212,7 +212,7 @@ def test_trained_network_classifies_photographs(lite0):
 
 
 def test_predict_command_picks_the_preprocessing_from_the_file(tmp_path, capsys):
-    from vafunc import cli
+    from vafunc.cli.app import main as cli
 
     paths = []
     for name in ("chelsea", "coffee"):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import vafunc
-from vafunc import random as vr
+from vafunc.core import random as vr
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import vafunc
-from vafunc import hub
-from vafunc.hub import WeightsError
+from vafunc.io import hub
+from vafunc.io.hub import WeightsError
 
 import torchvision
 
@@ -128,7 +128,7 @@ def test_every_registered_model_but_the_unpublished_has_weights():
 def test_categories_are_torchvisions():
     from torchvision.models._meta import _IMAGENET_CATEGORIES
 
-    from vafunc.imagenet_classes import IMAGENET_CATEGORIES
+    from vafunc.serving.imagenet_classes import IMAGENET_CATEGORIES
 
     assert IMAGENET_CATEGORIES == tuple(_IMAGENET_CATEGORIES) and len(IMAGENET_CATEGORIES) == 1000
     assert IMAGENET_CATEGORIES[281] == "tabby"
@@ -172,7 +172,7 @@ def test_tags():
 def test_the_table_is_a_package_data_file():
     from importlib import resources
 
-    text = resources.files("vafunc.hub").joinpath(hub.table.TABLE_FILE).read_text(encoding="utf-8")
+    text = resources.files("vafunc.io.hub").joinpath(hub.table.TABLE_FILE).read_text(encoding="utf-8")
     rows = hub.table.read_table(text)
     assert set(rows) == set(hub.list_weights()) and len(rows) == len(hub.list_weights())
     assert sum(w.is_default for w in rows) == len({w.model for w in rows})  # one DEFAULT per model
@@ -187,7 +187,7 @@ def test_the_table_is_a_package_data_file():
 def test_rows_of_unregistered_models_stay_out_of_sight(capsys):
     """The table keeps torchvision's rows of architectures vafunc does not register (yet): facts
     about files, reachable by name, but nothing lists or builds those models."""
-    from vafunc import cli
+    from vafunc.cli.app import main as cli
 
     registered = set(vafunc.list_models())
     unregistered = sorted({w.model for w in hub.list_weights()} - registered)

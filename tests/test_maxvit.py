@@ -115,7 +115,7 @@ def test_non_square_block_attention_equals_torchvision_and_grid_is_a_strided_win
     tv.load_state_dict(layer.state_dict())
     sub = params["blocks"]["0"]["layers"]["0"]["layers"]
     cfg = model.config
-    from vafunc.kit import Scope
+    from vafunc.core.kit import Scope
 
     def run(kind, x, name):
         p, s = sub[name], state["blocks"]["0"]["layers"]["0"]["layers"][name]
@@ -230,7 +230,7 @@ def test_vmap_ensemble_train_and_hvp_on_the_small_table():
 
 
 def test_bf16_policy_stays_close_to_float32():
-    from vafunc.precision import Policy
+    from vafunc.core.precision import Policy
 
     model = vafunc.get_model("maxvit_t", **SMALL)
     params, state = model.init(0)

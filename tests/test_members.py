@@ -1,4 +1,4 @@
-"""Members mode (``ensemble_apply(method="batched")``, :mod:`vafunc.members`): all members in one
+"""Members mode (``ensemble_apply(method="batched")``, :mod:`vafunc.research.members`): all members in one
 forward pass. Every member's logits, new BatchNorm statistics, dropout / stochastic-depth masks and
 gradients must equal the loop over members; families it does not cover fall back (``"auto"``) or
 refuse (``"batched"``) with a clear error."""
@@ -11,10 +11,10 @@ import torch.nn.functional as F
 
 import vafunc
 from oracle import representatives
-from vafunc import random as vr
-from vafunc import tree as vtree
-from vafunc.members import covers
-from vafunc.train import make_train_step
+from vafunc.core import random as vr
+from vafunc.core import tree as vtree
+from vafunc.research.members import covers
+from vafunc.training.train import make_train_step
 
 REPS = representatives()
 #: large inputs or large classifiers: the members battery runs on them under -m slow
@@ -120,7 +120,7 @@ def test_members_mode_gradients_equal_the_loop(name):
 @pytest.mark.parametrize("method", ["batched", "auto"])
 def test_ensemble_train_step_in_members_mode_equals_the_loop(method):
     model, params, state = _ensemble("resnet18", n=2, num_classes=5)
-    from vafunc import optim
+    from vafunc.training import optim
 
     opt = optim.sgd(0.1, momentum=0.9)
     x, y = torch.randn(4, 3, 32, 40, dtype=F64), torch.tensor([0, 1, 4, 2])
@@ -142,7 +142,7 @@ def _ops(fn) -> set:
 
 def test_a_users_vmap_takes_the_member_conv_operator():
     """``torch.vmap(model.apply)`` over stacked weights lowers its convolutions like members mode
-    (``vafunc::member_conv2d``, :mod:`vafunc.vmap_rules`) and equals the loop; where a gradient
+    (``vafunc::member_conv2d``, :mod:`vafunc.research.vmap_rules`) and equals the loop; where a gradient
     is recorded (``vmap(grad)``) and for a single model the plain aten convolution stays."""
     model, params, state = _ensemble("resnet18", n=2)
     x = torch.randn(3, 3, 32, 40, dtype=F64)
@@ -160,7 +160,7 @@ def test_a_users_vmap_takes_the_member_conv_operator():
 def test_centre_tap_gradient_in_every_mode():
     """The centre-tap gather of a 1x1 map (``members._Tap``): its one-pass backward, forward-mode
     derivative and generated vmap rule equal those of plain indexing (float64)."""
-    from vafunc.members import _Tap
+    from vafunc.research.members import _Tap
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(3, 4, 5, 3, 3, dtype=torch.float64, generator=g)

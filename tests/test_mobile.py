@@ -23,9 +23,9 @@ import torchvision
 from oracle import perturb
 
 import vafunc
-from vafunc import blocks as B
-from vafunc import layers as L
-from vafunc import random as vr
+from vafunc.core import blocks as B
+from vafunc.core import layers as L
+from vafunc.core import random as vr
 from vafunc.models import efficientnet as E
 
 tvm = torchvision.models
@@ -152,8 +152,8 @@ def test_one_block_implementation_serves_every_layout():
     args = dict(expanded=96, kernel=3, stride=1, act="relu")
 
     def paths(block, cin, cout, **kw):  # the block's module paths, in init (state_dict) order
-        ini = vafunc.init.Initializer.from_key(0, device="meta")
-        m = vafunc.kit.Scope({}, None, ini=ini, defaults={"conv": "kaiming_fan_out"})
+        ini = vafunc.core.init.Initializer.from_key(0, device="meta")
+        m = vafunc.core.kit.Scope({}, None, ini=ini, defaults={"conv": "kaiming_fan_out"})
         block(m, torch.empty(1, cin, 8, 8, device="meta"), cout, **kw)
         return list(dict.fromkeys(tuple(k.split(".")[:-1]) for k in vafunc.flatten(m.p)))
 
@@ -260,8 +260,8 @@ def test_drop_path_rate_and_rescaling_per_sample():
     blk, bp, bs = _block_and_params(p)
     x = torch.randn(4000, 24, 3, 3)
     with torch.no_grad():
-        full = E.block(vafunc.kit.Scope(bp, bs, train=True), x, blk._replace(drop_path=0.0))
-        y = E.block(vafunc.kit.Scope(bp, bs, train=True, rng=vr.key(11)), x, blk)
+        full = E.block(vafunc.core.kit.Scope(bp, bs, train=True), x, blk._replace(drop_path=0.0))
+        y = E.block(vafunc.core.kit.Scope(bp, bs, train=True, rng=vr.key(11)), x, blk)
     branch, out = full - x, y - x
     kept = out.flatten(1).abs().amax(1) > 0
     dropped = ~kept

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import vafunc
-from vafunc import optim
+from vafunc.training import optim
 
 
 def _problem(seed=0):

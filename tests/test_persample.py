@@ -1,4 +1,4 @@
-"""Per-sample gradients and their norms from one taped backward (vafunc.persample), against the
+"""Per-sample gradients and their norms from one taped backward (vafunc.research.persample), against the
 loop of one-sample gradients (torch.func.grad per sample), in float64."""
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 from torch.nn.functional import cross_entropy
 
 import vafunc
-from vafunc import persample
+from vafunc.research import persample
 
 TINY_VIT = dict(image_size=32, patch_size=16, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32)
 

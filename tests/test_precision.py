@@ -1,4 +1,4 @@
-"""The explicit precision policy (vafunc.precision.Policy): validation, the dtype-mismatch error
+"""The explicit precision policy (vafunc.core.precision.Policy): validation, the dtype-mismatch error
 of every model, bf16 compute against fp32 on real photographs, and the policy under grad, vmap,
 compile and the train step."""
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import vafunc
-from vafunc.precision import Policy
-from vafunc.train import make_train_step
+from vafunc.core.precision import Policy
+from vafunc.training.train import make_train_step
 
 BF16 = Policy.bf16()
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import vafunc
-from vafunc import cli, hub
+from vafunc.cli.app import main as cli
+from vafunc.io import hub
 
 import torchvision
 from skimage import data as skdata
@@ -230,7 +231,7 @@ def test_info_shows_weights_and_gflops(capsys):
 
 
 def test_counted_gflops_match_the_published_figures():
-    from vafunc._cli_weights import measured_gflops
+    from vafunc.cli.weights import measured_gflops
 
     for name in ("resnet18", "mobilenet_v3_small", "googlenet", "inception_v2"):
         w = hub.get_weights(name)

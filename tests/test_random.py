@@ -1,4 +1,4 @@
-"""vafunc.random: counter-based keys that behave the same eager, compiled and under vmap."""
+"""vafunc.core.random: counter-based keys that behave the same eager, compiled and under vmap."""
 
 import math
 
@@ -8,8 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import vafunc
-from vafunc import layers as L
-from vafunc import random as vr
+from vafunc.core import layers as L
+from vafunc.core import random as vr
 
 
 @given(st.integers(0, 2**64 - 1))
@@ -89,7 +89,7 @@ def test_dropout_without_rng_in_train_mode_is_an_error():
 
 
 def test_bad_keys_are_type_errors():
-    with pytest.raises(TypeError, match="int seed or a vafunc.random key"):
+    with pytest.raises(TypeError, match="int seed or a vafunc.core.random key"):
         vr.as_key(1.5)
     with pytest.raises(TypeError, match="int64 tensor of shape"):
         vr.as_key(torch.zeros(3))

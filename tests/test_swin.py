@@ -16,7 +16,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 import vafunc
 from oracle import build_reference_meta, module_outputs, perturb
 from vafunc.models import swin
-from vafunc.precision import Policy
+from vafunc.core.precision import Policy
 
 #: two stages, two blocks each (one plain, one shifted), non-square window 3 x 5
 SMALL = dict(embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=(3, 5), num_classes=7)

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import vafunc
-from vafunc import optim
-from vafunc.train import make_train_step
+from vafunc.training import optim
+from vafunc.training.train import make_train_step
 from oracle import build_reference, perturb
 
 
@@ -58,7 +58,7 @@ def test_compiled_train_step_matches_eager():
 @pytest.mark.parametrize("name", ["resnet18"])
 def test_ensemble_train_step_equals_loop(name):
     model = vafunc.get_model(name, num_classes=10)
-    params, state = vafunc.ensemble.ensemble_init(model, 3, key=0)
+    params, state = vafunc.research.ensemble.ensemble_init(model, 3, key=0)
     opt = optim.sgd(0.1, momentum=0.9)
     opt_state = opt.init(params)
     # the loop lowering runs the single step's kernels (float32 here); members mode ("auto" picks it
@@ -82,7 +82,7 @@ def test_ensemble_train_step_equals_loop(name):
 def test_compiled_ensemble_train_step_equals_eager():
     model = vafunc.get_model("resnet18", num_classes=10)
     # float64: train-mode BN over small maps amplifies float32 reordering noise (see test_properties)
-    params, state = vafunc.ensemble.ensemble_init(model, 2, key=0, dtype=torch.float64)
+    params, state = vafunc.research.ensemble.ensemble_init(model, 2, key=0, dtype=torch.float64)
     opt = optim.sgd(0.1, momentum=0.9)
     opt_state = opt.init(params)
     step = make_train_step(model, opt, ensemble=True, ensemble_method="vmap")  # vmap(grad) over the members

@@ -1,4 +1,4 @@
-"""vafunc.transforms against torchvision's ``Weights.transforms()``, Pillow, timm and Cadene on
+"""vafunc.serving.transforms against torchvision's ``Weights.transforms()``, Pillow, timm and Cadene on
 real photographs (scikit-image's sample images)."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vafunc import hub
-from vafunc import transforms as T
+from vafunc.io import hub
+from vafunc.serving import transforms as T
 
 import torchvision
 from skimage import data as skdata

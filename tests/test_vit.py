@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import vafunc
-from vafunc import layers as L
-from vafunc.train import cross_entropy
+from vafunc.core import layers as L
+from vafunc.training.train import cross_entropy
 
 import torchvision  # noqa: E402
 from torchvision.models.vision_transformer import VisionTransformer, interpolate_embeddings  # noqa: E402

@@ -3,7 +3,7 @@
 import pathlib
 import re
 
-from vafunc.cli import model_table
+from vafunc.cli.app import model_table
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 

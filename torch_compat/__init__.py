@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import vafunc
-from vafunc import tree as vtree
+from vafunc.core import tree as vtree
 
 from .tree import VafuncModule
 
@@ -57,23 +57,24 @@ def compile_ensemble(model: "vafunc.ModelDef", params: Mapping, state: Mapping, 
     Inductor freezing folds the weights in as constants (BatchNorm into the layers, convolution
     weights pre-packed). ``method``:
 
-    * ``"batched"``: the members-mode forward (:mod:`vafunc.members`) with the stacked weights
+    * ``"batched"``: the members-mode forward (:mod:`vafunc.research.members`) with the stacked weights
       frozen, so everything the lowerings derive from the weights (a 1x1 map's centre taps, the
       grouped layout) is computed once at compile time; activations stay NCHW;
     * ``"loop"``: the members as torchvision-named modules in one graph, weights and activations
       in ``channels_last``;
-    * ``"auto"`` (default): decided at the first call, by :func:`vafunc.members.prefer` with the
+    * ``"auto"`` (default): decided at the first call, by :func:`vafunc.research.members.prefer` with the
       compiled threshold (members mode for covered families on member batches of at most
       ``2**15`` pixels a member, ``B * H * W``, where it measured 1.2-2.3x the eager loop; the
       modules above).
 
     Runs under ``torch.no_grad``; later changes to ``params`` are not seen (the weights are copied).
     """
-    from vafunc import members
+    from vafunc.research import members
+    from vafunc.research.members import Members
 
     if method not in ("auto", "batched", "loop"):
         raise ValueError(f"method must be 'auto', 'batched' or 'loop', got {method!r}")
-    n = vafunc.ensemble.ensemble_size(params)
+    n = vafunc.research.ensemble.ensemble_size(params)
     if method == "batched" and not members.covers(model):
         raise ValueError(f"{model.name} has no members-mode lowering (bare parameters); use method='loop'")
     built: dict = {}
@@ -87,10 +88,10 @@ def compile_ensemble(model: "vafunc.ModelDef", params: Mapping, state: Mapping, 
         return torch.compile(ens, dynamic=dynamic, options={"freezing": freeze})
 
     def batched(shared: bool):
-        from vafunc.compile import CompiledModel
+        from vafunc.serving.compile import CompiledModel
 
         return CompiledModel(model, params, state, channels_last=False, dtype=None, dynamic=dynamic, freeze=freeze,
-                             mode=None, fullgraph=True, apply_kw={"members": n, "shared_input": shared})
+                             mode=None, fullgraph=True, apply_kw={"backend": Members(n, shared_input=shared)})
 
     def call(x: torch.Tensor) -> torch.Tensor:
         if "method" not in built:

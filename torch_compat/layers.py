@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vafunc import layers as L
+from vafunc.core import layers as L
 
 __all__ = ["LayerNorm2d", "Conv2dSame", "BatchNormAct2d", "Op", "Dropout", "DropPath", "op_module", "fresh_key",
            "keyed_dropout", "keyed_drop_path", "keyed_attention"]
@@ -28,21 +28,21 @@ def fresh_key(device) -> torch.Tensor:
 
 
 def keyed_dropout(x, rate: float, rng, train: bool):
-    """:func:`vafunc.layers.dropout`, one opaque node under FX (the mask's counters need the shape)."""
+    """:func:`vafunc.core.layers.dropout`, one opaque node under FX (the mask's counters need the shape)."""
     if train and rate and rng is None:
         rng = fresh_key(x.device)
     return L.dropout(x, rate, rng, train=train)
 
 
 def keyed_drop_path(x, rate: float, rng, train: bool):
-    """:func:`vafunc.layers.drop_path`, one opaque node under FX."""
+    """:func:`vafunc.core.layers.drop_path`, one opaque node under FX."""
     if train and rate and rng is None:
         rng = fresh_key(x.device)
     return L.drop_path(x, rate, rng, train=train)
 
 
 def keyed_attention(q, k, v, bias, scale, rate: float, rng, train: bool):
-    """:func:`vafunc.layers.attention` (the documented implementation rule), keyed attention
+    """:func:`vafunc.core.layers.attention` (the documented implementation rule), keyed attention
     dropout; one opaque node under FX (the rule reads the operands' ranks)."""
     if train and rate and rng is None:
         rng = fresh_key(q.device)
@@ -61,14 +61,14 @@ exec("import torch.fx\nfor _f in ('rearrange', 'repeat', 'reduce', 'einsum'):\n 
 
 class LayerNorm2d(nn.LayerNorm):
     """LayerNorm over the channels of ``[N, C, H, W]`` (torchvision's ConvNeXt ``LayerNorm2d``,
-    an ``nn.LayerNorm``): :func:`vafunc.layers.layer_norm2d`."""
+    an ``nn.LayerNorm``): :func:`vafunc.core.layers.layer_norm2d`."""
 
     def forward(self, x):
         return L.layer_norm2d({"weight": self.weight, "bias": self.bias}, x, eps=self.eps)
 
 
 def pad_same(x, kernel, stride, dilation):
-    """:func:`vafunc.layers.pad_same`, one opaque node under FX (the padding is read off the size)."""
+    """:func:`vafunc.core.layers.pad_same`, one opaque node under FX (the padding is read off the size)."""
     return L.pad_same(x, kernel, stride, dilation)
 
 
@@ -77,7 +77,7 @@ torch.fx.wrap("pad_same")
 
 class Conv2dSame(nn.Conv2d):
     """A convolution with TensorFlow's ``"SAME"`` padding, computed from the input size
-    (:func:`vafunc.layers.pad_same`; timm's ``Conv2dSame``)."""
+    (:func:`vafunc.core.layers.pad_same`; timm's ``Conv2dSame``)."""
 
     def forward(self, x):
         return self._conv_forward(pad_same(x, self.kernel_size, self.stride, self.dilation), self.weight, self.bias)
@@ -114,7 +114,7 @@ class Op(nn.Module):
 
 
 class Dropout(nn.Dropout):
-    """``nn.Dropout`` with vafunc's keyed masks (:func:`vafunc.layers.dropout`): ``rng=`` a key,
+    """``nn.Dropout`` with vafunc's keyed masks (:func:`vafunc.core.layers.dropout`): ``rng=`` a key,
     else (train mode) a fresh key from torch's global generator."""
 
     def forward(self, x, rng=None):

@@ -1,7 +1,7 @@
 """A kit family's one declaration bound to a tree of real torch modules.
 
 The module tree is not written per family: it is derived from the family's ``forward(m, cfg, x)``
-by running it twice with two more kinds of :class:`vafunc.kit.Scope` (see ``docs/design.md``,
+by running it twice with two more kinds of :class:`vafunc.core.kit.Scope` (see ``docs/design.md``,
 "torch_compat: the declaration bound to modules"):
 
 * **build** (:class:`_Builder`, once, on meta tensors): an init-mode scope that also creates a
@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vafunc import tree as vtree
-from vafunc.init import Initializer
-from vafunc.kit import Scope
-from vafunc.layers import same_padding
+from vafunc.core import tree as vtree
+from vafunc.core.init import Initializer
+from vafunc.core.kit import Scope
+from vafunc.core.layers import same_padding
 
 from . import layers as CL  # keyed_*: called through the module, where torch.fx.wrap patches them
 from .layers import BatchNormAct2d, Conv2dSame, Dropout, DropPath, LayerNorm2d, op_module
@@ -392,7 +392,7 @@ class VafuncModule(nn.Module):
         super().__init__()
         decl = model.family.declaration
         if decl is None:
-            raise TypeError(f"{model.name}: torch_compat builds module trees of kit families (vafunc.kit.family)")
+            raise TypeError(f"{model.name}: torch_compat builds module trees of kit families (vafunc.core.kit.family)")
         object.__setattr__(self, "model", model)
         self.defaults = decl.defaults(model.config)
         dtype = next((t.dtype for t in vtree.tree_leaves(params) if t.is_floating_point()), None)

@@ -15,9 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from .. import layers as L
-from ..kit import family
-from ..registry import Reference, check_config, register
+from vafunc.core import layers as L
+from vafunc.core.kit import family
+from vafunc.core.registry import Reference, check_config, register
 
 PAPER = "Krizhevsky et al. 2012, ImageNet Classification with Deep Convolutional Neural Networks (NeurIPS)"
 

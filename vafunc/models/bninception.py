@@ -35,9 +35,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .. import layers as L
-from ..kit import family
-from ..registry import Reference, check_config, register
+from vafunc.core import layers as L
+from vafunc.core.kit import family
+from vafunc.core.registry import Reference, check_config, register
 
 PAPER = (
     "Ioffe & Szegedy 2015, Batch Normalization: Accelerating Deep Network Training by Reducing "

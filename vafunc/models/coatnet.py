@@ -45,11 +45,11 @@ import einops
 import torch
 import torch.nn.functional as F
 
-from .. import layers as L
-from ..blocks import make_divisible
-from ..kit import family
-from ..registry import Reference, check_config, register
-from .maxvit import TIMM_MBCONV, MBConv, downsample2d, linear_schedule, prenorm_mbconv, relative_position_bias
+from vafunc.core import layers as L
+from vafunc.core.blocks import make_divisible
+from vafunc.core.kit import family
+from vafunc.core.registry import Reference, check_config, register
+from vafunc.models.maxvit import TIMM_MBCONV, MBConv, downsample2d, linear_schedule, prenorm_mbconv, relative_position_bias
 
 PAPER = "Dai et al. 2021, CoAtNet: Marrying Convolution and Attention for All Data Sizes, arXiv:2106.04803"
 

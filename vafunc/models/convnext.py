@@ -41,9 +41,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .. import blocks as B
-from ..kit import family
-from ..registry import Reference, check_config, register
+from vafunc.core import blocks as B
+from vafunc.core.kit import family
+from vafunc.core.registry import Reference, check_config, register
 
 PAPER = "Liu et al. 2022, A ConvNet for the 2020s, arXiv:2201.03545"
 

@@ -28,9 +28,9 @@ from typing import NamedTuple
 
 import torch
 
-from .. import layers as L
-from ..kit import family, subkey
-from ..registry import Reference, check_config, register
+from vafunc.core import layers as L
+from vafunc.core.kit import family, subkey
+from vafunc.core.registry import Reference, check_config, register
 
 PAPER = "Huang et al. 2017, Densely Connected Convolutional Networks, arXiv:1608.06993"
 

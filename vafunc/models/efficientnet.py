@@ -25,11 +25,11 @@ from typing import NamedTuple
 
 import torch
 
-from .. import blocks as B
-from .. import layers as L
-from .. import random as vrandom
-from ..kit import Scope, family
-from ..registry import Reference, check_config, register
+from vafunc.core import blocks as B
+from vafunc.core import layers as L
+from vafunc.core import random as vrandom
+from vafunc.core.kit import Scope, family
+from vafunc.core.registry import Reference, check_config, register
 
 PAPER = "Tan & Le 2019, EfficientNet: Rethinking Model Scaling for CNNs, arXiv:1905.11946"
 PAPER_V2 = "Tan & Le 2021, EfficientNetV2: Smaller Models and Faster Training, arXiv:2104.00298"

@@ -15,15 +15,15 @@ init); the reference here is timm's, with other names, other keywords (``drop_ra
 table is shared, and it is imported from there.
 
 State-dict names are timm's: ``conv_stem``, ``bn1``, ``blocks.0.0`` a depthwise-separable block
-(``conv_dw``/``bn1``, ``conv_pw``/``bn2``: :data:`vafunc.blocks.TIMM_DS`),
+(``conv_dw``/``bn1``, ``conv_pw``/``bn2``: :data:`vafunc.core.blocks.TIMM_DS`),
 ``blocks.{i}.{j}`` (i >= 1) inverted residuals (``conv_pw``/``bn1``, ``conv_dw``/``bn2``,
-``conv_pwl``/``bn3``: :data:`vafunc.blocks.TIMM_IR`), ``conv_head``, ``bn2``, ``classifier``.
-The blocks are the shared :func:`vafunc.blocks.depthwise_separable` and
-:func:`vafunc.blocks.mbconv`.
+``conv_pwl``/``bn3``: :data:`vafunc.core.blocks.TIMM_IR`), ``conv_head``, ``bn2``, ``classifier``.
+The blocks are the shared :func:`vafunc.core.blocks.depthwise_separable` and
+:func:`vafunc.core.blocks.mbconv`.
 
 * ``efficientnet_lite0..4`` (timm's own training, PyTorch padding, BatchNorm eps 1e-5);
 * ``tf_efficientnet_lite0..4`` (ports of the TensorFlow checkpoints: ``pad_type="same"`` is TF's
-  "SAME" padding, asymmetric at stride 2 (:func:`vafunc.layers.pad_same`), BatchNorm eps 1e-3,
+  "SAME" padding, asymmetric at stride 2 (:func:`vafunc.core.layers.pad_same`), BatchNorm eps 1e-3,
   inputs normalised with mean = std = 0.5).
 
 Checkpoints in EfficientNet-PyTorch's names (lukemelas' ``_conv_stem``, ``_bn0``,
@@ -43,11 +43,11 @@ import re
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from .. import blocks as B
-from .. import random as vrandom
-from ..kit import family
-from ..registry import Reference, check_config, register
-from .efficientnet import STAGES
+from vafunc.core import blocks as B
+from vafunc.core import random as vrandom
+from vafunc.core.kit import family
+from vafunc.core.registry import Reference, check_config, register
+from vafunc.models.efficientnet import STAGES
 
 PAPER = ("Tan & Le 2019, EfficientNet: Rethinking Model Scaling for CNNs, arXiv:1905.11946 "
          "(Lite: tensorflow/tpu models/official/efficientnet/lite)")

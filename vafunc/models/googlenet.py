@@ -25,11 +25,11 @@ from typing import NamedTuple
 
 import torch
 
-from .. import layers as L
-from .._imageops import IMAGENET_MEAN, IMAGENET_STD
-from ..blocks import drop_aux_remap, transform_input
-from ..kit import family
-from ..registry import Reference, check_config, register
+from vafunc.core import layers as L
+from vafunc.serving._imageops import IMAGENET_MEAN, IMAGENET_STD
+from vafunc.core.blocks import drop_aux_remap, transform_input
+from vafunc.core.kit import family
+from vafunc.core.registry import Reference, check_config, register
 
 __all__ = ["GoogLeNetConfig", "FAMILY", "transform_input", "IMAGENET_MEAN", "IMAGENET_STD"]
 

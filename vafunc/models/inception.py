@@ -21,10 +21,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 import torch
 
-from .. import layers as L
-from ..blocks import drop_aux_remap, transform_input
-from ..kit import Scope, family
-from ..registry import Reference, check_config, register
+from vafunc.core import layers as L
+from vafunc.core.blocks import drop_aux_remap, transform_input
+from vafunc.core.kit import Scope, family
+from vafunc.core.registry import Reference, check_config, register
 
 PAPER = "Szegedy et al. 2016, Rethinking the Inception Architecture for Computer Vision, arXiv:1512.00567"
 
@@ -61,7 +61,7 @@ def conv_3x1(m, name, x, cout):
 
 def max_pool_3x3_s2(x):
     """The grid reductions' 3x3/2 max pool (functional in torchvision too). A leaf function of FX
-    graphs (``torch.fx.wrap``): :func:`vafunc.layers.max_pool2d` picks its CPU fast path by
+    graphs (``torch.fx.wrap``): :func:`vafunc.core.layers.max_pool2d` picks its CPU fast path by
     looking at the tensor, which symbolic tracing cannot do."""
     return L.max_pool2d(x, 3, 2)
 

@@ -44,9 +44,9 @@ import einops
 import torch
 import torch.nn.functional as F
 
-from .. import layers as L
-from ..kit import Scope, family
-from ..registry import Reference, check_config, register
+from vafunc.core import layers as L
+from vafunc.core.kit import Scope, family
+from vafunc.core.registry import Reference, check_config, register
 
 PAPER = "Tu et al. 2022, MaxViT: Multi-Axis Vision Transformer, arXiv:2204.01697"
 

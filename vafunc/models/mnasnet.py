@@ -29,9 +29,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from .. import blocks as B
-from ..kit import family
-from ..registry import Reference, check_config, register
+from vafunc.core import blocks as B
+from vafunc.core.kit import family
+from vafunc.core.registry import Reference, check_config, register
 
 PAPER = "Tan et al. 2019, MnasNet: Platform-Aware Neural Architecture Search for Mobile, arXiv:1807.11626"
 

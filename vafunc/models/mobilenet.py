@@ -6,12 +6,12 @@
   ``blocks.{i}.{j}.conv_dw/bn1/conv_pw/bn2``, ``classifier``. ReLU6 everywhere, no shortcuts.
 * V2: Sandler et al. 2018, "MobileNetV2: Inverted Residuals and Linear Bottlenecks"
   (arXiv:1801.04381), Table 2. torchvision names: ``features.{0..18}``, blocks at
-  ``features.{n}.conv.*`` (see :data:`vafunc.blocks.MOBILENET_V2`), ``classifier.1``.
+  ``features.{n}.conv.*`` (see :data:`vafunc.core.blocks.MOBILENET_V2`), ``classifier.1``.
 * V3: Howard et al. 2019, "Searching for MobileNetV3" (arXiv:1905.02244), Tables 1-2.
   torchvision names: ``features.{n}.block.{i}.{0,1}``, SE at ``block.{i}.fc1/fc2``,
   ``classifier.0`` and ``classifier.3``. BatchNorm ``eps=1e-3, momentum=0.01``.
 
-All blocks are the shared ones of :mod:`vafunc.blocks` (depthwise separable, MBConv) over the
+All blocks are the shared ones of :mod:`vafunc.core.blocks` (depthwise separable, MBConv) over the
 kit's conv-BN-act and SE; the per-family differences are data (stage tables, layouts, norms).
 """
 
@@ -22,10 +22,10 @@ from typing import NamedTuple
 
 import torch
 
-from .. import blocks as B
-from .. import layers as L
-from ..kit import Scope, family
-from ..registry import Reference, check_config, register
+from vafunc.core import blocks as B
+from vafunc.core import layers as L
+from vafunc.core.kit import Scope, family
+from vafunc.core.registry import Reference, check_config, register
 
 PAPER_V1 = "Howard et al. 2017, MobileNets: Efficient CNNs for Mobile Vision Applications, arXiv:1704.04861"
 PAPER_V2 = "Sandler et al. 2018, MobileNetV2: Inverted Residuals and Linear Bottlenecks, arXiv:1801.04381"

@@ -26,10 +26,10 @@ from typing import NamedTuple
 
 import torch
 
-from .. import layers as L
-from ..blocks import make_divisible
-from ..kit import Scope, family
-from ..registry import Reference, check_config, register
+from vafunc.core import layers as L
+from vafunc.core.blocks import make_divisible
+from vafunc.core.kit import Scope, family
+from vafunc.core.registry import Reference, check_config, register
 
 PAPER = "Radosavovic et al. 2020, Designing Network Design Spaces, arXiv:2003.13678"
 

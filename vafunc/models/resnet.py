@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 
-from .. import layers as L
-from ..blocks import make_divisible
-from ..kit import Scope, family, subkey
-from ..registry import Reference, check_config, register
+from vafunc.core import layers as L
+from vafunc.core.blocks import make_divisible
+from vafunc.core.kit import Scope, family, subkey
+from vafunc.core.registry import Reference, check_config, register
 
 PAPER = "He et al. 2016, Deep Residual Learning for Image Recognition, arXiv:1512.03385"
 _SE = "Hu et al. 2018, Squeeze-and-Excitation Networks, arXiv:1709.01507"

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .. import layers as L
-from ..kit import family
-from ..registry import Reference, check_config, register
+from vafunc.core import layers as L
+from vafunc.core.kit import family
+from vafunc.core.registry import Reference, check_config, register
 
 PAPER = "Ma et al. 2018, ShuffleNet V2: Practical Guidelines for Efficient CNN Architecture Design, arXiv:1807.11164"
 

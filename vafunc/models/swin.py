@@ -51,9 +51,9 @@ import einops
 import torch
 import torch.nn.functional as F
 
-from .. import layers as L
-from ..kit import family
-from ..registry import Reference, check_config, register
+from vafunc.core import layers as L
+from vafunc.core.kit import family
+from vafunc.core.registry import Reference, check_config, register
 
 PAPER = "Liu et al. 2021, Swin Transformer: Hierarchical Vision Transformer using Shifted Windows, arXiv:2103.14030"
 PAPER_V2 = "Liu et al. 2022, Swin Transformer V2: Scaling Up Capacity and Resolution, arXiv:2111.09883"

@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from .. import layers as L
-from ..kit import family
-from ..registry import Reference, check_config, register
+from vafunc.core import layers as L
+from vafunc.core.kit import family
+from vafunc.core.registry import Reference, check_config, register
 
 PAPER = "Simonyan & Zisserman 2015, Very Deep Convolutional Networks for Large-Scale Image Recognition, arXiv:1409.1556"
 

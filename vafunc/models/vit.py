@@ -38,8 +38,8 @@ import einops
 import torch
 import torch.nn.functional as F
 
-from ..kit import family
-from ..registry import Reference, check_config, register
+from vafunc.core.kit import family
+from vafunc.core.registry import Reference, check_config, register
 
 PAPER = "Dosovitskiy et al. 2021, An Image is Worth 16x16 Words, arXiv:2010.11929"
 

@@ -1,0 +1,5 @@
+import sys
+
+from vafunc.cli.app import main
+
+sys.exit(main())

@@ -1,0 +1,150 @@
+"""The ``vafunc`` command: ``vafunc list``, ``vafunc info NAME``, ``vafunc predict``, ``vafunc convert``,
+``vafunc demo``.
+
+The benchmarks are not part of the installed package: from a source checkout, run them as
+``python -m benchmarks report`` (see the README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from vafunc.core import registry
+
+__all__ = ["main", "model_table"]
+
+
+def _fmt_params(n: int) -> str:
+    return f"{n / 1e6:.2f}M"
+
+
+def model_rows(pattern: str | None = None, family: str | None = None) -> list[dict]:
+    rows = []
+    for name in registry.list_models(pattern):
+        e = registry.get_entry(name)
+        if family and e.family.name != family:
+            continue
+        model = registry.get_model(name)
+        rows.append(
+            {
+                "name": name,
+                "family": e.family.name,
+                "params": e.params,
+                "min_size": model.min_size,
+                "reference": str(e.reference) if e.reference else "-",
+            }
+        )
+    return rows
+
+
+def model_table(pattern: str | None = None, family: str | None = None) -> str:
+    """The registry as a markdown table (the README's model table is this output)."""
+    lines = [
+        "| model | family | parameters | min input | reference (oracle) |",
+        "|---|---|---:|---:|---|",
+    ]
+    for r in model_rows(pattern, family):
+        lines.append(
+            f"| `{r['name']}` | {r['family']} | {r['params']:,} | {r['min_size']} | `{r['reference']}` |"
+        )
+    return "\n".join(lines)
+
+
+def _cmd_list(args) -> int:
+    rows = model_rows(args.filter, args.family)
+    if args.markdown:
+        print(model_table(args.filter, args.family))
+        return 0
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no models match {args.filter!r}", file=sys.stderr)
+        return 1
+    w = max(len(r["name"]) for r in rows)
+    wf = max(len(r["family"]) for r in rows)
+    print(f"{'model':<{w}}  {'family':<{wf}}  {'params':>8}  {'min':>4}  reference")
+    for r in rows:
+        print(f"{r['name']:<{w}}  {r['family']:<{wf}}  {_fmt_params(r['params']):>8}  {r['min_size']:>4}  {r['reference']}")
+    print(f"{len(rows)} models")
+    return 0
+
+
+def _cmd_info(args) -> int:
+    model = registry.get_model(args.name)
+    e = model.entry
+    shapes = model.state_dict_shapes()
+    feats = model.feature_shapes()
+    info = {
+        "name": model.name,
+        "family": e.family.name,
+        "parameters": e.params,
+        "state_dict_keys": len(shapes),
+        "min_input_size": model.min_size,
+        "max_input_size": model.max_size,
+        "size_multiple": model.size_multiple,
+        "reference": str(e.reference) if e.reference else None,
+        "paper": e.paper,
+        "config": {k: v for k, v in vars(model.config).items()},
+        "features": {k: list(v) for k, v in feats.items()},
+        **dict(e.extra),
+    }
+    if e.notes:
+        info["notes"] = e.notes
+    from vafunc.cli import weights as _cli_weights  # weights table and GFLOPs
+
+    info.update(_cli_weights.info_extra(model))
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    for k in ("name", "family", "parameters", "state_dict_keys", "min_input_size", "max_input_size",
+              "size_multiple", "reference", "paper"):
+        v = info[k]
+        if k == "max_input_size" and v is None or k == "size_multiple" and v == 1:
+            continue
+        print(f"{k:>16}: {v:,}" if isinstance(v, int) else f"{k:>16}: {v}")
+    for k, v in e.extra:
+        print(f"{k:>16}: {v}")
+    print(f"{'config':>16}: " + ", ".join(f"{k}={v!r}" for k, v in info["config"].items()))
+    _cli_weights.print_info_extra(info)
+    print(f"{'features':>16}: {len(feats)} (shapes at {max(224, model.min_size)}px)")
+    for k, v in feats.items():
+        print(f"{'':>18}{k:<32} {list(v)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vafunc", description="Classic vision networks as pure functions.")
+    sub = p.add_subparsers(dest="command", required=True)
+    pl = sub.add_parser("list", help="list registered models")
+    pl.add_argument("filter", nargs="?", default=None, help="shell-style pattern, e.g. 'resnet*'")
+    pl.add_argument("--family", default=None, help="only this family (resnet, vgg, ...)")
+    pl.add_argument("--markdown", action="store_true", help="print the README's markdown table")
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(fn=_cmd_list)
+    pi = sub.add_parser("info", help="parameters, minimum size, features of one model")
+    pi.add_argument("name")
+    pi.add_argument("--json", action="store_true")
+    pi.set_defaults(fn=_cmd_info)
+    from vafunc.cli import weights as _cli_weights
+    from vafunc.cli import demo
+
+    _cli_weights.add_parsers(sub)  # predict, convert
+    demo.add_parser(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ValueError, TypeError) as err:
+        print(f"vafunc {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

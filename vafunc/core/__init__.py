@@ -1,0 +1,1 @@
+"""The kit, its layers and blocks, init, keys, pytrees and the registry."""

@@ -1,0 +1,1 @@
+"""Weights in and out: state_dict conversion and the checkpoint hub."""

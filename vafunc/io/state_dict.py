@@ -1,0 +1,85 @@
+"""State-dict conversion with strict, explanatory checks."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Mapping
+
+import torch
+
+from vafunc.core import tree as vtree
+
+__all__ = ["from_state_dict", "to_state_dict", "StateDictMismatch"]
+
+to_state_dict = vtree.to_state_dict
+
+
+class StateDictMismatch(ValueError):
+    """A checkpoint does not fit the model; the message lists every offending key."""
+
+
+def _fmt(keys, limit=50):
+    keys = list(keys)
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def _fill_num_batches_tracked(expected, flat: dict) -> tuple[dict, str | None]:
+    """Checkpoints from before torch 0.4.1 lack BatchNorm's ``num_batches_tracked``; like
+    ``nn.BatchNorm2d`` loading them, add it as 0 wherever the layer's ``running_mean`` is present."""
+    added = 0
+    for k in expected:
+        if k.endswith(".num_batches_tracked") and k not in flat:
+            if k[: -len("num_batches_tracked")] + "running_mean" in flat:
+                flat[k] = torch.zeros((), dtype=torch.int64)
+                added += 1
+    note = f"added {added} missing BatchNorm num_batches_tracked buffers as 0 (checkpoint predates them)"
+    return flat, (note if added else None)
+
+
+def from_state_dict(model, flat: Mapping[str, torch.Tensor], *, strict: bool = True):
+    """Flat reference-named ``{name: tensor}`` -> ``(params, state)`` for ``model``.
+
+    Legacy names are translated first by the family's ``remap`` hook (e.g. DenseNet's old
+    ``norm.1`` names), and missing ``num_batches_tracked`` buffers (pre-0.4.1 checkpoints) are
+    added as 0, as ``nn.BatchNorm2d`` does. With ``strict=True`` (default) every missing, unexpected and mis-shaped
+    key is listed in one :class:`StateDictMismatch`; with ``strict=False`` unexpected keys are
+    ignored, but missing or mis-shaped ones still raise (nothing is half-loaded).
+    The tensors are used as they are (no copy); dtype is kept.
+    """
+    if not isinstance(flat, Mapping):
+        raise TypeError(f"from_state_dict expects a mapping of names to tensors, got {type(flat).__name__}")
+    bad_types = [k for k, v in flat.items() if not isinstance(v, torch.Tensor)]
+    if bad_types:
+        raise TypeError(f"state_dict values must be tensors; not tensors: {_fmt(bad_types)}")
+    flat = dict(flat)
+    flat.pop("_metadata", None)
+    if model.family.remap is not None:
+        flat, notes = model.family.remap(model.config, flat)
+        for note in notes:
+            warnings.warn(f"{model.name}: {note}", stacklevel=2)
+    expected = model.state_dict_shapes()
+    flat, note = _fill_num_batches_tracked(expected, flat)
+    if note:
+        warnings.warn(f"{model.name}: {note}", stacklevel=2)
+    missing = [k for k in expected if k not in flat]
+    unexpected = [k for k in flat if k not in expected]
+    misshaped = [
+        f"{k} (checkpoint {list(flat[k].shape)}, model {list(expected[k])})"
+        for k in expected
+        if k in flat and tuple(flat[k].shape) != expected[k]
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {_fmt(missing)}")
+    if unexpected and strict:
+        problems.append(f"unexpected keys ({len(unexpected)}): {_fmt(unexpected)}")
+    if misshaped:
+        problems.append(f"mis-shaped keys ({len(misshaped)}): {_fmt(misshaped)}")
+    if problems:
+        raise StateDictMismatch(
+            f"state_dict does not fit {model.name} ({len(expected)} keys expected, {len(flat)} given):\n  "
+            + "\n  ".join(problems)
+        )
+    ordered = {k: flat[k] for k in expected}
+    return vtree.partition_state(vtree.unflatten(ordered))

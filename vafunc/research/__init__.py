@@ -1,0 +1,1 @@
+"""Transforms for research: per-sample gradients, member-batched ensembles, vmap rules."""

@@ -1,0 +1,1 @@
+"""Inference: compiled models, preprocessing transforms, the allocator switch."""
