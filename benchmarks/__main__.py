@@ -62,16 +62,15 @@ def bench_eager(args) -> list[dict]:
         x = torch.randn(args.batch, 3, size, size)
         with torch.inference_mode():
             pair = compare(
-                name,
-                lambda: model.apply(params, state, x),
-                lambda: ref(x),
-                warmup=args.warmup,
-                reps=args.reps,
+                name, lambda: model.apply(params, state, x), lambda: ref(x), warmup=args.warmup, reps=args.reps
             )
         row = {"bench": "eager", "model": name, "batch": args.batch, "size": size, **pair.row()}
         rows.append(row)
-        print(f"| {name} | {args.batch}x{size} | {pair.median_a_ms:.1f} | {pair.median_b_ms:.1f} | "
-              f"{pair.ratio:.3f} ({pair.ratio_q1:.3f}-{pair.ratio_q3:.3f}) |", flush=True)
+        print(
+            f"| {name} | {args.batch}x{size} | {pair.median_a_ms:.1f} | {pair.median_b_ms:.1f} | "
+            f"{pair.ratio:.3f} ({pair.ratio_q1:.3f}-{pair.ratio_q3:.3f}) |",
+            flush=True,
+        )
     return rows
 
 
@@ -81,29 +80,46 @@ def bench_research(args) -> list[dict]:
     rows = []
     for name in args.models:
         if args.bench == "ensemble":
-            pairs = research.ensemble(name, args.members, args.batch, args.size, train=False, reps=args.reps,
-                                      compiled=not args.no_compile)
-            pairs += research.ensemble(name, args.members, args.batch, args.size, train=True, reps=args.reps,
-                                       compiled=False)
+            pairs = research.ensemble(
+                name, args.members, args.batch, args.size, train=False, reps=args.reps, compiled=not args.no_compile
+            )
+            pairs += research.ensemble(
+                name, args.members, args.batch, args.size, train=True, reps=args.reps, compiled=False
+            )
             pairs += research.ensemble_train_step(name, args.members, args.batch, args.size, args.reps)
             counts = [int(n) for n in args.members_sweep.split(",") if n.strip()]
             if counts:
                 swept = research.ensemble_sweep(name, counts, args.batch, args.size, args.reps)
-                rows += [{"bench": "ensemble", "model": name, "batch": args.batch, "size": args.size,
-                          **{k: v for k, v in r.items() if k != "members"}} for r in swept]  # the label names N
+                rows += [
+                    {
+                        "bench": "ensemble",
+                        "model": name,
+                        "batch": args.batch,
+                        "size": args.size,
+                        **{k: v for k, v in r.items() if k != "members"},
+                    }
+                    for r in swept
+                ]  # the label names N
                 os.makedirs(args.out, exist_ok=True)
                 path = os.path.join(args.out, "ensemble.png")
                 info = machine_info()
-                if research.ensemble_plot(swept, path, f"{name} b{args.batch}@{args.size}, eval, against a loop over "
-                                                       f"torchvision modules\n{info['cpu']}, {info['threads']} "
-                                                       f"threads, torch {info['torch']}"):
+                if research.ensemble_plot(
+                    swept,
+                    path,
+                    f"{name} b{args.batch}@{args.size}, eval, against a loop over "
+                    f"torchvision modules\n{info['cpu']}, {info['threads']} "
+                    f"threads, torch {info['torch']}",
+                ):
                     print(f"wrote {path}", flush=True)
         elif args.bench == "train":
             pairs = research.train_step(name, args.batch, args.size, args.reps)
         for pair in pairs:
             rows.append({"bench": args.bench, "model": name, "batch": args.batch, "size": args.size, **pair.row()})
-            print(f"| {pair.label} | {args.batch}x{args.size} | {pair.median_a_ms:.1f} | {pair.median_b_ms:.1f} | "
-                  f"{pair.ratio:.3f} ({pair.ratio_q1:.3f}-{pair.ratio_q3:.3f}) |", flush=True)
+            print(
+                f"| {pair.label} | {args.batch}x{args.size} | {pair.median_a_ms:.1f} | {pair.median_b_ms:.1f} | "
+                f"{pair.ratio:.3f} ({pair.ratio_q1:.3f}-{pair.ratio_q3:.3f}) |",
+                flush=True,
+            )
     return rows
 
 
@@ -114,8 +130,11 @@ def bench_psg(args) -> list[dict]:
 
     def emit(pair, model, batch):
         rows.append({"bench": "psg", "model": model, "batch": batch, "size": args.size, **pair.row()})
-        print(f"| {pair.label} | {batch}x{args.size} | {pair.median_a_ms:.1f} | {pair.median_b_ms:.1f} | "
-              f"{pair.ratio:.3f} ({pair.ratio_q1:.3f}-{pair.ratio_q3:.3f}) |", flush=True)
+        print(
+            f"| {pair.label} | {batch}x{args.size} | {pair.median_a_ms:.1f} | {pair.median_b_ms:.1f} | "
+            f"{pair.ratio:.3f} ({pair.ratio_q1:.3f}-{pair.ratio_q3:.3f}) |",
+            flush=True,
+        )
 
     sweep = [int(b) for b in args.sweep.split(",") if b.strip()] if args.sweep else []
     for name in args.models:
@@ -130,17 +149,24 @@ def bench_psg(args) -> list[dict]:
         import opacus
 
         agree = research.opacus_agreement(args.models[0], min(args.batch, 8), args.size)
-        print(f"\nvalues vs Opacus {opacus.__version__} ({args.models[0]} GroupNorm, b{agree['batch']}@{args.size}): "
-              f"per-sample grads max rel diff {agree['grads_rel']:.1e} (worst parameter, ||diff|| / ||opacus||), "
-              f"norms {agree['norms_rel']:.1e} (worst sample)", flush=True)
+        print(
+            f"\nvalues vs Opacus {opacus.__version__} ({args.models[0]} GroupNorm, b{agree['batch']}@{args.size}): "
+            f"per-sample grads max rel diff {agree['grads_rel']:.1e} (worst parameter, ||diff|| / ||opacus||), "
+            f"norms {agree['norms_rel']:.1e} (worst sample)",
+            flush=True,
+        )
     if sweep:
         os.makedirs(args.out, exist_ok=True)
         path = os.path.join(args.out, "psg.png")
         info = machine_info()
         plotted = [r for r in rows if r["model"] == args.models[0] and r["batch"] in sweep]
-        if research.psg_plot(plotted, path, f"{args.models[0]} @{args.size}, per-sample gradients vs a loop of "
-                                            f"single-sample backward passes\n{info['cpu']}, {info['threads']} "
-                                            f"threads, torch {info['torch']}"):
+        if research.psg_plot(
+            plotted,
+            path,
+            f"{args.models[0]} @{args.size}, per-sample gradients vs a loop of "
+            f"single-sample backward passes\n{info['cpu']}, {info['threads']} "
+            f"threads, torch {info['torch']}",
+        ):
             print(f"wrote {path}", flush=True)
     return rows
 
@@ -159,25 +185,45 @@ def main(argv=None) -> int:
         from benchmarks import profile
 
         return profile.main(argv[1:])
-    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("bench", nargs="?", default="eager", choices=["eager", "ensemble", "train", "psg"])
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    # report, compat and profile are dispatched above with their own options; listed here for --help
+    p.add_argument(
+        "bench",
+        nargs="?",
+        default="eager",
+        choices=["eager", "ensemble", "train", "psg", "report", "compat", "profile"],
+        help="the benchmark (default eager); report: the full report, compat: torch_compat's "
+        "module trees, profile: where the time goes (each takes its own options: "
+        "python -m benchmarks report --help)",
+    )
     p.add_argument("--members", type=int, default=8)
     p.add_argument("--no-compile", action="store_true", help="ensemble: skip the compiled path")
     p.add_argument("--models", nargs="+", default=None, help="default: resnet18 resnet50 (psg: resnet18)")
     p.add_argument("--batch", type=int, default=None, help="default: 8 (psg: 32)")
     p.add_argument("--size", type=int, default=None, help="default: 224 (psg: 32)")
     p.add_argument("--reps", type=int, default=None, help="default: 15 (psg: 5)")
-    p.add_argument("--sweep", default=",".join(map(str, (8, 16, 32, 64))),
-                   help="psg: batch sizes of the sweep plotted to <out>/psg.png ('' for none)")
-    p.add_argument("--members-sweep", default="",
-                   help="ensemble: member counts of a sweep plotted to <out>/ensemble.png, e.g. 1,2,4,8,16,32")
+    p.add_argument(
+        "--sweep",
+        default=",".join(map(str, (8, 16, 32, 64))),
+        help="psg: batch sizes of the sweep plotted to <out>/psg.png ('' for none)",
+    )
+    p.add_argument(
+        "--members-sweep",
+        default="",
+        help="ensemble: member counts of a sweep plotted to <out>/ensemble.png, e.g. 1,2,4,8,16,32",
+    )
     p.add_argument("--no-opacus", action="store_true", help="psg: skip the Opacus rows")
     p.add_argument("--no-dp", action="store_true", help="psg: skip the DP-SGD step rows")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--malloc", choices=["default", "reuse"], default="default",
-                   help="'reuse': vafunc.serving.memory.set_malloc_thresholds() first, for both sides (glibc)")
+    p.add_argument(
+        "--malloc",
+        choices=["default", "reuse"],
+        default="default",
+        help="'reuse': vafunc.serving.memory.set_malloc_thresholds() first, for both sides (glibc)",
+    )
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = p.parse_args(argv)
     psg = args.bench == "psg"
@@ -196,8 +242,10 @@ def main(argv=None) -> int:
     if args.bench == "eager":
         rows = bench_eager(args)
     elif psg:
-        print("(psg baselines: a loop of single-sample backward passes through the torchvision module, or "
-              "Opacus where the label says so)")
+        print(
+            "(psg baselines: a loop of single-sample backward passes through the torchvision module, or "
+            "Opacus where the label says so)"
+        )
         rows = bench_psg(args)
     else:
         rows = bench_research(args)

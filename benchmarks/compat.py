@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -29,23 +30,42 @@ import torch_compat
 import vafunc
 from benchmarks.harness import append_rows, compare, machine_info
 
-DEFAULT_MODELS = ["convnext_tiny", "regnet_x_400mf", "shufflenet_v2_x0_5", "squeezenet1_1", "seresnet50",
-                  "efficientnet_lite0", "resnet18", "resnet50", "mobilenet_v3_large", "vit_b_32", "swin_t"]
+DEFAULT_MODELS = [
+    "convnext_tiny",
+    "regnet_x_400mf",
+    "shufflenet_v2_x0_5",
+    "squeezenet1_1",
+    "seresnet50",
+    "efficientnet_lite0",
+    "resnet18",
+    "resnet50",
+    "mobilenet_v3_large",
+    "vit_b_32",
+    "swin_t",
+]
 
 
 def vafunc_before(rev: str):
     """The ``vafunc`` package of git revision ``rev`` as the package ``vafunc_before`` (written to a
     temporary folder; its custom operators live in the ``vafunc_before`` namespace)."""
-    root = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=True,
-                          cwd=os.path.dirname(__file__)).stdout.strip()
-    files = subprocess.run(["git", "ls-tree", "-r", "--name-only", rev, "vafunc"], capture_output=True, text=True,
-                           check=True, cwd=root).stdout.split()
+    root = subprocess.run(
+        ["git", "rev-parse", "--show-toplevel"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=os.path.dirname(__file__),
+    ).stdout.strip()
+    files = subprocess.run(
+        ["git", "ls-tree", "-r", "--name-only", rev, "vafunc"], capture_output=True, text=True, check=True, cwd=root
+    ).stdout.split()
     out = tempfile.mkdtemp(prefix="vafunc_before_")
     for f in files:
         data = subprocess.run(["git", "show", f"{rev}:{f}"], capture_output=True, check=True, cwd=root).stdout
-        if f.endswith(".py"):
+        if f.endswith(".py"):  # its operators and its absolute imports in its own namespace
             data = data.replace(b"vafunc::", b"vafunc_before::")
-        path = os.path.join(out, "vafunc_before", f[len("vafunc/"):])
+            data = re.sub(rb"\b(from|import) vafunc\b", rb"\1 vafunc_before", data)
+            data = re.sub(rb"\bvafunc\.(?=[a-z_])", b"vafunc_before.", data)
+        path = os.path.join(out, "vafunc_before", f[len("vafunc/") :])
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "wb") as fh:
             fh.write(data)
@@ -72,8 +92,9 @@ def run(args) -> list[dict]:
             if old is not None:
                 om = old.get_model(name)
                 op, os_ = old.from_state_dict(om, ref.state_dict())
-                cases.append(("apply now / apply before", lambda: model.apply(params, state, x),
-                              lambda: om.apply(op, os_, x)))
+                cases.append(
+                    ("apply now / apply before", lambda: model.apply(params, state, x), lambda: om.apply(op, os_, x))
+                )
             if args.compiled:
                 cc, cr = torch.compile(compat), torch.compile(ref)
                 with torch.inference_mode():
@@ -83,14 +104,18 @@ def run(args) -> list[dict]:
                 with torch.inference_mode():
                     pair = compare(label, fa, fb, warmup=args.warmup, reps=args.reps, min_seconds=args.min_seconds)
                 rows.append({"bench": "compat", "model": name, "batch": args.batch, "size": size, **pair.row()})
-                print(f"| {name} | {label} | {args.batch}x{size} | {pair.median_a_ms:.2f} | {pair.median_b_ms:.2f} | "
-                      f"{pair.ratio:.3f} ({pair.ratio_q1:.3f}-{pair.ratio_q3:.3f}) |", flush=True)
+                print(
+                    f"| {name} | {label} | {args.batch}x{size} | {pair.median_a_ms:.2f} | {pair.median_b_ms:.2f} | "
+                    f"{pair.ratio:.3f} ({pair.ratio_q1:.3f}-{pair.ratio_q3:.3f}) |",
+                    flush=True,
+                )
     return rows
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks compat", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks compat", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--sizes", type=int, nargs="+", default=[224, 32])
@@ -107,6 +132,7 @@ def main(argv=None) -> int:
     print("|---|---|---|---:|---:|---:|")
     rows = run(args)
     os.makedirs(args.out, exist_ok=True)
-    append_rows(os.path.join(args.out, "compat.csv"), [{"date": time.strftime("%Y-%m-%d %H:%M"), **r, **info}
-                                                       for r in rows])
+    append_rows(
+        os.path.join(args.out, "compat.csv"), [{"date": time.strftime("%Y-%m-%d %H:%M"), **r, **info} for r in rows]
+    )
     return 0

@@ -47,14 +47,19 @@ def measure(name: str, *, batch: int, size: int, reps: int, min_seconds: float) 
     with torch.no_grad():
         full = model.apply(params, state, x)[0]
         err = {k: float((fns[k](x) - full).abs().max()) / float(full.abs().max()) for k in fns}
-        res = compare_many({k: (lambda f=f: f(x)) for k, f in fns.items()}, "ref bf16", warmup=2, reps=reps,
-                           min_seconds=min_seconds)
-    return {"model": name, "batch": batch, "size": size,
-            **{f"{k} ms": round(v["ms"], 3) for k, v in res.items()},
-            "vafunc bf16 vs ref bf16": round(res["vafunc bf16"]["ratio"], 3),
-            "fold vs ref bf16": round(res["vafunc bf16 fold"]["ratio"], 3),
-            "fold vs vafunc bf16": round(paired_ratio(res, "vafunc bf16 fold", "vafunc bf16"), 3),
-            **{f"{k} max rel err": f"{v:.2e}" for k, v in err.items()}}
+        res = compare_many(
+            {k: (lambda f=f: f(x)) for k, f in fns.items()}, "ref bf16", warmup=2, reps=reps, min_seconds=min_seconds
+        )
+    return {
+        "model": name,
+        "batch": batch,
+        "size": size,
+        **{f"{k} ms": round(v["ms"], 3) for k, v in res.items()},
+        "vafunc bf16 vs ref bf16": round(res["vafunc bf16"]["ratio"], 3),
+        "fold vs ref bf16": round(res["vafunc bf16 fold"]["ratio"], 3),
+        "fold vs vafunc bf16": round(paired_ratio(res, "vafunc bf16 fold", "vafunc bf16"), 3),
+        **{f"{k} max rel err": f"{v:.2e}" for k, v in err.items()},
+    }
 
 
 def main(argv=None) -> int:
@@ -74,10 +79,20 @@ def main(argv=None) -> int:
     print("| model | vafunc bf16 vs ref bf16 | fold vs ref bf16 | fold vs vafunc bf16 |\n|---|---:|---:|---:|")
     for name in args.models:
         r = measure(name, batch=args.batch, size=args.size, reps=args.reps, min_seconds=args.min_seconds)
-        print(f"| {name} | {r['vafunc bf16 vs ref bf16']:.2f} | {r['fold vs ref bf16']:.2f} "
-              f"| {r['fold vs vafunc bf16']:.2f} |", flush=True)
-        rows.append({"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": info["cpu"], "threads": args.threads,
-                     "torch": torch.__version__, **r})
+        print(
+            f"| {name} | {r['vafunc bf16 vs ref bf16']:.2f} | {r['fold vs ref bf16']:.2f} "
+            f"| {r['fold vs vafunc bf16']:.2f} |",
+            flush=True,
+        )
+        rows.append(
+            {
+                "date": time.strftime("%Y-%m-%d %H:%M"),
+                "cpu": info["cpu"],
+                "threads": args.threads,
+                "torch": torch.__version__,
+                **r,
+            }
+        )
     if not args.no_write and rows:
         append_rows(RESULTS, rows)
     return 0

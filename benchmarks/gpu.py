@@ -29,7 +29,6 @@ import time
 import traceback
 
 import torch
-import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -46,6 +45,7 @@ def log(msg: str, t0: list = [time.perf_counter()]) -> None:  # noqa: B006 - pro
 
 
 # ----------------------------------------------------------------------------------- oracles
+
 
 def _oracle():
     """tests/oracle.py (the test suite's reference builders) where it imports (it needs pytest)."""
@@ -188,9 +188,16 @@ def parity(name: str, device, quick: bool) -> dict:
     err = float((got - want).abs().max())
     scale = float(want.abs().max())
     spread = float((want - want.mean(0)).abs().max())
-    return {"model": name, "size": f"2x3x{h}x{w}", "params_m": vafunc.get_entry(name).params / 1e6,
-            "max_abs": err, "rel": err / max(scale, 1e-12), "scale": scale,
-            "depends_on_input": spread > 1e-3 * scale, "seconds": time.perf_counter() - t0}
+    return {
+        "model": name,
+        "size": f"2x3x{h}x{w}",
+        "params_m": vafunc.get_entry(name).params / 1e6,
+        "max_abs": err,
+        "rel": err / max(scale, 1e-12),
+        "scale": scale,
+        "depends_on_input": spread > 1e-3 * scale,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def run_parity(names, device, quick: bool, tol: float, budget: float) -> tuple[list[dict], list[str]]:
@@ -209,9 +216,18 @@ def run_parity(names, device, quick: bool, tol: float, budget: float) -> tuple[l
             r["note"] = "" if r["depends_on_input"] else "reference output ignores its input"
         except Exception as e:  # noqa: BLE001 - one broken model must not stop the report
             traceback.print_exc()
-            r = {"model": name, "size": "-", "params_m": vafunc.get_entry(name).params / 1e6, "max_abs": float("nan"),
-                 "rel": float("nan"), "scale": float("nan"), "depends_on_input": False, "seconds": float("nan"),
-                 "ok": False, "note": f"error: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"}
+            r = {
+                "model": name,
+                "size": "-",
+                "params_m": vafunc.get_entry(name).params / 1e6,
+                "max_abs": float("nan"),
+                "rel": float("nan"),
+                "scale": float("nan"),
+                "depends_on_input": False,
+                "seconds": float("nan"),
+                "ok": False,
+                "note": f"error: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}",
+            }
         rows.append(r)
         log(f"parity {i + 1}/{len(order)} {name}: rel {r['rel']:.2e} {'ok' if r['ok'] else 'FAIL'} {r['note']}")
         gc.collect()
@@ -221,6 +237,7 @@ def run_parity(names, device, quick: bool, tol: float, budget: float) -> tuple[l
 
 
 # ----------------------------------------------------------------------------------- speed
+
 
 def bench_ensemble(device, members: int, batch: int, size: int, reps: int) -> list:
     import torchvision
@@ -241,8 +258,14 @@ def bench_ensemble(device, members: int, batch: int, size: int, reps: int) -> li
             fn = _timed(lambda method=method: vafunc.ensemble_apply(model, params, state, x, method=method), device)
             rows.append(compare(f"resnet18 ensemble x{members} eval {method} b{batch}@{size}", fn, loop, reps=reps))
         user = torch.vmap(lambda p, s: model.apply(p, s, x)[0])
-        rows.append(compare(f"resnet18 ensemble x{members} eval user torch.vmap(model.apply) b{batch}@{size}",
-                            _timed(lambda: user(params, state), device), loop, reps=reps))
+        rows.append(
+            compare(
+                f"resnet18 ensemble x{members} eval user torch.vmap(model.apply) b{batch}@{size}",
+                _timed(lambda: user(params, state), device),
+                loop,
+                reps=reps,
+            )
+        )
     return rows
 
 
@@ -252,67 +275,96 @@ def bench_psg(device, batch: int, size: int, sweep, reps: int) -> tuple[list, di
     rows = research.per_sample("resnet18", batch, size, reps, device=device)
     rows += research.per_sample_opacus("resnet18", batch, size, reps, device=device)
     rows += [p for _, p in research.psg_sweep("resnet18", sweep, size, reps, device=device, skip=(batch,))]
-    agree = research.opacus_agreement("resnet18", min(batch, 8), size, device=device) if research.have_opacus() else None
+    agree = (
+        research.opacus_agreement("resnet18", min(batch, 8), size, device=device) if research.have_opacus() else None
+    )
     return rows, agree
 
 
 # ----------------------------------------------------------------------------------- report
+
 
 def _g(v, fmt="{:.2e}"):
     return "-" if v != v else fmt.format(v)  # NaN
 
 
 def markdown(info: dict, parity_rows, skipped, tol, speed: dict, agree) -> str:
-    lines = [f"# vafunc on {info['device']}", "",
-             f"torch {info['torch']}, CUDA {info['cuda']}, cuDNN {info['cudnn']}, Python {info['python']}; "
-             f"{info['date']}; `{info['command']}` ({info['seconds']:.0f}s).", ""]
+    lines = [
+        f"# vafunc on {info['device']}",
+        "",
+        f"torch {info['torch']}, CUDA {info['cuda']}, cuDNN {info['cudnn']}, Python {info['python']}; "
+        f"{info['date']}; `{info['command']}` ({info['seconds']:.0f}s).",
+        "",
+    ]
     if parity_rows or skipped:
         n_ok = sum(r["ok"] for r in parity_rows)
-        lines += ["## Parity with the oracles", "",
-                  f"Eval mode, float32, TF32 off (`torch.backends.cuda.matmul.allow_tf32 = False`, "
-                  f"`torch.backends.cudnn.allow_tf32 = False`); random weights perturbed away from their init "
-                  f"values, BatchNorm statistics calibrated; 2 images. *rel* is the largest absolute logit "
-                  f"difference over the largest absolute reference logit; pass: rel <= {tol:g} and the reference "
-                  f"output depends on the input. {n_ok}/{len(parity_rows)} pass"
-                  + (f"; {len(skipped)} skipped (time budget): {', '.join(skipped)}" if skipped else "") + ".", "",
-                  "| model | params (M) | input | max abs diff | max abs logit | rel | pass | s | note |",
-                  "|---|---:|---|---:|---:|---:|---|---:|---|"]
+        lines += [
+            "## Parity with the oracles",
+            "",
+            f"Eval mode, float32, TF32 off (`torch.backends.cuda.matmul.allow_tf32 = False`, "
+            f"`torch.backends.cudnn.allow_tf32 = False`); random weights perturbed away from their init "
+            f"values, BatchNorm statistics calibrated; 2 images. *rel* is the largest absolute logit "
+            f"difference over the largest absolute reference logit; pass: rel <= {tol:g} and the reference "
+            f"output depends on the input. {n_ok}/{len(parity_rows)} pass"
+            + (f"; {len(skipped)} skipped (time budget): {', '.join(skipped)}" if skipped else "")
+            + ".",
+            "",
+            "| model | params (M) | input | max abs diff | max abs logit | rel | pass | s | note |",
+            "|---|---:|---|---:|---:|---:|---|---:|---|",
+        ]
         for r in parity_rows:
-            lines.append(f"| {r['model']} | {r['params_m']:.1f} | {r['size']} | {_g(r['max_abs'])} | "
-                         f"{_g(r['scale'], '{:.3g}')} | {_g(r['rel'])} | {'yes' if r['ok'] else '**no**'} | "
-                         f"{_g(r['seconds'], '{:.1f}')} | {r['note']} |")
+            lines.append(
+                f"| {r['model']} | {r['params_m']:.1f} | {r['size']} | {_g(r['max_abs'])} | "
+                f"{_g(r['scale'], '{:.3g}')} | {_g(r['rel'])} | {'yes' if r['ok'] else '**no**'} | "
+                f"{_g(r['seconds'], '{:.1f}')} | {r['note']} |"
+            )
         lines.append("")
     for title, pairs in speed.items():
-        lines += [f"## {title}", "",
-                  "Side by side in one process, alternating, after warm-up (on CUDA, `torch.cuda.synchronize()` "
-                  "inside each timed call); ratio: median of the per-repetition baseline/vafunc ratios (>1: vafunc faster).",
-                  "", "| case | vafunc ms | baseline ms | ratio (IQR) | reps |", "|---|---:|---:|---:|---:|"]
+        lines += [
+            f"## {title}",
+            "",
+            "Side by side in one process, alternating, after warm-up (on CUDA, `torch.cuda.synchronize()` "
+            "inside each timed call); ratio: median of the per-repetition baseline/vafunc ratios (>1: vafunc faster).",
+            "",
+            "| case | vafunc ms | baseline ms | ratio (IQR) | reps |",
+            "|---|---:|---:|---:|---:|",
+        ]
         for p in pairs:
-            lines.append(f"| {p.label} | {p.median_a_ms:.2f} | {p.median_b_ms:.2f} | {p.ratio:.2f} "
-                         f"({p.ratio_q1:.2f}-{p.ratio_q3:.2f}) | {p.reps} |")
+            lines.append(
+                f"| {p.label} | {p.median_a_ms:.2f} | {p.median_b_ms:.2f} | {p.ratio:.2f} "
+                f"({p.ratio_q1:.2f}-{p.ratio_q3:.2f}) | {p.reps} |"
+            )
         lines.append("")
         if title.startswith("Per-sample"):
-            lines.append("Baselines: a Python loop of single-sample backward passes through the torchvision module "
-                         "holding the same weights (keeping each sample's gradients; for the norms, their norms; for "
-                         "the DP-SGD step, clip + sum + noise + SGD); *vs Opacus*: Opacus' `GradSampleModule` "
-                         "(hooks) for per-sample gradients, `GradSampleModuleFastGradientClipping` (ghost clipping) "
-                         "for norms and the DP-SGD step, on the GroupNorm ResNet-18.")
+            lines.append(
+                "Baselines: a Python loop of single-sample backward passes through the torchvision module "
+                "holding the same weights (keeping each sample's gradients; for the norms, their norms; for "
+                "the DP-SGD step, clip + sum + noise + SGD); *vs Opacus*: Opacus' `GradSampleModule` "
+                "(hooks) for per-sample gradients, `GradSampleModuleFastGradientClipping` (ghost clipping) "
+                "for norms and the DP-SGD step, on the GroupNorm ResNet-18."
+            )
             if agree is not None:
-                lines.append(f"Values against Opacus {agree['version']} (b{agree['batch']}@{agree['size']}, GroupNorm "
-                             f"ResNet-18): per-sample gradients differ by at most {agree['grads_rel']:.1e} "
-                             f"(||diff|| / ||opacus||, worst parameter), norms by {agree['norms_rel']:.1e} "
-                             f"(worst sample).")
+                lines.append(
+                    f"Values against Opacus {agree['version']} (b{agree['batch']}@{agree['size']}, GroupNorm "
+                    f"ResNet-18): per-sample gradients differ by at most {agree['grads_rel']:.1e} "
+                    f"(||diff|| / ||opacus||, worst parameter), norms by {agree['norms_rel']:.1e} "
+                    f"(worst sample)."
+                )
             lines.append("")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.gpu", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", default="cuda")
     p.add_argument("--models", default="all", help="comma-separated model names for the parity table, or 'all'")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: inputs of 64 where the model allows, psg batch 8 and sweep 4,8, ensemble x4, 2 reps")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: inputs of 64 where the model allows, psg batch 8 and sweep 4,8, ensemble x4, 2 reps",
+    )
     p.add_argument("--tol", type=float, default=None, help="parity tolerance on rel (default 1e-4 CUDA, 1e-5 CPU)")
     p.add_argument("--budget", type=float, default=180.0, help="seconds for the parity checks before skipping the rest")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per row (default 10; --quick 2)")
@@ -322,8 +374,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        print("benchmarks.gpu: no CUDA device here (torch.cuda.is_available() is False); nothing measured, nothing "
-              "written. Run it on a GPU machine, or `--device cpu --quick` for a smoke run of the script.")
+        print(
+            "benchmarks.gpu: no CUDA device here (torch.cuda.is_available() is False); nothing measured, nothing "
+            "written. Run it on a GPU machine, or `--device cpu --quick` for a smoke run of the script."
+        )
         return 0
     t_start = time.perf_counter()
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -337,10 +391,17 @@ def main(argv=None) -> int:
     reps = args.reps or (2 if args.quick else 10)
     import platform
 
-    info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-            "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
-            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M"),
-            "command": "python -m benchmarks.gpu " + " ".join(sys.argv[1:] if argv is None else argv)}
+    info = {
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "command": "python -m benchmarks.gpu " + " ".join(sys.argv[1:] if argv is None else argv),
+    }
     log(f"{info['device']}, torch {info['torch']}")
 
     names = vafunc.list_models() if args.models == "all" else [n.strip() for n in args.models.split(",") if n.strip()]
@@ -355,8 +416,9 @@ def main(argv=None) -> int:
         log("ensemble")
         speed[f"Ensemble: resnet18 x{members}, batch 8 @32, eval"] = bench_ensemble(device, members, 8, 32, reps)
         log("per-sample gradients")
-        speed[f"Per-sample gradients: resnet18 @32, batch {batch} (sweep {', '.join(map(str, sweep))})"], agree = \
+        speed[f"Per-sample gradients: resnet18 @32, batch {batch} (sweep {', '.join(map(str, sweep))})"], agree = (
             bench_psg(device, batch, 32, sweep, reps)
+        )
         if agree is not None:
             import opacus
 

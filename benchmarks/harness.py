@@ -10,8 +10,8 @@ from __future__ import annotations
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import torch
 
@@ -38,8 +38,15 @@ def _time(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
-def compare(label: str, fn_a: Callable[[], object], fn_b: Callable[[], object], *, warmup: int = 2,
-            reps: int = 10, min_seconds: float = 0.0) -> Pair:
+def compare(
+    label: str,
+    fn_a: Callable[[], object],
+    fn_b: Callable[[], object],
+    *,
+    warmup: int = 2,
+    reps: int = 10,
+    min_seconds: float = 0.0,
+) -> Pair:
     """Time ``fn_a`` (vafunc) against ``fn_b`` (baseline), alternating, and return medians."""
     for _ in range(warmup):
         fn_a()
@@ -59,8 +66,15 @@ def compare(label: str, fn_a: Callable[[], object], fn_b: Callable[[], object], 
         i += 1
     ratios = sorted(b / a for a, b in zip(ta, tb))
     q = statistics.quantiles(ratios, n=4) if len(ratios) >= 4 else [ratios[0], 0, ratios[-1]]
-    return Pair(label, 1e3 * statistics.median(ta), 1e3 * statistics.median(tb),
-                statistics.median(ratios), q[0], q[2], len(ratios))
+    return Pair(
+        label,
+        1e3 * statistics.median(ta),
+        1e3 * statistics.median(tb),
+        statistics.median(ratios),
+        q[0],
+        q[2],
+        len(ratios),
+    )
 
 
 def machine_info() -> dict:
@@ -81,8 +95,15 @@ def machine_info() -> dict:
     }
 
 
-def compare_many(fns: dict[str, Callable[[], object]], baseline: str, *, warmup: int = 1, reps: int = 7,
-                 min_seconds: float = 0.0, sync: Callable[[], None] | None = None) -> dict[str, dict]:
+def compare_many(
+    fns: dict[str, Callable[[], object]],
+    baseline: str,
+    *,
+    warmup: int = 1,
+    reps: int = 7,
+    min_seconds: float = 0.0,
+    sync: Callable[[], None] | None = None,
+) -> dict[str, dict]:
     """Time several callables round-robin (the order rotates every repetition) and return, per
     name, the median milliseconds and the median of the per-repetition ratios
     ``time[baseline] / time[name]`` (>1: faster than the baseline), with its quartiles, and the
@@ -114,8 +135,13 @@ def compare_many(fns: dict[str, Callable[[], object]], baseline: str, *, warmup:
     for n in names:
         ratios = sorted(b / a for a, b in zip(times[n], times[baseline]))
         q = statistics.quantiles(ratios, n=4) if len(ratios) >= 4 else [ratios[0], 0, ratios[-1]]
-        out[n] = {"ms": 1e3 * statistics.median(times[n]), "ratio": statistics.median(ratios),
-                  "ratio_q1": q[0], "ratio_q3": q[2], "times": times[n]}
+        out[n] = {
+            "ms": 1e3 * statistics.median(times[n]),
+            "ratio": statistics.median(ratios),
+            "ratio_q1": q[0],
+            "ratio_q3": q[2],
+            "times": times[n],
+        }
     return out
 
 
@@ -124,8 +150,7 @@ def paired_ratio(res: dict, name: str, against: str) -> float:
     return statistics.median(b / a for a, b in zip(res[name]["times"], res[against]["times"]))
 
 
-def matmul_peak(dtype: torch.dtype = torch.float32, device: str = "cpu", reps: int = 5,
-                quick: bool = False) -> float:
+def matmul_peak(dtype: torch.dtype = torch.float32, device: str = "cpu", reps: int = 5, quick: bool = False) -> float:
     """The machine's measured matmul peak for ``dtype`` in GFLOP/s (2 FLOPs per multiply-add): the
     best median over square ``torch.mm`` products (MKL / cuBLAS) and 1x1 convolutions in
     channels_last (oneDNN / cuDNN; on AMD CPUs oneDNN's kernels beat MKL's by about 20%).

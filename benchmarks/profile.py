@@ -28,8 +28,9 @@ def classify(name: str) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks profile", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks profile", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default="resnet50")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--size", type=int, default=224)
@@ -43,7 +44,7 @@ def main(argv=None) -> int:
     x = torch.randn(args.batch, 3, args.size, args.size)
     dtype = torch.bfloat16 if args.dtype == "bf16" else None
     if args.eager:
-        cast = (lambda t: t.to(dtype) if dtype is not None and t.is_floating_point() else t)
+        cast = lambda t: t.to(dtype) if dtype is not None and t.is_floating_point() else t
         p_, s_ = vafunc.tree_map(cast, params), vafunc.tree_map(cast, state)
         xx = cast(x)
 
@@ -70,9 +71,11 @@ def main(argv=None) -> int:
         groups[classify(e.key)] = groups.get(classify(e.key), 0.0) + e.self_cpu_time_total
     flops = flops_per_image(model, params, state, args.size) * args.batch
     peak = matmul_peak(torch.bfloat16 if dtype is not None else torch.float32)
-    print(f"{args.model} b{args.batch}@{args.size} {args.dtype} {'eager' if args.eager else 'compiled'}: "
-          f"{1e3 * wall:.1f} ms per call (profiled), {flops / wall / 1e9:.0f} GFLOP/s = "
-          f"{flops / wall / 1e9 / peak:.0%} of the measured {peak:.0f} GFLOP/s matmul peak")
+    print(
+        f"{args.model} b{args.batch}@{args.size} {args.dtype} {'eager' if args.eager else 'compiled'}: "
+        f"{1e3 * wall:.1f} ms per call (profiled), {flops / wall / 1e9:.0f} GFLOP/s = "
+        f"{flops / wall / 1e9 / peak:.0%} of the measured {peak:.0f} GFLOP/s matmul peak"
+    )
     for g, t in sorted(groups.items(), key=lambda kv: -kv[1]):
         print(f"  {g:<18} {t / total:6.1%} of self time")
     print(f"  top {args.top} operators by self time:")

@@ -30,17 +30,53 @@ import time
 import torch
 
 import vafunc
-from benchmarks.harness import (compare_many, fix_malloc_thresholds, machine_info, matmul_peak, paired_ratio,
-                                peak_memory_mb)
+from benchmarks.harness import (
+    compare_many,
+    fix_malloc_thresholds,
+    machine_info,
+    matmul_peak,
+    paired_ratio,
+    peak_memory_mb,
+)
 
 SEEDS = (
-    "alexnet", "vgg16", "vgg19", "googlenet", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
-    "inception_v2", "densenet121", "densenet169", "densenet201", "densenet264", "xception", "mobilenet_v1",
-    "mobilenet_v2", "mnasnet1_0", "mobilenet_v3_small", "mobilenet_v3_large",
-    *(f"efficientnet_b{i}" for i in range(8)), "efficientnet_v2_s", "efficientnet_v2_m", "efficientnet_v2_l",
+    "alexnet",
+    "vgg16",
+    "vgg19",
+    "googlenet",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "inception_v2",
+    "densenet121",
+    "densenet169",
+    "densenet201",
+    "densenet264",
+    "xception",
+    "mobilenet_v1",
+    "mobilenet_v2",
+    "mnasnet1_0",
+    "mobilenet_v3_small",
+    "mobilenet_v3_large",
+    *(f"efficientnet_b{i}" for i in range(8)),
+    "efficientnet_v2_s",
+    "efficientnet_v2_m",
+    "efficientnet_v2_l",
 )
-QUICK = ("alexnet", "vgg16", "googlenet", "resnet18", "resnet50", "densenet121", "mobilenet_v2",
-         "mobilenet_v3_large", "mnasnet1_0", "efficientnet_b0")
+QUICK = (
+    "alexnet",
+    "vgg16",
+    "googlenet",
+    "resnet18",
+    "resnet50",
+    "densenet121",
+    "mobilenet_v2",
+    "mobilenet_v3_large",
+    "mnasnet1_0",
+    "efficientnet_b0",
+)
 SETS = {"quick": QUICK, "seeds": SEEDS}
 
 #: a forward pass of about this many GFLOP per batch decides the batch size of large models
@@ -113,7 +149,8 @@ def bench_model(name: str, args) -> dict:
     x_cl = x.contiguous(memory_format=torch.channels_last)
     ref_cl = copy.deepcopy(ref).to(memory_format=torch.channels_last)
     params_cl = vafunc.tree_map(
-        lambda t: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t, params)
+        lambda t: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t, params
+    )
     log(f"{name}: batch {batch} @ {size}, {flops / 1e9:.2f} GFLOP/img")
 
     fns = {
@@ -122,8 +159,13 @@ def bench_model(name: str, args) -> dict:
         "ref eager CL": lambda: ref_cl(x_cl),
         "vafunc eager CL": lambda: model.apply(params_cl, state, x_cl),
     }
-    row = {"model": name, "reference": str(vafunc.get_entry(name).reference), "batch": batch, "size": size,
-           "gflop_per_image": flops / 1e9}
+    row = {
+        "model": name,
+        "reference": str(vafunc.get_entry(name).reference),
+        "batch": batch,
+        "size": size,
+        "gflop_per_image": flops / 1e9,
+    }
     compiled = {}
     if not args.no_compile:
         dtypes = [("", None)] + ([] if args.no_bf16 else [(" bf16", torch.bfloat16)])
@@ -137,10 +179,12 @@ def bench_model(name: str, args) -> dict:
             compiled["ref compiled" + suffix] = f
             row["compile_s_ref" + suffix.replace(" ", "_")] = time.perf_counter() - t0
             tag = suffix.replace(" ", "_")
-            log(f"{name}: compiled{suffix or ' fp32'} (vafunc {row['compile_s_vafunc' + tag]:.0f}s, "
-                f"reference {row['compile_s_ref' + tag]:.0f}s)")
+            log(
+                f"{name}: compiled{suffix or ' fp32'} (vafunc {row['compile_s_vafunc' + tag]:.0f}s, "
+                f"reference {row['compile_s_ref' + tag]:.0f}s)"
+            )
         for k, f in compiled.items():
-            fns[k] = (lambda f=f: f(x))
+            fns[k] = lambda f=f: f(x)
 
     with torch.no_grad():
         res = compare_many(fns, "ref eager", warmup=1, reps=args.reps, min_seconds=args.min_seconds)
@@ -152,10 +196,14 @@ def bench_model(name: str, args) -> dict:
         for suffix in ("", " bf16"):
             if f"vafunc compiled{suffix}" in res:
                 row[f"vafunc compiled{suffix} vs ref compiled{suffix}"] = paired_ratio(
-                    res, f"vafunc compiled{suffix}", f"ref compiled{suffix}")
+                    res, f"vafunc compiled{suffix}", f"ref compiled{suffix}"
+                )
         gflops = flops * batch / 1e9
-        for key, variant in (("fp32 eager", "vafunc eager"), ("fp32 compiled", "vafunc compiled"),
-                             ("bf16 compiled", "vafunc compiled bf16")):
+        for key, variant in (
+            ("fp32 eager", "vafunc eager"),
+            ("fp32 compiled", "vafunc compiled"),
+            ("bf16 compiled", "vafunc compiled bf16"),
+        ):
             if variant in res:
                 row[f"GFLOP/s {key}"] = gflops / (res[variant]["ms"] / 1e3)
         summary = ", ".join(f"{k} {v['ratio']:.2f}" for k, v in res.items())
@@ -170,8 +218,9 @@ def bench_model(name: str, args) -> dict:
             row[f"{k} peak MiB"] = min(v)
         row["peak memory eager vs ref"] = row["vafunc eager peak MiB"] / max(row["ref eager peak MiB"], 1e-9)
         if "vafunc compiled" in mem:
-            row["peak memory compiled vs ref"] = (row["vafunc compiled peak MiB"]
-                                                  / max(row["ref compiled peak MiB"], 1e-9))
+            row["peak memory compiled vs ref"] = row["vafunc compiled peak MiB"] / max(
+                row["ref compiled peak MiB"], 1e-9
+            )
 
         # agreement on photographs: compiled fp32 and bf16 against vafunc eager fp32
         if compiled:
@@ -192,10 +241,10 @@ def bench_model(name: str, args) -> dict:
                 f = compiled.get("ref compiled" + suffix)
                 if f is not None:  # what the same precision costs the reference
                     out = _chunked(f, crops, batch)
-                    row[f"ref top-1 agreement{suffix or ' fp32'}"] = float(
-                        (out.argmax(1) == ref_top).float().mean())
-                    row[f"ref max rel logit error{suffix or ' fp32'}"] = (
-                        float((out - ref_full).abs().max()) / float(ref_full.abs().max()))
+                    row[f"ref top-1 agreement{suffix or ' fp32'}"] = float((out.argmax(1) == ref_top).float().mean())
+                    row[f"ref max rel logit error{suffix or ' fp32'}"] = float((out - ref_full).abs().max()) / float(
+                        ref_full.abs().max()
+                    )
     log(f"{name}: done")
     return row
 
@@ -207,16 +256,31 @@ def bench_research(args) -> list[dict]:
     name, members, size = "resnet18", 8, 64
     log(f"ensemble: {members} x {name} @ {size}")
     for p in research.ensemble(name, members, 8, size, train=False, reps=args.reps, compiled=not args.no_compile):
-        rows.append({"case": p.label, "vafunc ms": p.median_a_ms, "baseline ms": p.median_b_ms,
-                     "ratio": p.ratio, "baseline": f"loop over {members} torchvision modules"})
+        rows.append(
+            {
+                "case": p.label,
+                "vafunc ms": p.median_a_ms,
+                "baseline ms": p.median_b_ms,
+                "ratio": p.ratio,
+                "baseline": f"loop over {members} torchvision modules",
+            }
+        )
     log("train step")
     for p in research.train_step(name, 16, size, args.reps):
-        rows.append({"case": p.label, "vafunc ms": p.median_a_ms, "baseline ms": p.median_b_ms,
-                     "ratio": p.ratio, "baseline": "torchvision module + backward + torch.optim.SGD"})
+        rows.append(
+            {
+                "case": p.label,
+                "vafunc ms": p.median_a_ms,
+                "baseline ms": p.median_b_ms,
+                "ratio": p.ratio,
+                "baseline": "torchvision module + backward + torch.optim.SGD",
+            }
+        )
     return rows
 
 
 # ----------------------------------------------------------------------------------- outputs
+
 
 def _f(v, fmt="{:.2f}"):
     if v is None or (isinstance(v, float) and math.isnan(v)):
@@ -244,15 +308,21 @@ def _goal_rows(rows: list[dict]) -> list[tuple[str, str, float | None, str, bool
     v, m = worst("vafunc compiled vs ref compiled")
     out.append(("vafunc compiled vs ref compiled, every model (worst)", m, v, ">= 1.00", v is not None and v >= 1.0))
     v = _num(r50.get("vafunc compiled bf16 vs ref eager"))
-    out.append(("vafunc compiled bf16 vs ref fp32 eager, resnet50", "resnet50", v, ">= 8.6", v is not None and v >= 8.6))
+    out.append(
+        ("vafunc compiled bf16 vs ref fp32 eager, resnet50", "resnet50", v, ">= 8.6", v is not None and v >= 8.6)
+    )
     v = _num(r50.get("top-1 agreement bf16"))
     out.append(("bf16 top-1 agreement with fp32, resnet50", "resnet50", v, ">= 99%", v is not None and v >= 0.99))
     v = _num(r50.get("peak share fp32 eager"))
     out.append(("share of the fp32 matmul peak, resnet50 eager", "resnet50", v, ">= 45%", v is not None and v >= 0.45))
     v = _num(r50.get("peak share fp32 compiled"))
-    out.append(("share of the fp32 matmul peak, resnet50 compiled", "resnet50", v, ">= 45%", v is not None and v >= 0.45))
+    out.append(
+        ("share of the fp32 matmul peak, resnet50 compiled", "resnet50", v, ">= 45%", v is not None and v >= 0.45)
+    )
     v = _num(r50.get("peak share bf16 compiled"))
-    out.append(("share of the bf16 matmul peak, resnet50 compiled", "resnet50", v, ">= 75%", v is not None and v >= 0.75))
+    out.append(
+        ("share of the bf16 matmul peak, resnet50 compiled", "resnet50", v, ">= 75%", v is not None and v >= 0.75)
+    )
     v, m = worst("peak memory eager vs ref", hi=False)
     out.append(("peak memory vs ref, eager inference (worst)", m, v, "<= 1.00", v is not None and v <= 1.0))
     v, m = worst("peak memory compiled vs ref", hi=False)
@@ -268,7 +338,6 @@ def _num(v):
     except (TypeError, ValueError):
         return None
     return None if math.isnan(v) else v
-
 
 
 def markdown(rows: list[dict], research_rows: list[dict], info: dict, command: str) -> str:
@@ -287,7 +356,8 @@ def markdown(rows: list[dict], research_rows: list[dict], info: dict, command: s
         "",
         "| model | batch @ size | GFLOP/img | ref eager img/s | eager vs ref | eager CL vs ref CL "
         "| compiled vs ref eager | compiled vs ref compiled | bf16 compiled vs ref eager "
-        "| bf16 vs ref bf16 compiled | bf16 top-1 agree (ref) | bf16 max rel err (ref) | fp32 peak share eager / compiled "
+        "| bf16 vs ref bf16 compiled | bf16 top-1 agree (ref) | bf16 max rel err (ref) "
+        "| fp32 peak share eager / compiled "
         "| bf16 peak share | peak mem vs ref eager / compiled |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -299,13 +369,19 @@ def markdown(rows: list[dict], research_rows: list[dict], info: dict, command: s
             f"| {_f(r.get('vafunc compiled vs ref compiled'))} | {_f(r.get('vafunc compiled bf16 vs ref eager'))} "
             f"| {_f(r.get('vafunc compiled bf16 vs ref compiled bf16'))} "
             f"| {_f(r.get('top-1 agreement bf16'), '{:.0%}')} ({_f(r.get('ref top-1 agreement bf16'), '{:.0%}')}) "
-            f"| {_f(r.get('max rel logit error bf16'), '{:.1e}')} ({_f(r.get('ref max rel logit error bf16'), '{:.1e}')}) "
+            f"| {_f(r.get('max rel logit error bf16'), '{:.1e}')} "
+            f"({_f(r.get('ref max rel logit error bf16'), '{:.1e}')}) "
             f"| {_f(r.get('peak share fp32 eager'), '{:.0%}')} / {_f(r.get('peak share fp32 compiled'), '{:.0%}')} "
             f"| {_f(r.get('peak share bf16 compiled'), '{:.0%}')} "
             f"| {_f(r.get('peak memory eager vs ref'))} / {_f(r.get('peak memory compiled vs ref'))} |"
         )
-    lines += ["", "Goals (issue 8; ratios on this machine, this run):", "",
-              "| measure | model | measured | goal | met |", "|---|---|---:|---:|---|"]
+    lines += [
+        "",
+        "Goals (ratios on this machine, this run):",
+        "",
+        "| measure | model | measured | goal | met |",
+        "|---|---|---:|---:|---|",
+    ]
     for label, model, v, goal, met in _goal_rows(rows):
         pct = "%" in goal
         shown = "-" if v is None else (f"{v:.0%}" if pct else f"{v:.2f}")
@@ -313,8 +389,9 @@ def markdown(rows: list[dict], research_rows: list[dict], info: dict, command: s
     if research_rows:
         lines += ["", "| research path | vafunc ms | baseline ms | ratio | baseline |", "|---|---:|---:|---:|---|"]
         for r in research_rows:
-            lines.append(f"| {r['case']} | {r['vafunc ms']:.1f} | {r['baseline ms']:.1f} | {r['ratio']:.2f} "
-                         f"| {r['baseline']} |")
+            lines.append(
+                f"| {r['case']} | {r['vafunc ms']:.1f} | {r['baseline ms']:.1f} | {r['ratio']:.2f} | {r['baseline']} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -325,14 +402,17 @@ def plot(rows: list[dict], path: str, info: dict) -> None:
     import matplotlib.pyplot as plt
     import matplotlib.ticker  # noqa: F401 - matplotlib.ticker.NullLocator below
 
-    series = [("vafunc eager vs ref eager", "eager vs ref eager"),
-              ("vafunc compiled vs ref compiled", "compiled vs ref compiled"),
-              ("vafunc compiled vs ref eager", "compiled fp32 vs ref eager"),
-              ("vafunc compiled bf16 vs ref eager", "compiled bf16 vs ref eager")]
+    series = [
+        ("vafunc eager vs ref eager", "eager vs ref eager"),
+        ("vafunc compiled vs ref compiled", "compiled vs ref compiled"),
+        ("vafunc compiled vs ref eager", "compiled fp32 vs ref eager"),
+        ("vafunc compiled bf16 vs ref eager", "compiled bf16 vs ref eager"),
+    ]
     series = [s for s in series if any(s[0] in r for r in rows)]
     names = [r["model"] for r in rows]
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 0.45 * len(rows) + 2.8), sharey=True,
-                                  gridspec_kw={"width_ratios": [3, 2]})
+    fig, (ax, ax2) = plt.subplots(
+        1, 2, figsize=(13, 0.45 * len(rows) + 2.8), sharey=True, gridspec_kw={"width_ratios": [3, 2]}
+    )
     h = 0.8 / len(series)
     for i, (key, label) in enumerate(series):
         vals = [r.get(key, float("nan")) for r in rows]
@@ -346,15 +426,24 @@ def plot(rows: list[dict], path: str, info: dict) -> None:
     ax.set_yticks([j + 0.4 - h / 2 for j in range(len(rows))], names)
     ax.invert_yaxis()
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.06), ncol=2, frameon=False)
-    fig.suptitle(f"vafunc vs reference, {info['cpu']}, {info['threads']} threads, torch {info['torch']}, "
-                 f"{info.get('date', '')}", fontsize=10)
-    shares = [("peak share fp32 eager", "fp32 eager"), ("peak share fp32 compiled", "fp32 compiled"),
-              ("peak share bf16 compiled", "bf16 compiled")]
+    fig.suptitle(
+        f"vafunc vs reference, {info['cpu']}, {info['threads']} threads, torch {info['torch']}, {info.get('date', '')}",
+        fontsize=10,
+    )
+    shares = [
+        ("peak share fp32 eager", "fp32 eager"),
+        ("peak share fp32 compiled", "fp32 compiled"),
+        ("peak share bf16 compiled", "bf16 compiled"),
+    ]
     shares = [s for s in shares if any(s[0] in r for r in rows)]
     h2 = 0.8 / len(shares)
     for i, (key, label) in enumerate(shares):
-        ax2.barh([j + i * h2 for j in range(len(rows))], [100 * r.get(key, float("nan")) for r in rows],
-                 height=h2, label=label)
+        ax2.barh(
+            [j + i * h2 for j in range(len(rows))],
+            [100 * r.get(key, float("nan")) for r in rows],
+            height=h2,
+            label=label,
+        )
     ax2.set_title("% of the measured matmul peak of its dtype", fontsize=9, loc="left")
     ax2.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.06), ncol=3, frameon=False)
     fig.tight_layout()
@@ -383,10 +472,15 @@ def update_readme(readme: str, md: str) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks report", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["quick"],
-                   help="model names, or a set: quick (10 models, default), seeds (the 30 seed models)")
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--models",
+        nargs="+",
+        default=["quick"],
+        help="model names, or a set: quick (10 models, default), seeds (the 30 seed models)",
+    )
     p.add_argument("--batch", type=int, default=None, help="default: 8, less for large models (see the table)")
     p.add_argument("--size", type=int, default=None, help="default: the default checkpoint's crop size")
     p.add_argument("--reps", type=int, default=7, help="at least this many round-robin repetitions ...")
@@ -398,8 +492,12 @@ def main(argv=None) -> int:
     p.add_argument("--quick-peak", action="store_true", help="a rough matmul peak (smoke runs)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "report"))
     p.add_argument("--readme", default=None, help="put the markdown table into this README's bench section")
-    p.add_argument("--render", default=None, metavar="DIR",
-                   help="only re-render DIR/report.md and report.png from DIR/report.csv (no measuring)")
+    p.add_argument(
+        "--render",
+        default=None,
+        metavar="DIR",
+        help="only re-render DIR/report.md and report.png from DIR/report.csv (no measuring)",
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -412,11 +510,12 @@ def main(argv=None) -> int:
         return render(args.render, args.readme)
     fix_malloc_thresholds()
     command = "python -m benchmarks report " + " ".join(argv if argv is not None else sys.argv[2:])
-    info = {**machine_info(), "date": time.strftime("%Y-%m-%d"), "machine": platform.node(),
-            "command": command.strip()}
+    info = {**machine_info(), "date": time.strftime("%Y-%m-%d"), "machine": platform.node(), "command": command.strip()}
     log(f"machine: {info['cpu']}, {info['threads']} threads; measuring the matmul peak")
-    peaks = {"fp32": [matmul_peak(torch.float32, quick=args.quick_peak)],
-             "bf16": [matmul_peak(torch.bfloat16, quick=args.quick_peak)]}
+    peaks = {
+        "fp32": [matmul_peak(torch.float32, quick=args.quick_peak)],
+        "bf16": [matmul_peak(torch.bfloat16, quick=args.quick_peak)],
+    }
     log(f"matmul peak: {peaks['fp32'][0]:.0f} GFLOP/s fp32, {peaks['bf16'][0]:.0f} GFLOP/s bf16")
     rows = []
     os.makedirs(args.out, exist_ok=True)

@@ -28,8 +28,18 @@ def _tv(name, **kw):
     return getattr(torchvision.models, ref.builder)(**dict(ref.kwargs), **kw)
 
 
-def ensemble(name: str, members: int, batch: int, size: int, *, train: bool, reps: int, compiled: bool,
-             classes: int = 10, methods=("auto", "batched", "loop", "vmap")):
+def ensemble(
+    name: str,
+    members: int,
+    batch: int,
+    size: int,
+    *,
+    train: bool,
+    reps: int,
+    compiled: bool,
+    classes: int = 10,
+    methods=("auto", "batched", "loop", "vmap"),
+):
     """``ensemble_apply`` by each lowering, the user's own ``torch.vmap(model.apply)``, the
     compiled ensemble and the floor (one torchvision model on the ``N * B`` batch: the same
     arithmetic with no per-member cost), each against a loop over ``members`` torchvision modules
@@ -48,21 +58,24 @@ def ensemble(name: str, members: int, batch: int, size: int, *, train: bool, rep
     rows = []
     ctx = torch.no_grad() if train else torch.inference_mode()
     with ctx:
+
         def loop():
             return torch.stack([m(x) for m in tvs])
 
         for method in methods:
             if method == "batched" and not covers(model):
                 continue
-            fn = lambda method=method: vafunc.ensemble_apply(model, params, state, x, train=train, rng=rng,
-                                                             method=method)
+            fn = lambda method=method: vafunc.ensemble_apply(
+                model, params, state, x, train=train, rng=rng, method=method
+            )
             rows.append(compare(f"{tag} {method}", fn, loop, reps=reps))
         if not train:
             user = torch.vmap(lambda p, s: model.apply(p, s, x)[0])
             rows.append(compare(f"{tag} user torch.vmap(model.apply)", lambda: user(params, state), loop, reps=reps))
             big = torch.cat([x] * members)
-            rows.append(compare(f"{tag} floor: one torchvision model on the N*B batch", lambda: tvs[0](big), loop,
-                                reps=reps))
+            rows.append(
+                compare(f"{tag} floor: one torchvision model on the N*B batch", lambda: tvs[0](big), loop, reps=reps)
+            )
     if compiled and not train:
         with torch.no_grad():
             rows.append(compiled_ensemble(name, model, params, state, x, tvs, train, reps))
@@ -75,12 +88,17 @@ def compiled_ensemble(name, model, params, state, x, tvs, train, reps):
 
     fn = compile_ensemble(model, params, state)
     fn(x)
-    return compare(f"{name} ensemble x{len(tvs)} eval compiled ({fn.method()})", lambda: fn(x),
-                   lambda: torch.stack([m(x) for m in tvs]), reps=reps)
+    return compare(
+        f"{name} ensemble x{len(tvs)} eval compiled ({fn.method()})",
+        lambda: fn(x),
+        lambda: torch.stack([m(x) for m in tvs]),
+        reps=reps,
+    )
 
 
-def ensemble_train_step(name: str, members: int, batch: int, size: int, reps: int, *, classes: int = 10,
-                        methods=("auto", "loop", "vmap")):
+def ensemble_train_step(
+    name: str, members: int, batch: int, size: int, reps: int, *, classes: int = 10, methods=("auto", "loop", "vmap")
+):
     """``make_train_step(ensemble=True, donate=True)`` (SGD with momentum) by each lowering against
     a loop of ``members`` torchvision train steps (module + backward + ``torch.optim.SGD``)."""
     model = vafunc.get_model(name, num_classes=classes)
@@ -228,14 +246,14 @@ def _dp_step(model, params, state, *, train: bool, device):
     from vafunc.training.train import make_dp_train_step
 
     opt = optim.sgd(0.01)
-    step = make_dp_train_step(model, opt, F.cross_entropy, clip_norm=DP_CLIP, noise_multiplier=DP_NOISE,
-                              train=train)
+    step = make_dp_train_step(model, opt, F.cross_entropy, clip_norm=DP_CLIP, noise_multiplier=DP_NOISE, train=train)
     holder = {"p": params, "s": state, "o": opt.init(params), "i": 0}
 
     def run(x, y):
         holder["i"] += 1
-        holder["p"], holder["s"], holder["o"], _ = step(holder["p"], holder["s"], holder["o"], x, y,
-                                                       vafunc.random.key(holder["i"], device=device))
+        holder["p"], holder["s"], holder["o"], _ = step(
+            holder["p"], holder["s"], holder["o"], x, y, vafunc.random.key(holder["i"], device=device)
+        )
 
     return run
 
@@ -248,16 +266,32 @@ def per_sample(name: str, batch: int, size: int, reps: int, *, device="cpu", dp:
     t = lambda f: _timed(f, device)  # noqa: E731
     tag = f"b{batch}@{size}"
     loop = t(lambda: loop_grads(ref, x, y))
-    rows = [compare(f"{name} per-sample grads fresh {tag}",
-                    t(lambda: vafunc.per_sample_grads(model, params, state, x, y, F.cross_entropy)), loop, reps=reps)]
+    rows = [
+        compare(
+            f"{name} per-sample grads fresh {tag}",
+            t(lambda: vafunc.per_sample_grads(model, params, state, x, y, F.cross_entropy)),
+            loop,
+            reps=reps,
+        )
+    ]
     buf = vafunc.per_sample_grads(model, params, state, x, y, F.cross_entropy)
-    rows.append(compare(f"{name} per-sample grads out= {tag}",
-                        t(lambda: vafunc.per_sample_grads(model, params, state, x, y, F.cross_entropy, out=buf)),
-                        loop, reps=reps))
-    del buf
-    rows.append(compare(f"{name} per-sample grad norms {tag}",
-                        t(lambda: vafunc.per_sample_grad_norms(model, params, state, x, y, F.cross_entropy)),
-                        t(lambda: loop_norms(ref, x, y)), reps=reps))
+    rows.append(
+        compare(
+            f"{name} per-sample grads out= {tag}",
+            t(lambda: vafunc.per_sample_grads(model, params, state, x, y, F.cross_entropy, out=buf)),
+            loop,
+            reps=reps,
+        )
+    )
+    buf = None  # freed (lambdas above still name them)
+    rows.append(
+        compare(
+            f"{name} per-sample grad norms {tag}",
+            t(lambda: vafunc.per_sample_grad_norms(model, params, state, x, y, F.cross_entropy)),
+            t(lambda: loop_norms(ref, x, y)),
+            reps=reps,
+        )
+    )
 
     def floor():
         ref.zero_grad(set_to_none=True)
@@ -268,8 +302,9 @@ def per_sample(name: str, batch: int, size: int, reps: int, *, device="cpu", dp:
     if dp:
         ours = _dp_step(model, params, state, train=False, device=device)
         theirs = make_loop_dp_step(ref)
-        rows.append(compare(f"{name} DP-SGD step eval {tag}", t(lambda: ours(x, y)), t(lambda: theirs(x, y)),
-                            reps=reps))
+        rows.append(
+            compare(f"{name} DP-SGD step eval {tag}", t(lambda: ours(x, y)), t(lambda: theirs(x, y)), reps=reps)
+        )
     return rows
 
 
@@ -286,38 +321,76 @@ def psg_sweep(name: str, batches, size: int, reps: int, *, device="cpu", skip=()
         t = lambda f: _timed(f, device)  # noqa: E731
         loop = t(lambda: loop_grads(ref, x, y))
         tag = f"b{b}@{size}"
-        out.append((b, compare(f"{name} per-sample grads fresh {tag}",
-                               t(lambda: vafunc.per_sample_grads(model, params, state, x, y, F.cross_entropy)),
-                               loop, reps=reps)))
+        out.append(
+            (
+                b,
+                compare(
+                    f"{name} per-sample grads fresh {tag}",
+                    t(lambda: vafunc.per_sample_grads(model, params, state, x, y, F.cross_entropy)),
+                    loop,
+                    reps=reps,
+                ),
+            )
+        )
         buf = vafunc.per_sample_grads(model, params, state, x, y, F.cross_entropy)
-        out.append((b, compare(f"{name} per-sample grads out= {tag}",
-                               t(lambda: vafunc.per_sample_grads(model, params, state, x, y, F.cross_entropy,
-                                                                 out=buf)), loop, reps=reps)))
-        del buf
-        out.append((b, compare(f"{name} per-sample grad norms {tag}",
-                               t(lambda: vafunc.per_sample_grad_norms(model, params, state, x, y, F.cross_entropy)),
-                               t(lambda: loop_norms(ref, x, y)), reps=reps)))
-        del model, params, state, ref, x, y
+        out.append(
+            (
+                b,
+                compare(
+                    f"{name} per-sample grads out= {tag}",
+                    t(lambda: vafunc.per_sample_grads(model, params, state, x, y, F.cross_entropy, out=buf)),
+                    loop,
+                    reps=reps,
+                ),
+            )
+        )
+        buf = None  # freed (lambdas above still name them)
+        out.append(
+            (
+                b,
+                compare(
+                    f"{name} per-sample grad norms {tag}",
+                    t(lambda: vafunc.per_sample_grad_norms(model, params, state, x, y, F.cross_entropy)),
+                    t(lambda: loop_norms(ref, x, y)),
+                    reps=reps,
+                ),
+            )
+        )
+        model = params = state = ref = x = y = None  # freed (lambdas above still name them)
         gc.collect()
     return out
 
 
 #: sweep labels -> plot series
-PSG_SERIES = (("per-sample grads fresh", "grads, fresh (out=None)"), ("per-sample grads out=", "grads, out= reused"),
-              ("per-sample grad norms", "norms (ghost)"))
+PSG_SERIES = (
+    ("per-sample grads fresh", "grads, fresh (out=None)"),
+    ("per-sample grads out=", "grads, out= reused"),
+    ("per-sample grad norms", "norms (ghost)"),
+)
 
 
 def psg_plot(rows: list[dict], path: str, title: str = "") -> bool:
     """Ratio against the loop of single-sample backward passes vs batch size, one line per method,
     from rows with ``label``, ``batch`` and ``ratio`` (the psg CSV's rows). False without matplotlib."""
-    return sweep_plot(rows, path, "batch", PSG_SERIES, title or "per-sample gradients",
-                      "batch size", "speed ratio vs loop of single-sample backward (>1: vafunc faster)")
+    return sweep_plot(
+        rows,
+        path,
+        "batch",
+        PSG_SERIES,
+        title or "per-sample gradients",
+        "batch size",
+        "speed ratio vs loop of single-sample backward (>1: vafunc faster)",
+    )
 
 
 #: ensemble sweep labels -> plot series
-ENSEMBLE_SERIES = (("eval auto", "ensemble_apply (auto)"), ("eval batched", "members mode"),
-                   ("eval loop", "loop"), ("eval user torch.vmap", "user's torch.vmap(model.apply)"),
-                   ("eval floor", "floor: one model on N*B"))
+ENSEMBLE_SERIES = (
+    ("eval auto", "ensemble_apply (auto)"),
+    ("eval batched", "members mode"),
+    ("eval loop", "loop"),
+    ("eval user torch.vmap", "user's torch.vmap(model.apply)"),
+    ("eval floor", "floor: one model on N*B"),
+)
 
 
 def ensemble_sweep(name: str, members_list, batch: int, size: int, reps: int) -> list[dict]:
@@ -325,18 +398,29 @@ def ensemble_sweep(name: str, members_list, batch: int, size: int, reps: int) ->
     compiled path and the vmap method, for each ensemble size."""
     rows = []
     for n in members_list:
-        for pair in ensemble(name, n, batch, size, train=False, reps=reps, compiled=False,
-                             methods=("auto", "batched", "loop")):
+        for pair in ensemble(
+            name, n, batch, size, train=False, reps=reps, compiled=False, methods=("auto", "batched", "loop")
+        ):
             rows.append({"members": n, **pair.row()})
-            print(f"| {pair.label} | {batch}x{size} | {pair.median_a_ms:.1f} | {pair.median_b_ms:.1f} | "
-                  f"{pair.ratio:.3f} |", flush=True)
+            print(
+                f"| {pair.label} | {batch}x{size} | {pair.median_a_ms:.1f} | {pair.median_b_ms:.1f} | "
+                f"{pair.ratio:.3f} |",
+                flush=True,
+            )
     return rows
 
 
 def ensemble_plot(rows: list[dict], path: str, title: str = "") -> bool:
     """Ratio against the loop over torchvision modules vs the number of members."""
-    return sweep_plot(rows, path, "members", ENSEMBLE_SERIES, title or "ensembles",
-                      "members", "speed ratio vs loop over torchvision modules (>1: vafunc faster)")
+    return sweep_plot(
+        rows,
+        path,
+        "members",
+        ENSEMBLE_SERIES,
+        title or "ensembles",
+        "members",
+        "speed ratio vs loop over torchvision modules (>1: vafunc faster)",
+    )
 
 
 def sweep_plot(rows: list[dict], path: str, x_key: str, series, title: str, xlabel: str, ylabel: str) -> bool:
@@ -377,6 +461,7 @@ def sweep_plot(rows: list[dict], path: str, x_key: str, series, title: str, xlab
 
 
 # ----------------------------------------------------------------------------- Opacus, the peer
+
 
 def have_opacus() -> bool:
     try:
@@ -431,8 +516,9 @@ def _opacus_modules(ref):
     # the first layer's input needs no gradient: torch says so on every backward
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     gsm = GradSampleModule(_opacus_copy(ref), batch_first=True, loss_reduction="sum")
-    fgc = GradSampleModuleFastGradientClipping(_opacus_copy(ref), batch_first=True, loss_reduction="sum",
-                                               max_grad_norm=DP_CLIP, use_ghost_clipping=True)
+    fgc = GradSampleModuleFastGradientClipping(
+        _opacus_copy(ref), batch_first=True, loss_reduction="sum", max_grad_norm=DP_CLIP, use_ghost_clipping=True
+    )
 
     def grads(x, y):
         gsm.zero_grad(set_to_none=True)
@@ -456,8 +542,10 @@ def opacus_agreement(name: str = "resnet18", batch: int = 8, size: int = 32, *, 
     theirs = dict(zip([k.removeprefix("_module.") for k, _ in gsm.named_parameters()], grads(x, y)))
     ours = vafunc.flatten(vafunc.per_sample_grads(model, params, state, x, y, F.cross_entropy))
     assert set(ours) == set(theirs), sorted(set(ours) ^ set(theirs))[:5]
-    g_rel = max(float(torch.linalg.vector_norm(ours[k] - theirs[k]) / torch.linalg.vector_norm(theirs[k]).clamp_min(1e-30))
-                for k in ours)
+    g_rel = max(
+        float(torch.linalg.vector_norm(ours[k] - theirs[k]) / torch.linalg.vector_norm(theirs[k]).clamp_min(1e-30))
+        for k in ours
+    )
     n_ours = vafunc.per_sample_grad_norms(model, params, state, x, y, F.cross_entropy)
     n_theirs = norms(x, y)
     n_rel = float(((n_ours - n_theirs).abs() / n_theirs).max())
@@ -479,27 +567,47 @@ def per_sample_opacus(name: str, batch: int, size: int, reps: int, *, device="cp
     t = lambda f: _timed(f, device)  # noqa: E731
     tag = f"b{batch}@{size}"
     label = f"{name} GroupNorm"
-    rows = [compare(f"{label} per-sample grads fresh vs Opacus {tag}",
-                    t(lambda: vafunc.per_sample_grads(model, params, state, x, y, F.cross_entropy)),
-                    t(lambda: grads(x, y)), reps=reps)]
+    rows = [
+        compare(
+            f"{label} per-sample grads fresh vs Opacus {tag}",
+            t(lambda: vafunc.per_sample_grads(model, params, state, x, y, F.cross_entropy)),
+            t(lambda: grads(x, y)),
+            reps=reps,
+        )
+    ]
     buf = vafunc.per_sample_grads(model, params, state, x, y, F.cross_entropy)
-    rows.append(compare(f"{label} per-sample grads out= vs Opacus {tag}",
-                        t(lambda: vafunc.per_sample_grads(model, params, state, x, y, F.cross_entropy, out=buf)),
-                        t(lambda: grads(x, y)), reps=reps))
-    del buf
-    rows.append(compare(f"{label} per-sample grad norms vs Opacus ghost clipping {tag}",
-                        t(lambda: vafunc.per_sample_grad_norms(model, params, state, x, y, F.cross_entropy)),
-                        t(lambda: norms(x, y)), reps=reps))
+    rows.append(
+        compare(
+            f"{label} per-sample grads out= vs Opacus {tag}",
+            t(lambda: vafunc.per_sample_grads(model, params, state, x, y, F.cross_entropy, out=buf)),
+            t(lambda: grads(x, y)),
+            reps=reps,
+        )
+    )
+    buf = None  # freed (lambdas above still name them)
+    rows.append(
+        compare(
+            f"{label} per-sample grad norms vs Opacus ghost clipping {tag}",
+            t(lambda: vafunc.per_sample_grad_norms(model, params, state, x, y, F.cross_entropy)),
+            t(lambda: norms(x, y)),
+            reps=reps,
+        )
+    )
     if dp:
         from opacus import GradSampleModuleFastGradientClipping
         from opacus.optimizers import DPOptimizerFastGradientClipping
         from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 
-        fgc = GradSampleModuleFastGradientClipping(_opacus_copy(ref), batch_first=True,
-                                                   loss_reduction="mean", max_grad_norm=DP_CLIP,
-                                                   use_ghost_clipping=True)
-        opt = DPOptimizerFastGradientClipping(torch.optim.SGD(fgc.parameters(), lr=0.01), noise_multiplier=DP_NOISE,
-                                              max_grad_norm=DP_CLIP, expected_batch_size=batch, loss_reduction="mean")
+        fgc = GradSampleModuleFastGradientClipping(
+            _opacus_copy(ref), batch_first=True, loss_reduction="mean", max_grad_norm=DP_CLIP, use_ghost_clipping=True
+        )
+        opt = DPOptimizerFastGradientClipping(
+            torch.optim.SGD(fgc.parameters(), lr=0.01),
+            noise_multiplier=DP_NOISE,
+            max_grad_norm=DP_CLIP,
+            expected_batch_size=batch,
+            loss_reduction="mean",
+        )
         crit = DPLossFastGradientClipping(fgc, opt, torch.nn.CrossEntropyLoss(reduction="mean"), loss_reduction="mean")
 
         def opacus_step():
@@ -508,6 +616,12 @@ def per_sample_opacus(name: str, batch: int, size: int, reps: int, *, device="cp
             opt.step()
 
         ours = _dp_step(model, params, state, train=True, device=device)
-        rows.append(compare(f"{label} DP-SGD step train vs Opacus ghost clipping {tag}", t(lambda: ours(x, y)),
-                            t(opacus_step), reps=reps))
+        rows.append(
+            compare(
+                f"{label} DP-SGD step train vs Opacus ghost clipping {tag}",
+                t(lambda: ours(x, y)),
+                t(opacus_step),
+                reps=reps,
+            )
+        )
     return rows

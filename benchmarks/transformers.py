@@ -62,8 +62,15 @@ def compiled(name, batch, size, reps, dtype):
 
     gflop = 2 * measured_gflops(model, size) * batch  # FLOPs (2 per multiply-add) of the batch, in 1e9
     share = gflop / (p.median_a_ms / 1e3) / matmul_peak(dtype)
-    return {"bench": "compiled", "model": name, "dtype": str(dtype).replace("torch.", ""), "batch": batch,
-            "size": size, **p.row(), "peak_share": round(share, 3)}
+    return {
+        "bench": "compiled",
+        "model": name,
+        "dtype": str(dtype).replace("torch.", ""),
+        "batch": batch,
+        "size": size,
+        **p.row(),
+        "peak_share": round(share, 3),
+    }
 
 
 def train(name, batch, size, reps):

@@ -5,7 +5,10 @@ import torch
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
-    "vafunc", deadline=None, max_examples=4, derandomize=True,
+    "vafunc",
+    deadline=None,
+    max_examples=4,
+    derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "vafunc"))
@@ -59,16 +62,21 @@ def pytest_collection_finish(session):
     then fail with the reason (an exception here would only crash the worker, its text unseen)."""
     if getattr(session.config.option, "loadgroup", False):  # set on xdist workers only
         _UNGROUPED.update(
-            item.nodeid for item in session.items
-            if item.get_closest_marker("xdist_group") is not None and "@" not in item.nodeid.rpartition("]")[2])
+            item.nodeid
+            for item in session.items
+            if item.get_closest_marker("xdist_group") is not None and "@" not in item.nodeid.rpartition("]")[2]
+        )
 
 
 @pytest.fixture(autouse=True)
 def _grouping_holds(request):
     if request.node.nodeid in _UNGROUPED:
-        pytest.fail("--dist loadgroup is not grouping: this pytest does not carry the @group that "
-                    "pytest-xdist writes into node ids (pytest-dev/pytest-xdist#1386); install the "
-                    "pytest that the test extras allow (pip install -e '.[test]')", pytrace=False)
+        pytest.fail(
+            "--dist loadgroup is not grouping: this pytest does not carry the @group that "
+            "pytest-xdist writes into node ids (pytest-dev/pytest-xdist#1386); install the "
+            "pytest that the test extras allow (pip install -e '.[test]')",
+            pytrace=False,
+        )
 
 
 def _plain_id(item) -> str | None:

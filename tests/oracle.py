@@ -17,10 +17,12 @@ import vafunc
 
 #: (batch, H, W) of the oracle comparisons for references that run only at some sizes (a
 #: fixed-size head): the reference's 7x7 average pool + flatten runs at 223..230 only.
-ORACLE_SIZES = {"inception_v2": ((2, 223, 230), (3, 224, 224)),
-                # torchvision's MaxViT runs at its build size only (square: its grid partition reads H);
-                # timm's CoAtNets at img_size only (relative position biases over the whole map)
-                **{n: ((2, 224, 224), (3, 224, 224)) for n in ("maxvit_t", "coatnet_0_224", "coatnet_0_rw_224")}}
+ORACLE_SIZES = {
+    "inception_v2": ((2, 223, 230), (3, 224, 224)),
+    # torchvision's MaxViT runs at its build size only (square: its grid partition reads H);
+    # timm's CoAtNets at img_size only (relative position biases over the whole map)
+    **{n: ((2, 224, 224), (3, 224, 224)) for n in ("maxvit_t", "coatnet_0_224", "coatnet_0_rw_224")},
+}
 
 #: Auxiliary outputs compared in train mode: model -> ((vafunc output name, reference namedtuple
 #: field), ...); vafunc is asked for them with ``aux=True`` (inputs grow to
@@ -153,6 +155,7 @@ def build_reference(name: str, **config) -> torch.nn.Module:
         module = builder(**kwargs)
     elif ref.source == "timm":
         import timm
+
         module = timm.create_model(ref.builder, pretrained=False, **kwargs)
         if ref.builder.startswith("coatnet"):  # timm's index tables are non-persistent buffers: not state
             for mod in module.modules():
@@ -161,10 +164,12 @@ def build_reference(name: str, **config) -> torch.nn.Module:
                     mod._non_persistent_buffers_set.discard(b)
                     if t.is_meta:  # a meta build: the index is data (to_empty would not fill a plain attribute)
                         from timm.layers.pos_embed_rel import gen_relative_position_index
+
                         t = gen_relative_position_index(mod.window_size, device="cpu").view(-1)
                     object.__setattr__(mod, b, t)
     elif ref.source == "pretrainedmodels":
         import pretrainedmodels as pm
+
         module = getattr(pm, ref.builder)(pretrained=None, **kwargs)
     else:  # pragma: no cover - registry entries are validated by test_registry
         raise LookupError(f"unknown reference source {ref.source!r}")
@@ -214,7 +219,8 @@ def perturb(module: torch.nn.Module, seed: int = 0, size: tuple[int, int, int] |
 
     Default init makes BN weights 1, biases 0 and running stats 0/1 (and zero_init_residual
     zeros), so an equality test over it can pass by accident. Weights get multiplicative noise,
-    1-D parameters additive noise, layer scales O(1) values; then (``size`` = (batch, H, W) of a calibration batch) every
+    1-D parameters additive noise, layer scales O(1) values; then (``size`` = (batch, H, W) of a calibration
+    batch) every
     BatchNorm's running statistics are set from the activations it actually sees, layer by layer,
     and jittered. Without calibration, random statistics can make a deep network's eval output
     vanish or stop depending on the input (GoogLeNet: spread 3e-8 across a batch), and an
@@ -278,8 +284,10 @@ def module_outputs(ref: torch.nn.Module, names, x) -> dict:
     returns, before any later in-place op can change it): what a feature name means."""
     out, handles = {}, []
     for n in names:
+
         def hook(module, args, y, n=n):
             out[n] = y.detach().clone()
+
         handles.append(ref.get_submodule(n).register_forward_hook(hook))
     try:
         with torch.no_grad():
@@ -348,7 +356,7 @@ def fit(model, s: int) -> int:
     return s if model.max_size is None else min(s, model.max_size)
 
 
-def test_sizes(model) -> list[tuple[int, int, int]]:
+def sizes_to_test(model) -> list[tuple[int, int, int]]:
     """(batch, H, W): small, odd and non-square, all at or above the model's minimum."""
     fixed = ORACLE_SIZES.get(model.name)
     if fixed is not None:  # references that run only at some sizes (a fixed-size head)
@@ -371,7 +379,7 @@ def min_eval_size(model) -> tuple[int, int, int]:
     if getattr(model.config, "image_size", None) is None and model.size_multiple == 1:
         m = max(model.min_size, 32)
         return (2, m, m)
-    _, h, w = min(test_sizes(model), key=lambda s: (s[1] * s[2], s))
+    _, h, w = min(sizes_to_test(model), key=lambda s: (s[1] * s[2], s))
     return (2, h, w)  # two samples at least: the check that the output depends on the input needs them
 
 

@@ -7,15 +7,34 @@ import csv
 import pytest
 
 from benchmarks import report
-from vafunc.cli.app import main as cli
+from vafunc import cli
 
 
 @pytest.mark.slow
 def test_report_end_to_end(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("# x\n<!-- bench:start -->\nSTALE\n<!-- bench:end -->\ntail\n")
-    rc = report.main(["--models", "resnet18", "--batch", "2", "--size", "64", "--reps", "1", "--min-seconds", "0",
-                      "--no-research", "--no-bf16", "--quick-peak", "--out", str(tmp_path), "--readme", str(readme)])
+    rc = report.main(
+        [
+            "--models",
+            "resnet18",
+            "--batch",
+            "2",
+            "--size",
+            "64",
+            "--reps",
+            "1",
+            "--min-seconds",
+            "0",
+            "--no-research",
+            "--no-bf16",
+            "--quick-peak",
+            "--out",
+            str(tmp_path),
+            "--readme",
+            str(readme),
+        ]
+    )
     assert rc == 0
     md = (tmp_path / "report.md").read_text()
     assert "| resnet18 | 2 @ 64 |" in md and "Goals" in md and "matmul peak" in md
@@ -43,6 +62,16 @@ def test_the_cli_has_no_bench_command(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["bench", "--help"])
     assert e.value.code == 2
+
+
+def test_benchmarks_help_lists_every_subcommand(capsys):
+    from benchmarks.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    usage = capsys.readouterr().out.split("\n\n")[0]
+    assert all(c in usage for c in ("report", "compat", "profile", "psg")), usage
 
 
 def test_report_rejects_unknown_models():

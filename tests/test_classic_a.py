@@ -20,10 +20,10 @@ import warnings
 import pytest
 import torch
 import torchvision
+from oracle import perturb
 from torch.func import grad
 
 import vafunc
-from oracle import perturb
 from vafunc.core import layers as L
 from vafunc.models.googlenet import IMAGENET_MEAN, IMAGENET_STD, transform_input
 
@@ -90,8 +90,7 @@ def test_transform_input_is_torchvisions_arithmetic_bit_for_bit():
 
 
 @pytest.mark.parametrize(
-    "name, kw, size",
-    [("googlenet", {}, (45, 52)), ("inception_v3", {"aux_logits": False}, (80, 91))],
+    "name, kw, size", [("googlenet", {}, (45, 52)), ("inception_v3", {"aux_logits": False}, (80, 91))]
 )
 def test_transform_input_matches_reference(name, kw, size):
     ref, model, params, state = _pair(name, size, transform_input=True, **kw)
@@ -160,7 +159,8 @@ def test_aux_outputs_in_eval_mode_match_reference_aux_modules(name, fields, size
     seen = {}
     hooks = [
         getattr(ref, after).register_forward_hook(lambda m, i, o, k=k: seen.__setitem__(k, o.clone()))
-        for k, (after, _) in heads.items() if k in fields
+        for k, (after, _) in heads.items()
+        if k in fields
     ]
     b, h, w = size
     x = torch.randn(1, 3, h, w)
@@ -309,10 +309,15 @@ INIT_CASES = [
 _INIT_SLOW = {("vgg11_bn", False)}
 
 
-@pytest.mark.parametrize("name, kw", [
-    pytest.param(n, kw, id=f"{n}-{kw}",
-                 marks=[pytest.mark.slow] if (n, kw.get("init_weights", True)) in _INIT_SLOW else [])
-    for n, kw in INIT_CASES])
+@pytest.mark.parametrize(
+    "name, kw",
+    [
+        pytest.param(
+            n, kw, id=f"{n}-{kw}", marks=[pytest.mark.slow] if (n, kw.get("init_weights", True)) in _INIT_SLOW else []
+        )
+        for n, kw in INIT_CASES
+    ],
+)
 def test_init_draws_from_the_reference_distributions(name, kw):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
@@ -329,7 +334,9 @@ def test_init_draws_from_the_reference_distributions(name, kw):
         sa, sb, ma, mb = float(a.std()), float(b.std()), float(a.mean()), float(b.mean())
         # std: 10% (its sampling error is ~1/sqrt(2n) < 3.2%); mean: 5 standard errors
         assert abs(sa - sb) <= 0.1 * sb + 1e-7, f"{name} {k}: std {sa:.4g} vs {sb:.4g}"
-        assert abs(ma - mb) <= 5 * sb / t.numel() ** 0.5 + 0.05 * abs(mb) + 1e-7, f"{name} {k}: mean {ma:.4g} vs {mb:.4g}"
+        assert abs(ma - mb) <= 5 * sb / t.numel() ** 0.5 + 0.05 * abs(mb) + 1e-7, (
+            f"{name} {k}: mean {ma:.4g} vs {mb:.4g}"
+        )
         assert float(a.abs().max()) <= float(b.abs().max()) * 1.5 + 1e-7, f"{name} {k}: range"
 
 

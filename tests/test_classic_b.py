@@ -20,14 +20,13 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
+from oracle import ORACLE_SIZES, perturb
 from torch.func import grad
 
 import vafunc
 from vafunc.core import layers as L
 from vafunc.core import random as vrandom
-from oracle import ORACLE_SIZES, perturb
-
-import torchvision
 
 
 def _close(a, b, rel=1e-5, what=""):
@@ -243,7 +242,9 @@ def test_densenet_min_size_is_torchvisions():
     assert vafunc.get_model("densenet121", block_config=(2, 2, 2)).min_size == 13
 
 
-@pytest.mark.parametrize("bad", [dict(growth_rate=0), dict(block_config=(6, 0, 2)), dict(drop_rate=1.5), dict(block_config=3)])
+@pytest.mark.parametrize(
+    "bad", [dict(growth_rate=0), dict(block_config=(6, 0, 2)), dict(drop_rate=1.5), dict(block_config=3)]
+)
 def test_densenet_rejects_bad_config(bad):
     with pytest.raises((ValueError, TypeError)):
         vafunc.get_model("densenet121", **bad)
@@ -251,7 +252,7 @@ def test_densenet_rejects_bad_config(bad):
 
 # =========================================================================== Xception
 
-import timm
+import timm  # noqa: E402 - the section's oracle
 
 
 @pytest.fixture(scope="module")
@@ -328,7 +329,7 @@ def test_xception_in_channels_and_num_classes_follow_timm():
 
 # =========================================================================== BN-Inception
 
-import pretrainedmodels
+import pretrainedmodels  # noqa: E402 - the section's oracle
 
 #: the reference's fixed 7x7 average pool + flatten only runs at these input sizes
 REF_SIZES = range(223, 231)

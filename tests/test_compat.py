@@ -19,14 +19,21 @@ import pickle
 
 import pytest
 import torch
+from oracle import (
+    build_reference,
+    deterministic_overrides,
+    deterministic_reference,
+    fit,
+    heavy_params,
+    main_logits,
+    perturb,
+)
+from oracle import sizes_to_test as sizes_for
 from torch import nn
 from torch.nn.utils import prune
 
 import torch_compat
 import vafunc
-from oracle import (build_reference, deterministic_overrides, deterministic_reference, fit, heavy_params, main_logits,
-                    perturb)
-from oracle import test_sizes as sizes_for
 
 MODELS = [n for n in vafunc.list_models() if vafunc.get_entry(n).reference is not None]
 #: the default suite's clients: one model for each way the tree is built (torchvision's
@@ -34,17 +41,19 @@ MODELS = [n for n in vafunc.list_models() if vafunc.get_entry(n).reference is no
 #: nn.MultiheadAttention, parameter-free Sequential entries); the other families' representatives
 #: and every model run under -m slow (the default suite's 10-minute budget)
 DEFAULT = ("resnet18", "mobilenet_v3_small", "efficientnet_lite0", "convnext_tiny", "vit_b_32", "squeezenet1_1")
-CLIENTS = [p if p.id in DEFAULT else pytest.param(*p.values, marks=[*p.marks, pytest.mark.slow], id=p.id)
-           for p in heavy_params(MODELS, group=lambda n: f"oracle-{n}")]
+CLIENTS = [
+    p if p.id in DEFAULT else pytest.param(*p.values, marks=[*p.marks, pytest.mark.slow], id=p.id)
+    for p in heavy_params(MODELS, group=lambda n: f"oracle-{n}")
+]
 
 #: (test, model) -> the reason a client disagrees with the reference today: strict expected
 #: failures (they fail the run once they pass), the open work of the torch_compat issue
 KNOWN = {
     ("norm", "googlenet"): "torchvision runs the auxiliary heads in train mode (update_bn sees their BatchNorms); "
-                           "vafunc only with aux=True",
+    "vafunc only with aux=True",
     ("norm", "inception_v3"): "torchvision runs the auxiliary head in train mode, which fails at this input size",
     ("torchinfo", "swin_t"): "torchvision's Swin applies qkv and proj functionally (torchinfo counts no mult-adds "
-                             "there); the compat tree calls proj",
+    "there); the compat tree calls proj",
     ("grad_cam", "xception"): "the heat map on the last map with a spatial extent is zero at this input size",
     ("dynamo", "maxvit_t"): "dynamo cannot compare a symbolic size in the block-argument check",
 }
@@ -59,11 +68,12 @@ def clients(test: str) -> list:
         out.append(pytest.param(*p.values, marks=marks, id=p.id))
     return out
 
+
 #: families whose compat tree FX cannot trace, and why (the test checks that it still cannot, so
 #: this list shrinks when one starts working)
 FX_UNTRACEABLE = {
     "swin": "the window partition pads and shifts by the map's size in Python (torchvision hides "
-            "the same logic in torch.fx.wrap-ped functions of its own)",
+    "the same logic in torch.fx.wrap-ped functions of its own)"
 }
 
 _LAST: dict = {}
@@ -118,6 +128,7 @@ def test_forward_hooks_record_the_reference_outputs(pair):
         def record(mod, args, out):
             if isinstance(out, torch.Tensor):
                 got.setdefault((side, path), []).append(out.detach().clone())
+
         return record
 
     handles = [mine[p].register_forward_hook(hook("m", p)) for p in shared]
@@ -145,7 +156,8 @@ def test_forward_hooks_record_the_reference_outputs(pair):
 @pytest.mark.parametrize("pair", CLIENTS, indirect=True)
 def test_head_swap_and_frozen_body_train_as_the_reference(pair):
     """Replace the last Linear (``fc``, ``classifier[-1]``, ``heads.head``; SqueezeNet's last
-    1x1 conv) with a new 10-way layer, freeze everything else, take one SGD step: the same loss, gradients and new head."""
+    1x1 conv) with a new 10-way layer, freeze everything else, take one SGD step: the same loss, gradients
+    and new head."""
     model, ref, compat, x = pair
     path, last = [(p, mod) for p, mod in ref.named_modules() if isinstance(mod, (nn.Linear, nn.Conv2d))][-1]
     head = nn.Linear(last.in_features, 10) if isinstance(last, nn.Linear) else nn.Conv2d(last.in_channels, 10, 1)
@@ -236,6 +248,7 @@ def test_grad_cam_heat_map_is_the_reference_s(pair):
 @pytest.mark.parametrize("pair", clients("torchinfo"), indirect=True)
 def test_torchinfo_counts_the_reference_parameters_and_mult_adds(pair):
     import torchinfo
+
     model, ref, compat, x = pair
     a = torchinfo.summary(compat, input_data=x, verbose=0, depth=20)
     b = torchinfo.summary(ref, input_data=x, verbose=0, depth=20)
@@ -261,14 +274,19 @@ def test_norm_layers_are_found_as_on_the_reference(pair):
     model, ref, compat, x = pair
     norm_classes = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
     assert _norm_groups(compat, norm_classes) == _norm_groups(ref, norm_classes)
-    sync = [p for p, mod in nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(compat)).named_modules()
-            if isinstance(mod, nn.SyncBatchNorm)]
+    sync = [
+        p
+        for p, mod in nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(compat)).named_modules()
+        if isinstance(mod, nn.SyncBatchNorm)
+    ]
     want = [p for p, mod in ref.named_modules() if isinstance(mod, nn.modules.batchnorm._BatchNorm)]
     assert sync == want
     if want:  # update_bn resets and re-estimates every BatchNorm from the loader (no dropout)
         det = vafunc.get_model(model.name, **deterministic_overrides(model.name))
-        nets = [deterministic_reference(copy.deepcopy(ref)),
-                torch_compat.from_model(det, *copy.deepcopy(compat).params_and_state())]
+        nets = [
+            deterministic_reference(copy.deepcopy(ref)),
+            torch_compat.from_model(det, *copy.deepcopy(compat).params_and_state()),
+        ]
         for net in nets:
             torch.optim.swa_utils.update_bn([x, x.flip(0)], net)
         for k, v in nets[0].state_dict().items():
@@ -326,8 +344,9 @@ def test_torchscript_trace(pair):
 
 #: the exporters and the compiler cost 5-60 s a model: one model by default, all under -m slow
 EXPORT = heavy_params(MODELS, group=lambda n: f"oracle-{n}")
-EXPORT = [p if p.id == "resnet18" else pytest.param(*p.values, marks=[*p.marks, pytest.mark.slow], id=p.id)
-          for p in EXPORT]
+EXPORT = [
+    p if p.id == "resnet18" else pytest.param(*p.values, marks=[*p.marks, pytest.mark.slow], id=p.id) for p in EXPORT
+]
 
 
 @pytest.mark.parametrize("name", EXPORT)

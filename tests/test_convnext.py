@@ -13,11 +13,12 @@ import pytest
 import timm
 import torch
 import torchvision
+from oracle import build_reference, build_reference_meta, perturb
+from oracle import convnext as tv_convnext
 from torchvision.models.convnext import CNBlockConfig
 from torchvision.models.feature_extraction import create_feature_extractor
 
 import vafunc
-from oracle import build_reference, build_reference_meta, convnext as tv_convnext, perturb
 from vafunc.models import convnext
 
 #: a small torchvision-layout network: two stages, two blocks each (cheap gradients)
@@ -152,8 +153,13 @@ def test_stochastic_depth_schedule_is_torchvisions(name):
 
 
 def test_registered_rates_are_torchvisions():
-    for name, p in [("convnext_tiny", 0.1), ("convnext_small", 0.4), ("convnext_base", 0.5),
-                    ("convnext_large", 0.5), ("convnext_xlarge", 0.0)]:
+    for name, p in [
+        ("convnext_tiny", 0.1),
+        ("convnext_small", 0.4),
+        ("convnext_base", 0.5),
+        ("convnext_large", 0.5),
+        ("convnext_xlarge", 0.0),
+    ]:
         ref = build_reference_meta(name)
         want = max(m.p for m in ref.modules() if isinstance(m, torchvision.ops.StochasticDepth))
         assert vafunc.get_model(name).config.stochastic_depth_prob == p == pytest.approx(want)

@@ -3,10 +3,10 @@
 import pytest
 import torch
 import torchvision
-
-import vafunc
-import torch_compat
 from oracle import build_reference, perturb
+
+import torch_compat
+import vafunc
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +124,19 @@ def test_bad_input_errors(r18, x, exc, msg):
         model.apply(params, state, x)
 
 
+def test_input_on_another_device_names_both(r18):
+    model, params, state = r18
+    mp, ms = model.init(0, device="meta")
+    with pytest.raises(ValueError, match="input is on cpu but the parameters are on meta"):
+        model.apply(mp, ms, torch.randn(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="input is on meta but the parameters are on cpu"):
+        model.apply(params, state, torch.randn(1, 3, 32, 32, device="meta"))
+    with pytest.raises(ValueError, match="input is on meta but the parameters are on cpu"):
+        model.features(params, state, torch.randn(1, 3, 32, 32, device="meta"), "layer1")
+    y, _ = model.apply(mp, ms, torch.randn(1, 3, 32, 32, device="meta"))  # same device: fine
+    assert y.shape == (1, 1000) and y.is_meta
+
+
 def test_too_small_image_names_the_minimum():
     model = vafunc.get_model("resnet18")  # ResNet accepts 1x1; the check itself:
     from vafunc.core.registry import check_image
@@ -157,8 +170,13 @@ def test_state_dict_mismatch_lists_every_problem(r18):
     with pytest.raises(vafunc.StateDictMismatch) as err:
         vafunc.from_state_dict(model, flat)
     msg = str(err.value)
-    for piece in ["missing keys (2)", "fc.bias", "layer1.0.bn1.running_mean", "unexpected keys (1): extra.weight",
-                  "conv1.weight (checkpoint [64, 3, 3, 3], model [64, 3, 7, 7])"]:
+    for piece in [
+        "missing keys (2)",
+        "fc.bias",
+        "layer1.0.bn1.running_mean",
+        "unexpected keys (1): extra.weight",
+        "conv1.weight (checkpoint [64, 3, 3, 3], model [64, 3, 7, 7])",
+    ]:
         assert piece in msg
     with pytest.raises(TypeError, match="mapping"):
         vafunc.from_state_dict(model, [1, 2])
@@ -254,15 +272,16 @@ def test_set_malloc_thresholds_reuses_large_buffers():
 
     out = {}
     for apply in (False, True):
-        r = subprocess.run([sys.executable, "-c", _REUSE_PROBE.format(apply=apply)], capture_output=True, text=True,
-                           timeout=120)
+        r = subprocess.run(
+            [sys.executable, "-c", _REUSE_PROBE.format(apply=apply)], capture_output=True, text=True, timeout=120
+        )
         assert r.returncode == 0, r.stderr
         head, counts = r.stdout.split("\n")[:2]
         out[apply] = (head, *map(int, counts.split()))
     pages = 16 * 512 * 512 * 9 * 4 // 4096
     assert out[True][0] == "True"
-    assert out[False][2] > pages // 2            # the default: every allocation faults afresh
-    assert out[True][2] < pages // 10            # reused: resident pages
+    assert out[False][2] > pages // 2  # the default: every allocation faults afresh
+    assert out[True][2] < pages // 10  # reused: resident pages
 
 
 def test_set_malloc_thresholds_rejects_bad_values():
@@ -277,7 +296,9 @@ def test_set_malloc_thresholds_rejects_bad_values():
 
 
 @pytest.mark.parametrize("chunk", [1, 3 * 6 * 9 * 11 * 4, 1 << 30], ids=["per-sample", "3-samples", "whole"])
-@pytest.mark.parametrize("k,s,p,d,ceil", [(3, 2, 1, 1, False), (3, 2, 0, 1, True), (2, 2, 0, 1, False), (3, 1, 1, 2, True)])
+@pytest.mark.parametrize(
+    "k,s,p,d,ceil", [(3, 2, 1, 1, False), (3, 2, 0, 1, True), (2, 2, 0, 1, False), (3, 1, 1, 2, True)]
+)
 def test_max_pool_in_channels_last_chunks_is_torchs_pool(monkeypatch, chunk, k, s, p, d, ceil):
     """layers.max_pool2d pools a contiguous NCHW input in channels_last, POOL_CHUNK_BYTES of it at
     a time, into an NCHW output: bit-equal to F.max_pool2d (a maximum is exact), also with a last
@@ -299,3 +320,37 @@ def test_max_pool_in_channels_last_chunks_is_torchs_pool(monkeypatch, chunk, k, 
     xr = x.clone().requires_grad_()
     F.max_pool2d(xr, k, s, p, d, ceil).sum().backward()
     assert torch.equal(xg.grad, xr.grad)
+
+
+# ------------------------------------------------------------------ layers
+
+
+def test_layers_conv2d_and_linear_are_torchs():
+    from vafunc.core import layers
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 9, 11, generator=g)
+    w, b = torch.randn(6, 2, 3, 3, generator=g), torch.randn(6, generator=g)
+    got = layers.conv2d({"weight": w, "bias": b}, x, stride=2, padding=1, dilation=1, groups=2)
+    torch.testing.assert_close(got, torch.nn.functional.conv2d(x, w, b, 2, 1, 1, 2))
+    got = layers.conv2d({"weight": w[:, :1].repeat(1, 4, 1, 1)}, x, padding="same")
+    torch.testing.assert_close(got, torch.nn.functional.conv2d(x, w[:, :1].repeat(1, 4, 1, 1), None, padding="same"))
+    v = torch.randn(3, 5, 7, generator=g)
+    lw, lb = torch.randn(4, 7, generator=g), torch.randn(4, generator=g)
+    torch.testing.assert_close(layers.linear({"weight": lw, "bias": lb}, v), torch.nn.functional.linear(v, lw, lb))
+    torch.testing.assert_close(layers.linear({"weight": lw}, v), v @ lw.T)
+
+
+def test_size_multiple_is_the_lcm_of_the_declared_multiples():
+    from vafunc.core.registry import Family
+    from vafunc.core.sizes import min_size, size_multiple
+
+    def probe(cfg, ini, size=None, sizes=None):
+        if sizes is not None:  # a patch of 4 and a window of 6: sides must be multiples of 12
+            sizes.extend([4, 6])
+        elif size % 12:
+            raise ValueError(f"{size} is not a multiple of 12")
+
+    fam = Family(name="_lcm_probe", config=tuple, init=None, apply=None, min_size=None, probe=probe)
+    assert size_multiple(fam, ()) == 12
+    assert min_size(fam, ()) == 12

@@ -1,4 +1,4 @@
-"""`vafunc demo` end to end, in a short setting (the full run is documented in the README)."""
+"""`vafunc demo` end to end, in a short setting (the full run is documented in docs/cli.md)."""
 
 import json
 
@@ -24,9 +24,29 @@ def test_demo_short_run_writes_loadable_checkpoints(tmp_path, method):
     import sys
 
     out = tmp_path / "demo"
-    r = subprocess.run([sys.executable, "-m", "vafunc.cli.app", "demo", "--members", "2", "--epochs", "2",
-                        "--batch-size", "64", "--size", "16", "--out", str(out), "--ensemble-method", method],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vafunc.cli.app",
+            "demo",
+            "--members",
+            "2",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "64",
+            "--size",
+            "16",
+            "--out",
+            str(out),
+            "--ensemble-method",
+            method,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert ("host memory: large freed blocks are kept for reuse" in r.stdout) == bool(vafunc.serving.memory._LIBC)
     result = json.loads((out / "metrics.json").read_text())
@@ -52,15 +72,25 @@ def test_demo_rejects_bad_settings(tmp_path):
 
 
 #: the issue's small ViT: patch 4, 4 layers, width 128 (4 heads, MLP 512), on 16x16 digits
-SMALL_VIT = (("image_size", 16), ("patch_size", 4), ("num_layers", 4), ("num_heads", 4), ("hidden_dim", 128),
-             ("mlp_dim", 512))
+SMALL_VIT = (
+    ("image_size", 16),
+    ("patch_size", 4),
+    ("num_layers", 4),
+    ("num_heads", 4),
+    ("hidden_dim", 128),
+    ("mlp_dim", 512),
+)
 
 
 def test_config_overrides_parse():
     from vafunc.cli.demo import parse_config
 
     assert parse_config(["patch_size=4,num_layers=4", "dropout=0.1", "representation_size=none"]) == (
-        ("patch_size", 4), ("num_layers", 4), ("dropout", 0.1), ("representation_size", None))
+        ("patch_size", 4),
+        ("num_layers", 4),
+        ("dropout", 0.1),
+        ("representation_size", None),
+    )
     with pytest.raises(ValueError, match="KEY=VALUE"):
         parse_config(["patch_size"])
 
@@ -69,8 +99,17 @@ def test_config_overrides_parse():
 def test_small_vit_trained_in_bf16_matches_fp32(tmp_path):
     """The precision policy in training: the small ViT on the digits reaches >= 90% test accuracy
     in bf16 compute, within 2 points of the same run in fp32 (README: Transformers)."""
-    kw = dict(model="vit_b_16", members=1, epochs=15, batch_size=64, size=16, lr=1e-3, weight_decay=0.05,
-              optimizer="adamw", config=SMALL_VIT)
+    kw = dict(
+        model="vit_b_16",
+        members=1,
+        epochs=15,
+        batch_size=64,
+        size=16,
+        lr=1e-3,
+        weight_decay=0.05,
+        optimizer="adamw",
+        config=SMALL_VIT,
+    )
     fp32 = run(DemoConfig(**kw, out=str(tmp_path / "fp32")))["test_ensemble_accuracy"]
     bf16 = run(DemoConfig(**kw, precision="bf16", out=str(tmp_path / "bf16")))["test_ensemble_accuracy"]
     print(f"small ViT on digits: fp32 {fp32:.1%}, bf16 {bf16:.1%}")

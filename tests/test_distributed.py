@@ -26,8 +26,10 @@ def _free_port() -> int:
 
 def _data():
     g = torch.Generator().manual_seed(0)
-    return [(torch.randn(BATCH, 3, SIZE, SIZE, generator=g), torch.randint(0, 5, (BATCH,), generator=g))
-            for _ in range(STEPS)]
+    return [
+        (torch.randn(BATCH, 3, SIZE, SIZE, generator=g), torch.randint(0, 5, (BATCH,), generator=g))
+        for _ in range(STEPS)
+    ]
 
 
 def _worker(rank, world, port, out_dir, mode):
@@ -63,8 +65,10 @@ def _worker(rank, world, port, out_dir, mode):
                 opt.zero_grad()
                 torch.nn.functional.cross_entropy(net(x[shard]), y[shard]).backward()
                 opt.step()
-            result = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach()
-                      for k, v in module.state_dict().items()}
+            result = {
+                k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach()
+                for k, v in module.state_dict().items()
+            }
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

@@ -79,11 +79,14 @@ def test_compiled_vmapped_ensemble_train_step():
     torch.testing.assert_close(got_state["bn1"]["running_var"], want_state["bn1"]["running_var"], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name, method, per_member", [
-    ("resnet18", "auto", False),
-    pytest.param("mobilenet_v3_small", "auto", True, marks=pytest.mark.slow),
-    pytest.param("mobilenet_v3_small", "loop", True, marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "name, method, per_member",
+    [
+        ("resnet18", "auto", False),
+        pytest.param("mobilenet_v3_small", "auto", True, marks=pytest.mark.slow),
+        pytest.param("mobilenet_v3_small", "loop", True, marks=pytest.mark.slow),
+    ],
+)
 def test_compiled_frozen_ensemble_equals_eager(name, method, per_member):
     """``auto`` takes members mode here (2 x 3 @64 is a small stacked batch); ``loop`` compiles
     the members as modules. Shared inputs, and (slow) one batch per member."""

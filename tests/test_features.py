@@ -6,17 +6,19 @@ Every model with a reference is compared: one representative per family by defau
 
 import pytest
 import torch
+from oracle import ORACLE_SIZES, build_reference, fit, heavy_params, module_outputs, perturb
+from oracle import sizes_to_test as sizes_for
 from torchvision.models.feature_extraction import create_feature_extractor
 
 import vafunc
-from oracle import build_reference, fit, heavy_params, module_outputs, perturb
-from oracle import ORACLE_SIZES
-from oracle import test_sizes as sizes_for
 
 #: BN-Inception's feature names are the Caffe graph's blob names (``inception_3a_output``), not
 #: module paths of Cadene's module: test_classic_b checks its taps against the reference
-WITH_REFERENCE = [n for n in vafunc.list_models()
-                  if getattr(vafunc.get_entry(n).reference, "source", "pretrainedmodels") != "pretrainedmodels"]
+WITH_REFERENCE = [
+    n
+    for n in vafunc.list_models()
+    if getattr(vafunc.get_entry(n).reference, "source", "pretrainedmodels") != "pretrainedmodels"
+]
 TORCHVISION = [n for n in WITH_REFERENCE if vafunc.get_entry(n).reference.source == "torchvision"]
 #: bottleneck blocks and the widest stages (resnet18, the resnet representative, has basic blocks)
 ALSO = ("resnet50",)

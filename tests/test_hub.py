@@ -11,12 +11,11 @@ import warnings
 
 import pytest
 import torch
+import torchvision
 
 import vafunc
 from vafunc.io import hub
 from vafunc.io.hub import WeightsError
-
-import torchvision
 
 
 def perturbed_state_dict(model: torch.nn.Module, seed: int = 0) -> dict:
@@ -136,6 +135,7 @@ def test_categories_are_torchvisions():
 
 def test_timm_facts():
     import timm
+
     x = timm.create_model("legacy_xception", pretrained=False).pretrained_cfg
     w = hub.get_weights("xception", "legacy_xception.tf_in1k")
     assert w.url == x["url"] and w.tag == "TF_IN1K" and w.interpolation == x["interpolation"]
@@ -150,6 +150,7 @@ def test_timm_facts():
 
 def test_cadene_facts():
     import pretrainedmodels as pm
+
     s = pm.pretrained_settings["bninception"]["imagenet"]
     w = hub.get_weights("inception_v2")
     assert w.url == s["url"] and w.hash_prefix == "52deb4733"
@@ -167,6 +168,18 @@ def test_tags():
         hub.get_weights("densenet264")
     with pytest.raises(ValueError, match="did you mean resnet50"):
         hub.get_weights("resnet5O")
+
+
+def test_resolve_weights_gives_a_path_or_a_table_entry(tmp_path):
+    w = hub.get_weights("resnet50")
+    assert hub.resolve_weights("resnet50", "DEFAULT") == (None, w)
+    assert hub.resolve_weights("resnet50", w) == (None, w)
+    f = tmp_path / w.file
+    assert hub.resolve_weights("resnet50", f) == (f, w)  # a copied checkpoint is recognised by its name
+    other = tmp_path / "mine.pth"
+    assert hub.resolve_weights("resnet50", str(other)) == (other, None)
+    with pytest.raises(TypeError, match="weights must be a tag"):
+        hub.resolve_weights("resnet50", 3)
 
 
 def test_the_table_is_a_package_data_file():
@@ -277,7 +290,9 @@ def test_no_download_when_offline_or_disabled(torch_home, monkeypatch, how):
         monkeypatch.setenv("VAFUNC_OFFLINE", "1")
     else:
         kw["download"] = False
-    with pytest.raises(WeightsError, match=re.escape(str(torch_home / "hub" / "checkpoints" / "xception-43020ad28.pth"))):
+    with pytest.raises(
+        WeightsError, match=re.escape(str(torch_home / "hub" / "checkpoints" / "xception-43020ad28.pth"))
+    ):
         vafunc.load_weights("xception", "TF_IN1K", **kw)  # the no_network fixture would raise otherwise
 
 
@@ -361,7 +376,9 @@ def test_not_checkpoints(tmp_path):
         vafunc.load_weights("resnet18", lst)
     mixed = tmp_path / "mixed.pth"
     torch.save({"epoch": 3, "lr": 0.1, "w": torch.zeros(1)}, mixed)
-    with pytest.raises(WeightsError, match=r"mixed.pth: not a state_dict: 2 entries are not tensors \(epoch \(int\), lr"):
+    with pytest.raises(
+        WeightsError, match=r"mixed.pth: not a state_dict: 2 entries are not tensors \(epoch \(int\), lr"
+    ):
         vafunc.load_weights("resnet18", mixed)
 
 
@@ -404,6 +421,12 @@ def test_checkpoints_without_num_batches_tracked(tmp_path, r18_sd):
         params, state = vafunc.load_weights("resnet18", p)
     assert state["bn1"]["num_batches_tracked"] == 0
     assert torch.equal(params["fc"]["weight"], r18_sd["fc.weight"])
+    old = {k: v for k, v in r18_sd.items() if not k.endswith("num_batches_tracked")}
+    assert hub.identify(old) == ["resnet18"]  # identify back-fills them the same way
+    from vafunc.io.state_dict import missing_num_batches_tracked
+
+    shapes = {"num_batches_tracked": (), "bn.num_batches_tracked": (), "b.num_batches_tracked": ()}
+    assert missing_num_batches_tracked(shapes, {"bn.running_mean": 0, "running_mean": 0}) == ["bn.num_batches_tracked"]
 
 
 def test_device_and_dtype(r18_pth):

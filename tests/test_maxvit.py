@@ -10,11 +10,11 @@ float64 gradients, vmap + Hessian-vector products, compile) are marked slow."""
 import numpy as np
 import pytest
 import torch
+from oracle import build_reference_meta, perturb
 from torch.func import grad, jvp
 from torchvision.models import maxvit as tvm
 
 import vafunc
-from oracle import build_reference_meta, perturb
 from vafunc.models import maxvit
 
 SMALL = dict(stem_channels=16, block_channels=(16, 32), block_layers=(2, 1), head_dim=8, partition_size=7)
@@ -110,8 +110,11 @@ def test_non_square_block_attention_equals_torchvision_and_grid_is_a_strided_win
     map whose P x P grid cells were gathered into windows, put back."""
     model, ref, params, state = pair
     layer = ref.blocks[0].layers[0].layers.window_attention
-    tv = tvm.PartitionAttentionLayer(16, 8, 7, "window", (14, 28), 4, torch.nn.GELU, torch.nn.LayerNorm,
-                                     0.0, 0.0, 0.0).double().eval()
+    tv = (
+        tvm.PartitionAttentionLayer(16, 8, 7, "window", (14, 28), 4, torch.nn.GELU, torch.nn.LayerNorm, 0.0, 0.0, 0.0)
+        .double()
+        .eval()
+    )
     tv.load_state_dict(layer.state_dict())
     sub = params["blocks"]["0"]["layers"]["0"]["layers"]
     cfg = model.config
@@ -125,9 +128,11 @@ def test_non_square_block_attention_equals_torchvision_and_grid_is_a_strided_win
     with torch.no_grad():
         close(run("window", x, "window_attention"), tv(x))
         from einops import rearrange
+
         gathered = rearrange(x, "b c (ph nh) (pw nw) -> b c (nh ph) (nw pw)", ph=7, pw=7)
-        back = rearrange(run("window", gathered, "grid_attention"), "b c (nh ph) (nw pw) -> b c (ph nh) (pw nw)",
-                         ph=7, pw=7)
+        back = rearrange(
+            run("window", gathered, "grid_attention"), "b c (nh ph) (nw pw) -> b c (ph nh) (pw nw)", ph=7, pw=7
+        )
         close(run("grid", x, "grid_attention"), back)
         y, _ = model.apply(params, state, torch.randn(2, 3, 56, 112, dtype=F64))
     assert y.shape == (2, 1000) and torch.isfinite(y).all()
@@ -194,8 +199,10 @@ def test_init_follows_torchvision():
     t = flat["blocks.2.layers.0.layers.grid_attention.attn_layer.1.relative_position_bias_table"]
     assert t.shape == (169, 8) and abs(float(t.std()) - 0.02) < 3e-3
     assert float(flat["classifier.3.bias"].abs().max()) == 0.0
-    assert torch.equal(flat["blocks.0.layers.0.layers.window_attention.attn_layer.1.relative_position_index"],
-                       tvm._get_relative_position_index(7, 7))
+    assert torch.equal(
+        flat["blocks.0.layers.0.layers.window_attention.attn_layer.1.relative_position_index"],
+        tvm._get_relative_position_index(7, 7),
+    )
     assert torch.equal(vafunc.to_state_dict(*model.init(0))["stem.0.0.weight"], flat["stem.0.0.weight"])
 
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from oracle import representatives
 
 import vafunc
-from oracle import representatives
 from vafunc.core import random as vr
 from vafunc.core import tree as vtree
 from vafunc.research.members import covers
@@ -53,8 +53,7 @@ def _ensemble(name, n=3, num_classes=6):
 
 def _close(a, b, msg=""):
     """float64: different kernels sum in other orders (float32 would be off by ~1e-6)."""
-    torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-8 * max(1.0, float(b.abs().max())),
-                               msg=lambda m: f"{msg}: {m}")
+    torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-8 * max(1.0, float(b.abs().max())), msg=lambda m: f"{msg}: {m}")
 
 
 @pytest.mark.parametrize("name", _params(sorted(set(REPS.values()) - UNCOVERED)))
@@ -75,8 +74,10 @@ def test_members_mode_equals_the_loop(name):
         for k, v in vtree.flatten(got_state).items():
             _close(v.to(want_flat[k].dtype), want_flat[k], f"{name} state {k}")
     xs = torch.randn(3, 2, 3, h, w, dtype=F64)
-    _close(vafunc.ensemble_apply(model, params, state, xs, method="batched")[0],
-           vafunc.ensemble_apply(model, params, state, xs, method="loop")[0])
+    _close(
+        vafunc.ensemble_apply(model, params, state, xs, method="batched")[0],
+        vafunc.ensemble_apply(model, params, state, xs, method="loop")[0],
+    )
 
 
 @pytest.mark.parametrize("name", sorted(UNCOVERED & set(REPS.values())))
@@ -93,8 +94,12 @@ def test_auto_falls_back_to_the_loop_where_not_covered():
     model = vafunc.get_model("convnext_tiny", num_classes=4)
     params, state = vafunc.ensemble_init(model, 2, key=0)
     x = torch.randn(2, 3, 32, 32)
-    torch.testing.assert_close(vafunc.ensemble_apply(model, params, state, x, method="auto")[0],
-                               vafunc.ensemble_apply(model, params, state, x, method="loop")[0], rtol=0, atol=0)
+    torch.testing.assert_close(
+        vafunc.ensemble_apply(model, params, state, x, method="auto")[0],
+        vafunc.ensemble_apply(model, params, state, x, method="loop")[0],
+        rtol=0,
+        atol=0,
+    )
 
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "efficientnet_b0"])

@@ -110,6 +110,7 @@ def test_efficientnet_width_depth_match_torchvision(width, depth):
 
 def test_mobilenet_v1_width_matches_timm():
     import timm
+
     ref = timm.create_model("mobilenetv1_125", pretrained=False, num_classes=13)
     _eval_parity(vafunc.get_model("mobilenet_v1", width_mult=1.25, num_classes=13), ref)
 
@@ -135,10 +136,10 @@ def test_config_errors_are_clear():
 
 
 def test_make_divisible_matches_every_reference_rounding():
+    import timm
     from torchvision.models._utils import _make_divisible
     from torchvision.models.mnasnet import _round_to_multiple_of
 
-    import timm
     for v10 in range(10, 30000, 7):
         v = v10 / 10
         for d in (4, 8, 16):
@@ -158,17 +159,36 @@ def test_one_block_implementation_serves_every_layout():
         return list(dict.fromkeys(tuple(k.split(".")[:-1]) for k in vafunc.flatten(m.p)))
 
     assert paths(B.mbconv, 16, 16, names=B.TORCHVISION, se=24, **args) == [
-        ("block", "0", "0"), ("block", "0", "1"), ("block", "1", "0"), ("block", "1", "1"), ("block", "2", "fc1"),
-        ("block", "2", "fc2"), ("block", "3", "0"), ("block", "3", "1"),
+        ("block", "0", "0"),
+        ("block", "0", "1"),
+        ("block", "1", "0"),
+        ("block", "1", "1"),
+        ("block", "2", "fc1"),
+        ("block", "2", "fc2"),
+        ("block", "3", "0"),
+        ("block", "3", "1"),
     ]
     assert paths(B.mbconv, 16, 16, names=B.MOBILENET_V2, **args) == [
-        ("conv", "0", "0"), ("conv", "0", "1"), ("conv", "1", "0"), ("conv", "1", "1"), ("conv", "2"), ("conv", "3"),
+        ("conv", "0", "0"),
+        ("conv", "0", "1"),
+        ("conv", "1", "0"),
+        ("conv", "1", "1"),
+        ("conv", "2"),
+        ("conv", "3"),
     ]
     assert paths(B.mbconv, 16, 16, names=B.MNASNET, **args) == [
-        ("layers", "0"), ("layers", "1"), ("layers", "3"), ("layers", "4"), ("layers", "6"), ("layers", "7"),
+        ("layers", "0"),
+        ("layers", "1"),
+        ("layers", "3"),
+        ("layers", "4"),
+        ("layers", "6"),
+        ("layers", "7"),
     ]
     assert paths(B.depthwise_separable, 16, 32, act="relu6", names=B.TIMM_DS) == [
-        ("conv_dw",), ("bn1",), ("conv_pw",), ("bn2",),
+        ("conv_dw",),
+        ("bn1",),
+        ("conv_pw",),
+        ("bn2",),
     ]
 
 
@@ -213,7 +233,9 @@ def test_feature_taps_are_the_reference_module_outputs(name):
 # --------------------------------------------------------------------------- init schemes
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v1", "mobilenet_v2", "mobilenet_v3_small", "mnasnet0_5", "efficientnet_b0"])
+@pytest.mark.parametrize(
+    "name", ["mobilenet_v1", "mobilenet_v2", "mobilenet_v3_small", "mnasnet0_5", "efficientnet_b0"]
+)
 def test_init_follows_the_reference_scheme(name):
     from oracle import build_reference
 
@@ -280,7 +302,9 @@ def test_head_dropout_rate_and_rescaling():
     x = torch.randn(8, 3, 32, 32)
     with torch.no_grad():
         y, _ = model.apply(params, state, x, train=True, rng=vr.key(3))
-        clean, _ = vafunc.get_model("mobilenet_v3_small", num_classes=1024, dropout=0.0).apply(params, state, x, train=True)
+        clean, _ = vafunc.get_model("mobilenet_v3_small", num_classes=1024, dropout=0.0).apply(
+            params, state, x, train=True
+        )
     kept = y != 0
     frac, sd = float(kept.float().mean()), math.sqrt(p * (1 - p) / y.numel())
     assert abs(frac - (1 - p)) < 4 * sd

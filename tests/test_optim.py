@@ -9,8 +9,10 @@ from vafunc.training import optim
 
 def _problem(seed=0):
     g = torch.Generator().manual_seed(seed)
-    params = {"a": {"weight": torch.randn(5, 4, generator=g), "bias": torch.randn(5, generator=g)},
-              "b": torch.randn(3, generator=g)}
+    params = {
+        "a": {"weight": torch.randn(5, 4, generator=g), "bias": torch.randn(5, generator=g)},
+        "b": torch.randn(3, generator=g),
+    }
     grads = [vafunc.tree_map(lambda t: torch.randn(t.shape, generator=g), params) for _ in range(20)]
     return params, grads
 
@@ -37,8 +39,12 @@ def _run_vafunc(params, grads, opt, donate=False):
 
 @pytest.mark.parametrize(
     "kw",
-    [dict(momentum=0.0), dict(momentum=0.9), dict(momentum=0.9, nesterov=True, weight_decay=5e-4),
-     dict(momentum=0.8, dampening=0.3, weight_decay=1e-2)],
+    [
+        dict(momentum=0.0),
+        dict(momentum=0.9),
+        dict(momentum=0.9, nesterov=True, weight_decay=5e-4),
+        dict(momentum=0.8, dampening=0.3, weight_decay=1e-2),
+    ],
 )
 @pytest.mark.parametrize("donate", [False, True], ids=["pure", "donate"])
 def test_sgd_matches_torch(kw, donate):

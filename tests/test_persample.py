@@ -39,8 +39,9 @@ def _loop(model, params, state, x, y):
     """The oracle: one ``torch.func.grad`` per sample, on a batch of one."""
     outs = []
     for i in range(len(x)):
+
         def loss(p):
-            return cross_entropy(model.apply(p, state, x[i:i + 1])[0], y[i:i + 1])
+            return cross_entropy(model.apply(p, state, x[i : i + 1])[0], y[i : i + 1])
 
         outs.append(vafunc.flatten(torch.func.grad(loss)(params)))
     return outs
@@ -100,8 +101,9 @@ def test_uncovered_models_fall_back_to_vmap():
     assert not persample.tape_covers(model)
     with pytest.raises(ValueError, match="method='vmap'"):
         p, s = model.init(0, device="meta")
-        vafunc.per_sample_grads(model, p, s, torch.zeros(2, 3, 32, 32, device="meta"), torch.zeros(2), cross_entropy,
-                                method="tape")
+        vafunc.per_sample_grads(
+            model, p, s, torch.zeros(2, 3, 32, 32, device="meta"), torch.zeros(2), cross_entropy, method="tape"
+        )
 
 
 def test_without_a_tape_the_kit_emits_plain_ops():

@@ -18,8 +18,9 @@ def test_policy_validates_its_dtypes():
     with pytest.raises(TypeError, match="compute"):
         Policy(compute=torch.int8)
     with pytest.raises(TypeError, match="Policy"):
-        vafunc.get_model("resnet18").apply(*vafunc.get_model("resnet18").init(device="meta"),
-                                           torch.empty(1, 3, 32, 32, device="meta"), policy="bf16")
+        vafunc.get_model("resnet18").apply(
+            *vafunc.get_model("resnet18").init(device="meta"), torch.empty(1, 3, 32, 32, device="meta"), policy="bf16"
+        )
     assert str(BF16) == "Policy(param=float32, compute=bfloat16, output=float32)"
 
 
@@ -64,8 +65,13 @@ def test_bf16_logits_within_two_percent_on_photographs(name):
 def test_bf16_compute_really_runs_in_bf16():
     model = vafunc.get_model("resnet18")
     params, state = model.init(0)
-    feats, _ = model.features(params, state, torch.randn(1, 3, 32, 32), ["layer1", "layer4"],
-                              policy=Policy(compute=torch.bfloat16, output=torch.bfloat16))
+    feats, _ = model.features(
+        params,
+        state,
+        torch.randn(1, 3, 32, 32),
+        ["layer1", "layer4"],
+        policy=Policy(compute=torch.bfloat16, output=torch.bfloat16),
+    )
     assert feats["layer1"].dtype == feats["layer4"].dtype == torch.bfloat16
 
 
@@ -165,8 +171,10 @@ def test_fold_norm_folds_every_conv_batchnorm_exactly(name):
     assert any("batch_norm" in n for n in ops.names)
     # in bf16 the fold's error is of the unfolded path's order (measured 1.0x and 1.45x of it)
     want32, _ = model.apply(params, state, x)
-    err = {f: float((model.apply(params, state, x, policy=Policy.bf16(fold_norm=f))[0] - want32).abs().max())
-           for f in (True, False)}
+    err = {
+        f: float((model.apply(params, state, x, policy=Policy.bf16(fold_norm=f))[0] - want32).abs().max())
+        for f in (True, False)
+    }
     print(f"{name}: bf16 max |error| folded {err[True]:.3f}, unfolded {err[False]:.3f}")
     assert err[True] <= 2 * err[False]
 

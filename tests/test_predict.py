@@ -8,16 +8,14 @@ import json
 
 import pytest
 import torch
+import torchvision
+from PIL import Image as Image
+from skimage import data as skdata
 
 import vafunc
-from vafunc.cli.app import main as cli
-from vafunc.io import hub
-
-import torchvision
-from skimage import data as skdata
-from PIL import Image as Image
-
 from benchmarks.photos import realistic_random
+from vafunc import cli
+from vafunc.io import hub
 
 PHOTOS = ("chelsea", "coffee", "astronaut")
 
@@ -45,7 +43,9 @@ def reference_top5(model, transform, paths):
 
 
 def check_same_top5(capsys, name, ckpt, paths, ref_idx, ref_p, *extra):
-    rc, out, err = run_cli(capsys, "predict", *map(str, paths), "--model", name, "--weights", str(ckpt), "--json", *extra)
+    rc, out, err = run_cli(
+        capsys, "predict", *map(str, paths), "--model", name, "--weights", str(ckpt), "--json", *extra
+    )
     assert rc == 0, err
     res = json.loads(out)["results"]
     assert [r["image"] for r in res] == [str(p) for p in paths]
@@ -75,7 +75,9 @@ def test_top5_equals_torchvision(tmp_path, capsys, photo_dir, name, kw):
     tf = torchvision.models.get_model_weights(name).DEFAULT.transforms()
     calib = torch.stack([tf(Image.open(p).convert("RGB")) for p in paths])
     torch.manual_seed(0)
-    ref = realistic_random(torchvision.models.get_model(name, **kw), torch.cat([calib, torch.randn(1, *calib.shape[1:])]))
+    ref = realistic_random(
+        torchvision.models.get_model(name, **kw), torch.cat([calib, torch.randn(1, *calib.shape[1:])])
+    )
     ckpt = tmp_path / f"{name}-random.pth"
     torch.save(ref.state_dict(), ckpt)
     idx, p = reference_top5(ref, tf, paths)
@@ -130,16 +132,29 @@ def r18_ckpt(tmp_path_factory):
 
 
 def test_folder_in_batches_with_progress(capsys, photo_dir, r18_ckpt):
-    rc, out, err = run_cli(capsys, "predict", str(photo_dir), "--model", "resnet18", "--weights", str(r18_ckpt),
-                           "--batch-size", "2", "--topk", "3", "--json")
+    rc, out, err = run_cli(
+        capsys,
+        "predict",
+        str(photo_dir),
+        "--model",
+        "resnet18",
+        "--weights",
+        str(r18_ckpt),
+        "--batch-size",
+        "2",
+        "--topk",
+        "3",
+        "--json",
+    )
     assert rc == 0
     res = json.loads(out)
     assert [r["image"].rsplit("/", 1)[-1] for r in res["results"]] == sorted(f"{n}.png" for n in PHOTOS)
     assert all(len(r["top"]) == 3 for r in res["results"])
     assert "2/3 images" in err and "3/3 images" in err  # two batches, plain stderr progress
     assert "using the evaluation transform of resnet18.IMAGENET1K_V1" in err
-    rc, out, err = run_cli(capsys, "predict", str(photo_dir / "coffee.png"), "--model", "resnet18",
-                           "--weights", str(r18_ckpt), "-q")
+    rc, out, err = run_cli(
+        capsys, "predict", str(photo_dir / "coffee.png"), "--model", "resnet18", "--weights", str(r18_ckpt), "-q"
+    )
     assert rc == 0 and err == ""
     lines = out.splitlines()
     assert lines[0].endswith("coffee.png") and len(lines) == 6 and lines[1].strip().endswith("]")
@@ -148,24 +163,41 @@ def test_folder_in_batches_with_progress(capsys, photo_dir, r18_ckpt):
 def test_unreadable_image(tmp_path, capsys, photo_dir, r18_ckpt):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8 not really a jpeg")
-    rc, out, err = run_cli(capsys, "predict", str(photo_dir / "coffee.png"), str(bad), "--model", "resnet18",
-                           "--weights", str(r18_ckpt))
+    rc, out, err = run_cli(
+        capsys, "predict", str(photo_dir / "coffee.png"), str(bad), "--model", "resnet18", "--weights", str(r18_ckpt)
+    )
     assert rc == 2 and "broken.jpg" in err and "not an image" in err
-    rc, out, err = run_cli(capsys, "predict", str(photo_dir / "coffee.png"), str(bad), "--model", "resnet18",
-                           "--weights", str(r18_ckpt), "--skip-unreadable", "--json")
+    rc, out, err = run_cli(
+        capsys,
+        "predict",
+        str(photo_dir / "coffee.png"),
+        str(bad),
+        "--model",
+        "resnet18",
+        "--weights",
+        str(r18_ckpt),
+        "--skip-unreadable",
+        "--json",
+    )
     res = json.loads(out)["results"]
     assert rc == 1 and "top" in res[0] and "not an image" in res[1]["error"]
-    rc, out, err = run_cli(capsys, "predict", str(tmp_path / "nope.png"), "--model", "resnet18", "--weights", str(r18_ckpt))
+    rc, out, err = run_cli(
+        capsys, "predict", str(tmp_path / "nope.png"), "--model", "resnet18", "--weights", str(r18_ckpt)
+    )
     assert rc == 2 and "no such image file or folder" in err
 
 
 def test_weights_that_do_not_fit(capsys, photo_dir, r18_ckpt):
-    rc, out, err = run_cli(capsys, "predict", str(photo_dir / "coffee.png"), "--model", "resnet34", "--weights", str(r18_ckpt))
+    rc, out, err = run_cli(
+        capsys, "predict", str(photo_dir / "coffee.png"), "--model", "resnet34", "--weights", str(r18_ckpt)
+    )
     assert rc == 2 and f"{r18_ckpt} does not fit resnet34" in err and "fits resnet18" in err
 
 
 def test_unknown_model(capsys, photo_dir, r18_ckpt):
-    rc, out, err = run_cli(capsys, "predict", str(photo_dir / "coffee.png"), "--model", "resnet81", "--weights", str(r18_ckpt))
+    rc, out, err = run_cli(
+        capsys, "predict", str(photo_dir / "coffee.png"), "--model", "resnet81", "--weights", str(r18_ckpt)
+    )
     assert rc == 2 and "unknown model 'resnet81'; did you mean resnet18" in err
 
 
@@ -182,10 +214,51 @@ def test_published_tag_from_the_cache(tmp_path, capsys, photo_dir, monkeypatch, 
     dst = hub.get_weights("resnet18").cache_path
     dst.parent.mkdir(parents=True)
     dst.write_bytes(r18_ckpt.read_bytes())
-    rc, out, err = run_cli(capsys, "predict", str(photo_dir / "coffee.png"), "--model", "resnet18",
-                           "--weights", "IMAGENET1K_V1", "--json")
+    rc, out, err = run_cli(
+        capsys, "predict", str(photo_dir / "coffee.png"), "--model", "resnet18", "--weights", "IMAGENET1K_V1", "--json"
+    )
     assert rc == 0 and err == ""  # no note: the tag says which transform
     assert json.loads(out)["transform"].startswith("resize shorter side to 256 (bilinear")
+
+
+def test_demo_checkpoint_brings_its_preprocessing_and_class_names(tmp_path, capsys):
+    """A ``vafunc demo`` checkpoint (16x16 digits, 10 classes) is read with the preprocessing and
+    class names saved in its metadata, not ImageNet's."""
+    from vafunc.cli import demo
+    from vafunc.serving.transforms import Transform
+
+    model = vafunc.get_model("resnet18", num_classes=10)
+    params, state = model.init(0)
+    ckpt = tmp_path / "member0.safetensors"
+    vafunc.save_weights(
+        params,
+        state,
+        ckpt,
+        metadata={
+            "model": "resnet18",
+            "num_classes": "10",
+            "transform": json.dumps(demo.preprocessing(16)),
+            "categories": json.dumps(demo.DIGITS),
+        },
+    )
+    scan = (torch.rand(3, 24, 20, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    img = tmp_path / "digit.png"
+    Image.fromarray(scan.permute(1, 2, 0).numpy()).save(img)
+    rc, out, err = run_cli(
+        capsys, "predict", str(img), "--model", "resnet18", "--weights", str(ckpt), "--json", "--topk", "10"
+    )
+    assert rc == 0, err
+    got = json.loads(out)
+    assert got["transform"].startswith("resize shorter side to 16") and "mean [0.5, 0.5, 0.5]" in got["transform"]
+    top = got["results"][0]["top"]
+    assert sorted(t["label"] for t in top) == demo.DIGITS
+    x = Transform(**demo.preprocessing(16))(img)
+    assert x.shape == (1, 3, 16, 16)
+    with torch.no_grad():
+        want = model.apply(params, state, x)[0].softmax(-1)[0]
+    torch.testing.assert_close(
+        torch.tensor([t["probability"] for t in top]), want[[t["index"] for t in top]], rtol=1e-4, atol=1e-6
+    )
 
 
 # --------------------------------------------------------------------------- convert, info
@@ -204,6 +277,13 @@ def test_convert_round_trip(tmp_path, capsys, r18_ckpt):
     rc, out, err = run_cli(capsys, "convert", str(st), str(back))
     assert rc == 2 and "exists; pass --force" in err
     assert run_cli(capsys, "convert", str(st), str(back), "--force")[0] == 0
+
+
+def test_convert_hint_names_the_option(tmp_path, capsys):
+    ten = tmp_path / "ten.pth"
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), ten)
+    rc, out, err = run_cli(capsys, "convert", str(ten), str(tmp_path / "x.safetensors"), "--model", "resnet18")
+    assert rc == 2 and "--num-classes 10" in err and "num_classes=" not in err
 
 
 def test_convert_errors(tmp_path, capsys, photo_dir, r18_ckpt):

@@ -15,10 +15,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from oracle import fit, heavy_params
 from torch.func import grad, jvp, vjp
 
 import vafunc
-from oracle import fit, heavy_params
 
 ALL = vafunc.list_models()
 #: One model per family in the default suite's compile check; `pytest -m slow` compiles them all.
@@ -91,8 +91,9 @@ def test_ensemble_vmap_equals_loop(members, train):
     model, ms = members
 
     def stack(trees):  # cast leaf by leaf: a giant's float32 stack and its float64 copy never coexist
-        return vafunc.tree_map(lambda *ts: torch.stack(ts).to(F64 if train and ts[0].is_floating_point() else ts[0].dtype),
-                               *trees)
+        return vafunc.tree_map(
+            lambda *ts: torch.stack(ts).to(F64 if train and ts[0].is_floating_point() else ts[0].dtype), *trees
+        )
 
     # train: float64, and final maps of 2x2 or more (BN over a 1x1 map of 2 samples is sign(x1 - x2))
     params, state = stack([p for p, _ in ms]), stack([s for _, s in ms])
@@ -147,8 +148,10 @@ HVP_MAX_PARAMS = 100_000_000
 
 
 def _hvp_params():
-    return _slow_if(heavy_params(ALL, group=lambda n: f"properties-{n}"),
-                    lambda n: vafunc.get_entry(n).params > HVP_MAX_PARAMS or _large_input(n))
+    return _slow_if(
+        heavy_params(ALL, group=lambda n: f"properties-{n}"),
+        lambda n: vafunc.get_entry(n).params > HVP_MAX_PARAMS or _large_input(n),
+    )
 
 
 @pytest.fixture(scope="module", params=_hvp_params())

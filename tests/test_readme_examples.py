@@ -1,4 +1,5 @@
-"""Every ```python block of the README runs on its own, as a newcomer pastes it.
+"""Every ```python block of the README, of each page in docs/ and of benchmarks/README.md runs on its
+own, as a newcomer pastes it.
 
 Each block runs in a fresh interpreter (``sys.executable``) in an empty working directory, with
 ``TORCH_HOME`` pointing into that temporary tree and ``VAFUNC_OFFLINE=1``, so nothing can come from
@@ -12,9 +13,14 @@ fence, ``<!-- readme-test: MARKER [MARKER ...] -->``:
   SHA-256 only with ``load_weights(..., check_hash=True)``, so this stand-in loads; what it checks is
   the block's code path, not the published weights), and for each ``"name.jpg"``/``"name.png"`` it
   names, one of scikit-image's photographs in the working directory.
-* ``torchrun``: a complete script, written to ``train.py`` and launched as the README says,
+* ``torchrun``: a complete script, written to ``train.py`` and launched as the page says,
   ``torchrun --standalone --nproc_per_node 2 train.py`` (gloo on CPU).
+* ``demo``: it reads what ``vafunc demo`` writes. The test prepares ``vafunc-demo/member{i}.safetensors``
+  (the demo's default 4 members of resnet18 with 10 classes) from random initialisations, saved as the
+  demo saves them, so the block's code path is checked without a minute of training.
 * ``slow``: takes more than ~20 s (``torch.compile``); runs under ``pytest -m slow``.
+* ``fragment``: an excerpt that does not run on its own (a family file's pieces in
+  ``docs/adding-a-family.md``); skipped with that reason. Use it sparingly.
 """
 
 from __future__ import annotations
@@ -27,15 +33,16 @@ import sys
 
 import pytest
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
-MARKERS = {"network", "torchrun", "slow"}
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+#: the pages whose blocks run: the README, every docs page, the benchmarks page
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "benchmarks" / "README.md"]
+MARKERS = {"network", "torchrun", "slow", "demo", "fragment"}
 TORCHRUN = ["--standalone", "--nproc_per_node", "2", "train.py"]
 TIMEOUT_S = {"plain": 240, "torchrun": 300, "slow": 600}
 
 # a marker comment (optional) directly above a ```python fence, the code, the closing fence
 _BLOCK = re.compile(
-    r"^(?:<!--\s*readme-test:\s*(?P<markers>[^>]*?)\s*-->\n)?```python\n(?P<code>.*?)^```[ \t]*$",
-    re.M | re.S,
+    r"^(?:<!--\s*readme-test:\s*(?P<markers>[^>]*?)\s*-->\n)?```python\n(?P<code>.*?)^```[ \t]*$", re.M | re.S
 )
 # anything that opens a Python-ish fenced block, to catch one the parser above would miss
 _ANY_PY_FENCE = re.compile(r"^[ \t]*(```|~~~)[ \t]*(python3?|py|pycon|ipython)\b", re.M | re.I)
@@ -56,7 +63,11 @@ def _headings(text: str) -> list[tuple[int, str]]:
     return out
 
 
-def _blocks(text: str) -> list[dict]:
+def _page_id(page: pathlib.Path) -> str:
+    return page.relative_to(ROOT).with_suffix("").as_posix()
+
+
+def _blocks(text: str, page: pathlib.Path = ROOT / "README.md") -> list[dict]:
     out, per_heading = [], {}
     headings = _headings(text)
     for m in _BLOCK.finditer(text):
@@ -64,41 +75,48 @@ def _blocks(text: str) -> list[dict]:
         slug = "-".join(re.findall(r"[a-z0-9]+", heading.lower())[:3])
         per_heading[slug] = per_heading.get(slug, 0) + 1
         markers = set((m.group("markers") or "").replace(",", " ").split())
-        out.append({
-            "id": f"{slug}-{per_heading[slug]}",
-            "line": text.count("\n", 0, m.start()) + 1 + (1 if m.group("markers") is not None else 0),
-            "markers": markers,
-            "code": m.group("code"),
-        })
+        out.append(
+            {
+                "page": page.relative_to(ROOT).as_posix(),
+                "id": f"{_page_id(page)}:{slug}-{per_heading[slug]}",
+                "line": text.count("\n", 0, m.start()) + 1 + (1 if m.group("markers") is not None else 0),
+                "markers": markers,
+                "code": m.group("code"),
+            }
+        )
     return out
 
 
-BLOCKS = _blocks(README.read_text())
+BLOCKS = [b for page in PAGES for b in _blocks(page.read_text(), page)]
 
 
-def test_every_python_block_is_collected():
-    text = README.read_text()
-    assert BLOCKS, "no ```python blocks found in README.md"
+@pytest.mark.parametrize("page", PAGES, ids=_page_id)
+def test_every_python_block_is_collected(page):
+    text = page.read_text()
+    blocks = [b for b in BLOCKS if b["page"] == page.relative_to(ROOT).as_posix()]
+    if page.name == "README.md" and page.parent == ROOT:
+        assert blocks, "no ```python blocks found in README.md"
     fences = _ANY_PY_FENCE.findall(text)
-    assert len(fences) == len(BLOCKS), (
-        f"README.md opens {len(fences)} Python code blocks but {len(BLOCKS)} were collected: write each "
+    assert len(fences) == len(blocks), (
+        f"{page.name} opens {len(fences)} Python code blocks but {len(blocks)} were collected: write each "
         "as a fence of exactly ```python at the start of a line, closed by ``` on its own line"
     )
-    marked = sum(1 for b in BLOCKS if b["markers"])
+    marked = sum(1 for b in blocks if b["markers"])
     comments = len(_MARKER_COMMENT.findall(text))
     assert comments == marked, (
-        f"{comments} readme-test comments but {marked} marked blocks: a marker must be the line "
+        f"{page.name}: {comments} readme-test comments but {marked} marked blocks: a marker must be the line "
         "directly above its ```python fence"
     )
-    for b in BLOCKS:
+    for b in blocks:
+        where = f"{b['page']} line {b['line']}"
         unknown = b["markers"] - MARKERS
-        assert not unknown, f"README.md line {b['line']}: unknown readme-test marker(s) {sorted(unknown)}"
+        assert not unknown, f"{where}: unknown readme-test marker(s) {sorted(unknown)}"
         if "init_process_group" in b["code"]:
-            assert "torchrun" in b["markers"], f"README.md line {b['line']}: a torch.distributed block must be marked torchrun"
+            assert "torchrun" in b["markers"], f"{where}: a torch.distributed block must be marked torchrun"
         if "torchrun" in b["markers"]:
-            assert "destroy_process_group" in b["code"], f"README.md line {b['line']}: a torchrun script must end its process group"
-    if any("torchrun" in b["markers"] for b in BLOCKS):
-        assert "torchrun " + " ".join(TORCHRUN) in text, "the README's torchrun command is not the one this test runs"
+            assert "destroy_process_group" in b["code"], f"{where}: a torchrun script must end its process group"
+    if any("torchrun" in b["markers"] for b in blocks):
+        assert "torchrun " + " ".join(TORCHRUN) in text, f"{page.name}'s torchrun command is not the one this test runs"
 
 
 def _stand_in_checkpoints(code: str, torch_home: pathlib.Path) -> None:
@@ -111,7 +129,7 @@ def _stand_in_checkpoints(code: str, torch_home: pathlib.Path) -> None:
     for name, tag in _PRETRAINED.findall(code):
         w = vafunc.hub.get_weights(name, tag or "DEFAULT")
         if w.source != "torchvision":
-            pytest.fail(f"no local stand-in for {w.source} checkpoint {w.name}; use a torchvision model in the README")
+            pytest.fail(f"no local stand-in for {w.source} checkpoint {w.name}; use a torchvision model in the docs")
         dst = torch_home / "hub" / "checkpoints" / w.file
         if dst.exists():
             continue
@@ -131,6 +149,22 @@ def _photos(code: str, cwd: pathlib.Path) -> None:
         Image.fromarray(source.get(stem, data.astronaut)()).save(cwd / fname)
 
 
+def _demo_checkpoints(cwd: pathlib.Path, members: int = 4) -> None:
+    """``vafunc-demo/member{i}.safetensors`` as ``vafunc demo`` (defaults: 4 x resnet18) saves them."""
+    import vafunc
+
+    model = vafunc.get_model("resnet18", num_classes=10)
+    (cwd / "vafunc-demo").mkdir(exist_ok=True)
+    for i in range(members):
+        params, state = model.init(i)
+        vafunc.save_weights(
+            params,
+            state,
+            cwd / "vafunc-demo" / f"member{i}.safetensors",
+            metadata={"model": "resnet18", "num_classes": "10"},
+        )
+
+
 def _tail(s: str, n: int = 6000) -> str:
     return s if len(s) <= n else "...\n" + s[-n:]
 
@@ -139,6 +173,8 @@ def _tail(s: str, n: int = 6000) -> str:
     "block", [pytest.param(b, id=b["id"], marks=[pytest.mark.slow] if "slow" in b["markers"] else []) for b in BLOCKS]
 )
 def test_readme_block_runs(block, tmp_path):
+    if "fragment" in block["markers"]:
+        pytest.skip("a fragment: it does not run on its own")
     cwd = tmp_path / "work"
     cwd.mkdir()
     torch_home = tmp_path / "torch_home"
@@ -150,6 +186,8 @@ def test_readme_block_runs(block, tmp_path):
     if "network" in markers:
         _stand_in_checkpoints(code, torch_home)
         _photos(code, cwd)
+    if "demo" in block["markers"]:
+        _demo_checkpoints(cwd)
     if "torchrun" in markers:
         (cwd / "train.py").write_text(code)
         cmd = [sys.executable, "-m", "torch.distributed.run", *TORCHRUN]  # == `torchrun ...` in this venv
@@ -162,8 +200,9 @@ def test_readme_block_runs(block, tmp_path):
         r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as err:
         out = (err.stderr or b"").decode() if isinstance(err.stderr, bytes) else (err.stderr or "")
-        pytest.fail(f"README.md line {block['line']} ({block['id']}) ran over {timeout} s\n{_tail(out)}")
+        pytest.fail(f"{block['page']} line {block['line']} ({block['id']}) ran over {timeout} s\n{_tail(out)}")
     assert r.returncode == 0, (
-        f"README.md line {block['line']} ({block['id']}, markers {sorted(markers) or 'none'}) exited with "
-        f"{r.returncode}\n--- code ---\n{code}--- stdout ---\n{_tail(r.stdout, 2000)}\n--- stderr ---\n{_tail(r.stderr)}"
+        f"{block['page']} line {block['line']} ({block['id']}, markers {sorted(markers) or 'none'}) exited with "
+        f"{r.returncode}\n--- code ---\n{code}--- stdout ---\n{_tail(r.stdout, 2000)}\n"
+        f"--- stderr ---\n{_tail(r.stderr)}"
     )

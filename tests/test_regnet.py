@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from oracle import perturb
+from torchvision.models.regnet import BlockParams, RegNet  # noqa: E402
 
 import vafunc
 from vafunc.models import regnet as R
-from oracle import perturb
-
-import torchvision  # noqa: E402
-from torchvision.models.regnet import BlockParams, RegNet  # noqa: E402
 
 
 def _tv_stages(bp):
@@ -29,8 +27,9 @@ def _tv_stages(bp):
 def test_stages_equal_torchvision_block_params(name):
     d, w0, wa, wm, gw, se = R.DESIGNS[name]
     for bm in (1.0, 0.5, 2.0 / 3.0):
-        bp = BlockParams.from_init_params(depth=d, w_0=w0, w_a=wa, w_m=wm, group_width=gw,
-                                          bottleneck_multiplier=bm, se_ratio=se)
+        bp = BlockParams.from_init_params(
+            depth=d, w_0=w0, w_a=wa, w_m=wm, group_width=gw, bottleneck_multiplier=bm, se_ratio=se
+        )
         assert [tuple(s) for s in R.stage_params(d, w0, wa, wm, gw, bm)] == _tv_stages(bp), (name, bm)
     cfg = vafunc.get_model(f"regnet_{name}").config
     assert cfg.stages == R.stage_params(d, w0, wa, wm, gw)
@@ -60,8 +59,19 @@ def test_custom_design_against_torchvision_class(se_ratio):
             torch.testing.assert_close(flat[k], v, rtol=1e-4, atol=1e-5, msg=k)
 
 
-@pytest.mark.parametrize("bad", [dict(w_0=20), dict(w_0=0), dict(w_a=-1.0), dict(w_m=1.0), dict(depth=0),
-                                 dict(bottleneck_multiplier=0.0), dict(se_ratio=-0.1), dict(stem_width=0)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(w_0=20),
+        dict(w_0=0),
+        dict(w_a=-1.0),
+        dict(w_m=1.0),
+        dict(depth=0),
+        dict(bottleneck_multiplier=0.0),
+        dict(se_ratio=-0.1),
+        dict(stem_width=0),
+    ],
+)
 def test_invalid_designs_are_refused(bad):
     with pytest.raises(ValueError):
         vafunc.get_model("regnet_x_400mf", **bad)

@@ -5,12 +5,11 @@ and keys, and torch.compile. (Names, shapes and outputs: the registry-driven ora
 import math
 
 import pytest
+import timm  # noqa: E402
 import torch
-
-import vafunc
 from oracle import module_outputs, perturb
 
-import timm  # noqa: E402
+import vafunc
 
 NAMES = ("seresnet50", "seresnext50_32x4d")
 
@@ -26,8 +25,13 @@ def test_init_draws_timms_distributions_in_state_dict_order(name):
     for k, want in ref.items():
         have = got[k]
         assert have.shape == want.shape and have.dtype == want.dtype, k
-        if not want.is_floating_point() or k.endswith(("running_mean", "running_var")) or ".bn" in k \
-                or k.startswith("bn1") or ".downsample.1." in k:
+        if (
+            not want.is_floating_point()
+            or k.endswith(("running_mean", "running_var"))
+            or ".bn" in k
+            or k.startswith("bn1")
+            or ".downsample.1." in k
+        ):
             assert torch.equal(have, want), k  # BatchNorm: constants (bn3 weight zero: zero_init_last)
             continue
         if k.endswith("bias"):  # SE conv biases (torch's default), fc bias: uniform in +-1/sqrt(fan_in)
@@ -66,8 +70,11 @@ def test_drop_path_rates_are_timms_and_keyed():
     from vafunc.models.resnet import plan
 
     ref = timm.create_model("seresnet50", pretrained=False, drop_path_rate=0.2)
-    want = [0.0 if blk.drop_path is None else blk.drop_path.drop_prob
-            for stage in (ref.layer1, ref.layer2, ref.layer3, ref.layer4) for blk in stage]
+    want = [
+        0.0 if blk.drop_path is None else blk.drop_path.drop_prob
+        for stage in (ref.layer1, ref.layer2, ref.layer3, ref.layer4)
+        for blk in stage
+    ]
     model = vafunc.get_model("seresnet50", drop_path_rate=0.2, drop_rate=0.3, num_classes=10)
     got = [b.drop_path for stage in plan(model.config) for b in stage]
     assert got == pytest.approx(want)

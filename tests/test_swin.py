@@ -9,14 +9,14 @@ stochastic-depth schedule; init. Small networks (two stages of width 16 / 32), s
 import pytest
 import torch
 import torchvision
+from oracle import build_reference_meta, module_outputs, perturb
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.models import swin_transformer as tvs
 from torchvision.models.feature_extraction import create_feature_extractor
 
 import vafunc
-from oracle import build_reference_meta, module_outputs, perturb
-from vafunc.models import swin
 from vafunc.core.precision import Policy
+from vafunc.models import swin
 
 #: two stages, two blocks each (one plain, one shifted), non-square window 3 x 5
 SMALL = dict(embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=(3, 5), num_classes=7)
@@ -59,6 +59,14 @@ def test_eval_equals_torchvision_at_any_size(pair):
         x = torch.randn(2, 3, h, w)
         with torch.no_grad():
             close(model.apply(params, state, x)[0], ref(x))
+
+
+def test_empty_batch_gives_an_empty_result(pair):
+    model, ref, params, state = pair
+    for h, w in SIZES:
+        for train in (False, True):
+            y, _ = model.apply(params, state, torch.zeros(0, 3, h, w), train=train)
+            assert y.shape == (0, 7), (h, w, train)
 
 
 def test_train_and_gradients_equal_torchvision(pair):
@@ -132,7 +140,7 @@ def test_shift_mask_is_torchvisions():
         count = 0
         for h in ((0, -window[0]), (-window[0], -shift[0]), (-shift[0], None)):
             for w in ((0, -window[1]), (-window[1], -shift[1]), (-shift[1], None)):
-                want[h[0]:h[1], w[0]:w[1]] = count
+                want[h[0] : h[1], w[0] : w[1]] = count
                 count += 1
         want = want.view(hp // window[0], window[0], wp // window[1], window[1]).permute(0, 2, 1, 3)
         want = want.reshape(-1, window[0] * window[1])
@@ -236,13 +244,16 @@ def test_compile_fullgraph_equals_eager(version):
     AOT autograd: inductor's code generation for the keyed masks takes over ten minutes on two
     cores), at a padded, shifted size."""
     torch._dynamo.reset()
-    model = vafunc.get_model("swin_t" if version == 1 else "swin_v2_t",
-                             **{**SMALL, "dropout": 0.1, "attention_dropout": 0.1, "stochastic_depth_prob": 0.3})
+    model = vafunc.get_model(
+        "swin_t" if version == 1 else "swin_v2_t",
+        **{**SMALL, "dropout": 0.1, "attention_dropout": 0.1, "stochastic_depth_prob": 0.3},
+    )
     params, state = model.init(0, dtype=torch.float64)
     x = torch.randn(2, 3, 28, 44, dtype=torch.float64)
     key = vafunc.random.key(4)
-    train = torch.compile(lambda p, s, x, k: model.apply(p, s, x, train=True, rng=k)[0], fullgraph=True,
-                          backend="aot_eager")
+    train = torch.compile(
+        lambda p, s, x, k: model.apply(p, s, x, train=True, rng=k)[0], fullgraph=True, backend="aot_eager"
+    )
     ev = torch.compile(lambda p, s, x: model.apply(p, s, x)[0], fullgraph=True)
     with torch.no_grad():
         close(train(params, state, x, key), model.apply(params, state, x, train=True, rng=key)[0], 1e-6)

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from oracle import build_reference, perturb
 
 import vafunc
 from vafunc.training import optim
 from vafunc.training.train import make_train_step
-from oracle import build_reference, perturb
 
 
 def _data(n=6, size=36, classes=10, seed=0):
@@ -74,7 +74,9 @@ def test_ensemble_train_step_equals_loop(name):
         want_p, want_s, _, m = single(p_i, s_i, opt.init(p_i), x, y)
         got_p, got_s = vafunc.unstack(new_p)[i], vafunc.unstack(new_s)[i]
         for k, v in vafunc.to_state_dict(want_p, want_s).items():
-            torch.testing.assert_close(vafunc.to_state_dict(got_p, got_s)[k], v, rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+            torch.testing.assert_close(
+                vafunc.to_state_dict(got_p, got_s)[k], v, rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}"
+            )
         torch.testing.assert_close(metrics["loss"][i], m["loss"], rtol=1e-4, atol=1e-6)
 
 
@@ -94,7 +96,9 @@ def test_compiled_ensemble_train_step_equals_eager():
     x = x.double()
     a = step(params, state, opt_state, x, y, vafunc.random.key(0))
     b = compiled(params, state, opt_state, x, y, vafunc.random.key(0))
-    for u, v in zip(vafunc.tree.tree_leaves(a[0]) + vafunc.tree.tree_leaves(a[1]),
-                    vafunc.tree.tree_leaves(b[0]) + vafunc.tree.tree_leaves(b[1])):
+    for u, v in zip(
+        vafunc.tree.tree_leaves(a[0]) + vafunc.tree.tree_leaves(a[1]),
+        vafunc.tree.tree_leaves(b[0]) + vafunc.tree.tree_leaves(b[1]),
+    ):
         torch.testing.assert_close(u, v, rtol=1e-7, atol=1e-9)
     torch.testing.assert_close(a[3]["loss"], b[3]["loss"], rtol=1e-7, atol=1e-9)

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torchvision
+import torchvision.transforms.functional as TVF  # noqa: E402
+from PIL import Image as Image
+from skimage import data as skdata
+from torchvision.transforms import InterpolationMode  # noqa: E402
 
 from vafunc.io import hub
 from vafunc.serving import transforms as T
-
-import torchvision
-from skimage import data as skdata
-from PIL import Image as Image
-
-import torchvision.transforms.functional as TVF  # noqa: E402
-from torchvision.transforms import InterpolationMode  # noqa: E402
 
 PHOTOS = ("chelsea", "coffee", "astronaut")  # 300x451, 400x600, 512x512 RGB
 
@@ -150,7 +148,9 @@ def test_for_weights_bn_inception_equals_cadene(photos):
         assert (got - ref).abs().max() <= 1.0 + 1e-4  # 1/255 of the 0-255 range
 
 
-@pytest.mark.parametrize("model,timm_name", [("xception", "legacy_xception"), ("mobilenet_v1", "mobilenetv1_100.ra4_e3600_r224_in1k")])
+@pytest.mark.parametrize(
+    "model,timm_name", [("xception", "legacy_xception"), ("mobilenet_v1", "mobilenetv1_100.ra4_e3600_r224_in1k")]
+)
 def test_for_weights_timm_equals_timm(photos, model, timm_name):
     import timm
     from timm.data import create_transform, resolve_data_config

@@ -8,13 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torchvision.models.vision_transformer import VisionTransformer, interpolate_embeddings  # noqa: E402
 
 import vafunc
 from vafunc.core import layers as L
 from vafunc.training.train import cross_entropy
-
-import torchvision  # noqa: E402
-from torchvision.models.vision_transformer import VisionTransformer, interpolate_embeddings  # noqa: E402
 
 SMALL = dict(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=5)
 
@@ -115,7 +113,7 @@ def test_fused_and_math_paths_agree(bias):
     b = torch.randn(3, 7, 7, generator=g, dtype=torch.float64) if bias else None
     fused = L.attention(q, k, v, bias=b, impl="fused")
     math = L.attention(q, k, v, bias=b, impl="math")
-    want = torch.softmax(q @ k.transpose(-2, -1) / 8 ** 0.5 + (0 if b is None else b), -1) @ v
+    want = torch.softmax(q @ k.transpose(-2, -1) / 8**0.5 + (0 if b is None else b), -1) @ v
     torch.testing.assert_close(fused, want)
     torch.testing.assert_close(math, want)
 
@@ -153,6 +151,6 @@ def test_per_sample_gradients_equal_a_loop():
     x, y = torch.randn(3, 3, 32, 32), torch.tensor([0, 3, 1])
     got = vafunc.per_sample_grads(model, params, state, x, y, cross_entropy)
     for i in range(3):
-        want = torch.func.grad(lambda p: cross_entropy(model.apply(p, state, x[i:i + 1])[0], y[i:i + 1]))(params)
+        want = torch.func.grad(lambda p: cross_entropy(model.apply(p, state, x[i : i + 1])[0], y[i : i + 1]))(params)
         for name, t in vafunc.flatten(want).items():
             torch.testing.assert_close(vafunc.flatten(got)[name][i], t, rtol=1e-4, atol=1e-6, msg=name)

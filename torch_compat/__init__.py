@@ -12,7 +12,7 @@ so ``state_dict()`` keys, order and shapes are the reference's and every module 
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -25,8 +25,15 @@ from .tree import VafuncModule
 __all__ = ["create", "VafuncModule", "from_model", "compile_ensemble"]
 
 
-def from_model(model: "vafunc.ModelDef", params: Mapping | None = None, state: Mapping | None = None,
-               *, key=0, device=None, dtype=None) -> VafuncModule:
+def from_model(
+    model: vafunc.ModelDef,
+    params: Mapping | None = None,
+    state: Mapping | None = None,
+    *,
+    key=0,
+    device=None,
+    dtype=None,
+) -> VafuncModule:
     """Wrap a ModelDef (and optionally given params/state) as a torchvision-named module."""
     if params is None or state is None:
         params, state = model.init(key, device=device, dtype=dtype)
@@ -49,8 +56,16 @@ class _Ensemble(nn.Module):
         return torch.stack([m(x) for m in self.members])
 
 
-def compile_ensemble(model: "vafunc.ModelDef", params: Mapping, state: Mapping, *, channels_last: bool = True,
-                     freeze: bool = True, dynamic: bool | None = None, method: str = "auto"):
+def compile_ensemble(
+    model: vafunc.ModelDef,
+    params: Mapping,
+    state: Mapping,
+    *,
+    channels_last: bool = True,
+    freeze: bool = True,
+    dynamic: bool | None = None,
+    method: str = "auto",
+):
     """Compiled eval-mode inference for a stacked ensemble with fixed weights:
     ``f(x) -> logits [N, B, classes]``, ``x`` ``[B, C, H, W]`` (shared) or ``[N, B, C, H, W]``.
 
@@ -80,8 +95,12 @@ def compile_ensemble(model: "vafunc.ModelDef", params: Mapping, state: Mapping, 
     built: dict = {}
 
     def modules():
-        mods = [from_model(model, vtree.tree_map(lambda t: t[i].clone(), params),
-                           vtree.tree_map(lambda t: t[i].clone(), state)) for i in range(n)]
+        mods = [
+            from_model(
+                model, vtree.tree_map(lambda t: t[i].clone(), params), vtree.tree_map(lambda t: t[i].clone(), state)
+            )
+            for i in range(n)
+        ]
         ens = _Ensemble(mods).eval()
         if channels_last:
             ens = ens.to(memory_format=torch.channels_last)
@@ -90,13 +109,24 @@ def compile_ensemble(model: "vafunc.ModelDef", params: Mapping, state: Mapping, 
     def batched(shared: bool):
         from vafunc.serving.compile import CompiledModel
 
-        return CompiledModel(model, params, state, channels_last=False, dtype=None, dynamic=dynamic, freeze=freeze,
-                             mode=None, fullgraph=True, apply_kw={"backend": Members(n, shared_input=shared)})
+        return CompiledModel(
+            model,
+            params,
+            state,
+            channels_last=False,
+            dtype=None,
+            dynamic=dynamic,
+            freeze=freeze,
+            mode=None,
+            fullgraph=True,
+            apply_kw={"backend": Members(n, shared_input=shared)},
+        )
 
     def call(x: torch.Tensor) -> torch.Tensor:
         if "method" not in built:
-            built["method"] = method if method != "auto" else (
-                "batched" if members.prefer(model, n, x, compiled=True) else "loop")
+            built["method"] = (
+                method if method != "auto" else ("batched" if members.prefer(model, n, x, compiled=True) else "loop")
+            )
         if built["method"] == "loop":
             if "loop" not in built:
                 built["loop"] = modules()

@@ -9,7 +9,7 @@ are single graph nodes (``torch.fx.wrap``).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import einops
 import torch
@@ -18,8 +18,19 @@ from torch import nn
 
 from vafunc.core import layers as L
 
-__all__ = ["LayerNorm2d", "Conv2dSame", "BatchNormAct2d", "Op", "Dropout", "DropPath", "op_module", "fresh_key",
-           "keyed_dropout", "keyed_drop_path", "keyed_attention"]
+__all__ = [
+    "LayerNorm2d",
+    "Conv2dSame",
+    "BatchNormAct2d",
+    "Op",
+    "Dropout",
+    "DropPath",
+    "op_module",
+    "fresh_key",
+    "keyed_dropout",
+    "keyed_drop_path",
+    "keyed_attention",
+]
 
 
 def fresh_key(device) -> torch.Tensor:
@@ -55,8 +66,10 @@ torch.fx.wrap("keyed_drop_path")
 # einops does not know FX's Proxy: its functions are single nodes of a traced graph. torch.fx.wrap
 # patches a name in the globals of the module that calls it at top level, so it runs at the top
 # level of einops' namespace, where the families' ``einops.rearrange(...)`` looks the name up.
-exec("import torch.fx\nfor _f in ('rearrange', 'repeat', 'reduce', 'einsum'):\n    torch.fx.wrap(_f)\ndel _f",  # noqa: S102
-     einops.__dict__)
+exec(
+    "import torch.fx\nfor _f in ('rearrange', 'repeat', 'reduce', 'einsum'):\n    torch.fx.wrap(_f)\ndel _f",  # noqa: S102
+    einops.__dict__,
+)
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -148,8 +161,13 @@ def op_module(fn: Callable, args: tuple, kw: dict) -> nn.Module:
     torch_class = {L.relu6_: nn.ReLU6, L.hardswish_: nn.Hardswish, L.silu_: nn.SiLU}.get(fn)
     if torch_class is not None and not args and not kw:
         return torch_class(inplace=True)
-    torch_class = {torch.sigmoid: nn.Sigmoid, F.gelu: nn.GELU, L.hardswish: nn.Hardswish, L.silu: nn.SiLU,
-                   L.relu6: nn.ReLU6}.get(fn)
+    torch_class = {
+        torch.sigmoid: nn.Sigmoid,
+        F.gelu: nn.GELU,
+        L.hardswish: nn.Hardswish,
+        L.silu: nn.SiLU,
+        L.relu6: nn.ReLU6,
+    }.get(fn)
     if torch_class is not None and not args and not kw:
         return torch_class()
     if fn in (L.adaptive_avg_pool2d, F.adaptive_avg_pool2d) and not kw:

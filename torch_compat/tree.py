@@ -25,7 +25,8 @@ torch's global generator, as ``nn.Dropout`` draws from it.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -46,8 +47,7 @@ _EMPTY: dict = {}
 
 def tracing() -> bool:
     """Whether FX, TorchScript's tracer or dynamo is tracing (input checks are skipped then)."""
-    return (torch.jit.is_tracing() or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
-            or torch.compiler.is_compiling())
+    return torch.jit.is_tracing() or torch.fx._symbolic_trace.is_fx_symbolic_tracing() or torch.compiler.is_compiling()
 
 
 # --------------------------------------------------------------------------- containers
@@ -129,8 +129,10 @@ class Sequential(_Declared, nn.Sequential):
         if self.fn is not None and tuple(self._modules) == self.names and not (self.plain and rng is None):
             return self._run(x, args, kw, rng)
         if args or kw:  # a plain chain hands its children the image only: say so, drop nothing silently
-            raise TypeError(f"this nn.Sequential's children were added, removed or reordered, so it runs as a "
-                            f"plain chain of x only; it cannot take the block arguments {args} {sorted(kw)}")
+            raise TypeError(
+                f"this nn.Sequential's children were added, removed or reordered, so it runs as a "
+                f"plain chain of x only; it cannot take the block arguments {args} {sorted(kw)}"
+            )
         for mod in self._modules.values():  # (a key given as rng= is not used: dropout draws from torch's RNG)
             x = mod(x)
         return x
@@ -162,7 +164,7 @@ class Bound(Scope):
     def tap(self, name, y):
         return y
 
-    def require_multiple(self, k, what="input"):
+    def require_multiple(self, k):
         return None
 
     def cast(self, t):
@@ -220,11 +222,19 @@ class _Builder(Scope):
         self.mod = mod
         self.calls: list = []
 
-    def _sub(self, name: str, module: nn.Module) -> "_Builder":
+    def _sub(self, name: str, module: nn.Module) -> _Builder:
         mods = self.mod._modules
         module = mods.setdefault(name, module)
-        return _Builder(self.p.setdefault(name, {}), None, mod=module, ini=self.ini, path=f"{self.path}{name}.",
-                        defaults=self.defaults, sizes=self.sizes, ctx=self.ctx)
+        return _Builder(
+            self.p.setdefault(name, {}),
+            None,
+            mod=module,
+            ini=self.ini,
+            path=f"{self.path}{name}.",
+            defaults=self.defaults,
+            sizes=self.sizes,
+            ctx=self.ctx,
+        )
 
     def _leaf(self, name: str, module: nn.Module, x, y):
         if name not in self.mod._modules:
@@ -252,17 +262,25 @@ class _Builder(Scope):
             want = {k: tuple(v.shape) for k, v in torch_mod.state_dict().items()}
             got = {k: tuple(v.shape) for k, v in mod.state_dict().items()}
             if want != got:
-                raise ValueError(f"{self.path}{name}: the declaration's tensors {got} are not those of "
-                                 f"torch's {module[0]} {want}")
+                raise ValueError(
+                    f"{self.path}{name}: the declaration's tensors {got} are not those of torch's {module[0]} {want}"
+                )
             self.mod._modules[name] = torch_mod
             self.calls.append((name, x, y, x._version, y._version))
             return self.tap(name, y) if tap else y
         names = tuple(mod._modules)
         ints = names == tuple(str(i) for i in range(len(names)))
-        chain = (names and (ints or sequential) and len(c.calls) == len(names)
-                 and [n for n, *_ in c.calls] == list(names) and c.calls[0][1] is x and c.calls[-1][2] is y
-                 and all(c.calls[i][1] is c.calls[i - 1][2] for i in range(1, len(names)))
-                 and not mod._parameters and not mod._buffers)
+        chain = (
+            names
+            and (ints or sequential)
+            and len(c.calls) == len(names)
+            and [n for n, *_ in c.calls] == list(names)
+            and c.calls[0][1] is x
+            and c.calls[-1][2] is y
+            and all(c.calls[i][1] is c.calls[i - 1][2] for i in range(1, len(names)))
+            and not mod._parameters
+            and not mod._buffers
+        )
         if sequential and not chain:
             raise ValueError(f"{self.path}{name} is declared sequential, but its children do not form a chain")
         if chain:  # the reference's nn.Sequential: same children, the declaration's fn while unmodified
@@ -275,10 +293,22 @@ class _Builder(Scope):
         self.calls.append((name, x, y, x._version, y._version))
         return self.tap(name, y) if tap else y
 
-    def conv(self, name, x, cout, kernel, *, stride=1, padding=None, dilation=1, groups=1, bias=False, init=None,
-             _fold=None):
-        y = Scope.conv(self, name, x, cout, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups,
-                       bias=bias, init=init)
+    def conv(
+        self, name, x, cout, kernel, *, stride=1, padding=None, dilation=1, groups=1, bias=False, init=None, _fold=None
+    ):
+        y = Scope.conv(
+            self,
+            name,
+            x,
+            cout,
+            kernel,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            bias=bias,
+            init=init,
+        )
         cls, pad = nn.Conv2d, padding
         if padding is None:
             pad = same_padding(kernel, dilation)
@@ -300,8 +330,9 @@ class _Builder(Scope):
         eps = self._eps(eps)
         momentum = self.defaults.get("momentum", 0.1) if momentum is None else momentum
         cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[x.dim()]
-        return self._leaf(name, cls(x.shape[1], eps=eps, momentum=momentum, affine=affine, device="meta",
-                                    dtype=x.dtype), x, y)
+        return self._leaf(
+            name, cls(x.shape[1], eps=eps, momentum=momentum, affine=affine, device="meta", dtype=x.dtype), x, y
+        )
 
     def group_norm(self, name, x, groups, *, eps=1e-5, zero_init=False):
         y = Scope.group_norm(self, name, x, groups, eps=eps, zero_init=zero_init)
@@ -311,8 +342,9 @@ class _Builder(Scope):
         y = act(Scope.batch_norm(self, name, x, eps=eps, momentum=momentum, zero_init=zero_init))
         eps = self._eps(eps)
         momentum = self.defaults.get("momentum", 0.1) if momentum is None else momentum
-        return self._leaf(name, BatchNormAct2d(x.shape[1], eps=eps, momentum=momentum, act=act, device="meta",
-                                               dtype=x.dtype), x, y)
+        return self._leaf(
+            name, BatchNormAct2d(x.shape[1], eps=eps, momentum=momentum, act=act, device="meta", dtype=x.dtype), x, y
+        )
 
     def layer_norm(self, name, x, *, eps=1e-5):
         y = Scope.layer_norm(self, name, x, eps=eps)

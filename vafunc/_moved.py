@@ -17,14 +17,28 @@ import warnings
 
 #: old module (under ``vafunc.``) -> its module now
 MOVED: dict[str, str] = {
-    "kit": "core.kit", "backends": "core.backends", "layers": "core.layers", "blocks": "core.blocks",
-    "init": "core.init", "random": "core.random", "tree": "core.tree", "registry": "core.registry",
-    "sizes": "core.sizes", "precision": "core.precision",
-    "members": "research.members", "vmap_rules": "research.vmap_rules", "ensemble": "research.ensemble",
+    "kit": "core.kit",
+    "backends": "core.backends",
+    "layers": "core.layers",
+    "blocks": "core.blocks",
+    "init": "core.init",
+    "random": "core.random",
+    "tree": "core.tree",
+    "registry": "core.registry",
+    "sizes": "core.sizes",
+    "precision": "core.precision",
+    "members": "research.members",
+    "vmap_rules": "research.vmap_rules",
+    "ensemble": "research.ensemble",
     "persample": "research.persample",
-    "train": "training.train", "optim": "training.optim", "distributed": "training.distributed",
-    "weights": "io.state_dict", "hub": "io.hub",
-    "memory": "serving.memory", "transforms": "serving.transforms", "imagenet_classes": "serving.imagenet_classes",
+    "train": "training.train",
+    "optim": "training.optim",
+    "distributed": "training.distributed",
+    "weights": "io.state_dict",
+    "hub": "io.hub",
+    "memory": "serving.memory",
+    "transforms": "serving.transforms",
+    "imagenet_classes": "serving.imagenet_classes",
     "demo": "cli.demo",
 }
 #: moved modules that are still public under their old name (no warning)
@@ -41,8 +55,7 @@ def new_name(fullname: str) -> str | None:
 
 def _warn(old: str, new: str) -> None:
     if old.split(".")[1] not in PUBLIC:
-        warnings.warn(f"{old} moved to {new}; the old path is kept until vafunc 0.2", DeprecationWarning,
-                      stacklevel=3)
+        warnings.warn(f"{old} moved to {new}; the old path is kept until vafunc 0.2", DeprecationWarning, stacklevel=3)
 
 
 class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):

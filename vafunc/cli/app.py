@@ -2,53 +2,83 @@
 ``vafunc demo``.
 
 The benchmarks are not part of the installed package: from a source checkout, run them as
-``python -m benchmarks report`` (see the README).
+``python -m benchmarks report`` (docs/cli.md, benchmarks/README.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
+from importlib import resources
 
 from vafunc.core import registry
 
 __all__ = ["main", "model_table"]
+
+#: the rows of ``vafunc list`` for the registered models, computed once (the minimum input size
+#: is probed per model, seconds each); ``tests/test_readme.py`` checks the file against the registry
+MODELS_FILE = "models.json"
 
 
 def _fmt_params(n: int) -> str:
     return f"{n / 1e6:.2f}M"
 
 
-def model_rows(pattern: str | None = None, family: str | None = None) -> list[dict]:
+def _live_row(name: str) -> dict:
+    e = registry.get_entry(name)
+    return {
+        "name": name,
+        "family": e.family.name,
+        "params": e.params,
+        "min_size": registry.get_model(name).min_size,
+        "reference": str(e.reference) if e.reference else "-",
+    }
+
+
+def _stored_rows() -> dict[str, dict]:
+    try:
+        text = resources.files("vafunc.cli").joinpath(MODELS_FILE).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    return {r["name"]: r for r in json.loads(text)}
+
+
+def write_model_rows(path=None) -> None:
+    """Recompute every row and write the package's :data:`MODELS_FILE` (after a registry change)."""
+    path = path or os.path.join(os.path.dirname(__file__), MODELS_FILE)
+    rows = [_live_row(n) for n in registry.list_models()]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(_dump_rows(rows))
+
+
+def _dump_rows(rows: list[dict]) -> str:
+    return "[\n" + ",\n".join(json.dumps(r) for r in rows) + "\n]\n"  # one model a line
+
+
+def model_rows(pattern: str | None = None, family: str | None = None, *, live: bool = False) -> list[dict]:
+    """``vafunc list``'s rows: from :data:`MODELS_FILE` where it holds the model with the same family
+    and parameter count, else (and with ``live=True``) computed."""
+    stored = {} if live else _stored_rows()
     rows = []
     for name in registry.list_models(pattern):
         e = registry.get_entry(name)
         if family and e.family.name != family:
             continue
-        model = registry.get_model(name)
-        rows.append(
-            {
-                "name": name,
-                "family": e.family.name,
-                "params": e.params,
-                "min_size": model.min_size,
-                "reference": str(e.reference) if e.reference else "-",
-            }
-        )
+        r = stored.get(name)
+        if r is None or r["family"] != e.family.name or r["params"] != e.params:
+            r = _live_row(name)
+        rows.append(r)
     return rows
 
 
 def model_table(pattern: str | None = None, family: str | None = None) -> str:
-    """The registry as a markdown table (the README's model table is this output)."""
-    lines = [
-        "| model | family | parameters | min input | reference (oracle) |",
-        "|---|---|---:|---:|---|",
-    ]
+    """The registry as a markdown table (docs/models.md's table is this output)."""
+    lines = ["| model | family | parameters | min input | reference (oracle) |", "|---|---|---:|---:|---|"]
     for r in model_rows(pattern, family):
-        lines.append(
-            f"| `{r['name']}` | {r['family']} | {r['params']:,} | {r['min_size']} | `{r['reference']}` |"
-        )
+        lines.append(f"| `{r['name']}` | {r['family']} | {r['params']:,} | {r['min_size']} | `{r['reference']}` |")
     return "\n".join(lines)
 
 
@@ -67,7 +97,10 @@ def _cmd_list(args) -> int:
     wf = max(len(r["family"]) for r in rows)
     print(f"{'model':<{w}}  {'family':<{wf}}  {'params':>8}  {'min':>4}  reference")
     for r in rows:
-        print(f"{r['name']:<{w}}  {r['family']:<{wf}}  {_fmt_params(r['params']):>8}  {r['min_size']:>4}  {r['reference']}")
+        print(
+            f"{r['name']:<{w}}  {r['family']:<{wf}}  {_fmt_params(r['params']):>8}  {r['min_size']:>4}  "
+            f"{r['reference']}"
+        )
     print(f"{len(rows)} models")
     return 0
 
@@ -99,8 +132,17 @@ def _cmd_info(args) -> int:
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return 0
-    for k in ("name", "family", "parameters", "state_dict_keys", "min_input_size", "max_input_size",
-              "size_multiple", "reference", "paper"):
+    for k in (
+        "name",
+        "family",
+        "parameters",
+        "state_dict_keys",
+        "min_input_size",
+        "max_input_size",
+        "size_multiple",
+        "reference",
+        "paper",
+    ):
         v = info[k]
         if k == "max_input_size" and v is None or k == "size_multiple" and v == 1:
             continue
@@ -121,15 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("list", help="list registered models")
     pl.add_argument("filter", nargs="?", default=None, help="shell-style pattern, e.g. 'resnet*'")
     pl.add_argument("--family", default=None, help="only this family (resnet, vgg, ...)")
-    pl.add_argument("--markdown", action="store_true", help="print the README's markdown table")
-    pl.add_argument("--json", action="store_true")
+    pl.add_argument("--markdown", action="store_true", help="print the model table as markdown (docs/models.md)")
+    pl.add_argument("--json", action="store_true", help="machine-readable output (a JSON list of rows)")
     pl.set_defaults(fn=_cmd_list)
     pi = sub.add_parser("info", help="parameters, minimum size, features of one model")
-    pi.add_argument("name")
-    pi.add_argument("--json", action="store_true")
+    pi.add_argument("name", help="model name (vafunc list)")
+    pi.add_argument("--json", action="store_true", help="machine-readable output")
     pi.set_defaults(fn=_cmd_info)
-    from vafunc.cli import weights as _cli_weights
     from vafunc.cli import demo
+    from vafunc.cli import weights as _cli_weights
 
     _cli_weights.add_parsers(sub)  # predict, convert
     demo.add_parser(sub)
@@ -140,10 +182,22 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
-        return args.fn(args)
+        rc = args.fn(args)
+        sys.stdout.flush()  # a closed pipe (vafunc list | head) shows here, not at exit
+        return rc
+    except BrokenPipeError:
+        # the reader went away: send the rest of the output nowhere, quietly (Python's recipe)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     except (ValueError, TypeError) as err:
-        print(f"vafunc {args.command}: error: {err}", file=sys.stderr)
+        print(f"vafunc {args.command}: error: {_in_cli_words(str(err))}", file=sys.stderr)
         return 2
+
+
+def _in_cli_words(message: str) -> str:
+    """The library's hints name Python keywords (``num_classes=10``); here they are options."""
+    return re.sub(r"\bnum_classes=(\d+)", r"--num-classes \1", message)
 
 
 if __name__ == "__main__":  # pragma: no cover

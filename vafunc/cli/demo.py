@@ -24,10 +24,10 @@ import torch.nn.functional as F
 
 from vafunc.core import random as vrandom
 from vafunc.core import tree as vtree
+from vafunc.core.registry import get_model
 from vafunc.research.ensemble import ensemble_apply, ensemble_init
 from vafunc.serving.memory import set_malloc_thresholds
 from vafunc.training.optim import adamw, sgd, warmup_cosine_schedule
-from vafunc.core.registry import get_model
 from vafunc.training.train import make_train_step
 
 __all__ = ["DemoConfig", "run", "load_digits"]
@@ -62,6 +62,24 @@ def _require(module: str, pkg: str):
         raise SystemExit(_HINT.format(pkg=pkg)) from None
 
 
+#: the class names of the digits data set
+DIGITS = [str(d) for d in range(10)]
+
+
+def preprocessing(size: int) -> dict:
+    """What :func:`load_digits` does to a scan, as the keywords of
+    :class:`vafunc.serving.transforms.Transform` (saved in the demo's checkpoints for ``vafunc
+    predict``): a bilinear resize to ``size`` x ``size``, three equal channels in ``[-1, 1]``
+    (mean 0.5, std 0.5). The scans are light digits on a dark ground."""
+    return {
+        "resize_size": size,
+        "crop_size": size,
+        "interpolation": "bilinear",
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.5, 0.5, 0.5],
+    }
+
+
 def load_digits(size: int, seed: int = 0):
     """``(x_train, y_train, x_test, y_test)``: digits as ``[N, 3, size, size]`` floats in ``[-1, 1]``."""
     datasets = _require("sklearn.datasets", "scikit-learn")
@@ -92,11 +110,10 @@ class _Progress:
         bar = "#" * fill + "-" * (self.width - fill)
         secs = time.perf_counter() - self.start
         end = "\n" if done == self.total else ""
-        print(f"\r{self.label} [{bar}] {done}/{self.total} {secs:5.1f}s {note}", end=end,
-              file=sys.stderr, flush=True)
+        print(f"\r{self.label} [{bar}] {done}/{self.total} {secs:5.1f}s {note}", end=end, file=sys.stderr, flush=True)
 
 
-def _policy(cfg: "DemoConfig"):
+def _policy(cfg: DemoConfig):
     from vafunc.core.precision import Policy
 
     if cfg.precision not in ("fp32", "bf16"):
@@ -133,8 +150,13 @@ def parse_config(items) -> tuple:
 def _evaluate(model, params, state, x, y, batch: int = 512, policy=None):
     with torch.no_grad():
         logits = torch.cat(
-            [ensemble_apply(model, params, state, x[i : i + batch], **({} if policy is None else {"policy": policy}))[0]
-             for i in range(0, len(x), batch)], dim=1
+            [
+                ensemble_apply(
+                    model, params, state, x[i : i + batch], **({} if policy is None else {"policy": policy})
+                )[0]
+                for i in range(0, len(x), batch)
+            ],
+            dim=1,
         )
     member_acc = (logits.argmax(-1) == y).float().mean(1)
     ens_acc = (logits.softmax(-1).mean(0).argmax(-1) == y).float().mean()
@@ -207,8 +229,11 @@ def run(cfg: DemoConfig) -> dict:
     opt_state = opt.init(params)
     step = make_train_step(model, opt, ensemble=True, ensemble_method=cfg.ensemble_method, donate=True, policy=policy)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    print(f"vafunc demo: {cfg.members} x {cfg.model} ({vtree.count_params(params) // cfg.members:,} parameters each), "
-          f"digits {len(x_tr)} train / {len(x_te)} test at {size}x{size}, {cfg.epochs} epochs", file=sys.stderr)
+    print(
+        f"vafunc demo: {cfg.members} x {cfg.model} ({vtree.count_params(params) // cfg.members:,} parameters each), "
+        f"digits {len(x_tr)} train / {len(x_te)} test at {size}x{size}, {cfg.epochs} epochs",
+        file=sys.stderr,
+    )
     history: dict = {"loss": [], "test_member_acc": [], "test_ensemble_acc": [], "steps_per_epoch": steps_per_epoch}
     t0 = time.perf_counter()
     for epoch in range(cfg.epochs):
@@ -223,14 +248,30 @@ def run(cfg: DemoConfig) -> dict:
         member_acc, ens_acc = _evaluate(model, params, state, x_te, y_te, policy=policy)
         history["test_member_acc"].append(member_acc.tolist())
         history["test_ensemble_acc"].append(float(ens_acc))
-        print(f"  test accuracy: members {' '.join(f'{100 * a:.1f}%' for a in member_acc.tolist())}, "
-              f"ensemble {100 * float(ens_acc):.2f}%", file=sys.stderr)
+        print(
+            f"  test accuracy: members {' '.join(f'{100 * a:.1f}%' for a in member_acc.tolist())}, "
+            f"ensemble {100 * float(ens_acc):.2f}%",
+            file=sys.stderr,
+        )
     seconds = time.perf_counter() - t0
     paths = []
     for i, (p, s) in enumerate(zip(vtree.unstack(params), vtree.unstack(state))):
-        paths.append(str(save_weights(p, s, out / f"member{i}.safetensors",
-                                      metadata={"model": cfg.model, "num_classes": "10",
-                                                **({"config": json.dumps(dict(cfg.config))} if cfg.config else {})})))
+        paths.append(
+            str(
+                save_weights(
+                    p,
+                    s,
+                    out / f"member{i}.safetensors",
+                    metadata={
+                        "model": cfg.model,
+                        "num_classes": "10",
+                        "transform": json.dumps(preprocessing(size)),
+                        "categories": json.dumps(DIGITS),
+                        **({"config": json.dumps(dict(cfg.config))} if cfg.config else {}),
+                    },
+                )
+            )
+        )
     plotted = _plot(history, out / "training.png", cfg)
     result = {
         "config": asdict(cfg),
@@ -254,34 +295,75 @@ def run(cfg: DemoConfig) -> dict:
 
 def add_parser(sub) -> None:
     d = DemoConfig()
-    p = sub.add_parser("demo", help="train an ensemble on scikit-learn's digits (the quick start's main job)",
-                       description=__doc__.split("\n\n")[0])
+    p = sub.add_parser(
+        "demo",
+        help="train an ensemble on scikit-learn's digits (the quick start's main job)",
+        description=__doc__.split("\n\n")[0],
+    )
     p.add_argument("--model", default=d.model, help=f"registered architecture (default {d.model})")
-    p.add_argument("--members", type=int, default=d.members)
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--members", type=int, default=d.members, help=f"ensemble size (default {d.members})")
+    p.add_argument("--epochs", type=int, default=d.epochs, help=f"passes over the training split (default {d.epochs})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per member per step")
     p.add_argument("--size", type=int, default=d.size, help="image side after upsampling the 8x8 scans")
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the keys and the shuffles")
     p.add_argument("--out", default=d.out, help="output folder (checkpoints, plot, metrics)")
-    p.add_argument("--ensemble-method", choices=["auto", "batched", "loop", "vmap"], default=d.ensemble_method,
-                   help="lowering of the ensemble train step (vmap: one torch.vmap over members)")
-    p.add_argument("--config", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="architecture config overrides, e.g. patch_size=4 num_layers=4 hidden_dim=128")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default=d.precision,
-                   help="bf16: the precision policy float32 params / bfloat16 compute / float32 logits")
-    p.add_argument("--optimizer", choices=["sgd", "adamw"], default=d.optimizer)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--malloc", choices=["reuse", "default"], default="reuse",
-                   help="reuse (default): glibc keeps large freed blocks for the next step "
-                        "(vafunc.serving.memory.set_malloc_thresholds; this process only)")
+    p.add_argument(
+        "--ensemble-method",
+        choices=["auto", "batched", "loop", "vmap"],
+        default=d.ensemble_method,
+        help="lowering of the ensemble train step (vmap: one torch.vmap over members)",
+    )
+    p.add_argument(
+        "--config",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="architecture config overrides, e.g. patch_size=4 num_layers=4 hidden_dim=128",
+    )
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default=d.precision,
+        help="bf16: the precision policy float32 params / bfloat16 compute / float32 logits",
+    )
+    p.add_argument(
+        "--optimizer",
+        choices=["sgd", "adamw"],
+        default=d.optimizer,
+        help="sgd (Nesterov momentum 0.9, the default) or adamw",
+    )
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"(default {d.weight_decay})")
+    p.add_argument(
+        "--malloc",
+        choices=["reuse", "default"],
+        default="reuse",
+        help="reuse (default): glibc keeps large freed blocks for the next step "
+        "(vafunc.serving.memory.set_malloc_thresholds; this process only)",
+    )
     p.set_defaults(fn=_main)
 
 
 def _main(a) -> int:
     if a.malloc == "reuse" and set_malloc_thresholds():
-        print("host memory: large freed blocks are kept for reuse (vafunc.serving.memory.set_malloc_thresholds; "
-              "--malloc default turns it off)", flush=True)
-    cfg = DemoConfig(a.model, a.members, a.epochs, a.batch_size, a.size, a.lr, a.weight_decay, a.seed, a.out,
-                     a.ensemble_method, parse_config(a.config), a.precision, a.optimizer)
+        print(
+            "host memory: large freed blocks are kept for reuse (vafunc.serving.memory.set_malloc_thresholds; "
+            "--malloc default turns it off)",
+            flush=True,
+        )
+    cfg = DemoConfig(
+        a.model,
+        a.members,
+        a.epochs,
+        a.batch_size,
+        a.size,
+        a.lr,
+        a.weight_decay,
+        a.seed,
+        a.out,
+        a.ensemble_method,
+        parse_config(a.config),
+        a.precision,
+        a.optimizer,
+    )
     return 0 if run(cfg) else 1

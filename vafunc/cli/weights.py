@@ -14,11 +14,10 @@ from pathlib import Path
 
 import torch
 
-from vafunc.io import hub
-
 from vafunc.core import registry
-from vafunc.serving import transforms as T
 from vafunc.core import tree as vtree
+from vafunc.io import hub
+from vafunc.serving import transforms as T
 from vafunc.serving.imagenet_classes import IMAGENET_CATEGORIES
 
 __all__ = ["add_parsers", "collect_images", "predict", "info_extra", "print_info_extra", "Progress"]
@@ -48,10 +47,7 @@ class Progress:
         width = 30
         filled = int(width * self.done / max(self.total, 1))
         rate = self.done / max(time.perf_counter() - self.start, 1e-9)
-        line = (
-            f"{self.label} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} images"
-            f" ({rate:.1f}/s)"
-        )
+        line = f"{self.label} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} images ({rate:.1f}/s)"
         self.stream.write(("\r" + line) if self.tty else (line + "\n"))
         self.stream.flush()
 
@@ -73,7 +69,9 @@ def collect_images(inputs) -> tuple[list[Path], bool]:
         if p.is_dir():
             folder = True
             found = sorted(
-                q for q in p.iterdir() if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES and not q.name.startswith(".")
+                q
+                for q in p.iterdir()
+                if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES and not q.name.startswith(".")
             )
             if not found:
                 raise ValueError(f"{p}: the folder has no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
@@ -85,14 +83,33 @@ def collect_images(inputs) -> tuple[list[Path], bool]:
     return out, folder
 
 
-def resolve(name: str, weights: str, *, transform_tag: str | None = None, num_classes: int | None = None,
-            device=None, method: str = "pil"):
+def resolve(
+    name: str,
+    weights: str,
+    *,
+    transform_tag: str | None = None,
+    num_classes: int | None = None,
+    device=None,
+    method: str = "pil",
+):
     """``(model, params, state, transform, categories, notes)`` for a model name and a weights tag or
     path. For a path, the evaluation transform (and the config it implies) is the table entry with
-    the same file name, else ``transform_tag``, else the model's DEFAULT weights."""
+    the same file name, else ``transform_tag``, else the preprocessing, class names and config saved
+    in the file's metadata (``vafunc demo``'s checkpoints), else the model's DEFAULT weights."""
     registry.get_entry(name)  # unknown model: the registry's error, with suggestions
-    path, w = hub._resolve(name, weights)
+    path, w = hub.resolve_weights(name, weights)
     notes = []
+    saved = _saved_preprocessing(path, method) if path is not None and transform_tag is None else None
+    if saved is not None and (w is None or w.model != name):
+        transform, categories, config = saved
+        if num_classes is not None:
+            config["num_classes"] = num_classes
+        model = registry.get_model(name, **config)
+        params, state = hub.load_weights(model, path, device=device)
+        if categories is not None and len(categories) != getattr(model.config, "num_classes", len(categories)):
+            categories = None
+        notes.append(f"using the preprocessing saved in {path.name}: {transform.describe()}")
+        return model, params, state, transform, categories, notes
     if w is not None and w.model != name:
         if path is None:
             raise ValueError(f"{w.name} are weights for {w.model}, not for {name}")
@@ -106,7 +123,9 @@ def resolve(name: str, weights: str, *, transform_tag: str | None = None, num_cl
             w = defaults[0]
             notes.append(f"using the evaluation transform of {w.name} (pass --transform TAG to choose another)")
         else:
-            notes.append("no published weights for this model: using the standard ImageNet transform (resize 256, crop 224)")
+            notes.append(
+                "no published weights for this model: using the standard ImageNet transform (resize 256, crop 224)"
+            )
     config = dict(w.config) if w is not None else {}
     if num_classes is not None:
         config["num_classes"] = num_classes
@@ -118,8 +137,41 @@ def resolve(name: str, weights: str, *, transform_tag: str | None = None, num_cl
     return model, params, state, transform, categories, notes
 
 
-def predict(model, params, state, transform, images, *, topk: int = 5, batch_size: int = 16, device=None,
-            categories=None, progress: Progress | None = None, skip_unreadable: bool = False) -> list[dict]:
+def _saved_preprocessing(path: Path, method: str):
+    """``(transform, categories or None, config)`` from a checkpoint's metadata (``transform``: the
+    keywords of :class:`vafunc.serving.transforms.Transform`, ``categories``: the class names, both
+    JSON; ``num_classes`` and ``config``), or ``None`` if it saved no transform (or is no
+    safetensors file: only those carry metadata)."""
+    if Path(path).suffix.lower() != ".safetensors" or not Path(path).is_file():
+        return None
+    try:
+        _, meta, _ = hub.read_checkpoint(path)
+    except (hub.WeightsError, ImportError):
+        return None  # load_weights reports it
+    if "transform" not in meta:
+        return None
+    transform = T.Transform(**json.loads(meta["transform"]), method=method)
+    categories = json.loads(meta["categories"]) if "categories" in meta else None
+    config = json.loads(meta["config"]) if "config" in meta else {}
+    if "num_classes" in meta:
+        config["num_classes"] = int(meta["num_classes"])
+    return transform, categories, config
+
+
+def predict(
+    model,
+    params,
+    state,
+    transform,
+    images,
+    *,
+    topk: int = 5,
+    batch_size: int = 16,
+    device=None,
+    categories=None,
+    progress: Progress | None = None,
+    skip_unreadable: bool = False,
+) -> list[dict]:
     """Top-``topk`` classes of each image file: ``[{"image", "top": [{"index", "label", "probability"}]}]``."""
     if topk < 1:
         raise ValueError(f"--topk must be at least 1, got {topk}")
@@ -167,8 +219,12 @@ def cmd_predict(args) -> int:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             model, params, state, transform, categories, notes = resolve(
-                args.model, args.weights, transform_tag=args.transform, num_classes=args.num_classes,
-                device=args.device, method=args.resize_method,
+                args.model,
+                args.weights,
+                transform_tag=args.transform,
+                num_classes=args.num_classes,
+                device=args.device,
+                method=args.resize_method,
             )
     except ImportError as err:
         print(f"vafunc predict: error: {err}", file=sys.stderr)
@@ -180,19 +236,33 @@ def cmd_predict(args) -> int:
     bar = Progress(len(images), enabled=bool(show) and not args.quiet)
     try:
         results = predict(
-            model, params, state, transform, images, topk=args.topk, batch_size=args.batch_size,
-            device=args.device, categories=categories, progress=bar, skip_unreadable=args.skip_unreadable,
+            model,
+            params,
+            state,
+            transform,
+            images,
+            topk=args.topk,
+            batch_size=args.batch_size,
+            device=args.device,
+            categories=categories,
+            progress=bar,
+            skip_unreadable=args.skip_unreadable,
         )
     except ImportError as err:
         print(f"vafunc predict: error: {err}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps({
-            "model": model.name,
-            "weights": str(args.weights),
-            "transform": transform.describe(),
-            "results": results,
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "model": model.name,
+                    "weights": str(args.weights),
+                    "transform": transform.describe(),
+                    "results": results,
+                },
+                indent=2,
+            )
+        )
     else:
         for r in results:
             print(r["image"])
@@ -224,8 +294,10 @@ def cmd_convert(args) -> int:
         if name is None:
             fits = hub.identify(flat)
             if not fits:
-                raise ValueError(f"{src}: cannot tell which model this checkpoint is for (it fits no registered "
-                                 "model at its default config); pass --model NAME")
+                raise ValueError(
+                    f"{src}: cannot tell which model this checkpoint is for (it fits no registered "
+                    "model at its default config); pass --model NAME"
+                )
             if len(fits) > 1:
                 raise ValueError(f"{src}: the checkpoint fits several models ({', '.join(fits)}); pass --model NAME")
             name, how = fits[0], "from its tensor names and shapes"
@@ -253,8 +325,10 @@ def cmd_convert(args) -> int:
     for c in caught:
         print(f"vafunc convert: note: {c.message}", file=sys.stderr)
     n_params = vtree.count_params(params)
-    print(f"{src} -> {dst}: {name} ({how}), {len(flat_out)} tensors, {n_params:,} parameters; "
-          "verified: every tensor fits the model and reads back identically")
+    print(
+        f"{src} -> {dst}: {name} ({how}), {len(flat_out)} tensors, {n_params:,} parameters; "
+        "verified: every tensor fits the model and reads back identically"
+    )
     return 0
 
 
@@ -285,8 +359,10 @@ def info_extra(model) -> dict:
 
 
 def print_info_extra(info: dict) -> None:
-    print(f"{'gflops':>16}: {info['gflops']} (multiply-adds at {info['gflops_input']}x{info['gflops_input']}, "
-          f"{info['gflops_source']})")
+    print(
+        f"{'gflops':>16}: {info['gflops']} (multiply-adds at {info['gflops_input']}x{info['gflops_input']}, "
+        f"{info['gflops_source']})"
+    )
     ws = info["weights"]
     if not ws:
         print(f"{'weights':>16}: none published (load your own file with vafunc.load_weights(model, path))")
@@ -295,8 +371,10 @@ def print_info_extra(info: dict) -> None:
         t = w["transform"]
         acc = f"acc@1 {w['acc1']:.3f} acc@5 {w['acc5']:.3f}" if w["acc1"] is not None else "acc n/a"
         tag = w["tag"] + (" (default)" if w["default"] else "")
-        print(f"{'weights' if i == 0 else '':>16}{':' if i == 0 else ' '} {tag:<30} {acc:<28} "
-              f"{t['resize']}->{t['crop']} {t['interpolation']:<8} {w['file']}")
+        print(
+            f"{'weights' if i == 0 else '':>16}{':' if i == 0 else ' '} {tag:<30} {acc:<28} "
+            f"{t['resize']}->{t['crop']} {t['interpolation']:<8} {w['file']}"
+        )
 
 
 # --------------------------------------------------------------------------- argparse
@@ -307,25 +385,39 @@ def add_parsers(sub) -> None:
     pp.add_argument("images", nargs="+", help="image files and/or folders of images")
     pp.add_argument("--model", required=True, help="model name (vafunc list)")
     pp.add_argument("--weights", default="DEFAULT", help="a tag (DEFAULT, IMAGENET1K_V2, ...) or a checkpoint path")
-    pp.add_argument("--topk", type=int, default=5)
+    pp.add_argument("--topk", type=int, default=5, help="how many classes to show per image (default 5)")
     pp.add_argument("--json", action="store_true", help="machine-readable output")
-    pp.add_argument("--batch-size", type=int, default=16)
+    pp.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
     pp.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, ...")
-    pp.add_argument("--transform", default=None, metavar="TAG",
-                    help="use this weights tag's evaluation transform (for a checkpoint path)")
+    pp.add_argument(
+        "--transform",
+        default=None,
+        metavar="TAG",
+        help="use this weights tag's evaluation transform (for a checkpoint path)",
+    )
     pp.add_argument("--num-classes", type=int, default=None, help="for fine-tuned checkpoints")
-    pp.add_argument("--resize-method", choices=T.METHODS, default="pil",
-                    help="pil: Pillow's resampling, as the published accuracies; torch: F.interpolate")
+    pp.add_argument(
+        "--resize-method",
+        choices=T.METHODS,
+        default="pil",
+        help="pil: Pillow's resampling, as the published accuracies; torch: F.interpolate",
+    )
     pp.add_argument("--skip-unreadable", action="store_true", help="report unreadable images and go on")
-    pp.add_argument("--progress", dest="progress", action="store_true", default=None)
-    pp.add_argument("--no-progress", dest="progress", action="store_false")
+    pp.add_argument(
+        "--progress",
+        dest="progress",
+        action="store_true",
+        default=None,
+        help="show a progress bar on stderr (default: for folders and more than one batch)",
+    )
+    pp.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     pp.add_argument("-q", "--quiet", action="store_true", help="no notes, no progress bar")
     pp.set_defaults(fn=cmd_predict)
 
     pc = sub.add_parser("convert", help="convert a checkpoint between .pth and .safetensors, verified")
-    pc.add_argument("input")
+    pc.add_argument("input", help="the checkpoint to read (.pth, .pt, .bin or .safetensors)")
     pc.add_argument("output", help="*.safetensors, *.pth or *.pt")
     pc.add_argument("--model", default=None, help="model name (inferred when omitted)")
-    pc.add_argument("--num-classes", type=int, default=None)
+    pc.add_argument("--num-classes", type=int, default=None, help="for fine-tuned checkpoints")
     pc.add_argument("--force", action="store_true", help="overwrite the output file")
     pc.set_defaults(fn=cmd_convert)

@@ -17,8 +17,6 @@ and is not a backend here: ``vafunc/`` holds no ``nn.Module``.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -31,8 +29,15 @@ _is_batched = torch._C._functorch.is_batchedtensor
 
 
 @torch.library.custom_op("vafunc::member_conv2d", mutates_args=())
-def member_conv2d(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], stride: list[int],
-                  padding: list[int], dilation: list[int], groups: int) -> torch.Tensor:
+def member_conv2d(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+) -> torch.Tensor:
     """The convolution of :class:`Plain` for a weight batched by a user's ``torch.vmap``: a plain
     convolution whose vmap rule (:mod:`vafunc.research.vmap_rules`) is the members lowering."""
     return F.conv2d(x, w, b, stride, padding, dilation, groups)
@@ -45,8 +50,13 @@ def _(x, w, b, stride, padding, dilation, groups):
 
 def wants_member_conv(w: torch.Tensor) -> bool:
     """Whether the conv with weight ``w`` takes :func:`member_conv2d` (:mod:`vafunc.research.vmap_rules`)."""
-    return (not torch.compiler.is_compiling() and _is_batched(w) and w.dim() == 4
-            and not (torch.is_grad_enabled() and w.requires_grad))
+    return (
+        not torch.compiler.is_compiling()
+        and _is_batched(w)
+        and w.dim() == 4
+        and not (torch.is_grad_enabled() and w.requires_grad)
+    )
+
 
 _EMPTY: dict = {}
 

@@ -31,10 +31,12 @@ a :class:`Layout` says where each unit of a block keeps its tensors (``names=``)
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any
 
 import torch
+from torch import Tensor
 
 from vafunc.core.kit import Scope
 
@@ -99,12 +101,12 @@ class Layout:
     start: int = 0
     names: tuple = ()  # (role, (key, key)) pairs for kind="named"
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.kind not in {"cna", "cna_bare_project", "flat", "named"}:
             raise ValueError(f"unknown block layout kind {self.kind!r}")
 
     @classmethod
-    def named(cls, **roles: tuple[str, str]) -> "Layout":
+    def named(cls, **roles: tuple[str, str]) -> Layout:
         """A layout by state-dict names: ``Layout.named(dw=("conv_dw", "bn1"), se=("se.fc1",
         "se.fc2"), ...)``; the two keys of a role share their module path."""
         for role, (a, b) in roles.items():
@@ -134,7 +136,7 @@ class Layout:
                 out.append(((*pre, str(self.start + i)), *(("fc1", "fc2") if role == "se" else ("0", "1"))))
         return out
 
-    def run(self, m, x, units: tuple, calls: tuple):
+    def run(self, m: Scope, x: Tensor, units: tuple, calls: tuple) -> Tensor:
         """Run a block's units in ``m``: ``units`` as in :meth:`place`, ``calls`` one
         ``(fn, args, kw)`` per unit (``Scope.conv_norm_act`` or ``Scope.squeeze_excite``), to
         which the unit's two keys are given as ``conv``/``norm`` (``fc1``/``fc2`` for SE). Every
@@ -144,7 +146,7 @@ class Layout:
         return run_units(m, x, _plan(self, units, calls))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _plan(layout: Layout, units: tuple, calls: tuple) -> tuple:
     """:meth:`Layout.run`'s steps grouped by module path (see :func:`run_units`), built once per
     distinct ``(layout, units, calls)``: every call of the same block gets the same plan object, so
@@ -180,14 +182,18 @@ TORCHVISION = Layout("cna", "block")
 MOBILENET_V2 = Layout("cna_bare_project", "conv")
 MNASNET = Layout("flat", "layers")
 TIMM_DS = Layout.named(dw=("conv_dw", "bn1"), se=("se.conv_reduce", "se.conv_expand"), project=("conv_pw", "bn2"))
-TIMM_IR = Layout.named(expand=("conv_pw", "bn1"), dw=("conv_dw", "bn2"), se=("se.conv_reduce", "se.conv_expand"),
-                       project=("conv_pwl", "bn3"))
+TIMM_IR = Layout.named(
+    expand=("conv_pw", "bn1"),
+    dw=("conv_dw", "bn2"),
+    se=("se.conv_reduce", "se.conv_expand"),
+    project=("conv_pwl", "bn3"),
+)
 
 
 # --------------------------------------------------------------------------- blocks
 
 
-def run_units(m, y, plan: tuple):
+def run_units(m: Scope, y: Tensor, plan: tuple) -> Tensor:
     """Run a plan of :func:`_group` from ``m``: a step ``(None, fn, args, kw)`` is
     ``fn(m, y, *args, **kw)``; a group ``(name, None, inner, None)`` runs ``inner`` inside one
     ``m.block`` of that module (a module tree in torch_compat, a child scope in the pure apply)."""
@@ -196,14 +202,14 @@ def run_units(m, y, plan: tuple):
     return y
 
 
-def _residual(m, x, y, rate: float, rng):
+def _residual(m: Scope, x: Tensor, y: Tensor, rate: float, rng: Tensor | None) -> Tensor:
     """``x + drop_path(y)`` (per-sample stochastic depth, keyed by ``rng`` or the scope's key)."""
     return m.drop_path(y, rate, m.rng if rng is None else rng) + x
 
 
 def mbconv(
-    m,
-    x,
+    m: Scope,
+    x: Tensor,
     cout: int,
     *,
     cin: int | None = None,
@@ -216,13 +222,13 @@ def mbconv(
     se_gate: str = "sigmoid",
     dilation: int = 1,
     expand: bool | None = None,
-    padding=None,
+    padding: int | tuple[int, int] | str | None = None,
     names: Layout = TORCHVISION,
     drop_path: float = 0.0,
-    rng=None,
+    rng: Tensor | None = None,
     eps: float | None = None,
     momentum: float | None = None,
-):
+) -> Tensor:
     """Inverted residual / MBConv (MobileNetV2 Sec. 3.3, Fig. 3; MnasNet Fig. 7; EfficientNet).
 
     ``x [N, cin, H, W] -> [N, cout, H/stride, W/stride]``: 1x1 expansion to ``expanded``
@@ -244,19 +250,32 @@ def mbconv(
         raise ValueError(f"MBConv without expansion needs expanded == cin, got {expanded} != {cin}")
     bn = (("eps", eps), ("momentum", momentum))
     units = (("expand", True),) * expand + (("dw", True),) + (("se", False),) * (se is not None) + (("project", False),)
-    calls = ((Scope.conv_norm_act, (expanded, 1), (("act", act),) + bn),) * expand + (
-        (Scope.conv_norm_act, (expanded, kernel), (("act", act), ("stride", 1 if dilation > 1 else stride),
-                                                   ("padding", padding), ("dilation", dilation),
-                                                   ("groups", expanded)) + bn),
-    ) + ((Scope.squeeze_excite, (se,), (("act", se_act), ("gate", se_gate))),) * (se is not None) + (
-        (Scope.conv_norm_act, (cout, 1), bn),)
+    calls = (
+        ((Scope.conv_norm_act, (expanded, 1), (("act", act),) + bn),) * expand
+        + (
+            (
+                Scope.conv_norm_act,
+                (expanded, kernel),
+                (
+                    ("act", act),
+                    ("stride", 1 if dilation > 1 else stride),
+                    ("padding", padding),
+                    ("dilation", dilation),
+                    ("groups", expanded),
+                )
+                + bn,
+            ),
+        )
+        + ((Scope.squeeze_excite, (se,), (("act", se_act), ("gate", se_gate))),) * (se is not None)
+        + ((Scope.conv_norm_act, (cout, 1), bn),)
+    )
     y = names.run(m, x, units, calls)
     return _residual(m, x, y, drop_path, rng) if stride == 1 and cin == cout else y
 
 
 def fused_mbconv(
-    m,
-    x,
+    m: Scope,
+    x: Tensor,
     cout: int,
     *,
     cin: int | None = None,
@@ -267,13 +286,13 @@ def fused_mbconv(
     se: int | None = None,
     se_act: str = "relu",
     se_gate: str = "sigmoid",
-    padding=None,
+    padding: int | tuple[int, int] | str | None = None,
     names: Layout = TORCHVISION,
     drop_path: float = 0.0,
-    rng=None,
+    rng: Tensor | None = None,
     eps: float | None = None,
     momentum: float | None = None,
-):
+) -> Tensor:
     """Fused-MBConv (EfficientNetV2 Sec. 3.2, Fig. 2): the expansion 1x1 and the depthwise conv
     of MBConv fused into one regular ``kernel``x``kernel`` conv.
 
@@ -293,16 +312,18 @@ def fused_mbconv(
         y = names.run(m, x, (("fused", True),), ((Scope.conv_norm_act, (cout, kernel), conv),))
     else:
         units = (("expand", True),) + (("se", False),) * (se is not None) + (("project", False),)
-        calls = ((Scope.conv_norm_act, (expanded, kernel), conv),) + (
-            (Scope.squeeze_excite, (se,), (("act", se_act), ("gate", se_gate))),) * (se is not None) + (
-            (Scope.conv_norm_act, (cout, 1), bn),)
+        calls = (
+            ((Scope.conv_norm_act, (expanded, kernel), conv),)
+            + ((Scope.squeeze_excite, (se,), (("act", se_act), ("gate", se_gate))),) * (se is not None)
+            + ((Scope.conv_norm_act, (cout, 1), bn),)
+        )
         y = names.run(m, x, units, calls)
     return _residual(m, x, y, drop_path, rng) if stride == 1 and cin == cout else y
 
 
 def depthwise_separable(
-    m,
-    x,
+    m: Scope,
+    x: Tensor,
     cout: int,
     *,
     cin: int | None = None,
@@ -314,13 +335,13 @@ def depthwise_separable(
     se_act: str = "relu",
     se_gate: str = "sigmoid",
     skip: bool = False,
-    padding=None,
+    padding: int | tuple[int, int] | str | None = None,
     names: Layout = TIMM_DS,
     drop_path: float = 0.0,
-    rng=None,
+    rng: Tensor | None = None,
     eps: float | None = None,
     momentum: float | None = None,
-):
+) -> Tensor:
     """Depthwise separable convolution (MobileNetV1, Howard et al. 2017, Sec. 3.1, Fig. 3).
 
     ``x [N, cin, H, W] -> [N, cout, H/stride, W/stride]``: kxk depthwise conv + BN + act,
@@ -331,10 +352,17 @@ def depthwise_separable(
     cin = x.shape[1] if cin is None else cin
     bn = (("eps", eps), ("momentum", momentum))
     units = (("dw", True),) + (("se", False),) * (se is not None) + (("project", project_act),)
-    calls = ((Scope.conv_norm_act, (cin, kernel), (("act", act), ("stride", stride), ("padding", padding),
-                                                   ("groups", cin)) + bn),) + (
-        (Scope.squeeze_excite, (se,), (("act", se_act), ("gate", se_gate))),) * (se is not None) + (
-        (Scope.conv_norm_act, (cout, 1), (("act", act if project_act else None),) + bn),)
+    calls = (
+        (
+            (
+                Scope.conv_norm_act,
+                (cin, kernel),
+                (("act", act), ("stride", stride), ("padding", padding), ("groups", cin)) + bn,
+            ),
+        )
+        + ((Scope.squeeze_excite, (se,), (("act", se_act), ("gate", se_gate))),) * (se is not None)
+        + ((Scope.conv_norm_act, (cout, 1), (("act", act if project_act else None),) + bn),)
+    )
     y = names.run(m, x, units, calls)
     return _residual(m, x, y, drop_path, rng) if skip and stride == 1 and cin == cout else y
 
@@ -342,7 +370,9 @@ def depthwise_separable(
 # --------------------------------------------------------------------------- the stage loop
 
 
-def sequence(m, x, specs, block, *, start: int = 0, index: int = 0):
+def sequence(
+    m: Scope, x: Tensor, specs: Sequence[Any], block: Callable[..., Tensor], *, start: int = 0, index: int = 0
+) -> Tensor:
     """Blocks in a row: ``block(child, x, spec)`` for each spec, at the children ``start``,
     ``start + 1``, ... of ``m``, each output tapped under its path. Block ``j`` gets the key
     ``fold_in(m.rng, index + j)`` (its stochastic depth), ``None`` without a key."""
@@ -351,7 +381,9 @@ def sequence(m, x, specs, block, *, start: int = 0, index: int = 0):
     return x
 
 
-def stages(m, x, plan, block, *, start: int = 0):
+def stages(
+    m: Scope, x: Tensor, plan: Sequence[Sequence[Any]], block: Callable[..., Tensor], *, start: int = 0
+) -> Tensor:
     """The stage loop: stage ``i`` of ``plan`` (a sequence of block specs) at child
     ``start + i`` of ``m``, its blocks at ``.0``, ``.1``, ... (:func:`sequence`); every block and
     every stage output is tapped (``features.2.1``, then ``features.2``). Blocks are counted over
@@ -363,7 +395,7 @@ def stages(m, x, plan, block, *, start: int = 0):
     return x
 
 
-def classifier(m, x, num_classes: int, rate: float, *, init=None):
+def classifier(m: Scope, x: Tensor, num_classes: int, rate: float, *, init: Any = None) -> Tensor:
     """torchvision's ``classifier = Sequential(Dropout(rate), Linear(C, num_classes))``
     (MobileNetV2, EfficientNet, MNASNet): ``[N, C] -> [N, num_classes]``, the dropout keyed by
     the scope's key."""
@@ -397,7 +429,7 @@ def drop_aux_remap(prefixes: tuple[str, ...], head: str) -> Callable:
     the config has no aux heads (``cfg.aux_logits`` false; torchvision's checkpoints contain them
     and its builders delete them after loading), with a note naming them."""
 
-    def remap(cfg, flat):
+    def remap(cfg: Any, flat: dict) -> tuple[dict, list[str]]:
         if cfg.aux_logits:
             return flat, []
         dropped = [k for k in flat if k.startswith(prefixes)]

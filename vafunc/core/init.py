@@ -8,8 +8,8 @@ splits it into ``(params, state)``. With ``device="meta"`` nothing is drawn or a
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -39,7 +39,7 @@ class Initializer:
     dtype: torch.dtype | None = None
 
     @classmethod
-    def from_key(cls, key, *, device=None, dtype=None) -> "Initializer":
+    def from_key(cls, key, *, device=None, dtype=None) -> Initializer:
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"init dtype must be a floating torch.dtype, got {dtype!r}")
         meta = device is not None and torch.device(device).type == "meta"
@@ -141,34 +141,34 @@ class Initializer:
         p: dict = {}
         if scheme == "kaiming_fan_out":
             p["weight"] = self.normal(shape, math.sqrt(2.0 / fan_out))
-            b = (lambda: self.zeros((cout,)))
+            b = lambda: self.zeros((cout,))
         elif scheme == "kaiming_fan_in_uniform":
             p["weight"] = self.uniform(shape, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
-            b = (lambda: self.uniform((cout,), -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in)))
+            b = lambda: self.uniform((cout,), -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
         elif scheme == "normal":
             p["weight"] = self.normal(shape, std)
-            b = (lambda: self.zeros((cout,)))
+            b = lambda: self.zeros((cout,))
         elif scheme == "trunc_normal":
             p["weight"] = self.trunc_normal(shape, std, -2.0, 2.0)
-            b = (lambda: self.zeros((cout,)))
+            b = lambda: self.zeros((cout,))
         elif scheme == "kaiming_uniform":
             # torch.nn.init.kaiming_uniform_ defaults (fan_in, gain sqrt(2)): bound sqrt(6 / fan_in), bias 0
             bound = math.sqrt(6.0 / fan_in)
             p["weight"] = self.uniform(shape, -bound, bound)
-            b = (lambda: self.zeros((cout,)))
+            b = lambda: self.zeros((cout,))
         elif scheme == "kaiming_normal":
             # torch.nn.init.kaiming_normal_ defaults (fan_in, gain sqrt(2)): std sqrt(2 / fan_in), bias 0
             p["weight"] = self.normal(shape, math.sqrt(2.0 / fan_in))
-            b = (lambda: self.zeros((cout,)))
+            b = lambda: self.zeros((cout,))
         elif scheme == "kaiming_fan_out_default_bias":
             # torchvision's RegNet: the kaiming_fan_out weight; a bias (the SE convs') keeps torch's
             # default Conv2d init, uniform in +-1/sqrt(fan_in)
             p["weight"] = self.normal(shape, math.sqrt(2.0 / fan_out))
-            b = (lambda: self.uniform((cout,), -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in)))
+            b = lambda: self.uniform((cout,), -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
         elif scheme == "goog":
             # timm / TF EfficientNet: normal, std sqrt(2 / fan_out) with fan_out = k*k*cout/groups
             p["weight"] = self.normal(shape, math.sqrt(2.0 / (kh * kw * cout // groups)))
-            b = (lambda: self.zeros((cout,)))
+            b = lambda: self.zeros((cout,))
         elif scheme in ("xavier_uniform", "xavier_uniform_mlp"):
             # init.xavier_uniform_ (bound sqrt(6 / (fan_in + fan_out))), bias 0; "_mlp": bias
             # normal(0, 1e-6) (timm's ViT-style init of MLP convs: MaxxVit's transformer blocks)
@@ -198,9 +198,7 @@ class Initializer:
         name, std = (scheme, None) if isinstance(scheme, str) else scheme
         return self.linear(fin, fout, bias=bias, scheme=name, std=std)
 
-    def linear(
-        self, fin: int, fout: int, *, bias: bool = True, scheme: str = "torch_default", std=None
-    ) -> dict:
+    def linear(self, fin: int, fout: int, *, bias: bool = True, scheme: str = "torch_default", std=None) -> dict:
         """Linear weight ``[fout, fin]`` (+ bias).
 
         ``scheme``: ``"torch_default"`` (``nn.Linear.reset_parameters``: weight and bias uniform in
@@ -209,7 +207,8 @@ class Initializer:
         ``+-1/sqrt(fout)``, bias 0: torchvision's EfficientNet/MobileNetV3 head),
         ``"trunc_normal"`` (``std``, bias 0), ``"kaiming_fan_out_uniform"`` (weight uniform in
         ``+-sqrt(3 / fout)``, bias 0: torchvision's MNASNet head) or
-        ``"trunc_normal_default_bias"`` (weight as ``"trunc_normal"``, bias torch's default uniform in ``+-1/sqrt(fin)``: torchvision's
+        ``"trunc_normal_default_bias"`` (weight as ``"trunc_normal"``, bias torch's default uniform in
+        ``+-1/sqrt(fin)``: torchvision's
         GoogLeNet/Inception v3 init, which only touches weights).
         """
         p: dict = {}

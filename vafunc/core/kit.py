@@ -35,16 +35,19 @@ and the torch op. Design notes: ``docs/design.md``; a worked example: ``docs/add
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from vafunc.core import backends as B
 from vafunc.core import layers as L
 from vafunc.core import random as vrandom
+from vafunc.core.init import Initializer
 from vafunc.core.layers import activation, same_padding
-from vafunc.core.precision import check_policy, dtype_mismatch
+from vafunc.core.precision import Policy, check_policy, dtype_mismatch
 from vafunc.core.registry import Family
 from vafunc.core.sizes import min_size, size_multiple
 
@@ -57,7 +60,7 @@ class Done(Exception):
     """Raised by :meth:`Scope.tap` once every requested feature is recorded (early exit)."""
 
 
-def subkey(rng, i: int):
+def subkey(rng: Tensor | None, i: int) -> Tensor | None:
     """``fold_in(rng, i)``, or ``None`` when no key was given (eval and deterministic runs)."""
     return None if rng is None else vrandom.fold_in(rng, i)
 
@@ -66,7 +69,7 @@ def _meta(t: dict) -> dict:
     return {k: v if v.device.type == "meta" else torch.empty_like(v, device="meta") for k, v in t.items()}
 
 
-def _overlay(old, new: dict):
+def _overlay(old: dict, new: dict) -> dict:
     """``old`` with the leaves and subtrees of ``new`` put in (copying only the touched dicts)."""
     if not new:
         return old
@@ -87,8 +90,8 @@ class Ctx(NamedTuple):
     call: :mod:`vafunc.core.backends`) and whether eval BatchNorm is folded into its conv."""
 
     compute: torch.dtype | None = None
-    attention: str = "auto"
-    low: Any = B.PLAIN  # Plain, Taped (per-sample gradients) or Members (stacked members)
+    attention: L.AttentionImpl = "auto"
+    low: B.Plain = B.PLAIN  # Plain, Taped (per-sample gradients) or Members (stacked members)
     fold: bool = False  # Policy.fold_norm (plain backend only): eval BatchNorm folded into the conv
 
 
@@ -104,8 +107,20 @@ class Scope:
 
     __slots__ = ("p", "s", "new", "train", "rng", "taps", "ini", "path", "defaults", "sizes", "ctx")
 
-    def __init__(self, p, s, *, train=False, rng=None, taps=None, ini=None, path="", defaults=None, sizes=None,
-                 ctx=_CTX):
+    def __init__(
+        self,
+        p: dict,
+        s: dict | None,
+        *,
+        train: bool = False,
+        rng: Tensor | None = None,
+        taps: L.Taps | None = None,
+        ini: Initializer | None = None,
+        path: str = "",
+        defaults: dict | None = None,
+        sizes: list[int] | None = None,
+        ctx: Ctx = _CTX,
+    ) -> None:
         self.p = p
         self.s = s
         self.new = {} if train else None
@@ -125,21 +140,46 @@ class Scope:
         auxiliary heads, must run then so their parameters exist)."""
         return self.ini is not None
 
-    def child(self, name: str, rng=None, *, module: tuple | None = None) -> "Scope":
+    def child(self, name: str, rng: Tensor | None = None, *, module: tuple | None = None) -> Scope:
         """The scope of submodule ``name`` (``rng``: its key, default none). ``module``: where
         the reference holds a torch layer here whose tensors its forward reads without calling it
         (Swin's ``qkv``), ``(torch class name, keywords)``; torch_compat's tree holds that class."""
         if self.ini is not None:
-            return Scope(self.p.setdefault(name, {}), None, ini=self.ini, path=f"{self.path}{name}.",
-                         defaults=self.defaults, sizes=self.sizes, ctx=self.ctx)
-        c = Scope(self.p.get(name, _EMPTY), self.s.get(name, _EMPTY), train=self.train, rng=rng,
-                  taps=self.taps, path=f"{self.path}{name}.", defaults=self.defaults, ctx=self.ctx)
+            return Scope(
+                self.p.setdefault(name, {}),
+                None,
+                ini=self.ini,
+                path=f"{self.path}{name}.",
+                defaults=self.defaults,
+                sizes=self.sizes,
+                ctx=self.ctx,
+            )
+        c = Scope(
+            self.p.get(name, _EMPTY),
+            self.s.get(name, _EMPTY),
+            train=self.train,
+            rng=rng,
+            taps=self.taps,
+            path=f"{self.path}{name}.",
+            defaults=self.defaults,
+            ctx=self.ctx,
+        )
         if self.train:
             self.new[name] = c.new
         return c
 
-    def block(self, name: str, fn: Callable, x, *args, tap: bool = True, rng=None, module: tuple | None = None,
-              sequential: bool = False, **kw):
+    def block(
+        self,
+        name: str,
+        fn: Callable[..., Tensor],
+        x: Tensor,
+        *args: Any,
+        tap: bool = True,
+        rng: Tensor | None = None,
+        module: tuple | None = None,
+        sequential: bool = False,
+        **kw: Any,
+    ) -> Tensor:
         """``fn(child_scope, x, *args, **kw)`` in the child scope ``name``; the output is recorded
         as the feature ``path.name`` unless ``tap=False``. For torch_compat's module tree (the
         pure apply ignores both): ``module``, the reference's torch layer when it has one here,
@@ -149,7 +189,7 @@ class Scope:
         y = fn(self.child(name, rng), x, *args, **kw)
         return self.tap(name, y) if tap else y
 
-    def tap(self, name: str, y):
+    def tap(self, name: str, y: Tensor) -> Tensor:
         """Record ``y`` as the feature ``path.name``; raise :class:`Done` once all are recorded."""
         taps = self.taps
         if taps is None:
@@ -159,7 +199,7 @@ class Scope:
             raise Done
         return y
 
-    def op(self, name: str, fn: Callable, x, *args, tap: bool = True, **kw):
+    def op(self, name: str, fn: Callable[..., Tensor], x: Tensor, *args: Any, tap: bool = True, **kw: Any) -> Tensor:
         """A parameter-free layer the reference holds as a module at ``name`` (an activation, a
         pool, a dropout, a flatten): ``fn(x, *args, **kw)``, recorded as the feature
         ``path.name`` unless ``tap=False``. In a ``torch_compat`` tree it is a module of its own
@@ -172,26 +212,28 @@ class Scope:
         (ShuffleNet V2's empty ``branch1`` Sequential of a basic unit), ``(torch class name,
         keywords)``: only torch_compat's tree holds it; the pure apply ignores it."""
 
-    def key(self, i: int):
+    def key(self, i: int) -> Tensor | None:
         """The key of slot ``i`` of this scope's ``rng`` (``None`` without one)."""
         return None if self.rng is None else vrandom.fold_in(self.rng, i)
 
-    def require_multiple(self, k: int, what: str = "input") -> None:
+    def require_multiple(self, k: int) -> None:
         """Declare that the input height and width must be multiples of ``k``."""
         if self.sizes is not None:
             self.sizes.append(int(k))
 
-    def _create(self, name: str, make: Callable) -> dict:
+    def _create(self, name: str, make: Callable[[Initializer], dict]) -> dict:
         t = make(self.ini)
         if name in self.p:
             raise ValueError(f"{self.path}{name} is declared twice")
         self.p[name] = t
         return _meta(t)
 
-    def _init(self, kind: str, init):
+    def _init(self, kind: str, init: Any) -> Any:
         return self.defaults.get(kind) if init is None else init
 
-    def _weights(self, name: str, x, fold=None):
+    def _weights(
+        self, name: str, x: Tensor, fold: tuple[str, float] | None = None
+    ) -> tuple[Tensor, Tensor | None, Tensor]:
         """``(weight, bias, x)`` of a conv or linear layer, cast to the compute dtype of the
         precision policy (gradients flow back to the stored tensors); without a policy, a float
         input of another dtype than the weights gets a clear TypeError. ``fold``: ``(name, eps)``
@@ -207,31 +249,45 @@ class Scope:
             raise dtype_mismatch(f"layer {self.path}{name}", x.dtype, w.dtype)
         return w, b, x
 
-    def _eps(self, eps):  # a BatchNorm's epsilon: the given one, the family's, or torch's 1e-5
+    def _eps(self, eps: float | None) -> float:  # a BatchNorm's epsilon: the given one, the family's, or torch's 1e-5
         return self.defaults.get("eps", 1e-5) if eps is None else eps
 
     def _folds_bn(self) -> bool:
         """Whether :meth:`conv_norm_act` folds its BatchNorm (``Policy.fold_norm``, eval, plain mode)."""
         return self.ctx.fold and not self.train and self.defaults.get("norm", "batch") == "batch"
 
-    def cast(self, t):
+    def cast(self, t: Tensor) -> Tensor:
         """A parameter used directly by the family (a class token, a position embedding, a
         relative position table), cast to the policy's compute dtype."""
         c = self.ctx.compute
         return t if c is None or not t.is_floating_point() else t.to(c)
 
     # ------------------------------------------------------------------ layers
-    def conv(self, name, x, cout, kernel, *, stride=1, padding=None, dilation=1, groups=1, bias=False, init=None,
-             _fold=None):
-        """Conv2d ``[N, Cin, H, W] -> [N, cout, H', W']`` with tensors at ``name``; padding
-        defaults to "same" (:func:`same_padding`); ``padding="tf_same"``: TensorFlow's "SAME"
-        (:func:`vafunc.core.layers.pad_same`, for TF-ported checkpoints: asymmetric at stride 2);
-        ``init``: an init scheme (``vafunc.core.init``)."""
+    def conv(
+        self,
+        name: str,
+        x: Tensor,
+        cout: int,
+        kernel: L.IntPair,
+        *,
+        stride: L.IntPair = 1,
+        padding: L.IntPair | str | None = None,
+        dilation: L.IntPair = 1,
+        groups: int = 1,
+        bias: bool = False,
+        init: Any = None,
+        _fold: tuple[str, float] | None = None,
+    ) -> Tensor:
+        """Conv2d ``[N, Cin, H, W] -> [N, cout, H', W']`` with tensors at ``name``; padding defaults to "same"
+        (:func:`same_padding`); ``padding="tf_same"``: TensorFlow's "SAME" (:func:`vafunc.core.layers.pad_same`, for
+        TF-ported checkpoints: asymmetric at stride 2); ``init``: an init scheme (``vafunc.core.init``)."""
         if self.ini is None:
             w, b, x = self._weights(name, x, _fold)
         else:
             scheme = self._init("conv", init)
-            p = self._create(name, lambda ini: ini.conv_scheme(scheme, x.shape[1], cout, kernel, groups=groups, bias=bias))
+            p = self._create(
+                name, lambda ini: ini.conv_scheme(scheme, x.shape[1], cout, kernel, groups=groups, bias=bias)
+            )
             w, b = p["weight"], p.get("bias")
         if padding is None:
             padding = same_padding(kernel, dilation)
@@ -242,7 +298,7 @@ class Scope:
                 x, padding = L.pad_same(x, kernel, stride, dilation), 0
         return self.ctx.low.conv(x, w, b, stride, padding, dilation, groups)
 
-    def linear(self, name, x, fout, *, bias=True, init=None):
+    def linear(self, name: str, x: Tensor, fout: int, *, bias: bool = True, init: Any = None) -> Tensor:
         """Affine map ``[..., Fin] -> [..., fout]`` with tensors at ``name``."""
         if self.ini is None:
             w, b, x = self._weights(name, x)
@@ -252,12 +308,21 @@ class Scope:
             w, b = p["weight"], p.get("bias")
         return self.ctx.low.linear(x, w, b)
 
-    def linear_with(self, x, w, b=None):
+    def linear_with(self, x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
         """``F.linear(x, w, b)`` with tensors the family declared itself (``m.param``: a fused
         projection), taped under per-sample gradients like :meth:`linear`."""
         return self.ctx.low.linear_with(x, w, b)
 
-    def batch_norm(self, name, x, *, eps=None, momentum=None, zero_init=False, affine=True):
+    def batch_norm(
+        self,
+        name: str,
+        x: Tensor,
+        *,
+        eps: float | None = None,
+        momentum: float | None = None,
+        zero_init: bool = False,
+        affine: bool = True,
+    ) -> Tensor:
         """BatchNorm over channels with tensors at ``name`` (:func:`vafunc.core.layers.batch_norm`);
         ``eps``/``momentum`` default to the family's (torch's 1e-5 / 0.1 unless declared)."""
         eps = self._eps(eps)
@@ -265,71 +330,84 @@ class Scope:
         if self.ini is not None:
             self._create(name, lambda ini: ini.batch_norm(x.shape[1], zero_weight=zero_init, affine=affine))
             return torch.empty_like(x)  # shapes only (meta BatchNorm runs a slow Python decomposition)
-        y, ns = self.ctx.low.batch_norm(x, self.p.get(name, _EMPTY), self.s[name], train=self.train,
-                                        momentum=momentum, eps=eps)
+        y, ns = self.ctx.low.batch_norm(
+            x, self.p.get(name, _EMPTY), self.s[name], train=self.train, momentum=momentum, eps=eps
+        )
         if self.train:
             self.new[name] = ns
         return y
 
-    def group_norm(self, name, x, groups: int, *, eps=1e-5, zero_init=False):
+    def group_norm(self, name: str, x: Tensor, groups: int, *, eps: float = 1e-5, zero_init: bool = False) -> Tensor:
         """GroupNorm (Wu & He 2018) over ``[N, C, ...]`` with ``groups`` groups, tensors at
         ``name`` (weight 1, or 0 with ``zero_init``; bias 0); no running statistics, so no
         coupling between samples (what per-sample gradients and DP-SGD need)."""
         c = x.shape[1]
         if c % groups:
-            raise ValueError(f"GroupNorm at {self.path}{name}: {groups} groups do not divide {c} channels; "
-                             f"choose a group count that divides every width of the network")
+            raise ValueError(
+                f"GroupNorm at {self.path}{name}: {groups} groups do not divide {c} channels; "
+                f"choose a group count that divides every width of the network"
+            )
         if self.ini is not None:
-            p = self._create(name, lambda ini: {"weight": ini.full((c,), 0.0 if zero_init else 1.0),
-                                                "bias": ini.zeros((c,))})
+            p = self._create(
+                name, lambda ini: {"weight": ini.full((c,), 0.0 if zero_init else 1.0), "bias": ini.zeros((c,))}
+            )
             return F.group_norm(x, groups, p["weight"], p["bias"], eps)
         p = self.p[name]
         return self.ctx.low.group_norm(x, groups, p["weight"], p["bias"], eps)
 
-    def norm(self, name, x, *, eps=None, momentum=None, zero_init=False):
+    def norm(
+        self, name: str, x: Tensor, *, eps: float | None = None, momentum: float | None = None, zero_init: bool = False
+    ) -> Tensor:
         """The family's normalisation layer at ``name``: BatchNorm (:meth:`batch_norm`), or, when
         the family's defaults say ``norm="group"``, GroupNorm with ``norm_groups`` groups
         (:meth:`group_norm`; torchvision's ``norm_layer`` choice)."""
         if self.defaults.get("norm", "batch") == "group":
-            return self.group_norm(name, x, self.defaults.get("norm_groups", 32),
-                                   eps=self._eps(eps), zero_init=zero_init)
+            return self.group_norm(
+                name, x, self.defaults.get("norm_groups", 32), eps=self._eps(eps), zero_init=zero_init
+            )
         return self.batch_norm(name, x, eps=eps, momentum=momentum, zero_init=zero_init)
 
-    def norm_act(self, name, x, act: Callable, *, eps=None, momentum=None, zero_init=False):
+    def norm_act(
+        self,
+        name: str,
+        x: Tensor,
+        act: Callable[[Tensor], Tensor],
+        *,
+        eps: float | None = None,
+        momentum: float | None = None,
+        zero_init: bool = False,
+    ) -> Tensor:
         """The family's norm at ``name`` then ``act`` in place: one module in the reference (timm's
-        ``BatchNormAct2d``; a family declares ``defaults={"norm_act": True}`` and
-        :meth:`conv_norm_act` uses it)."""
+        ``BatchNormAct2d``; a family declares ``defaults={"norm_act": True}`` and :meth:`conv_norm_act` uses it)."""
         return act(self.norm(name, x, eps=eps, momentum=momentum, zero_init=zero_init))
 
-    def layer_norm(self, name, x, *, eps=1e-5):
+    def layer_norm(self, name: str, x: Tensor, *, eps: float = 1e-5) -> Tensor:
         """LayerNorm over the last axis of ``[..., C]`` (``nn.LayerNorm(C)``), tensors at
         ``name`` (weight 1, bias 0)."""
         p = self.p[name] if self.ini is None else self._create(name, lambda ini: ini.layer_norm(x.shape[-1]))
         return self.ctx.low.layer_norm(x, p["weight"], p["bias"], eps)
 
-    def layer_norm2d(self, name, x, *, eps=1e-6):
+    def layer_norm2d(self, name: str, x: Tensor, *, eps: float = 1e-6) -> Tensor:
         """LayerNorm over the channels of ``[N, C, H, W]`` at every position (ConvNeXt's
         ``LayerNorm2d``: :func:`vafunc.core.layers.layer_norm2d`), tensors at ``name``."""
         p = self.p[name] if self.ini is None else self._create(name, lambda ini: ini.layer_norm(x.shape[1]))
         return self.ctx.low.layer_norm2d(x, p["weight"], p["bias"], eps)
 
-    def layer_scale(self, name, channels: int, value: float, *, shape=None):
-        """Layer scale (Touvron et al. 2021, CaiT, Sec. 2.1; ConvNeXt): a learnable per-channel
-        factor, initialised to ``value``, stored as the bare parameter ``name`` of ``shape``
-        (default ``[channels, 1, 1]``, torchvision's ``CNBlock.layer_scale``; timm's ``gamma`` is
-        ``[channels]``). Returns the tensor, for the caller to multiply: declare it where the
-        reference registers it (a module's own parameters precede its children's in the
-        state_dict, so usually before the block's layers)."""
+    def layer_scale(self, name: str, channels: int, value: float, *, shape: Sequence[int] | None = None) -> Tensor:
+        """Layer scale (Touvron et al. 2021, CaiT, Sec. 2.1; ConvNeXt): a learnable per-channel factor, initialised
+        to ``value``, stored as the bare parameter ``name`` of ``shape`` (default ``[channels, 1, 1]``,
+        torchvision's ``CNBlock.layer_scale``; timm's ``gamma`` is ``[channels]``). Returns the tensor, for the
+        caller to multiply: declare it where the reference registers it (a module's own parameters precede its
+        children's in the state_dict, so usually before the block's layers)."""
         t = self.param(name, (channels, 1, 1) if shape is None else tuple(shape), ("full", value))
         return t if self.ini is not None else self.ctx.low.layer_scale(t)
 
-    def param(self, name, shape, init=("zeros",), *, batched: bool = False):
-        """A bare parameter ``name`` of ``shape`` used directly by the family (a class token, a
-        position embedding, a relative position bias table), cast to the compute dtype.
-        ``init``: ``("zeros",)``, ``("full", value)``, ``("normal", std)`` or
-        ``("trunc_normal", std)`` (truncated at +-2). ``batched``: the leading axis (of size 1)
-        broadcasts over the batch (ViT's class token and position embedding); under a
-        per-sample tape it becomes the batch axis, so the family's code must broadcast it."""
+    def param(self, name: str, shape: Sequence[int], init: tuple = ("zeros",), *, batched: bool = False) -> Tensor:
+        """A bare parameter ``name`` of ``shape`` used directly by the family (a class token, a position embedding,
+        a relative position bias table), cast to the compute dtype. ``init``: ``("zeros",)``, ``("full", value)``,
+        ``("normal", std)`` or ``("trunc_normal", std)`` (truncated at +-2). ``batched``: the leading axis (of size
+        1) broadcasts over the batch (ViT's class token and position embedding); under a per-sample tape it becomes
+        the batch axis, so the family's code must broadcast it."""
         if self.ini is None:
             return self.ctx.low.param(self.cast(self.p[name]), batched)
         if name in self.p:
@@ -337,7 +415,7 @@ class Scope:
         t = self.p[name] = self.ini.draw(init, tuple(shape))
         return t if t.device.type == "meta" else torch.empty_like(t, device="meta")
 
-    def buffer(self, name, make: Callable[[], torch.Tensor]):
+    def buffer(self, name: str, make: Callable[[], Tensor]) -> Tensor:
         """A constant buffer ``name`` the reference keeps in its state_dict (Swin's
         ``relative_position_index``): made by ``make()`` at init, stored in the state tree (its
         leaf name must be in :data:`vafunc.tree.STATE_LEAVES`), read from the state in apply."""
@@ -350,9 +428,26 @@ class Scope:
         t = self.p[name] = torch.empty_like(t, device="meta") if self.ini.meta else t.to(self.ini.device)
         return t if t.device.type == "meta" else torch.empty_like(t, device="meta")
 
-    def conv_norm_act(self, x, cout, kernel, *, conv="0", norm="1", act=None, stride=1, padding=None,
-                      dilation=1, groups=1, bias=False, eps=None, momentum=None, init=None, zero_init=False,
-                      act_name=None):
+    def conv_norm_act(
+        self,
+        x: Tensor,
+        cout: int,
+        kernel: L.IntPair,
+        *,
+        conv: str = "0",
+        norm: str = "1",
+        act: L.ActSpec | None = None,
+        stride: L.IntPair = 1,
+        padding: L.IntPair | str | None = None,
+        dilation: L.IntPair = 1,
+        groups: int = 1,
+        bias: bool = False,
+        eps: float | None = None,
+        momentum: float | None = None,
+        init: Any = None,
+        zero_init: bool = False,
+        act_name: str | None = None,
+    ) -> Tensor:
         """Convolution -> BatchNorm -> activation (torchvision's ``Conv2dNormActivation``, timm's
         ``ConvNormAct``, Inception's ``BasicConv2d``): the conv's tensors at ``conv``, the
         norm's at ``norm``. The activation runs in place on the fresh BatchNorm output. Under a
@@ -361,12 +456,29 @@ class Scope:
         module of the reference at ``act_name`` (default ``"2"`` after ``conv="0", norm="1"``, as in
         ``Conv2dNormActivation``; ``None`` elsewhere: computed inline, as BasicConv2d's ``F.relu``)."""
         fold = (norm, self._eps(eps)) if self._folds_bn() else None
-        y = self.conv(conv, x, cout, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups,
-                      bias=bias, init=init, _fold=fold)
+        y = self.conv(
+            conv,
+            x,
+            cout,
+            kernel,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            bias=bias,
+            init=init,
+            _fold=fold,
+        )
         act = activation(act)
         if fold is None and self.defaults.get("norm_act"):  # timm's BatchNormAct2d, with or without its act
-            return self.norm_act(norm, y, L.INPLACE.get(act, act) if act is not None else L.identity, eps=eps,
-                                 momentum=momentum, zero_init=zero_init)
+            return self.norm_act(
+                norm,
+                y,
+                L.INPLACE.get(act, act) if act is not None else L.identity,
+                eps=eps,
+                momentum=momentum,
+                zero_init=zero_init,
+            )
         if fold is None:
             y = self.norm(norm, y, eps=eps, momentum=momentum, zero_init=zero_init)
         if act is None:
@@ -376,7 +488,17 @@ class Scope:
         act = L.INPLACE.get(act, act)
         return act(y) if act_name is None else self.op(act_name, act, y, tap=False)
 
-    def squeeze_excite(self, x, squeeze, *, act="relu", gate="sigmoid", fc1="fc1", fc2="fc2", init=None):
+    def squeeze_excite(
+        self,
+        x: Tensor,
+        squeeze: int,
+        *,
+        act: L.ActSpec = "relu",
+        gate: L.ActSpec = "sigmoid",
+        fc1: str = "fc1",
+        fc2: str = "fc2",
+        init: Any = None,
+    ) -> Tensor:
         """Squeeze-and-excitation (Hu et al. 2018, Eq. 2-4): ``x * gate(fc2(act(fc1(mean_hw x))))``,
         ``fc1``/``fc2`` 1x1 convs with bias (torchvision's ``SqueezeExcitation``, timm's ``SEModule``)."""
         s = F.adaptive_avg_pool2d(x, 1)
@@ -384,7 +506,16 @@ class Scope:
         s = activation(gate)(self.conv(fc2, s, x.shape[1], 1, bias=True, init=init))
         return s * x
 
-    def head(self, x, num_classes: int, *, name="fc", rate: float = 0.0, rng=None, init=None):
+    def head(
+        self,
+        x: Tensor,
+        num_classes: int,
+        *,
+        name: str = "fc",
+        rate: float = 0.0,
+        rng: Tensor | None = None,
+        init: Any = None,
+    ) -> Tensor:
         """The classifier head ``[N, C, H, W] -> [N, num_classes]``: global average pool, dropout
         at ``rate`` (keyed by ``rng``, train mode only), linear layer at ``name``."""
         y = L.global_avg_pool(x)
@@ -392,27 +523,37 @@ class Scope:
             y = self.dropout(y, rate, rng)
         return self.linear(name, y, num_classes, init=init)
 
-    def attention(self, q, k, v, *, bias=None, scale=None, rate: float = 0.0, rng=None):
-        """Scaled dot-product attention over ``[..., L, d]`` (:func:`vafunc.core.layers.attention`):
-        fused SDPA or the math path by the documented rule, keyed attention dropout at ``rate``
-        in train mode; the implementation can be forced per call with ``apply(...,
-        attention="math")``."""
+    def attention(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        bias: Tensor | None = None,
+        scale: float | None = None,
+        rate: float = 0.0,
+        rng: Tensor | None = None,
+    ) -> Tensor:
+        """Scaled dot-product attention over ``[..., L, d]`` (:func:`vafunc.core.layers.attention`): fused SDPA or
+        the math path by the documented rule, keyed attention dropout at ``rate`` in train mode; the implementation
+        can be forced per call with ``apply(..., attention="math")``."""
         self.ctx.low.attention(rate, self.train)
-        return L.attention(q, k, v, bias=bias, scale=scale, rate=rate, rng=rng, train=self.train,
-                           impl=self.ctx.attention)
+        return L.attention(
+            q, k, v, bias=bias, scale=scale, rate=rate, rng=rng, train=self.train, impl=self.ctx.attention
+        )
 
-    def dropout(self, x, rate: float, rng, name: str | None = None):
+    def dropout(self, x: Tensor, rate: float, rng: Tensor | None, name: str | None = None) -> Tensor:
         """Keyed element-wise dropout (train mode only; :func:`vafunc.core.layers.dropout`); ``name``:
         the reference's ``nn.Dropout`` module path, where it has one (a module in torch_compat)."""
         return self.ctx.low.dropout(x, rate, rng, self.train)
 
-    def drop_path(self, x, rate: float, rng, name: str | None = None):
+    def drop_path(self, x: Tensor, rate: float, rng: Tensor | None, name: str | None = None) -> Tensor:
         """Keyed per-sample stochastic depth (train mode only; :func:`vafunc.core.layers.drop_path`);
         ``name`` as in :meth:`dropout`."""
         return self.ctx.low.drop_path(x, rate, rng, self.train)
 
     # ------------------------------------------------------------------ results
-    def new_state(self, state):
+    def new_state(self, state: dict) -> dict:
         """The state tree after this call: ``state`` with the updated BatchNorm buffers."""
         return _overlay(state, self.new) if self.train else state
 
@@ -423,7 +564,7 @@ class Scope:
 def family(
     name: str,
     config: type,
-    forward: Callable,
+    forward: Callable[..., Tensor],
     *,
     paper: str = "",
     remap: Callable | None = None,
@@ -441,22 +582,36 @@ def family(
     Extra keywords of ``forward`` (``aux=True``) pass through ``apply``.
     """
 
-    def scope_defaults(cfg):
+    def scope_defaults(cfg: Any) -> dict:
         d = defaults(cfg) if callable(defaults) else (defaults or {})
         return {"conv": "kaiming_fan_out", "linear": "torch_default", **d}
 
-    def run_init(cfg, ini, size=None, sizes=None, scope=Scope):
+    def run_init(
+        cfg: Any, ini: Initializer, size: int | None = None, sizes: list[int] | None = None, scope: type[Scope] = Scope
+    ) -> Scope:
         s = size or (init_size(cfg) if callable(init_size) else init_size)
         m = scope({}, None, ini=ini, defaults=scope_defaults(cfg), sizes=sizes)
         # the input in the init dtype: a float32 input meets float64 biases in meta convs otherwise
         forward(m, cfg, torch.empty(1, in_channels(cfg), s, s, device="meta", dtype=ini.dtype))
         return m
 
-    def init(cfg, ini):
+    def init(cfg: Any, ini: Initializer) -> dict:
         return run_init(cfg, ini).p
 
-    def apply(cfg, params, state, x, *, train: bool = False, rng=None, taps=None, policy=None,
-              attention: str = "auto", backend=None, **kw):
+    def apply(
+        cfg: Any,
+        params: dict,
+        state: dict,
+        x: Tensor,
+        *,
+        train: bool = False,
+        rng: Tensor | None = None,
+        taps: L.Taps | None = None,
+        policy: Policy | None = None,
+        attention: L.AttentionImpl = "auto",
+        backend: B.Plain | None = None,
+        **kw: Any,
+    ) -> tuple[Tensor | None, dict]:
         policy = check_policy(policy)
         ctx = _CTX
         low = B.PLAIN if backend is None else backend
@@ -464,8 +619,12 @@ def family(
             x = x.to(policy.compute)
         x, low = low.enter(x, taps)
         if policy is not None:
-            ctx = Ctx(policy.compute if policy.mixed else None, attention, low,
-                      policy.mixed and policy.fold_norm and low is B.PLAIN)
+            ctx = Ctx(
+                policy.compute if policy.mixed else None,
+                attention,
+                low,
+                policy.mixed and policy.fold_norm and low is B.PLAIN,
+            )
         elif attention != "auto" or low is not B.PLAIN:
             ctx = Ctx(None, attention, low)
         if attention not in L.ATTENTION_IMPLS:
@@ -482,10 +641,20 @@ def family(
                     taps.got[k] = v.to(policy.output) if v.is_floating_point() else v
         return y, m.new_state(state)
 
-    fam = Family(name=name, config=config, init=init, apply=apply, min_size=lambda cfg: min_size(fam, cfg),
-                 paper=paper, remap=remap, in_channels=in_channels, probe=run_init,
-                 multiple=lambda cfg: size_multiple(fam, cfg), max_size=max_size,
-                 declaration=Declaration(forward, scope_defaults))
+    fam = Family(
+        name=name,
+        config=config,
+        init=init,
+        apply=apply,
+        min_size=lambda cfg: min_size(fam, cfg),
+        paper=paper,
+        remap=remap,
+        in_channels=in_channels,
+        probe=run_init,
+        multiple=lambda cfg: size_multiple(fam, cfg),
+        max_size=max_size,
+        declaration=Declaration(forward, scope_defaults),
+    )
     return fam
 
 

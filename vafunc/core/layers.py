@@ -7,7 +7,8 @@ explicit subtree (``s``) and returns new state instead of mutating it. Shapes us
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Literal
 
 import einops
 import torch
@@ -45,7 +46,12 @@ __all__ = [
 ]
 
 Params = Mapping[str, torch.Tensor]
-
+#: a kernel size, stride, padding or dilation: one int for both axes, or ``(h, w)``
+IntPair = int | tuple[int, int]
+#: the attention implementations (:data:`ATTENTION_IMPLS`, :func:`attention_path`)
+AttentionImpl = Literal["auto", "fused", "math"]
+#: an activation: a name of :data:`ACTIVATIONS` or a function (:func:`activation`)
+ActSpec = str | Callable[[torch.Tensor], torch.Tensor]
 
 
 # --------------------------------------------------------------------------- linear maps
@@ -73,13 +79,7 @@ def linear(p: Params, x: torch.Tensor) -> torch.Tensor:
 
 
 def batch_norm(
-    p: Params,
-    s: Mapping[str, torch.Tensor],
-    x: torch.Tensor,
-    *,
-    train: bool,
-    momentum: float = 0.1,
-    eps: float = 1e-5,
+    p: Params, s: Mapping[str, torch.Tensor], x: torch.Tensor, *, train: bool, momentum: float = 0.1, eps: float = 1e-5
 ) -> tuple[torch.Tensor, dict]:
     """BatchNorm over ``[N, C, ...]`` (Ioffe & Szegedy 2015), functional.
 
@@ -102,8 +102,9 @@ def batch_norm(
     return y, new
 
 
-def fold_batch_norm(w: torch.Tensor, b: torch.Tensor | None, p: Params, s: Mapping[str, torch.Tensor], *,
-                    eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+def fold_batch_norm(
+    w: torch.Tensor, b: torch.Tensor | None, p: Params, s: Mapping[str, torch.Tensor], *, eps: float = 1e-5
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A conv's ``(w, b)`` with the eval-mode BatchNorm ``(p, s)`` that follows folded in:
     ``w * g / sqrt(var + eps)`` and ``beta + (b - mean) * g / sqrt(var + eps)``, in the tensors'
     own dtype. The precision policy's ``fold_norm`` casts the result once (inductor's binary
@@ -140,7 +141,7 @@ def channel_shuffle(x: torch.Tensor | Sequence[torch.Tensor], groups: int | None
     return einops.rearrange(x, "n (g c) h w -> n (c g) h w", g=groups).contiguous()
 
 
-def same_padding(kernel, dilation=1):
+def same_padding(kernel: IntPair, dilation: IntPair = 1) -> int | tuple[int, ...]:
     """The symmetric "same" padding of an odd kernel: ``(k - 1) // 2 * dilation`` per axis."""
     if isinstance(kernel, int):
         return (kernel - 1) // 2 * dilation
@@ -148,7 +149,9 @@ def same_padding(kernel, dilation=1):
     return tuple((k - 1) // 2 * di for k, di in zip(kernel, d))
 
 
-def pad_same(x: torch.Tensor, kernel, stride=1, dilation=1, value: float = 0.0) -> torch.Tensor:
+def pad_same(
+    x: torch.Tensor, kernel: IntPair, stride: IntPair = 1, dilation: IntPair = 1, value: float = 0.0
+) -> torch.Tensor:
     """TensorFlow's ``"SAME"`` padding: pad ``[N, C, H, W]`` so that a ``kernel``/``stride``
     window gives ``ceil(H / stride)`` outputs, the extra row/column (if any) at the bottom/right.
     TF-ported checkpoints (timm's ``tf_*`` models) need it in front of their strided convs."""
@@ -200,12 +203,7 @@ def silu_(x: torch.Tensor) -> torch.Tensor:
 
 #: In-place twins, for tensors the caller owns (a fresh layer output): same values, less memory.
 #: (Named functions, not lambdas: torch_compat modules hold them and are pickled.)
-INPLACE: dict[Callable, Callable] = {
-    relu: torch.relu_,
-    relu6: relu6_,
-    hardswish: hardswish_,
-    silu: silu_,
-}
+INPLACE: dict[Callable, Callable] = {relu: torch.relu_, relu6: relu6_, hardswish: hardswish_, silu: silu_}
 
 
 def relu_(x: torch.Tensor) -> torch.Tensor:
@@ -235,7 +233,7 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-def activation(act):
+def activation(act: ActSpec | None) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """An activation from a :data:`ACTIVATIONS` name, a callable, or ``None``."""
     if act is None or callable(act):
         return act
@@ -252,27 +250,35 @@ def activation(act):
 POOL_CHUNK_BYTES = 2 << 20
 
 
-def _pool_cl(x, kernel_size, stride, padding, dilation, ceil_mode):
+def _pool_cl(
+    x: torch.Tensor, kernel_size: IntPair, stride: IntPair, padding: IntPair, dilation: IntPair, ceil_mode: bool
+) -> torch.Tensor:
     """Pool a contiguous NCHW ``x`` in channels_last, a few samples at a time, into an NCHW output:
     the channels_last copy is at most POOL_CHUNK_BYTES beside the input (the whole copy cost
     squeezenet1_1 37% more peak memory than torchvision's eager call), and chunks that stay in
-    cache are as fast or faster than one big copy (2 threads, batch 8: 64x112x112 5.5 ms vs 6.2 ms,
-    96x109x109 14 ms vs 26 ms; plain NCHW 25 ms and 35 ms)."""
+    cache are as fast or faster than one big copy (see benchmarks/README.md for the figures)."""
     n = x.shape[0]
     step = max(1, POOL_CHUNK_BYTES // max(1, x[0].nbytes)) if n else 1
     out = None
     for i in range(0, max(n, 1), step):  # one (empty) chunk for an empty batch
-        y = F.max_pool2d(x[i:i + step].contiguous(memory_format=torch.channels_last), kernel_size, stride, padding,
-                         dilation, ceil_mode)
+        y = F.max_pool2d(
+            x[i : i + step].contiguous(memory_format=torch.channels_last),
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            ceil_mode,
+        )
         if out is None:
             out = x.new_empty((n, *y.shape[1:]))
-        out[i:i + step] = y
+        out[i : i + step] = y
     return out
 
 
 @torch.library.custom_op("vafunc::max_pool2d_cl", mutates_args=())
-def _max_pool2d_cl(x: torch.Tensor, kernel_size: list[int], stride: list[int], padding: list[int],
-                   dilation: list[int], ceil_mode: bool) -> torch.Tensor:
+def _max_pool2d_cl(
+    x: torch.Tensor, kernel_size: list[int], stride: list[int], padding: list[int], dilation: list[int], ceil_mode: bool
+) -> torch.Tensor:
     return _pool_cl(x, kernel_size, stride, padding, dilation, ceil_mode)
 
 
@@ -288,20 +294,32 @@ def _(info, in_dims, x, kernel_size, stride, padding, dilation, ceil_mode):
     return y.view(*xs.shape[:2], *y.shape[1:]), 0
 
 
-def max_pool2d(x, kernel_size, stride=None, padding=0, *, ceil_mode=False, dilation=1):
+def max_pool2d(
+    x: torch.Tensor,
+    kernel_size: IntPair,
+    stride: IntPair | None = None,
+    padding: IntPair = 0,
+    *,
+    ceil_mode: bool = False,
+    dilation: IntPair = 1,
+) -> torch.Tensor:
     """Max pooling. Without a gradient to record, an NCHW input on the CPU is pooled in
-    channels_last and returned contiguous: torch's CPU kernel for contiguous NCHW is 3-6x slower
-    than its channels_last one (resnet's stem pool at batch 8 @224: 25 ms vs 6 ms with both
-    conversions), and a maximum is exact, so the values are bit-equal. Inside ``torch.vmap`` the
+    channels_last and returned contiguous: torch's CPU kernel for contiguous NCHW is slower than
+    its channels_last one, even with both conversions (see benchmarks/README.md for the figures), and a
+    maximum is exact, so the values are bit-equal. Inside ``torch.vmap`` the
     same through ``vafunc::max_pool2d_cl``, whose vmap rule folds the vmapped axis into the batch.
     With a gradient (ties could pick another argmax), inside other ``torch.func`` transforms and
     under ``torch.compile`` (inductor lowers pooling itself) it is the plain call."""
-    if (not torch.compiler.is_compiling() and x.device.type == "cpu" and x.dim() == 4 and x.shape[1] > 1
-            and not (torch.is_grad_enabled() and x.requires_grad)):
+    if (
+        not torch.compiler.is_compiling()
+        and x.device.type == "cpu"
+        and x.dim() == 4
+        and x.shape[1] > 1
+        and not (torch.is_grad_enabled() and x.requires_grad)
+    ):
         stride = kernel_size if stride is None else stride
         if torch._C._functorch.is_batchedtensor(x):
-            return _max_pool2d_cl(x, pair(kernel_size), pair(stride), pair(padding), pair(dilation),
-                                  bool(ceil_mode))
+            return _max_pool2d_cl(x, pair(kernel_size), pair(stride), pair(padding), pair(dilation), bool(ceil_mode))
         if not torch._C._functorch.is_functorch_wrapped_tensor(x) and x.is_contiguous():
             return _pool_cl(x, kernel_size, stride, padding, dilation, ceil_mode)
     return F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
@@ -310,11 +328,19 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, *, ceil_mode=False, dilat
 torch.fx.wrap("max_pool2d")  # one FX node: its CPU fast path branches on the input (calls as L.max_pool2d)
 
 
-def avg_pool2d(x, kernel_size, stride=None, padding=0, *, ceil_mode=False, count_include_pad=True):
+def avg_pool2d(
+    x: torch.Tensor,
+    kernel_size: IntPair,
+    stride: IntPair | None = None,
+    padding: IntPair = 0,
+    *,
+    ceil_mode: bool = False,
+    count_include_pad: bool = True,
+) -> torch.Tensor:
     return F.avg_pool2d(x, kernel_size, stride, padding, ceil_mode, count_include_pad)
 
 
-def adaptive_avg_pool2d(x: torch.Tensor, output_size) -> torch.Tensor:
+def adaptive_avg_pool2d(x: torch.Tensor, output_size: IntPair) -> torch.Tensor:
     return F.adaptive_avg_pool2d(x, output_size)
 
 
@@ -326,7 +352,7 @@ def global_avg_pool(x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- stochastic layers
 
 
-def require_rng(rng, what: str) -> torch.Tensor:
+def require_rng(rng: torch.Tensor | None, what: str) -> torch.Tensor:
     if rng is None:
         raise ValueError(
             f"{what} is active in train mode and needs randomness: pass rng=vafunc.random.key(seed) "
@@ -368,7 +394,7 @@ def drop_path(x: torch.Tensor, rate: float, rng: torch.Tensor | None, *, train: 
 ATTENTION_IMPLS = ("auto", "fused", "math")
 
 
-def attention_path(impl: str, *, train: bool, rate: float) -> str:
+def attention_path(impl: AttentionImpl, *, train: bool, rate: float) -> Literal["fused", "math"]:
     """Which implementation :func:`attention` runs: ``"fused"`` or ``"math"``.
 
     The rule for ``impl="auto"`` (the default): the fused kernel
@@ -412,9 +438,18 @@ def _forward_ad_active() -> bool:
     return forward_ad._current_level >= 0
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, bias: torch.Tensor | None = None,
-              scale: float | None = None, rate: float = 0.0, rng=None, train: bool = False,
-              impl: str = "auto") -> torch.Tensor:
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    scale: float | None = None,
+    rate: float = 0.0,
+    rng: torch.Tensor | None = None,
+    train: bool = False,
+    impl: AttentionImpl = "auto",
+) -> torch.Tensor:
     """Scaled dot-product attention (Vaswani et al. 2017, Eq. 1) over ``[..., L, d]`` tensors:
     ``softmax(q k^T * scale + bias) v``, ``scale`` default ``d ** -0.5``, ``bias`` an additive
     float mask / relative position bias broadcastable to ``[..., Lq, Lk]``.
@@ -453,7 +488,7 @@ class Taps:
     feature names and shapes). ``apply(..., taps=None)`` is the plain forward.
     """
 
-    def __init__(self, names=None):
+    def __init__(self, names: Iterable[str] | None = None) -> None:
         self.want = None if names is None else frozenset(names)
         self.got: dict[str, torch.Tensor] = {}
 

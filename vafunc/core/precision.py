@@ -13,7 +13,7 @@ one the network computes in, and which one comes out (the JAX/jmp way, instead o
   an eval-mode BatchNorm right after a convolution is instead folded into that convolution's
   weights and bias in the stored dtype, and the folded tensors are cast (no separate
   normalisation pass: faster, but on the trained EfficientNet-Lite0 in bfloat16 the logit error
-  grows by ~40%, see the README);
+  grows by ~40%, see benchmarks/README.md);
 * the logits (and requested features) are cast to ``output``.
 
 ``vafunc.compile(..., dtype=torch.bfloat16)`` is ``Policy(param=float32, compute=bfloat16,
@@ -49,7 +49,7 @@ class Policy:
             raise TypeError(f"Policy.fold_norm must be a bool, got {self.fold_norm!r}")
 
     @classmethod
-    def bf16(cls, output: torch.dtype = torch.float32, *, fold_norm: bool = False) -> "Policy":
+    def bf16(cls, output: torch.dtype = torch.float32, *, fold_norm: bool = False) -> Policy:
         """float32 parameters, bfloat16 compute, ``output`` logits (float32 by default)."""
         return cls(torch.float32, torch.bfloat16, output, fold_norm)
 

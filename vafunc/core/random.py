@@ -17,7 +17,7 @@ MurmurHash3 finalisers (bijective 32-bit mixers), so
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -49,7 +49,7 @@ def _hash(k: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
     Under ``torch.compile`` the chain runs as one opaque operator (``vafunc::hash32``, the same
     eager ops inside): inductor inlines a pointwise node into each of its readers, and every
     xorshift and limb multiply reads its input twice, so one hash (about 80 ops) was expanded
-    into tens of thousands of generated ops: 13-20 s of compile per call site, minutes for a
+    into tens of thousands of generated ops: a long compile per call site, much longer for a
     network with a key per block. The bits are the eager bits either way."""
     if torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active():
         return _hash_op(k, counter)

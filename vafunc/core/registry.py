@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 
@@ -118,6 +119,10 @@ def register(
     extra: Mapping[str, Any] | None = None,
     **defaults,
 ) -> Entry:
+    """Register model ``name`` of ``family`` with its config ``defaults`` (fields of the family's
+    config), its parameter count at the default config ``params`` (the tests check it against the oracle),
+    the oracle it is tested against (``reference``) and where it comes from (``paper``, ``notes``).
+    Families call it at import; a name can be registered once."""
     if name in _REGISTRY:
         raise ValueError(f"model {name!r} is already registered")
     fields = {f.name for f in dataclasses.fields(family.config)}
@@ -158,6 +163,8 @@ def list_models(pattern: str | None = None) -> list[str]:
 
 
 def get_entry(name: str) -> Entry:
+    """The registry :class:`Entry` of model ``name`` (its family, defaults, parameter count and
+    reference); unknown names raise a ``ValueError`` listing close matches."""
     _ensure_loaded()
     if not isinstance(name, str):
         raise TypeError(f"model name must be a str, got {type(name).__name__}")
@@ -168,7 +175,7 @@ def get_entry(name: str) -> Entry:
     return _REGISTRY[name]
 
 
-def get_model(name: str, **config) -> "ModelDef":
+def get_model(name: str, **config) -> ModelDef:
     """Build a :class:`ModelDef`; keywords override the variant's config (torchvision's names)."""
     entry = get_entry(name)
     valid = {f.name for f in dataclasses.fields(entry.family.config)}
@@ -202,13 +209,16 @@ def check_config(cfg, *, positive_ints=("num_classes", "in_channels"), rates=(),
 # --------------------------------------------------------------------------- input checks
 
 
-def check_image(x, *, name: str, in_channels: int, min_size: int, multiple: int = 1,
-                max_size: int | None = None) -> None:
+def check_image(
+    x, *, name: str, in_channels: int, min_size: int, multiple: int = 1, max_size: int | None = None
+) -> None:
     """Raise a clear ``TypeError``/``ValueError`` for inputs the network cannot take."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} expects a torch.Tensor image batch [N, C, H, W], got {type(x).__name__}")
     if not x.is_floating_point():
-        raise TypeError(f"{name} expects a floating-point image batch, got dtype {x.dtype} (convert with x.float() / 255)")
+        raise TypeError(
+            f"{name} expects a floating-point image batch, got dtype {x.dtype} (convert with x.float() / 255)"
+        )
     if x.dim() != 4:
         raise ValueError(
             f"{name} expects a 4-D batch [N, C, H, W], got a {x.dim()}-D tensor of shape {list(x.shape)}"
@@ -226,10 +236,32 @@ def check_image(x, *, name: str, in_channels: int, min_size: int, multiple: int 
         raise ValueError(f"{name} needs heights and widths divisible by {multiple}, got {h}x{w}")
 
 
+def _first_leaf(tree):
+    """The first tensor of a parameter tree, depth first (``None`` if it holds none)."""
+    if isinstance(tree, torch.Tensor):
+        return tree
+    if isinstance(tree, Mapping):
+        for v in tree.values():
+            t = _first_leaf(v)
+            if t is not None:
+                return t
+    return None
+
+
+def check_device(x, params, *, name: str) -> None:
+    """A ``ValueError`` naming both devices when the input is not where the parameters are."""
+    p = _first_leaf(params)
+    if p is not None and isinstance(x, torch.Tensor) and x.device != p.device:
+        raise ValueError(
+            f"{name}: the input is on {x.device} but the parameters are on {p.device}; move "
+            f"the input (x.to({str(p.device)!r})) or the weights (vafunc.tree.tree_map)"
+        )
+
+
 # --------------------------------------------------------------------------- the model
 
 
-def _model_def(name: str, config) -> "ModelDef":
+def _model_def(name: str, config) -> ModelDef:
     """Unpickle a :class:`ModelDef`: the registered family of ``name`` with ``config``."""
     return ModelDef(name, config, get_entry(name).family)
 
@@ -237,7 +269,7 @@ def _model_def(name: str, config) -> "ModelDef":
 _FEATURE_NAMES: dict = {}
 
 
-def _feature_name_set(model: "ModelDef") -> frozenset:
+def _feature_name_set(model: ModelDef) -> frozenset:
     if model not in _FEATURE_NAMES:
         _FEATURE_NAMES[model] = frozenset(model.feature_shapes())
     return _FEATURE_NAMES[model]
@@ -285,8 +317,14 @@ class ModelDef:
 
     def check_input(self, x) -> None:
         """A clear ``TypeError``/``ValueError`` for an input this model cannot take."""
-        check_image(x, name=self.name, in_channels=self.in_channels, min_size=self.min_size,
-                    multiple=self.size_multiple, max_size=self.max_size)
+        check_image(
+            x,
+            name=self.name,
+            in_channels=self.in_channels,
+            min_size=self.min_size,
+            multiple=self.size_multiple,
+            max_size=self.max_size,
+        )
 
     @property
     def in_channels(self) -> int:
@@ -313,6 +351,7 @@ class ModelDef:
         if not isinstance(train, bool):
             raise TypeError(f"train must be a bool, got {type(train).__name__}")
         self.check_input(x)
+        check_device(x, params, name=self.name)
         return self.family.apply(self.config, params, state, x, train=train, rng=rng, **kw)
 
     __call__ = apply
@@ -351,6 +390,7 @@ class ModelDef:
             raise ValueError(f"{self.name} has no features {unknown}; close names: {close} (see model.feature_names)")
         taps = Taps(names)
         self.check_input(x)
+        check_device(x, params, name=self.name)
         _, new_state = self.family.apply(self.config, params, state, x, train=train, rng=rng, taps=taps, **kw)
         return {n: taps.got[n] for n in names}, new_state
 

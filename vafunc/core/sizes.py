@@ -6,6 +6,8 @@ the smallest square input every op accepts. Both cache per ``(family name, confi
 
 from __future__ import annotations
 
+import math
+
 from vafunc.core.registry import Family
 
 __all__ = ["min_size", "size_multiple"]
@@ -15,15 +17,15 @@ _MULTIPLE: dict = {}
 
 
 def size_multiple(fam: Family, cfg) -> int:
-    """What the input height and width must be multiples of (``m.require_multiple``; 1 if
-    nothing is declared)."""
+    """What the input height and width must be multiples of: the least common multiple of every
+    ``m.require_multiple`` declaration (1 if nothing is declared)."""
     key = (fam.name, cfg)
     if key not in _MULTIPLE:
         from vafunc.core.init import Initializer
 
         sizes: list = []
         fam.probe(cfg, Initializer.from_key(0, device="meta"), sizes=sizes)
-        _MULTIPLE[key] = max(sizes, default=1)
+        _MULTIPLE[key] = math.lcm(*sizes) if sizes else 1
     return _MULTIPLE[key]
 
 

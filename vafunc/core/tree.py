@@ -7,7 +7,7 @@ The dotted flattening of a tree is the reference state_dict name (``layer1.0.con
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 
@@ -26,10 +26,17 @@ __all__ = [
 ]
 
 #: Leaf names that are state (BatchNorm buffers), not trainable parameters.
-STATE_LEAVES = frozenset({"running_mean", "running_var", "num_batches_tracked",
-                          # constant index / coordinate tables that the references keep as buffers
-                          # (Swin, Swin V2, MaxViT relative position bias)
-                          "relative_position_index", "relative_coords_table"})
+STATE_LEAVES = frozenset(
+    {
+        "running_mean",
+        "running_var",
+        "num_batches_tracked",
+        # constant index / coordinate tables that the references keep as buffers
+        # (Swin, Swin V2, MaxViT relative position bias)
+        "relative_position_index",
+        "relative_coords_table",
+    }
+)
 
 
 def _items(tree: Mapping, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
@@ -151,4 +158,5 @@ def unstack(tree: Mapping, dim: int = 0) -> list[dict]:
 
 
 def count_params(params: Mapping) -> int:
+    """The number of scalars in a parameter tree (every leaf's ``numel``)."""
     return sum(int(v.numel()) for v in tree_leaves(params))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
@@ -24,15 +24,24 @@ def _fmt(keys, limit=50):
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def _fill_num_batches_tracked(expected, flat: dict) -> tuple[dict, str | None]:
-    """Checkpoints from before torch 0.4.1 lack BatchNorm's ``num_batches_tracked``; like
-    ``nn.BatchNorm2d`` loading them, add it as 0 wherever the layer's ``running_mean`` is present."""
-    added = 0
+def missing_num_batches_tracked(expected, flat: Mapping) -> list[str]:
+    """The BatchNorm ``num_batches_tracked`` keys of ``expected`` that ``flat`` lacks although it
+    has the layer's ``running_mean``: checkpoints from before torch 0.4.1, which
+    ``nn.BatchNorm2d`` loads with the buffer as 0."""
+    out = []
     for k in expected:
-        if k.endswith(".num_batches_tracked") and k not in flat:
-            if k[: -len("num_batches_tracked")] + "running_mean" in flat:
-                flat[k] = torch.zeros((), dtype=torch.int64)
-                added += 1
+        layer, _, leaf = k.rpartition(".")
+        if leaf == "num_batches_tracked" and layer and k not in flat and f"{layer}.running_mean" in flat:
+            out.append(k)
+    return out
+
+
+def _fill_num_batches_tracked(expected, flat: dict) -> tuple[dict, str | None]:
+    """Add the :func:`missing_num_batches_tracked` buffers as 0, like ``nn.BatchNorm2d``."""
+    added = 0
+    for k in missing_num_batches_tracked(expected, flat):
+        flat[k] = torch.zeros((), dtype=torch.int64)
+        added += 1
     note = f"added {added} missing BatchNorm num_batches_tracked buffers as 0 (checkpoint predates them)"
     return flat, (note if added else None)
 

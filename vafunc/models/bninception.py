@@ -34,9 +34,10 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from vafunc.core import layers as L
-from vafunc.core.kit import family
+from vafunc.core.kit import Scope, family
 from vafunc.core.registry import Reference, check_config, register
 
 PAPER = (
@@ -80,18 +81,29 @@ class BNInceptionConfig:
     num_classes: int = 1000
     in_channels: int = 3
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         check_config(self)
 
 
 # --------------------------------------------------------------------------- blocks
 
 
-def conv_bn_relu(m, pre: str, layer: str, x, cout: int, kernel: int, stride: int = 1, relu: str | None = None):
+def conv_bn_relu(
+    m: Scope, pre: str, layer: str, x: Tensor, cout: int, kernel: int, stride: int = 1, relu: str | None = None
+) -> Tensor:
     """Caffe's conv (with bias, "same" padding) -> BatchNorm -> ReLU (in place), modules
     ``pre + layer``, ``pre + layer + "_bn"`` and ``relu`` (default ``pre + "relu_" + layer``)."""
-    return m.conv_norm_act(x, cout, kernel, conv=pre + layer, norm=pre + layer + "_bn", act="relu",
-                           act_name=relu or pre + "relu_" + layer, stride=stride, bias=True)
+    return m.conv_norm_act(
+        x,
+        cout,
+        kernel,
+        conv=pre + layer,
+        norm=pre + layer + "_bn",
+        act="relu",
+        act_name=relu or pre + "relu_" + layer,
+        stride=stride,
+        bias=True,
+    )
 
 
 def pad_odd(x: torch.Tensor) -> torch.Tensor:
@@ -108,7 +120,7 @@ def pad_odd(x: torch.Tensor) -> torch.Tensor:
 torch.fx.wrap("pad_odd")
 
 
-def inception_module(m, x, r: ModuleRow):
+def inception_module(m: Scope, x: Tensor, r: ModuleRow) -> Tensor:
     """One BN-Inception module (Sec. 4.2.1): branches 1x1 / 1x1-3x3 / 1x1-3x3-3x3 / pool(-proj),
     concatenated on channels. ``[N, C, H, W] -> [N, c1x1 + c3x3 + cd3x3 + (pool_proj or C), H', W']``
     with ``H' = H`` or ``ceil(H / 2)`` in the reduction modules.
@@ -136,7 +148,7 @@ def inception_module(m, x, r: ModuleRow):
 # --------------------------------------------------------------------------- the network
 
 
-def forward(m, cfg: BNInceptionConfig, x):
+def forward(m: Scope, cfg: BNInceptionConfig, x: Tensor) -> Tensor:
     """``x [N, C, H, W] -> logits [N, num_classes]``; any size >= 7 (the two ceil-mode 3x3/2 stem
     pools need 4 pixels after the 7x7/2 conv; everything after them is padded or takes 1x1 maps).
 
@@ -159,11 +171,19 @@ def forward(m, cfg: BNInceptionConfig, x):
 
 #: Cadene's module keeps torch's defaults: convs and the classifier ``kaiming_uniform(a=sqrt(5))``
 #: (uniform in +-1/sqrt(fan_in), bias too), BatchNorm 1/0.
-FAMILY = family("bninception", BNInceptionConfig, forward, paper=PAPER,
-                defaults={"conv": "kaiming_fan_in_uniform", "linear": "torch_default"})
+FAMILY = family(
+    "bninception",
+    BNInceptionConfig,
+    forward,
+    paper=PAPER,
+    defaults={"conv": "kaiming_fan_in_uniform", "linear": "torch_default"},
+)
 
 register(
-    "inception_v2", FAMILY, params=11295240, reference=Reference("pretrainedmodels", "bninception"),
+    "inception_v2",
+    FAMILY,
+    params=11295240,
+    reference=Reference("pretrainedmodels", "bninception"),
     notes="BN-Inception as ported from Caffe by Cadene (pretrainedmodels.bninception); neither torchvision "
     "nor timm has it. Global average pool instead of the reference's fixed 7x7 pool (identical at "
     "223-230 px, where the reference runs); reduction pools padded on odd maps (see the module docstring).",

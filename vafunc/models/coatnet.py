@@ -44,12 +44,20 @@ from typing import NamedTuple
 import einops
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from vafunc.core import layers as L
 from vafunc.core.blocks import make_divisible
-from vafunc.core.kit import family
+from vafunc.core.kit import Scope, family
 from vafunc.core.registry import Reference, check_config, register
-from vafunc.models.maxvit import TIMM_MBCONV, MBConv, downsample2d, linear_schedule, prenorm_mbconv, relative_position_bias
+from vafunc.models.maxvit import (
+    TIMM_MBCONV,
+    MBConv,
+    downsample2d,
+    linear_schedule,
+    prenorm_mbconv,
+    relative_position_bias,
+)
 
 PAPER = "Dai et al. 2021, CoAtNet: Marrying Convolution and Attention for All Data Sizes, arXiv:2106.04803"
 
@@ -61,22 +69,24 @@ class Variant(NamedTuple):
     depths: tuple
     stem_width: tuple
     head_hidden_size: int | None
-    act: str                # MBConv activation ("gelu" / "silu")
+    act: str  # MBConv activation ("gelu" / "silu")
     se_act: str
     pre_norm_act: bool
-    stride_pool: bool       # timm's stride_mode "pool" (else "dw")
-    expand_output: bool     # expansion (and SE width) from the output width (else the input's)
-    output_bias: bool       # MBConv projection and shortcut biases
+    stride_pool: bool  # timm's stride_mode "pool" (else "dw")
+    expand_output: bool  # expansion (and SE width) from the output width (else the input's)
+    output_bias: bool  # MBConv projection and shortcut biases
     se_early: bool
-    shortcut_bias: bool     # transformer shortcut
-    expand_first: bool      # attention width: the output's (else the input's)
+    shortcut_bias: bool  # transformer shortcut
+    expand_first: bool  # attention width: the output's (else the input's)
 
 
 VARIANTS = {
-    "coatnet_0": Variant((96, 192, 384, 768), (2, 3, 5, 2), (64, 64), 768, "gelu", "silu", False, False, True,
-                         True, False, True, True),
-    "coatnet_0_rw": Variant((96, 192, 384, 768), (2, 3, 7, 2), (32, 64), None, "silu", "relu", True, True, False,
-                            False, True, False, False),
+    "coatnet_0": Variant(
+        (96, 192, 384, 768), (2, 3, 5, 2), (64, 64), 768, "gelu", "silu", False, False, True, True, False, True, True
+    ),
+    "coatnet_0_rw": Variant(
+        (96, 192, 384, 768), (2, 3, 7, 2), (32, 64), None, "silu", "relu", True, True, False, False, True, False, False
+    ),
 }
 _ACTS = {"gelu": F.gelu, "silu": F.silu, "relu": L.relu}
 BLOCKS = ("C", "C", "T", "T")
@@ -98,11 +108,12 @@ class CoAtNetConfig:
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {self.variant!r}")
-        check_config(self, positive_ints=("img_size", "num_classes", "in_channels"),
-                     rates=("drop_rate", "drop_path_rate"))
+        check_config(
+            self, positive_ints=("img_size", "num_classes", "in_channels"), rates=("drop_rate", "drop_path_rate")
+        )
         if self.img_size % 32:
             raise ValueError(f"img_size must be a multiple of 32 (the network's stride), got {self.img_size}")
         for f in ("drop_rate", "drop_path_rate"):
@@ -112,16 +123,27 @@ class CoAtNetConfig:
 # --------------------------------------------------------------------------- blocks
 
 
-def mbconv_block(m, x, v: Variant, cin: int, cout: int, stride: int, rate: float):
+def mbconv_block(m: Scope, x: Tensor, v: Variant, cin: int, cout: int, stride: int, rate: float) -> Tensor:
     """timm's ``MbConvBlock`` (the shared :func:`~vafunc.models.maxvit.prenorm_mbconv`)."""
     mid = make_divisible((cout if v.expand_output else cin) * 4.0)
-    b = MBConv(cin, cout, stride, mid, int(0.25 * (cout if v.expand_output else mid)), _ACTS[v.act], _ACTS[v.se_act],
-               drop_path=rate, pre_act=v.pre_norm_act, stride_pool=v.stride_pool, se_early=v.se_early,
-               bias=v.output_bias)
+    b = MBConv(
+        cin,
+        cout,
+        stride,
+        mid,
+        int(0.25 * (cout if v.expand_output else mid)),
+        _ACTS[v.act],
+        _ACTS[v.se_act],
+        drop_path=rate,
+        pre_act=v.pre_norm_act,
+        stride_pool=v.stride_pool,
+        se_early=v.se_early,
+        bias=v.output_bias,
+    )
     return prenorm_mbconv(m, x, b, TIMM_MBCONV._replace(se="se_early") if v.se_early else TIMM_MBCONV)
 
 
-def attention2d(m, x, cout: int, heads: int, window: tuple[int, int]):
+def attention2d(m: Scope, x: Tensor, cout: int, heads: int, window: tuple[int, int]) -> Tensor:
     """timm's ``Attention2d`` over the whole ``[N, C, H, W]`` map (``(H, W) = window``): 1x1
     conv ``qkv`` packing ``heads x (q k v) x head_dim``, attention with the relative position
     bias of the window, heads merged to channels, 1x1 conv ``proj`` to ``cout``. The bias table
@@ -136,19 +158,21 @@ def attention2d(m, x, cout: int, heads: int, window: tuple[int, int]):
     return m.conv("proj", o, cout, 1, bias=True, init="xavier_uniform")
 
 
-def norm_down(m, x, cin: int):
+def norm_down(m: Scope, x: Tensor, cin: int) -> Tensor:
     """``norm1`` of a downsampling transformer block, an ``nn.Sequential``: LayerNorm2d ``norm``
     (eps 1e-6), then timm's ``Downsample2d`` ``down`` (a 2x2/2 average pool)."""
     return m.block("down", downsample2d, m.layer_norm2d("norm", x), cin, cin, 2, False, tap=False)
 
 
-def conv_mlp(m, x, hidden: int, cout: int):
+def conv_mlp(m: Scope, x: Tensor, hidden: int, cout: int) -> Tensor:
     """timm's ``ConvMlp``: 1x1 conv ``fc1`` to ``hidden``, GELU ``act``, 1x1 conv ``fc2``."""
     y = m.op("act", F.gelu, m.conv("fc1", x, hidden, 1, bias=True, init="xavier_uniform_mlp"), tap=False)
     return m.conv("fc2", y, cout, 1, bias=True, init="xavier_uniform_mlp")
 
 
-def transformer_block(m, x, v: Variant, cin: int, cout: int, stride: int, rate: float, window: tuple[int, int]):
+def transformer_block(
+    m: Scope, x: Tensor, v: Variant, cin: int, cout: int, stride: int, rate: float, window: tuple[int, int]
+) -> Tensor:
     """timm's ``TransformerBlock2d``: ``shortcut(x) + drop_path1(attn(norm1(x)))``, then
     ``x + drop_path2(mlp(norm2(x)))``, LayerNorm2d (eps 1e-6) and 1x1-conv MLP (ratio 4, GELU).
     A downsampling block pools after ``norm1.norm`` and in the shortcut. Keys: slot 0 / 1 the two
@@ -165,19 +189,19 @@ def transformer_block(m, x, v: Variant, cin: int, cout: int, stride: int, rate: 
     return x + m.drop_path(y, rate, m.key(1), name="drop_path2")
 
 
-def stem(m, x, v: Variant):
+def stem(m: Scope, x: Tensor, v: Variant) -> Tensor:
     """3x3/2 conv, BN + act (timm's ``BatchNormAct2d``), 3x3 conv (no biases):
     ``[N, 3, H, W] -> [N, C, H/2, W/2]``."""
     y = m.conv_norm_act(x, v.stem_width[0], 3, conv="conv1", norm="norm1", act=_ACTS[v.act], stride=2)
     return m.conv("conv2", y, v.stem_width[1], 3)
 
 
-def stage(m, x, cfg: CoAtNetConfig, i: int, rates: tuple, feat: int):
+def stage(m: Scope, x: Tensor, cfg: CoAtNetConfig, i: int, rates: tuple, feat: int) -> Tensor:
     """timm's ``MaxxVitStage`` ``i``: its blocks in the ``nn.Sequential`` ``blocks``."""
     return m.block("blocks", stage_blocks, x, cfg, i, rates, feat, tap=False, rng=m.rng)
 
 
-def stage_blocks(m, x, cfg: CoAtNetConfig, i: int, rates: tuple, feat: int):
+def stage_blocks(m: Scope, x: Tensor, cfg: CoAtNetConfig, i: int, rates: tuple, feat: int) -> Tensor:
     """The blocks of stage ``i`` (MBConvs in S1-S2, transformer blocks in S3-S4 over the
     ``feat x feat`` map), the first with stride 2; block ``j`` gets the key ``fold_in(rng, j)``."""
     v = VARIANTS[cfg.variant]
@@ -191,24 +215,24 @@ def stage_blocks(m, x, cfg: CoAtNetConfig, i: int, rates: tuple, feat: int):
     return x
 
 
-def stages(m, x, cfg: CoAtNetConfig):
+def stages(m: Scope, x: Tensor, cfg: CoAtNetConfig) -> Tensor:
     """timm's ``stages``: stage ``i`` at ``i`` with the key ``fold_in(rng, i)``."""
     v = VARIANTS[cfg.variant]
     rates = linear_schedule(cfg.drop_path_rate, sum(v.depths))
     b, feat = 0, cfg.img_size // 2
     for i, n in enumerate(v.depths):
         feat //= 2
-        x = m.block(str(i), stage, x, cfg, i, tuple(rates[b:b + n]), feat, rng=m.key(i))
+        x = m.block(str(i), stage, x, cfg, i, tuple(rates[b : b + n]), feat, rng=m.key(i))
         b += n
     return x
 
 
-def pre_logits(m, x, hidden: int):
+def pre_logits(m: Scope, x: Tensor, hidden: int) -> Tensor:
     """timm's ``pre_logits``, an ``nn.Sequential``: Linear ``fc``, Tanh ``act``."""
     return m.op("act", torch.tanh, m.linear("fc", x, hidden), tap=False)
 
 
-def norm_mlp_head(m, x, hidden: int, num_classes: int, rate: float):
+def norm_mlp_head(m: Scope, x: Tensor, hidden: int, num_classes: int, rate: float) -> Tensor:
     """timm's ``NormMlpClassifierHead`` (the paper's head): average pool ``global_pool``,
     LayerNorm2d ``norm``, ``flatten``, ``pre_logits``, dropout ``drop`` (the scope's key), Linear
     ``fc``. ``[N, C, H, W] -> [N, num_classes]``."""
@@ -218,14 +242,14 @@ def norm_mlp_head(m, x, hidden: int, num_classes: int, rate: float):
     return m.linear("fc", m.dropout(y, rate, m.rng, name="drop"), num_classes)
 
 
-def classifier_head(m, x, num_classes: int, rate: float):
+def classifier_head(m: Scope, x: Tensor, num_classes: int, rate: float) -> Tensor:
     """timm's ``ClassifierHead``: average pool and flatten ``global_pool``, dropout ``drop`` (the
     scope's key), Linear ``fc``. ``[N, C, H, W] -> [N, num_classes]``."""
     y = m.op("global_pool", L.global_avg_pool, x, tap=False)
     return m.linear("fc", m.dropout(y, rate, m.rng, name="drop"), num_classes)
 
 
-def forward(m, cfg: CoAtNetConfig, x):
+def forward(m: Scope, cfg: CoAtNetConfig, x: Tensor) -> Tensor:
     """``x [N, C, img_size, img_size] -> logits [N, num_classes]``.
 
     Feature names (timm's module paths, NCHW): ``stem`` (stride 2), every block
@@ -237,24 +261,45 @@ def forward(m, cfg: CoAtNetConfig, x):
     v = VARIANTS[cfg.variant]
     # the size probe (min_size); apply's inputs are checked by the model (multiple and maximum: img_size)
     if m.initializing and x.shape[-2:] != (cfg.img_size, cfg.img_size):
-        raise ValueError(f"coatnet expects {cfg.img_size}x{cfg.img_size} inputs (img_size: its relative position "
-                         f"biases cover the whole map), got {x.shape[-2]}x{x.shape[-1]}")
+        raise ValueError(
+            f"coatnet expects {cfg.img_size}x{cfg.img_size} inputs (img_size: its relative position "
+            f"biases cover the whole map), got {x.shape[-2]}x{x.shape[-1]}"
+        )
     m.require_multiple(cfg.img_size)
     y = m.block("stem", stem, x, v)
     y = m.block("stages", stages, y, cfg, tap=False, rng=m.rng)
     if v.head_hidden_size:
-        return m.block("head", norm_mlp_head, y, v.head_hidden_size, cfg.num_classes, cfg.drop_rate, tap=False,
-                       rng=m.key(4))
+        return m.block(
+            "head", norm_mlp_head, y, v.head_hidden_size, cfg.num_classes, cfg.drop_rate, tap=False, rng=m.key(4)
+        )
     y = m.layer_norm2d("norm", y)
     return m.block("head", classifier_head, y, cfg.num_classes, cfg.drop_rate, tap=False, rng=m.key(4))
 
 
 #: timm's layout: each BatchNorm with an activation is one module (``BatchNormAct2d``)
-FAMILY = family("coatnet", CoAtNetConfig, forward, paper=PAPER, init_size=lambda cfg: cfg.img_size,
-                max_size=lambda cfg: cfg.img_size,
-                defaults={"conv": "goog", "linear": "torch_default", "norm_act": True})
+FAMILY = family(
+    "coatnet",
+    CoAtNetConfig,
+    forward,
+    paper=PAPER,
+    init_size=lambda cfg: cfg.img_size,
+    max_size=lambda cfg: cfg.img_size,
+    defaults={"conv": "goog", "linear": "torch_default", "norm_act": True},
+)
 
-register("coatnet_0_224", FAMILY, params=25036820, reference=Reference("timm", "coatnet_0_224"),
-         notes="Table 3 of the paper (CoAtNet-0), as timm's coatnet_0_224 (untrained there).", variant="coatnet_0")
-register("coatnet_0_rw_224", FAMILY, params=27435562, reference=Reference("timm", "coatnet_0_rw_224"),
-         notes="timm's CoAtNet-0 variant (sw_in1k weights).", variant="coatnet_0_rw")
+register(
+    "coatnet_0_224",
+    FAMILY,
+    params=25036820,
+    reference=Reference("timm", "coatnet_0_224"),
+    notes="Table 3 of the paper (CoAtNet-0), as timm's coatnet_0_224 (untrained there).",
+    variant="coatnet_0",
+)
+register(
+    "coatnet_0_rw_224",
+    FAMILY,
+    params=27435562,
+    reference=Reference("timm", "coatnet_0_rw_224"),
+    notes="timm's CoAtNet-0 variant (sw_in1k weights).",
+    variant="coatnet_0_rw",
+)

@@ -35,20 +35,22 @@ matching ``block_setting``) load too: :func:`remap` renames them.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from vafunc.core import blocks as B
-from vafunc.core.kit import family
+from vafunc.core.kit import Scope, family
 from vafunc.core.registry import Reference, check_config, register
 
 PAPER = "Liu et al. 2022, A ConvNet for the 2020s, arXiv:2201.03545"
 
 
-def _table(widths, depths) -> tuple:
+def _table(widths: Sequence[int], depths: Sequence[int]) -> tuple:
     """Sec. 3's (C, B) as torchvision's ``block_setting``: ``(input_channels, out_channels,
     num_layers)`` per stage, ``out_channels`` None for the last (no downsampling after it)."""
     outs = tuple(widths[1:]) + (None,)
@@ -64,7 +66,7 @@ SETTINGS = {
 }
 
 
-def _stage(s) -> tuple:
+def _stage(s: Any) -> tuple:
     """One stage as ``(input_channels, out_channels, num_layers)``, from a triple or an object
     with those attributes (torchvision's ``CNBlockConfig``)."""
     if hasattr(s, "input_channels"):
@@ -93,7 +95,7 @@ class ConvNeXtConfig:
     num_classes: int = 1000
     in_channels: int = 3
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         try:
             stages = tuple(_stage(s) for s in self.block_setting)
         except TypeError as e:
@@ -101,12 +103,16 @@ class ConvNeXtConfig:
         if not stages:
             raise ValueError("block_setting must not be empty")
         for i, (cin, cout, n) in enumerate(stages):
-            for what, v in (("input_channels", cin), ("num_layers", n)) + ((("out_channels", cout),) if cout is not None else ()):
+            for what, v in (("input_channels", cin), ("num_layers", n)) + (
+                (("out_channels", cout),) if cout is not None else ()
+            ):
                 if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                     raise ValueError(f"block_setting[{i}].{what} must be a positive int, got {v!r}")
             if i + 1 < len(stages) and (cin if cout is None else cout) != stages[i + 1][0]:
-                raise ValueError(f"block_setting[{i}] ends with {cin if cout is None else cout} channels but "
-                                 f"block_setting[{i + 1}] starts with {stages[i + 1][0]}")
+                raise ValueError(
+                    f"block_setting[{i}] ends with {cin if cout is None else cout} channels but "
+                    f"block_setting[{i + 1}] starts with {stages[i + 1][0]}"
+                )
         object.__setattr__(self, "block_setting", stages)
         if isinstance(self.layer_scale, bool) or not isinstance(self.layer_scale, (int, float)):
             raise TypeError(f"layer_scale must be a number, got {self.layer_scale!r}")
@@ -128,8 +134,9 @@ def plan(cfg: ConvNeXtConfig) -> tuple[tuple[BlockSpec, ...], ...]:
     last = max(total - 1.0, 1.0)  # one block in all: rate 0 (torchvision divides by zero)
     stages, b = [], 0
     for c, _, n in cfg.block_setting:
-        stages.append(tuple(BlockSpec(cfg.layer_scale, cfg.stochastic_depth_prob * (b + j) / last, c)
-                            for j in range(n)))
+        stages.append(
+            tuple(BlockSpec(cfg.layer_scale, cfg.stochastic_depth_prob * (b + j) / last, c) for j in range(n))
+        )
         b += n
     return tuple(stages)
 
@@ -137,17 +144,17 @@ def plan(cfg: ConvNeXtConfig) -> tuple[tuple[BlockSpec, ...], ...]:
 # --------------------------------------------------------------------------- the network
 
 
-def to_channels_last(x):
+def to_channels_last(x: Tensor) -> Tensor:
     """``[N, C, H, W] -> [N, H, W, C]``, a view (torchvision's ``Permute([0, 2, 3, 1])``)."""
     return x.permute(0, 2, 3, 1)
 
 
-def to_channels_first(x):
+def to_channels_first(x: Tensor) -> Tensor:
     """``[N, H, W, C] -> [N, C, H, W]``, a view (torchvision's ``Permute([0, 3, 1, 2])``)."""
     return x.permute(0, 3, 1, 2)
 
 
-def cn_branch(m, x, c: int):
+def cn_branch(m: Scope, x: Tensor, c: int) -> Tensor:
     """The residual branch of the block, torchvision's ``CNBlock.block``: 7x7 depthwise conv
     ``0``, to channels-last ``1``, LayerNorm ``2``, linears ``3`` (to 4C) and ``5`` (back to C)
     around GELU ``4``, back to channels-first ``6``. ``[N, C, H, W] -> same``."""
@@ -161,7 +168,7 @@ def cn_branch(m, x, c: int):
     return m.op("6", to_channels_first, y, tap=False)
 
 
-def cn_block(m, x, b: BlockSpec):
+def cn_block(m: Scope, x: Tensor, b: BlockSpec) -> Tensor:
     """The ConvNeXt block (Sec. 2.6, Fig. 4), torchvision's ``CNBlock``: ``[N, C, H, W] -> same``.
 
     ``x + stochastic_depth(layer_scale * block(x))``, ``block`` the branch of :func:`cn_branch`
@@ -173,17 +180,17 @@ def cn_block(m, x, b: BlockSpec):
     return y.add_(x)  # a fresh tensor: the product (or the drop-path output)
 
 
-def stem(m, x, cout: int):
-    """"Patchify" stem (Sec. 2.3): 4x4/4 conv with bias, LayerNorm2d. ``[N, 3, H, W] -> [N, C, H/4, W/4]``."""
+def stem(m: Scope, x: Tensor, cout: int) -> Tensor:
+    """ "Patchify" stem (Sec. 2.3): 4x4/4 conv with bias, LayerNorm2d. ``[N, 3, H, W] -> [N, C, H/4, W/4]``."""
     return m.layer_norm2d("1", m.conv("0", x, cout, 4, stride=4, padding=0, bias=True))
 
 
-def downsample(m, x, cout: int):
+def downsample(m: Scope, x: Tensor, cout: int) -> Tensor:
     """Downsampling layer (Sec. 2.6): LayerNorm2d, 2x2/2 conv. ``[N, C, H, W] -> [N, cout, H/2, W/2]``."""
     return m.conv("1", m.layer_norm2d("0", x), cout, 2, stride=2, padding=0, bias=True)
 
 
-def features(m, x, cfg: ConvNeXtConfig):
+def features(m: Scope, x: Tensor, cfg: ConvNeXtConfig) -> Tensor:
     """torchvision's ``features``: the stem ``0``, stage ``i`` at ``2i + 1`` and the downsampling
     layer after it at ``2i + 2``. Block ``b`` (counted over all stages) gets the key
     ``fold_in(m.rng, b)``."""
@@ -197,13 +204,13 @@ def features(m, x, cfg: ConvNeXtConfig):
     return y
 
 
-def classifier(m, x, num_classes: int):
+def classifier(m: Scope, x: Tensor, num_classes: int) -> Tensor:
     """torchvision's ``classifier``: LayerNorm2d ``0``, flatten ``1``, linear ``2``.
     ``[N, C, 1, 1] -> [N, num_classes]``."""
     return m.linear("2", m.op("1", torch.flatten, m.layer_norm2d("0", x), 1, tap=False), num_classes)
 
 
-def forward(m, cfg: ConvNeXtConfig, x):
+def forward(m: Scope, cfg: ConvNeXtConfig, x: Tensor) -> Tensor:
     """``x [N, C, H, W] -> logits [N, num_classes]``.
 
     Feature names (torchvision's module paths): ``features.0`` (stem, stride 4), every block
@@ -219,15 +226,20 @@ def forward(m, cfg: ConvNeXtConfig, x):
 # --------------------------------------------------------------------------- timm checkpoints
 
 #: timm's names -> torchvision's: (pattern, replacement) on the dotted key, in order.
-_TIMM = tuple((re.compile(p), r) for p, r in (
-    (r"^stem\.([01])\.", r"features.0.\1."),
-    (r"^stages\.(\d+)\.downsample\.([01])\.", lambda mt: f"features.{2 * int(mt[1])}.{mt[2]}."),
-    (r"^stages\.(\d+)\.blocks\.(\d+)\.(conv_dw|norm|mlp\.fc1|mlp\.fc2)\.",
-     lambda mt: f"features.{2 * int(mt[1]) + 1}.{mt[2]}.block.{_TIMM_BLOCK[mt[3]]}."),
-    (r"^stages\.(\d+)\.blocks\.(\d+)\.gamma$", lambda mt: f"features.{2 * int(mt[1]) + 1}.{mt[2]}.layer_scale"),
-    (r"^head\.norm\.", "classifier.0."),
-    (r"^head\.fc\.", "classifier.2."),
-))
+_TIMM = tuple(
+    (re.compile(p), r)
+    for p, r in (
+        (r"^stem\.([01])\.", r"features.0.\1."),
+        (r"^stages\.(\d+)\.downsample\.([01])\.", lambda mt: f"features.{2 * int(mt[1])}.{mt[2]}."),
+        (
+            r"^stages\.(\d+)\.blocks\.(\d+)\.(conv_dw|norm|mlp\.fc1|mlp\.fc2)\.",
+            lambda mt: f"features.{2 * int(mt[1]) + 1}.{mt[2]}.block.{_TIMM_BLOCK[mt[3]]}.",
+        ),
+        (r"^stages\.(\d+)\.blocks\.(\d+)\.gamma$", lambda mt: f"features.{2 * int(mt[1]) + 1}.{mt[2]}.layer_scale"),
+        (r"^head\.norm\.", "classifier.0."),
+        (r"^head\.fc\.", "classifier.2."),
+    )
+)
 _TIMM_BLOCK = {"conv_dw": "0", "norm": "2", "mlp.fc1": "3", "mlp.fc2": "5"}
 _TIMM_CONV_MLP = re.compile(r"\.mlp\.fc[12]\.weight$")
 
@@ -257,20 +269,41 @@ def remap(cfg: ConvNeXtConfig, flat: dict) -> tuple[dict, list[str]]:
                 k, renamed = new, renamed + 1
                 break
         out[k] = v
-    return out, [f"renamed {renamed} timm ConvNeXt keys to torchvision's ('stages.N.blocks.M' -> "
-                 "'features.2N+1.M', 'gamma [C]' -> 'layer_scale [C, 1, 1]', ...)"]
+    return out, [
+        f"renamed {renamed} timm ConvNeXt keys to torchvision's ('stages.N.blocks.M' -> "
+        "'features.2N+1.M', 'gamma [C]' -> 'layer_scale [C, 1, 1]', ...)"
+    ]
 
 
 #: torchvision's init: trunc_normal(std=0.02) conv and linear weights, zero biases.
-FAMILY = family("convnext", ConvNeXtConfig, forward, paper=PAPER, remap=remap,
-                defaults={"conv": ("trunc_normal", 0.02), "linear": ("trunc_normal", 0.02)})
+FAMILY = family(
+    "convnext",
+    ConvNeXtConfig,
+    forward,
+    paper=PAPER,
+    remap=remap,
+    defaults={"conv": ("trunc_normal", 0.02), "linear": ("trunc_normal", 0.02)},
+)
 
-for _v, _sd, _n in [("tiny", 0.1, 28589128), ("small", 0.4, 50223688), ("base", 0.5, 88591464),
-                    ("large", 0.5, 197767336)]:
-    register(f"convnext_{_v}", FAMILY, params=_n, reference=Reference("torchvision", f"convnext_{_v}"), block_setting=SETTINGS[_v], stochastic_depth_prob=_sd)
+for _v, _sd, _n in [
+    ("tiny", 0.1, 28589128),
+    ("small", 0.4, 50223688),
+    ("base", 0.5, 88591464),
+    ("large", 0.5, 197767336),
+]:
+    register(
+        f"convnext_{_v}",
+        FAMILY,
+        params=_n,
+        reference=Reference("torchvision", f"convnext_{_v}"),
+        block_setting=SETTINGS[_v],
+        stochastic_depth_prob=_sd,
+    )
 
 register(
-    "convnext_xlarge", FAMILY, params=350196968,
+    "convnext_xlarge",
+    FAMILY,
+    params=350196968,
     reference=Reference("torchvision", "ConvNeXt", kwargs=(("block_setting", SETTINGS["xlarge"]),)),
     notes="Sec. 3 of the paper (C = 256/512/1024/2048, B = 3/3/27/3); torchvision has the class but no "
     "builder or weights; timm's convnext_xlarge is the same network (its checkpoints load through the "

@@ -27,9 +27,10 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+from torch import Tensor
 
 from vafunc.core import layers as L
-from vafunc.core.kit import family, subkey
+from vafunc.core.kit import Scope, family, subkey
 from vafunc.core.registry import Reference, check_config, register
 
 PAPER = "Huang et al. 2017, Densely Connected Convolutional Networks, arXiv:1608.06993"
@@ -56,9 +57,12 @@ class DenseNetConfig:
     memory_efficient: bool = False
     in_channels: int = 3
 
-    def __post_init__(self):
-        check_config(self, positive_ints=("growth_rate", "num_init_features", "bn_size", "num_classes", "in_channels"),
-                     rates=("drop_rate",))
+    def __post_init__(self) -> None:
+        check_config(
+            self,
+            positive_ints=("growth_rate", "num_init_features", "bn_size", "num_classes", "in_channels"),
+            rates=("drop_rate",),
+        )
         try:
             blocks = tuple(int(n) for n in self.block_config)
         except TypeError:
@@ -92,7 +96,7 @@ def plan(cfg: DenseNetConfig) -> tuple[BlockSpec, ...]:
 # --------------------------------------------------------------------------- the network
 
 
-def dense_layer(m, x, cfg: DenseNetConfig):
+def dense_layer(m: Scope, x: Tensor, cfg: DenseNetConfig) -> Tensor:
     """One BC dense layer (Sec. 3, "Bottleneck layers"): BN-ReLU-Conv1x1-BN-ReLU-Conv3x3.
 
     ``x [N, C_in, H, W]`` (the concatenation of all earlier features in the block)
@@ -106,7 +110,7 @@ def dense_layer(m, x, cfg: DenseNetConfig):
     return m.dropout(y, cfg.drop_rate, m.rng) if cfg.drop_rate else y
 
 
-def dense_block(m, x, b: BlockSpec, cfg: DenseNetConfig):
+def dense_block(m: Scope, x: Tensor, b: BlockSpec, cfg: DenseNetConfig) -> Tensor:
     """A dense block (Sec. 3, "Dense connectivity"): layer ``l`` sees ``[x_0, x_1, ..., x_{l-1}]``.
 
     ``x [N, C, H, W] -> [N, C + num_layers * k, H, W]``. Layer ``l`` of the network (counted
@@ -114,24 +118,25 @@ def dense_block(m, x, b: BlockSpec, cfg: DenseNetConfig):
     """
     features = [x]
     for j in range(b.num_layers):
-        y = m.block(f"denselayer{j + 1}", dense_layer, torch.cat(features, 1), cfg, rng=subkey(m.rng, b.first_layer + j))
+        y = m.block(
+            f"denselayer{j + 1}", dense_layer, torch.cat(features, 1), cfg, rng=subkey(m.rng, b.first_layer + j)
+        )
         features.append(y)
     return torch.cat(features, 1)
 
 
-def transition(m, x, cout: int):
+def transition(m: Scope, x: Tensor, cout: int) -> Tensor:
     """Transition layer (Sec. 3, "Pooling layers"): BN-ReLU-Conv1x1 (halving the channels, the BC
     compression theta = 0.5) then 2x2/2 average pooling. ``[N, C, H, W] -> [N, C/2, H/2, W/2]``."""
     y = m.conv("conv", m.op("relu", L.relu_, m.batch_norm("norm", x), tap=False), cout, 1, padding=0)
     return m.op("pool", L.avg_pool2d, y, 2, 2, tap=False)
 
 
-def features(m, x, cfg: DenseNetConfig):
+def features(m: Scope, x: Tensor, cfg: DenseNetConfig) -> Tensor:
     """torchvision's ``features``: the stem (7x7/2 conv, BN, ReLU, 3x3/2 max pool), the dense
     blocks and transitions, the final BatchNorm ``norm5`` (its ReLU is the head's).
     ``[N, C, H, W] -> [N, C', H / 32, W / 32]``; the blocks' dropout keys come from ``m.rng``."""
-    y = m.conv_norm_act(x, cfg.num_init_features, 7, conv="conv0", norm="norm0", act="relu", act_name="relu0",
-                        stride=2)
+    y = m.conv_norm_act(x, cfg.num_init_features, 7, conv="conv0", norm="norm0", act="relu", act_name="relu0", stride=2)
     y = m.tap("relu0", y)
     y = m.op("pool0", L.max_pool2d, y, 3, 2, 1)
     for i, b in enumerate(plan(cfg)):
@@ -141,7 +146,7 @@ def features(m, x, cfg: DenseNetConfig):
     return m.tap("norm5", m.batch_norm("norm5", y))
 
 
-def forward(m, cfg: DenseNetConfig, x):
+def forward(m: Scope, cfg: DenseNetConfig, x: Tensor) -> Tensor:
     """``x [N, C, H, W] -> logits [N, num_classes]``.
 
     Feature names (torchvision's module paths): ``features.relu0`` (stride 2),
@@ -184,7 +189,11 @@ def remap(cfg: DenseNetConfig, flat: dict) -> tuple[dict, list[str]]:
 
 
 FAMILY = family(
-    "densenet", DenseNetConfig, forward, paper=PAPER, remap=remap,
+    "densenet",
+    DenseNetConfig,
+    forward,
+    paper=PAPER,
+    remap=remap,
     # torchvision: kaiming_normal_ convs (fan_in), nn.Linear's init with a zero bias
     defaults={"conv": "kaiming_normal", "linear": "torch_default_zero_bias"},
 )
@@ -196,16 +205,27 @@ for _depth, _k, _blocks, _init, _n in [
     (201, 32, (6, 12, 48, 32), 64, 20013928),
 ]:
     register(
-        f"densenet{_depth}", FAMILY, params=_n, reference=Reference("torchvision", f"densenet{_depth}"), growth_rate=_k, block_config=_blocks, num_init_features=_init,
+        f"densenet{_depth}",
+        FAMILY,
+        params=_n,
+        reference=Reference("torchvision", f"densenet{_depth}"),
+        growth_rate=_k,
+        block_config=_blocks,
+        num_init_features=_init,
     )
 
 register(
-    "densenet264", FAMILY, params=33337704,
+    "densenet264",
+    FAMILY,
+    params=33337704,
     reference=Reference(
-        "torchvision", "DenseNet",
+        "torchvision",
+        "DenseNet",
         kwargs=(("growth_rate", 32), ("block_config", (6, 12, 64, 48)), ("num_init_features", 64)),
     ),
     notes="Table 1 of the paper (k=32, blocks 6/12/64/48); torchvision has the class but no builder or "
     "weights; timm's densenet264d is a different network (k=48, deep stem).",
-    growth_rate=32, block_config=(6, 12, 64, 48), num_init_features=64,
+    growth_rate=32,
+    block_config=(6, 12, 64, 48),
+    num_init_features=64,
 )

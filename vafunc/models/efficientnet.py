@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+from torch import Tensor
 
 from vafunc.core import blocks as B
 from vafunc.core import layers as L
@@ -95,7 +96,7 @@ class EfficientNetConfig:
     norm_momentum: float = 0.1
     in_channels: int = 3
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.arch not in STAGES:
             raise ValueError(f"arch must be one of {sorted(STAGES)}, got {self.arch!r}")
         if not self.width_mult > 0 or not self.depth_mult > 0:
@@ -137,29 +138,52 @@ def plan(cfg: EfficientNetConfig) -> tuple[int, tuple, int]:
         stage = []
         for j in range(n):
             c_in, s = (cin, stride) if j == 0 else (cout, 1)
-            stage.append(BlockSpec(kind, c_in, cout, B.make_divisible(c_in * t, 8), k, s,
-                                   cfg.stochastic_depth_prob * b / total))
+            stage.append(
+                BlockSpec(kind, c_in, cout, B.make_divisible(c_in * t, 8), k, s, cfg.stochastic_depth_prob * b / total)
+            )
             b += 1
         stages.append(tuple(stage))
     last_in = rows[-1][5]
     return rows[0][4], tuple(stages), LAST_CHANNEL[cfg.arch] or 4 * last_in
 
 
-def block(m, x, b: BlockSpec):
+def block(m: Scope, x: Tensor, b: BlockSpec) -> Tensor:
     """One MBConv (SE squeeze: input channels / 4) or Fused-MBConv, SiLU, torchvision's layout;
     its stochastic-depth key is the scope's."""
     if b.kind == "fused":
-        return B.fused_mbconv(m, x, b.cout, cin=b.cin, expanded=b.expanded, kernel=b.kernel, stride=b.stride, act="silu",
-                              drop_path=b.drop_path, names=B.TORCHVISION)
-    return B.mbconv(m, x, b.cout, cin=b.cin, expanded=b.expanded, kernel=b.kernel, stride=b.stride, act="silu",
-                    se=max(1, b.cin // 4), se_act="silu", drop_path=b.drop_path, names=B.TORCHVISION)
+        return B.fused_mbconv(
+            m,
+            x,
+            b.cout,
+            cin=b.cin,
+            expanded=b.expanded,
+            kernel=b.kernel,
+            stride=b.stride,
+            act="silu",
+            drop_path=b.drop_path,
+            names=B.TORCHVISION,
+        )
+    return B.mbconv(
+        m,
+        x,
+        b.cout,
+        cin=b.cin,
+        expanded=b.expanded,
+        kernel=b.kernel,
+        stride=b.stride,
+        act="silu",
+        se=max(1, b.cin // 4),
+        se_act="silu",
+        drop_path=b.drop_path,
+        names=B.TORCHVISION,
+    )
 
 
 #: torchvision's ``min_size`` for EfficientNetV2.
 V2_MIN_SIZE = 33
 
 
-def forward(m, cfg: EfficientNetConfig, x):
+def forward(m: Scope, cfg: EfficientNetConfig, x: Tensor) -> Tensor:
     """``x [N, C, H, W] -> logits [N, num_classes]``.
 
     Feature names (torchvision module paths): ``features.0`` (stem, stride 2), every block
@@ -174,7 +198,7 @@ def forward(m, cfg: EfficientNetConfig, x):
     return m.block("classifier", B.classifier, y, cfg.num_classes, cfg.dropout, tap=False, rng=k_head)
 
 
-def features(m, x, stem: int, stages: tuple, last: int):
+def features(m: Scope, x: Tensor, stem: int, stages: tuple, last: int) -> Tensor:
     """torchvision's ``features``: the stem ``0``, the stages ``1..K`` and the head conv ``K+1``."""
     y = m.block("0", Scope.conv_norm_act, x, stem, 3, stride=2, act="silu")
     y = B.stages(m, y, stages, block, start=1)
@@ -183,8 +207,13 @@ def features(m, x, stem: int, stages: tuple, last: int):
 
 #: torchvision's init: convs kaiming_normal_(fan_out), classifier uniform in +-1/sqrt(classes);
 #: BatchNorm settings per builder.
-FAMILY = family("efficientnet", EfficientNetConfig, forward, paper=PAPER,
-                defaults=lambda cfg: {"linear": "uniform_range", "eps": cfg.norm_eps, "momentum": cfg.norm_momentum})
+FAMILY = family(
+    "efficientnet",
+    EfficientNetConfig,
+    forward,
+    paper=PAPER,
+    defaults=lambda cfg: {"linear": "uniform_range", "eps": cfg.norm_eps, "momentum": cfg.norm_momentum},
+)
 
 # torchvision's builders: (name, width, depth, dropout, BN eps, BN momentum, params)
 for _name, _w, _d, _drop, _eps, _mom, _n in [
@@ -198,8 +227,16 @@ for _name, _w, _d, _drop, _eps, _mom, _n in [
     ("efficientnet_b7", 2.0, 3.1, 0.5, 1e-3, 0.01, 66347960),
 ]:
     register(
-        _name, FAMILY, params=_n, reference=Reference("torchvision", _name),
-        arch="b", width_mult=_w, depth_mult=_d, dropout=_drop, norm_eps=_eps, norm_momentum=_mom,
+        _name,
+        FAMILY,
+        params=_n,
+        reference=Reference("torchvision", _name),
+        arch="b",
+        width_mult=_w,
+        depth_mult=_d,
+        dropout=_drop,
+        norm_eps=_eps,
+        norm_momentum=_mom,
     )
 
 for _name, _arch, _drop, _n in [
@@ -208,5 +245,13 @@ for _name, _arch, _drop, _n in [
     ("efficientnet_v2_l", "v2_l", 0.4, 118515272),
 ]:
     register(
-        _name, FAMILY, params=_n, reference=Reference("torchvision", _name), paper=PAPER_V2, arch=_arch, dropout=_drop, norm_eps=1e-3, norm_momentum=0.1,
+        _name,
+        FAMILY,
+        params=_n,
+        reference=Reference("torchvision", _name),
+        paper=PAPER_V2,
+        arch=_arch,
+        dropout=_drop,
+        norm_eps=1e-3,
+        norm_momentum=0.1,
     )

@@ -43,14 +43,18 @@ import re
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from torch import Tensor
+
 from vafunc.core import blocks as B
 from vafunc.core import random as vrandom
-from vafunc.core.kit import family
+from vafunc.core.kit import Scope, family
 from vafunc.core.registry import Reference, check_config, register
 from vafunc.models.efficientnet import STAGES
 
-PAPER = ("Tan & Le 2019, EfficientNet: Rethinking Model Scaling for CNNs, arXiv:1905.11946 "
-         "(Lite: tensorflow/tpu models/official/efficientnet/lite)")
+PAPER = (
+    "Tan & Le 2019, EfficientNet: Rethinking Model Scaling for CNNs, arXiv:1905.11946 "
+    "(Lite: tensorflow/tpu models/official/efficientnet/lite)"
+)
 
 #: Lite's fixed widths: the stem and the head conv are not scaled by ``width_mult``.
 STEM, HEAD = 32, 1280
@@ -74,7 +78,7 @@ class EfficientNetLiteConfig:
     pad_type: str = ""
     in_channels: int = 3
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not self.width_mult > 0 or not self.depth_mult > 0:
             raise ValueError(f"width_mult and depth_mult must be > 0, got {self.width_mult!r}, {self.depth_mult!r}")
         if self.pad_type not in ("", "same"):
@@ -104,31 +108,66 @@ def plan(cfg: EfficientNetLiteConfig) -> tuple:
     cols = []
     for i, (_, t, k, s, _, cout, n) in enumerate(rows):
         fixed = i in (0, len(rows) - 1)
-        cols.append((t, k, s, B.make_divisible(cout * cfg.width_mult, 8), n if fixed else int(math.ceil(n * cfg.depth_mult))))
+        cols.append(
+            (t, k, s, B.make_divisible(cout * cfg.width_mult, 8), n if fixed else int(math.ceil(n * cfg.depth_mult)))
+        )
     total, pad = sum(c[-1] for c in cols), "tf_same" if cfg.pad_type == "same" else None
     stages, cin, b = [], STEM, 0
     for i, (t, k, s, cout, n) in enumerate(cols):
         stage = []
         for j in range(n):
             kind = "ds" if i == 0 else "ir"
-            stage.append(LiteBlock(kind, cout, B.make_divisible(cin * t, 8), k, s if j == 0 else 1,
-                                   cfg.drop_path_rate * b / total, pad, cin))
+            stage.append(
+                LiteBlock(
+                    kind,
+                    cout,
+                    B.make_divisible(cin * t, 8),
+                    k,
+                    s if j == 0 else 1,
+                    cfg.drop_path_rate * b / total,
+                    pad,
+                    cin,
+                )
+            )
             cin, b = cout, b + 1
         stages.append(tuple(stage))
     return tuple(stages)
 
 
-def block(m, x, b: LiteBlock):
+def block(m: Scope, x: Tensor, b: LiteBlock) -> Tensor:
     """One block (ReLU6, no SE) in timm's names; its stochastic-depth key is the scope's."""
     if b.kind == "ds":  # timm: the skip only where the shapes allow it (never in Lite's tables)
-        return B.depthwise_separable(m, x, b.cout, cin=b.cin, kernel=b.kernel, stride=b.stride, act="relu6", project_act=False,
-                                     skip=True, padding=b.padding, drop_path=b.drop_path, names=B.TIMM_DS)
-    return B.mbconv(m, x, b.cout, cin=b.cin, expanded=b.expanded, expand=True, kernel=b.kernel, stride=b.stride,
-                    act="relu6",
-                    padding=b.padding, drop_path=b.drop_path, names=B.TIMM_IR)
+        return B.depthwise_separable(
+            m,
+            x,
+            b.cout,
+            cin=b.cin,
+            kernel=b.kernel,
+            stride=b.stride,
+            act="relu6",
+            project_act=False,
+            skip=True,
+            padding=b.padding,
+            drop_path=b.drop_path,
+            names=B.TIMM_DS,
+        )
+    return B.mbconv(
+        m,
+        x,
+        b.cout,
+        cin=b.cin,
+        expanded=b.expanded,
+        expand=True,
+        kernel=b.kernel,
+        stride=b.stride,
+        act="relu6",
+        padding=b.padding,
+        drop_path=b.drop_path,
+        names=B.TIMM_IR,
+    )
 
 
-def forward(m, cfg: EfficientNetLiteConfig, x):
+def forward(m: Scope, cfg: EfficientNetLiteConfig, x: Tensor) -> Tensor:
     """``x [N, C, H, W] -> logits [N, num_classes]``.
 
     Feature names (timm's module paths): ``bn1`` (the stem, stride 2), every block
@@ -149,8 +188,14 @@ def forward(m, cfg: EfficientNetLiteConfig, x):
 _TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
 _UNITS = {
     "ds": {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"},
-    "ir": {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
-           "_project_conv": "conv_pwl", "_bn2": "bn3"},
+    "ir": {
+        "_expand_conv": "conv_pw",
+        "_bn0": "bn1",
+        "_depthwise_conv": "conv_dw",
+        "_bn1": "bn2",
+        "_project_conv": "conv_pwl",
+        "_bn2": "bn3",
+    },
 }
 _KEY = re.compile(r"^(?:_blocks\.(\d+)\.)?(_\w+)\.(weight|bias|running_mean|running_var|num_batches_tracked)$")
 
@@ -182,17 +227,24 @@ def remap(cfg: EfficientNetLiteConfig, flat: dict) -> tuple[dict, list[str]]:
             out[k] = v
         else:
             out[new], renamed = v, renamed + 1
-    note = (f"renamed {renamed} EfficientNet-PyTorch keys to timm's ('_blocks.N._depthwise_conv' -> "
-            "'blocks.i.j.conv_dw', '_bn0' -> 'bn1', '_fc' -> 'classifier', ...)")
+    note = (
+        f"renamed {renamed} EfficientNet-PyTorch keys to timm's ('_blocks.N._depthwise_conv' -> "
+        "'blocks.i.j.conv_dw', '_bn0' -> 'bn1', '_fc' -> 'classifier', ...)"
+    )
     return out, [note]
 
 
 #: timm's ``_init_weight_goog``: convs normal(0, sqrt(2 / (k*k*cout/groups))), the classifier
 #: uniform in +-1/sqrt(classes), zero biases; BatchNorm eps per builder, momentum 0.1; each
 #: BatchNorm and its activation are one module (timm's ``BatchNormAct2d``).
-FAMILY = family("efficientnet_lite", EfficientNetLiteConfig, forward, paper=PAPER, remap=remap,
-                defaults=lambda cfg: {"conv": "goog", "linear": "uniform_range", "eps": cfg.bn_eps,
-                                      "norm_act": True})
+FAMILY = family(
+    "efficientnet_lite",
+    EfficientNetLiteConfig,
+    forward,
+    paper=PAPER,
+    remap=remap,
+    defaults=lambda cfg: {"conv": "goog", "linear": "uniform_range", "eps": cfg.bn_eps, "norm_act": True},
+)
 
 # timm's builders: (variant, channel_multiplier, depth_multiplier, params)
 for _i, _w, _d, _n in [
@@ -202,8 +254,22 @@ for _i, _w, _d, _n in [
     (3, 1.2, 1.4, 8197096),
     (4, 1.4, 1.8, 13006568),
 ]:
-    register(f"efficientnet_lite{_i}", FAMILY, params=_n, reference=Reference("timm", f"efficientnet_lite{_i}"),
-             width_mult=_w, depth_mult=_d)
-    register(f"tf_efficientnet_lite{_i}", FAMILY, params=_n, reference=Reference("timm", f"tf_efficientnet_lite{_i}"),
-             width_mult=_w, depth_mult=_d, bn_eps=1e-3, pad_type="same",
-             notes="TensorFlow checkpoint port: TF 'SAME' padding, BatchNorm eps 1e-3, inputs (x - 0.5) / 0.5")
+    register(
+        f"efficientnet_lite{_i}",
+        FAMILY,
+        params=_n,
+        reference=Reference("timm", f"efficientnet_lite{_i}"),
+        width_mult=_w,
+        depth_mult=_d,
+    )
+    register(
+        f"tf_efficientnet_lite{_i}",
+        FAMILY,
+        params=_n,
+        reference=Reference("timm", f"tf_efficientnet_lite{_i}"),
+        width_mult=_w,
+        depth_mult=_d,
+        bn_eps=1e-3,
+        pad_type="same",
+        notes="TensorFlow checkpoint port: TF 'SAME' padding, BatchNorm eps 1e-3, inputs (x - 0.5) / 0.5",
+    )

@@ -21,15 +21,16 @@ the outputs of 4a and 4d, are kept; nothing after them writes to those).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
+from torch import Tensor
 
 from vafunc.core import layers as L
-from vafunc.serving._imageops import IMAGENET_MEAN, IMAGENET_STD
 from vafunc.core.blocks import drop_aux_remap, transform_input
-from vafunc.core.kit import family
+from vafunc.core.kit import Scope, family
 from vafunc.core.registry import Reference, check_config, register
+from vafunc.serving._imageops import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["GoogLeNetConfig", "FAMILY", "transform_input", "IMAGENET_MEAN", "IMAGENET_STD"]
 
@@ -94,7 +95,7 @@ class GoogLeNetConfig:
     dropout_aux: float = 0.7
     in_channels: int = 3
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.init_weights is None:
             object.__setattr__(self, "init_weights", True)
         check_config(self, bools=("aux_logits", "transform_input", "init_weights"), rates=("dropout", "dropout_aux"))
@@ -105,13 +106,13 @@ class GoogLeNetConfig:
 # --------------------------------------------------------------------------- the network
 
 
-def basic_conv(m, x, cout: int, kernel: int, **conv_kw):
+def basic_conv(m: Scope, x: Tensor, cout: int, kernel: int, **conv_kw: Any) -> Tensor:
     """torchvision's ``BasicConv2d`` (tensors ``conv``, ``bn``): conv (no bias, "same" padding)
     -> BatchNorm (eps 1e-3) -> ReLU."""
     return m.conv_norm_act(x, cout, kernel, conv="conv", norm="bn", act="relu", **conv_kw)
 
 
-def inception(m, x, b: InceptionSpec):
+def inception(m: Scope, x: Tensor, b: InceptionSpec) -> Tensor:
     """Inception module with dimension reductions (paper Figure 2b, BN after every conv):
     ``[N, cin, H, W] -> [N, ch1x1 + ch3x3 + ch5x5 + pool_proj, H, W]``.
 
@@ -125,19 +126,19 @@ def inception(m, x, b: InceptionSpec):
     return torch.cat([b1, b2, b3, b4], 1)
 
 
-def _reduce_then_3x3(m, x, reduce: int, cout: int):
+def _reduce_then_3x3(m: Scope, x: Tensor, reduce: int, cout: int) -> Tensor:
     """Slot "0": 1x1 reduction; slot "1": 3x3 conv with padding 1."""
     y = m.block("0", basic_conv, x, reduce, 1, tap=False)
     return m.block("1", basic_conv, y, cout, 3, tap=False)
 
 
-def _pool_then_proj(m, x, cout: int):
+def _pool_then_proj(m: Scope, x: Tensor, cout: int) -> Tensor:
     """Slot "0": 3x3/1 max pool (ceil mode); slot "1": 1x1 projection."""
     y = m.op("0", L.max_pool2d, x, 3, 1, 1, ceil_mode=True, tap=False)
     return m.block("1", basic_conv, y, cout, 1, tap=False)
 
 
-def aux_head(m, x, num_classes: int, rate: float):
+def aux_head(m: Scope, x: Tensor, num_classes: int, rate: float) -> Tensor:
     """Auxiliary classifier (paper Section 5): 4x4 average pool, 1x1 conv to 128, FC 1024 with
     ReLU and dropout (keyed by ``m.rng``), FC to the classes. ``[N, C, H, W] -> [N, num_classes]``."""
     y = m.block("conv", basic_conv, L.adaptive_avg_pool2d(x, AUX_POOLED), AUX_WIDTH, 1, tap=False)
@@ -145,7 +146,7 @@ def aux_head(m, x, num_classes: int, rate: float):
     return m.linear("fc2", m.dropout(y, rate, m.rng, name="dropout"), num_classes)
 
 
-def forward(m, cfg: GoogLeNetConfig, x, *, aux: bool = False):
+def forward(m: Scope, cfg: GoogLeNetConfig, x: Tensor, *, aux: bool = False) -> Tensor | dict[str, Tensor]:
     """``x [N, C, H, W] -> logits [N, num_classes]``; with ``aux=True``
     ``{"logits", "aux1", "aux2"}`` (train and eval; needs ``aux_logits=True``).
 
@@ -190,11 +191,20 @@ def defaults(cfg: GoogLeNetConfig) -> dict:
     return {**d, "conv": "kaiming_fan_in_uniform", "linear": "torch_default"}
 
 
-FAMILY = family("googlenet", GoogLeNetConfig, forward, paper=PAPER, defaults=defaults,
-                remap=drop_aux_remap(("aux1.", "aux2."), "auxiliary-head"))
+FAMILY = family(
+    "googlenet",
+    GoogLeNetConfig,
+    forward,
+    paper=PAPER,
+    defaults=defaults,
+    remap=drop_aux_remap(("aux1.", "aux2."), "auxiliary-head"),
+)
 
 register(
-    "googlenet", FAMILY, params=13004888, reference=Reference("torchvision", "googlenet"),
+    "googlenet",
+    FAMILY,
+    params=13004888,
+    reference=Reference("torchvision", "googlenet"),
     notes=(
         "torchvision's weights=None defaults: aux heads built (13,004,888 params; 6,624,904 with "
         "aux_logits=False, the released checkpoint's inference model), transform_input=False; "

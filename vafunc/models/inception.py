@@ -19,7 +19,10 @@ The auxiliary head is computed only when asked for: ``apply(..., aux=True)`` ret
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
 import torch
+from torch import Tensor
 
 from vafunc.core import layers as L
 from vafunc.core.blocks import drop_aux_remap, transform_input
@@ -36,30 +39,49 @@ AUX_MIN_SIZE = 299  # the aux head's 5x5 conv needs a 5x5 map: 17x17 after Mixed
 DEFAULT_STD, AUX_FC_STD = 0.1, 0.001
 
 
-def conv(m, name: str, x, cout: int, kernel, stride: int = 1, padding=0):
+def conv(
+    m: Scope,
+    name: str,
+    x: Tensor,
+    cout: int,
+    kernel: int | tuple[int, int],
+    stride: int = 1,
+    padding: int | tuple[int, int] = 0,
+) -> Tensor:
     """torchvision's ``BasicConv2d`` ``name`` (tensors ``name.conv``, ``name.bn``): conv (no
     bias; padding 0 unless given) -> BatchNorm (eps 1e-3) -> ReLU (functional, as there)."""
-    return m.block(name, Scope.conv_norm_act, x, cout, kernel, conv="conv", norm="bn", act="relu", stride=stride,
-                   padding=padding, tap=False)
+    return m.block(
+        name,
+        Scope.conv_norm_act,
+        x,
+        cout,
+        kernel,
+        conv="conv",
+        norm="bn",
+        act="relu",
+        stride=stride,
+        padding=padding,
+        tap=False,
+    )
 
 
-def conv_1x7(m, name, x, cout):
+def conv_1x7(m: Scope, name: str, x: Tensor, cout: int) -> Tensor:
     return conv(m, name, x, cout, (1, 7), padding=(0, 3))
 
 
-def conv_7x1(m, name, x, cout):
+def conv_7x1(m: Scope, name: str, x: Tensor, cout: int) -> Tensor:
     return conv(m, name, x, cout, (7, 1), padding=(3, 0))
 
 
-def conv_1x3(m, name, x, cout):
+def conv_1x3(m: Scope, name: str, x: Tensor, cout: int) -> Tensor:
     return conv(m, name, x, cout, (1, 3), padding=(0, 1))
 
 
-def conv_3x1(m, name, x, cout):
+def conv_3x1(m: Scope, name: str, x: Tensor, cout: int) -> Tensor:
     return conv(m, name, x, cout, (3, 1), padding=(1, 0))
 
 
-def max_pool_3x3_s2(x):
+def max_pool_3x3_s2(x: Tensor) -> Tensor:
     """The grid reductions' 3x3/2 max pool (functional in torchvision too). A leaf function of FX
     graphs (``torch.fx.wrap``): :func:`vafunc.core.layers.max_pool2d` picks its CPU fast path by
     looking at the tensor, which symbolic tracing cannot do."""
@@ -73,7 +95,7 @@ torch.fx.wrap("max_pool_3x3_s2")
 # Every block calls its convolutions in torchvision's state_dict order.
 
 
-def block_a(m, x, pool_features: int):
+def block_a(m: Scope, x: Tensor, pool_features: int) -> Tensor:
     """Figure 5 (35x35 grid; the 5x5 kept as in TF-slim): ``[N, cin, H, W] ->
     [N, 224 + pool_features, H, W]``."""
     b1 = conv(m, "branch1x1", x, 64, 1)
@@ -85,7 +107,7 @@ def block_a(m, x, pool_features: int):
     return torch.cat([b1, b5, b3, bp], 1)
 
 
-def block_b(m, x):
+def block_b(m: Scope, x: Tensor) -> Tensor:
     """Grid reduction 35 -> 17 (Figure 10): ``[N, cin, H, W] -> [N, 480 + cin, (H-3)//2+1, ...]``."""
     b3 = conv(m, "branch3x3", x, 384, 3, stride=2)
     bd = conv(m, "branch3x3dbl_1", x, 64, 1)
@@ -94,7 +116,7 @@ def block_b(m, x):
     return torch.cat([b3, bd, max_pool_3x3_s2(x)], 1)
 
 
-def block_c(m, x, c7: int):
+def block_c(m: Scope, x: Tensor, c7: int) -> Tensor:
     """Figure 6 (17x17 grid, 7x7 factorised into 1x7 and 7x1): ``[N, cin, H, W] -> [N, 768, H, W]``."""
     b1 = conv(m, "branch1x1", x, 192, 1)
     b7 = conv(m, "branch7x7_1", x, c7, 1)
@@ -109,7 +131,7 @@ def block_c(m, x, c7: int):
     return torch.cat([b1, b7, bd, bp], 1)
 
 
-def block_d(m, x):
+def block_d(m: Scope, x: Tensor) -> Tensor:
     """Grid reduction 17 -> 8: ``[N, cin, H, W] -> [N, 512 + cin, (H-3)//2+1, ...]``."""
     b3 = conv(m, "branch3x3_2", conv(m, "branch3x3_1", x, 192, 1), 320, 3, stride=2)
     b7 = conv(m, "branch7x7x3_1", x, 192, 1)
@@ -119,7 +141,7 @@ def block_d(m, x):
     return torch.cat([b3, b7, max_pool_3x3_s2(x)], 1)
 
 
-def block_e(m, x):
+def block_e(m: Scope, x: Tensor) -> Tensor:
     """Figure 7 (8x8 grid, expanded filter banks: 1x3 and 3x1 side by side):
     ``[N, cin, H, W] -> [N, 2048, H, W]``."""
     b1 = conv(m, "branch1x1", x, 320, 1)
@@ -151,7 +173,7 @@ AUX_AFTER = "Mixed_6e"
 AUX_GRID = 17  # the grid after Mixed_6e at 299 (the smallest the aux head takes)
 
 
-def aux_head(m, x, num_classes: int, fc_init):
+def aux_head(m: Scope, x: Tensor, num_classes: int, fc_init: Any) -> Tensor:
     """Auxiliary classifier (Section 4): 5x5/3 average pool, 1x1 conv to 128, 5x5 conv to 768,
     global average pool, FC. ``[N, 768, 17, 17] -> [N, num_classes]``."""
     y = conv(m, "conv1", conv(m, "conv0", L.avg_pool2d(x, 5, 3), 128, 1), 768, 5)
@@ -173,7 +195,7 @@ class InceptionV3Config:
     dropout: float = 0.5
     in_channels: int = 3
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.init_weights is None:
             object.__setattr__(self, "init_weights", True)
         check_config(self, bools=("aux_logits", "transform_input", "init_weights"), rates=("dropout",))
@@ -181,7 +203,7 @@ class InceptionV3Config:
             raise ValueError(f"transform_input needs 3 (RGB) input channels, got in_channels={self.in_channels}")
 
 
-def forward(m, cfg: InceptionV3Config, x, *, aux: bool = False):
+def forward(m: Scope, cfg: InceptionV3Config, x: Tensor, *, aux: bool = False) -> Tensor | dict[str, Tensor]:
     """``x [N, C, H, W] -> logits [N, num_classes]``, H, W >= 75; with ``aux=True``
     ``{"logits", "aux"}`` (train and eval; needs ``aux_logits=True`` and H, W >= 299).
 
@@ -230,11 +252,20 @@ def defaults(cfg: InceptionV3Config) -> dict:
     return {**d, "conv": "kaiming_fan_in_uniform", "linear": "torch_default"}
 
 
-FAMILY = family("inception_v3", InceptionV3Config, forward, paper=PAPER, defaults=defaults,
-                remap=drop_aux_remap(("AuxLogits.",), "AuxLogits"))
+FAMILY = family(
+    "inception_v3",
+    InceptionV3Config,
+    forward,
+    paper=PAPER,
+    defaults=defaults,
+    remap=drop_aux_remap(("AuxLogits.",), "AuxLogits"),
+)
 
 register(
-    "inception_v3", FAMILY, params=27161264, reference=Reference("torchvision", "inception_v3"),
+    "inception_v3",
+    FAMILY,
+    params=27161264,
+    reference=Reference("torchvision", "inception_v3"),
     notes=(
         "torchvision's weights=None defaults: AuxLogits built (27,161,264 params; 23,834,568 with "
         "aux_logits=False), transform_input=False; BatchNorm eps 1e-3; the aux head needs >= 299x299"

@@ -37,12 +37,14 @@ Shared with :mod:`vafunc.models.coatnet` (one implementation of each concept):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import einops
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from vafunc.core import layers as L
 from vafunc.core.kit import Scope, family
@@ -53,7 +55,7 @@ PAPER = "Tu et al. 2022, MaxViT: Multi-Axis Vision Transformer, arXiv:2204.01697
 # --------------------------------------------------------------------------- shared pieces
 
 
-def relative_position_index(h: int, w: int, device=None) -> torch.Tensor:
+def relative_position_index(h: int, w: int, device: torch.device | None = None) -> torch.Tensor:
     """``[h*w, h*w]`` int64: for tokens ``i`` and ``j`` of an ``h x w`` window (row-major), the
     row of the ``[(2h - 1) * (2w - 1), heads]`` bias table that holds their offset
     ``(dy, dx) = pos_i - pos_j``: ``(dy + h - 1) * (2w - 1) + (dx + w - 1)`` (Swin, Sec. 3.2;
@@ -64,7 +66,7 @@ def relative_position_index(h: int, w: int, device=None) -> torch.Tensor:
     return (d[0] + (h - 1)) * (2 * w - 1) + (d[1] + (w - 1))
 
 
-def relative_position_bias(m, window: tuple[int, int], heads: int, *, buffer: bool = True):
+def relative_position_bias(m: Scope, window: tuple[int, int], heads: int, *, buffer: bool = True) -> Tensor:
     """The learned relative position bias of attention over an ``h x w`` window, ``[heads, h*w,
     h*w]``, added to the attention logits. Declares ``relative_position_bias_table`` (a parameter,
     truncated normal(0, 0.02)) and, with ``buffer``, ``relative_position_index`` (a constant
@@ -89,7 +91,7 @@ def linear_schedule(rate: float, n: int) -> list[float]:
     return [rate if i == n - 1 else i * step for i in range(n)]
 
 
-def proj(m, x, cin: int, cout: int, stride: int, bias: bool = True):
+def proj(m: Scope, x: Tensor, cin: int, cout: int, stride: int, bias: bool = True) -> Tensor:
     """torchvision's MBConv shortcut ``proj``, an ``nn.Sequential``: with stride 2 a 3x3/2
     average pool (``count_include_pad``) ``0`` and a 1x1 conv ``1``; else the 1x1 conv ``0``."""
     if stride == 2:
@@ -97,7 +99,7 @@ def proj(m, x, cin: int, cout: int, stride: int, bias: bool = True):
     return m.conv("0", x, cout, 1, bias=bias)
 
 
-def downsample2d(m, x, cin: int, cout: int, stride: int = 2, bias: bool = True):
+def downsample2d(m: Scope, x: Tensor, cin: int, cout: int, stride: int = 2, bias: bool = True) -> Tensor:
     """timm's ``Downsample2d`` (``pool_type="avg2"``): a 2x2/2 average pool ``pool``, then a 1x1
     conv ``expand`` where the width changes (``stride`` is 2: the argument mirrors :func:`proj`)."""
     y = m.op("pool", F.avg_pool2d, x, 2, 2, tap=False)
@@ -124,11 +126,21 @@ class MBConvNames(NamedTuple):
 
 
 #: torchvision's ``MBConv``
-TORCHVISION_MBCONV = MBConvNames(("proj", proj), "layers", "pre_norm", "down", "conv_a", "conv_b",
-                                 "squeeze_excitation", "conv_c", "stochastic_depth")
+TORCHVISION_MBCONV = MBConvNames(
+    ("proj", proj), "layers", "pre_norm", "down", "conv_a", "conv_b", "squeeze_excitation", "conv_c", "stochastic_depth"
+)
 #: timm's ``MbConvBlock`` (MaxxVit, CoAtNet); ``se`` is ``"se_early"`` where SE precedes ``norm2``
-TIMM_MBCONV = MBConvNames(("shortcut", downsample2d), None, "pre_norm", "down", ("conv1_1x1", "norm1"),
-                          ("conv2_kxk", "norm2"), "se", "conv3_1x1", "drop_path")
+TIMM_MBCONV = MBConvNames(
+    ("shortcut", downsample2d),
+    None,
+    "pre_norm",
+    "down",
+    ("conv1_1x1", "norm1"),
+    ("conv2_kxk", "norm2"),
+    "se",
+    "conv3_1x1",
+    "drop_path",
+)
 
 
 class MBConv(NamedTuple):
@@ -153,7 +165,7 @@ class MBConv(NamedTuple):
     bias: bool = True
 
 
-def _conv_norm_act(m, at, x, cout: int, kernel: int, **kw):
+def _conv_norm_act(m: Scope, at: str | tuple[str, str], x: Tensor, cout: int, kernel: int, **kw: Any) -> Tensor:
     """Conv, norm, activation at ``at``: a ``Conv2dNormActivation`` block of that name, or the
     ``(conv, norm)`` pair of ``m`` (see :class:`MBConvNames`)."""
     if isinstance(at, str):
@@ -161,7 +173,7 @@ def _conv_norm_act(m, at, x, cout: int, kernel: int, **kw):
     return m.conv_norm_act(x, cout, kernel, conv=at[0], norm=at[1], **kw)
 
 
-def mbconv_branch(m, x, b: MBConv, names: MBConvNames):
+def mbconv_branch(m: Scope, x: Tensor, b: MBConv, names: MBConvNames) -> Tensor:
     """The residual branch of :func:`prenorm_mbconv`: ``[N, cin, H, W] -> [N, cout, H/stride, W/stride]``."""
     if b.pre_act or m.defaults.get("norm_act"):  # timm's pre-norm is a BatchNormAct2d (act: identity or act)
         y = m.norm_act(names.pre_norm, x, b.act if b.pre_act else L.identity)
@@ -181,7 +193,9 @@ def mbconv_branch(m, x, b: MBConv, names: MBConvNames):
     return m.conv(names.project, y, b.cout, 1, bias=b.bias)
 
 
-def prenorm_mbconv(m, x, b: MBConv, names: MBConvNames = TORCHVISION_MBCONV, rng=None):
+def prenorm_mbconv(
+    m: Scope, x: Tensor, b: MBConv, names: MBConvNames = TORCHVISION_MBCONV, rng: Tensor | None = None
+) -> Tensor:
     """The pre-norm MBConv of MaxViT (Sec. 3.1) and CoAtNet (Sec. 2.1; timm's ``MbConvBlock``):
     ``[N, cin, H, W] -> [N, cout, H/stride, W/stride]``.
 
@@ -195,8 +209,11 @@ def prenorm_mbconv(m, x, b: MBConv, names: MBConvNames = TORCHVISION_MBCONV, rng
     layout's (pooling and a 1x1 conv); stochastic depth keyed by ``rng`` (default: the scope's key).
     """
     where, shortcut = names.shortcut  # the shortcut first: its tensors precede the branch's in the state_dict
-    res = x if b.stride == 1 and b.cin == b.cout else m.block(where, shortcut, x, b.cin, b.cout, b.stride, b.bias,
-                                                               tap=False)
+    res = (
+        x
+        if b.stride == 1 and b.cin == b.cout
+        else m.block(where, shortcut, x, b.cin, b.cout, b.stride, b.bias, tap=False)
+    )
     if names.layers is None:
         y = mbconv_branch(m, x, b, names)
     else:
@@ -233,7 +250,7 @@ class MaxVitConfig:
     num_classes: int = 1000
     in_channels: int = 3
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for f in ("block_channels", "block_layers"):
             v = getattr(self, f)
             if isinstance(v, (str, bytes)) or not hasattr(v, "__len__"):
@@ -243,16 +260,19 @@ class MaxVitConfig:
                 raise ValueError(f"{f} must be a non-empty sequence of positive ints, got {v!r}")
             object.__setattr__(self, f, v)
         if len(self.block_channels) != len(self.block_layers):
-            raise ValueError(f"block_channels and block_layers differ in length: {self.block_channels} vs "
-                             f"{self.block_layers}")
+            raise ValueError(
+                f"block_channels and block_layers differ in length: {self.block_channels} vs {self.block_layers}"
+            )
         for f in ("squeeze_ratio", "expansion_ratio"):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
                 raise ValueError(f"{f} must be a positive number, got {v!r}")
             object.__setattr__(self, f, float(v))
-        check_config(self, positive_ints=("stem_channels", "partition_size", "head_dim", "mlp_ratio", "num_classes",
-                                          "in_channels"),
-                     rates=("stochastic_depth_prob", "mlp_dropout", "attention_dropout"))
+        check_config(
+            self,
+            positive_ints=("stem_channels", "partition_size", "head_dim", "mlp_ratio", "num_classes", "in_channels"),
+            rates=("stochastic_depth_prob", "mlp_dropout", "attention_dropout"),
+        )
         for c in self.block_channels:
             if c % self.head_dim:
                 raise ValueError(f"block width {c} is not divisible by head_dim={self.head_dim}")
@@ -269,7 +289,9 @@ def size_multiple(cfg: MaxVitConfig) -> int:
 # --------------------------------------------------------------------------- the network
 
 
-def partition_attention(m, x, cfg: MaxVitConfig, kind: str, rate: float, width: int | None = None):
+def partition_attention(
+    m: Scope, x: Tensor, cfg: MaxVitConfig, kind: str, rate: float, width: int | None = None
+) -> Tensor:
     """Block (``kind="window"``) or grid (``"grid"``) attention, torchvision's
     ``PartitionAttentionLayer``: ``[N, C, H, W] -> same`` (``width``: C, read off ``x`` when not
     given; the network passes it from the config).
@@ -287,8 +309,9 @@ def partition_attention(m, x, cfg: MaxVitConfig, kind: str, rate: float, width: 
         t = einops.rearrange(x, "b c (nh ph) (nw pw) -> b (nh nw) (ph pw) c", ph=p, pw=p)
     else:  # a P x P grid whose cells are (H/P) x (W/P)
         t = einops.rearrange(x, "b c (ph nh) (pw nw) -> b (nh nw) (ph pw) c", ph=p, pw=p)
-    y = m.block("attn_layer", attn_layer, t, c // cfg.head_dim, (p, p), c, cfg.attention_dropout, tap=False,
-                rng=m.key(0))
+    y = m.block(
+        "attn_layer", attn_layer, t, c // cfg.head_dim, (p, p), c, cfg.attention_dropout, tap=False, rng=m.key(0)
+    )
     t = t + m.drop_path(y, rate, m.key(1), name="stochastic_dropout")
     y = m.block("mlp_layer", mlp_layer, t, c * cfg.mlp_ratio, c, cfg.mlp_dropout, tap=False, rng=m.key(2))
     t = t + m.drop_path(y, rate, m.key(3), name="stochastic_dropout")
@@ -298,14 +321,14 @@ def partition_attention(m, x, cfg: MaxVitConfig, kind: str, rate: float, width: 
     return einops.rearrange(t, "b (nh nw) (ph pw) c -> b c (ph nh) (pw nw)", nh=nh, ph=p)
 
 
-def attn_layer(m, t, heads: int, window: tuple[int, int], width: int, rate: float):
+def attn_layer(m: Scope, t: Tensor, heads: int, window: tuple[int, int], width: int, rate: float) -> Tensor:
     """torchvision's ``attn_layer``: LayerNorm ``0``, :func:`rel_attention` ``1``, dropout ``2``
     (keyed by the scope's key). ``[..., L, C] -> same``."""
     y = m.block("1", rel_attention, m.layer_norm("0", t), heads, window, width, tap=False)
     return m.dropout(y, rate, m.rng, name="2")
 
 
-def mlp_layer(m, t, hidden: int, width: int, rate: float):
+def mlp_layer(m: Scope, t: Tensor, hidden: int, width: int, rate: float) -> Tensor:
     """torchvision's ``mlp_layer``: LayerNorm ``0``, Linear ``1``, GELU ``2``, Linear ``3``,
     dropout ``4`` (keyed by the scope's key). ``[..., C] -> same``."""
     y = m.linear("1", m.layer_norm("0", t), hidden)
@@ -313,7 +336,7 @@ def mlp_layer(m, t, hidden: int, width: int, rate: float):
     return m.dropout(y, rate, m.rng, name="4")
 
 
-def rel_attention(m, t, heads: int, window: tuple[int, int], width: int):
+def rel_attention(m: Scope, t: Tensor, heads: int, window: tuple[int, int], width: int) -> Tensor:
     """torchvision's ``RelativePositionalMultiHeadAttention``: ``[..., L, C] -> same``, ``L`` the
     window's ``h*w`` tokens, ``C = width``; ``to_qkv`` packs ``(q k v) x (heads, head_dim)``; the
     logits are scaled by ``C ** -0.5`` (the full width: torchvision's choice) and get the relative
@@ -321,50 +344,59 @@ def rel_attention(m, t, heads: int, window: tuple[int, int], width: int):
     bias = relative_position_bias(m, window, heads)  # own tensors precede the linears
     qkv = m.linear("to_qkv", t, 3 * width)
     q, k, v = einops.rearrange(qkv, "... l (three h d) -> three ... h l d", three=3, h=heads)
-    o = m.attention(q, k, v, bias=bias, scale=width ** -0.5)
+    o = m.attention(q, k, v, bias=bias, scale=width**-0.5)
     return m.linear("merge", einops.rearrange(o, "... h l d -> ... l (h d)"), width)
 
 
-def maxvit_layer(m, x, cfg: MaxVitConfig, cin: int, cout: int, stride: int, rate: float):
+def maxvit_layer(m: Scope, x: Tensor, cfg: MaxVitConfig, cin: int, cout: int, stride: int, rate: float) -> Tensor:
     """One MaxViT block (Fig. 2), torchvision's ``MaxVitLayer``: its ``layers`` (an
     ``nn.Sequential``) are the MBConv, block attention and grid attention
     (:func:`maxvit_layers`). ``[N, cin, H, W] -> [N, cout, H/stride, W/stride]``."""
     return m.block("layers", maxvit_layers, x, cfg, cin, cout, stride, rate, tap=False, sequential=True, rng=m.rng)
 
 
-def maxvit_layers(m, x, cfg: MaxVitConfig, cin: int, cout: int, stride: int, rate: float):
+def maxvit_layers(m: Scope, x: Tensor, cfg: MaxVitConfig, cin: int, cout: int, stride: int, rate: float) -> Tensor:
     """``MBconv``, ``window_attention``, ``grid_attention``. Keys: ``fold_in(key, 0)`` the
     MBConv's stochastic depth, ``fold_in(key, 1)`` / ``(key, 2)`` the two attention layers'."""
-    b = MBConv(cin, cout, stride, int(cout * cfg.expansion_ratio), int(cout * cfg.squeeze_ratio), F.gelu, F.silu,
-               drop_path=rate)
+    b = MBConv(
+        cin,
+        cout,
+        stride,
+        int(cout * cfg.expansion_ratio),
+        int(cout * cfg.squeeze_ratio),
+        F.gelu,
+        F.silu,
+        drop_path=rate,
+    )
     x = m.block("MBconv", prenorm_mbconv, x, b, tap=False, rng=m.key(0))
     x = m.block("window_attention", partition_attention, x, cfg, "window", rate, cout, rng=m.key(1), tap=False)
     return m.block("grid_attention", partition_attention, x, cfg, "grid", rate, cout, rng=m.key(2), tap=False)
 
 
-def stage(m, x, cfg: MaxVitConfig, cin: int, cout: int, rates: tuple, index: int):
+def stage(m: Scope, x: Tensor, cfg: MaxVitConfig, cin: int, cout: int, rates: tuple, index: int) -> Tensor:
     """A stage (torchvision's ``MaxVitBlock``): its blocks at ``layers.{j}`` (an ``nn.ModuleList``
     there: a container that is never called), the first with stride 2; block ``j`` gets the key
     ``fold_in(rng, index + j)``."""
     s = m.child("layers", module=("ModuleList", ()))
     for j, rate in enumerate(rates):
-        x = s.block(str(j), maxvit_layer, x, cfg, cin if j == 0 else cout, cout, 2 if j == 0 else 1, rate,
-                    rng=m.key(index + j))
+        x = s.block(
+            str(j), maxvit_layer, x, cfg, cin if j == 0 else cout, cout, 2 if j == 0 else 1, rate, rng=m.key(index + j)
+        )
     return x
 
 
-def conv_bias(m, x, cout: int, kernel: int):
+def conv_bias(m: Scope, x: Tensor, cout: int, kernel: int) -> Tensor:
     """A ``Conv2dNormActivation`` with neither norm nor activation: the conv ``0``, with bias."""
     return m.conv("0", x, cout, kernel, bias=True)
 
 
-def stem(m, x, c: int):
+def stem(m: Scope, x: Tensor, c: int) -> Tensor:
     """``0``: 3x3/2 conv, BN, GELU; ``1``: a 3x3 conv with bias. ``[N, 3, H, W] -> [N, c, H/2, W/2]``."""
     y = m.block("0", Scope.conv_norm_act, x, c, 3, stride=2, act=F.gelu, tap=False)
     return m.block("1", conv_bias, y, c, 3, tap=False)
 
 
-def classifier(m, x, width: int, num_classes: int):
+def classifier(m: Scope, x: Tensor, width: int, num_classes: int) -> Tensor:
     """torchvision's ``classifier``: average pool ``0``, flatten ``1``, LayerNorm ``2``, Linear
     ``3``, Tanh ``4``, Linear ``5`` (no bias). ``[N, C, H, W] -> [N, num_classes]``."""
     y = m.op("1", torch.flatten, m.op("0", F.adaptive_avg_pool2d, x, 1, tap=False), 1, tap=False)
@@ -372,7 +404,7 @@ def classifier(m, x, width: int, num_classes: int):
     return m.linear("5", y, num_classes, bias=False)
 
 
-def forward(m, cfg: MaxVitConfig, x):
+def forward(m: Scope, cfg: MaxVitConfig, x: Tensor) -> Tensor:
     """``x [N, C, H, W] -> logits [N, num_classes]``, H and W multiples of :func:`size_multiple`.
 
     Feature names (torchvision's module paths, NCHW): ``stem`` (stride 2), every block
@@ -387,13 +419,19 @@ def forward(m, cfg: MaxVitConfig, x):
     blocks = m.child("blocks", rng=m.rng, module=("ModuleList", ()))  # torchvision's: never called
     b, cin = 0, cfg.stem_channels
     for i, (cout, n) in enumerate(zip(cfg.block_channels, cfg.block_layers)):
-        y = blocks.block(str(i), stage, y, cfg, cin, cout, tuple(rates[b:b + n]), b, rng=blocks.rng)
+        y = blocks.block(str(i), stage, y, cfg, cin, cout, tuple(rates[b : b + n]), b, rng=blocks.rng)
         b, cin = b + n, cout
     return m.block("classifier", classifier, y, cfg.block_channels[-1], cfg.num_classes, tap=False)
 
 
-FAMILY = family("maxvit", MaxVitConfig, forward, paper=PAPER, init_size=lambda cfg: size_multiple(cfg),
-                defaults={"conv": ("normal", 0.02), "linear": ("normal", 0.02), "eps": 1e-3, "momentum": 0.01})
+FAMILY = family(
+    "maxvit",
+    MaxVitConfig,
+    forward,
+    paper=PAPER,
+    init_size=lambda cfg: size_multiple(cfg),
+    defaults={"conv": ("normal", 0.02), "linear": ("normal", 0.02), "eps": 1e-3, "momentum": 0.01},
+)
 
 register(
     "maxvit_t",

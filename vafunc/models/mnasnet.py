@@ -29,8 +29,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from torch import Tensor
+
 from vafunc.core import blocks as B
-from vafunc.core.kit import family
+from vafunc.core.kit import Scope, family
 from vafunc.core.registry import Reference, check_config, register
 
 PAPER = "Tan et al. 2019, MnasNet: Platform-Aware Neural Architecture Search for Mobile, arXiv:1807.11626"
@@ -55,12 +57,14 @@ class MNASNetConfig:
     stem_version: int = 2
     in_channels: int = 3
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
             raise ValueError(f"alpha must be > 0, got {self.alpha!r}")
         check_config(self, rates=("dropout",))
         if self.stem_version not in (1, 2):
-            raise ValueError(f"stem_version must be 1 or 2 (torchvision's MNASNet layout versions), got {self.stem_version!r}")
+            raise ValueError(
+                f"stem_version must be 1 or 2 (torchvision's MNASNet layout versions), got {self.stem_version!r}"
+            )
 
 
 def depths(cfg: MNASNetConfig) -> tuple[int, ...]:
@@ -83,22 +87,36 @@ def plan(cfg: MNASNetConfig) -> tuple[tuple[int, int], tuple]:
     d = depths(cfg)
     stacks, cin = [], d[1]
     for (k, stride, t, n), cout in zip(STACKS, d[2:]):
-        stacks.append(tuple(StackBlock(cout, (cin if j == 0 else cout) * t, k, stride if j == 0 else 1,
-                                       cin if j == 0 else cout) for j in range(n)))
+        stacks.append(
+            tuple(
+                StackBlock(cout, (cin if j == 0 else cout) * t, k, stride if j == 0 else 1, cin if j == 0 else cout)
+                for j in range(n)
+            )
+        )
         cin = cout
     return d[:2], tuple(stacks)
 
 
-def block(m, x, b: StackBlock):
-    return B.mbconv(m, x, b.cout, cin=b.cin, expanded=b.expanded, expand=True, kernel=b.kernel, stride=b.stride, act="relu",
-                    names=B.MNASNET)
+def block(m: Scope, x: Tensor, b: StackBlock) -> Tensor:
+    return B.mbconv(
+        m,
+        x,
+        b.cout,
+        cin=b.cin,
+        expanded=b.expanded,
+        expand=True,
+        kernel=b.kernel,
+        stride=b.stride,
+        act="relu",
+        names=B.MNASNET,
+    )
 
 
 #: The stem's depthwise-separable conv at ``layers.3`` .. ``layers.7`` (after the first conv).
 _STEM_DS = B.Layout("flat", start=3)
 
 
-def forward(m, cfg: MNASNetConfig, x):
+def forward(m: Scope, cfg: MNASNetConfig, x: Tensor) -> Tensor:
     """``x [N, C, H, W] -> logits [N, num_classes]``.
 
     Feature names (torchvision module paths): ``layers.7`` (stem, stride 2), every block
@@ -110,7 +128,7 @@ def forward(m, cfg: MNASNetConfig, x):
     return m.block("classifier", B.classifier, y.mean((2, 3)), cfg.num_classes, cfg.dropout, tap=False, rng=m.rng)
 
 
-def layers(m, x, c0: int, c1: int, stacks: tuple):
+def layers(m: Scope, x: Tensor, c0: int, c1: int, stacks: tuple) -> Tensor:
     """torchvision's flat ``layers`` sequence: stem conv ``0-2``, its depthwise-separable conv
     ``3-7``, the stacks ``8..13``, the head conv ``14-16``."""
     y = m.conv_norm_act(x, c0, 3, conv="0", norm="1", act="relu", stride=2)
@@ -118,11 +136,10 @@ def layers(m, x, c0: int, c1: int, stacks: tuple):
     y = m.tap("7", y)
     y = B.stages(m, y, stacks, block, start=_FIRST_STACK)
     h = _FIRST_STACK + len(stacks)
-    return m.tap(str(h + 2), m.conv_norm_act(y, HEAD, 1, conv=str(h), norm=str(h + 1), act="relu",
-                                             act_name=str(h + 2)))
+    return m.tap(str(h + 2), m.conv_norm_act(y, HEAD, 1, conv=str(h), norm=str(h + 1), act="relu", act_name=str(h + 2)))
 
 
-def remap(cfg: MNASNetConfig, flat: dict):
+def remap(cfg: MNASNetConfig, flat: dict) -> tuple[dict, list[str]]:
     """Accept torchvision MNASNet checkpoints of either layout version (see module doc).
 
     Returns ``(flat, notes)`` unchanged when the checkpoint's stem fits ``cfg``; raises a
@@ -148,8 +165,14 @@ def remap(cfg: MNASNetConfig, flat: dict):
 
 #: torchvision's init: BatchNorm momentum ``1 - 0.9997``; the classifier
 #: ``kaiming_uniform_(mode="fan_out", nonlinearity="sigmoid")`` with a zero bias.
-FAMILY = family("mnasnet", MNASNetConfig, forward, paper=PAPER, remap=remap,
-                defaults={"linear": "kaiming_fan_out_uniform", "momentum": 1.0 - 0.9997})
+FAMILY = family(
+    "mnasnet",
+    MNASNetConfig,
+    forward,
+    paper=PAPER,
+    remap=remap,
+    defaults={"linear": "kaiming_fan_out_uniform", "momentum": 1.0 - 0.9997},
+)
 
 for _name, _alpha, _n in [
     ("mnasnet0_5", 0.5, 2218512),
@@ -157,6 +180,4 @@ for _name, _alpha, _n in [
     ("mnasnet1_0", 1.0, 4383312),
     ("mnasnet1_3", 1.3, 6282256),
 ]:
-    register(
-        _name, FAMILY, params=_n, reference=Reference("torchvision", _name), alpha=_alpha,
-    )
+    register(_name, FAMILY, params=_n, reference=Reference("torchvision", _name), alpha=_alpha)

@@ -17,10 +17,12 @@ kit's conv-BN-act and SE; the per-family differences are data (stage tables, lay
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+from torch import Tensor
 
 from vafunc.core import blocks as B
 from vafunc.core import layers as L
@@ -32,7 +34,9 @@ PAPER_V2 = "Sandler et al. 2018, MobileNetV2: Inverted Residuals and Linear Bott
 PAPER_V3 = "Howard et al. 2019, Searching for MobileNetV3, arXiv:1905.02244"
 
 
-def _check_common(cfg, dropout_field: str = "dropout"):
+def _check_common(
+    cfg: MobileNetV1Config | MobileNetV2Config | MobileNetV3Config, dropout_field: str = "dropout"
+) -> None:
     check_config(cfg, rates=(dropout_field,))
     if not cfg.width_mult > 0:
         raise ValueError(f"width_mult must be > 0, got {cfg.width_mult!r}")
@@ -55,7 +59,7 @@ class MobileNetV1Config:
     drop_rate: float = 0.0
     in_channels: int = 3
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         _check_common(self, "drop_rate")
 
 
@@ -75,11 +79,11 @@ def plan_v1(cfg: MobileNetV1Config) -> tuple[int, tuple]:
     return ch(32), tuple(stages)
 
 
-def block_v1(m, x, b: V1Block):
+def block_v1(m: Scope, x: Tensor, b: V1Block) -> Tensor:
     return B.depthwise_separable(m, x, b.cout, cin=b.cin, stride=b.stride, act="relu6", names=B.TIMM_DS)
 
 
-def forward_v1(m, cfg: MobileNetV1Config, x):
+def forward_v1(m: Scope, cfg: MobileNetV1Config, x: Tensor) -> Tensor:
     """``x [N, C, H, W] -> logits [N, num_classes]``.
 
     Feature names: ``bn1`` (stem, stride 2), every block ``blocks.{i}.{j}`` and every stage
@@ -93,8 +97,13 @@ def forward_v1(m, cfg: MobileNetV1Config, x):
 
 
 #: timm's layout: each BatchNorm and its activation are one module (``BatchNormAct2d``)
-FAMILY_V1 = family("mobilenet_v1", MobileNetV1Config, forward_v1, paper=PAPER_V1,
-                   defaults={"conv": "goog", "linear": "uniform_range", "norm_act": True})
+FAMILY_V1 = family(
+    "mobilenet_v1",
+    MobileNetV1Config,
+    forward_v1,
+    paper=PAPER_V1,
+    defaults={"conv": "goog", "linear": "uniform_range", "norm_act": True},
+)
 
 
 # =========================================================================== MobileNetV2
@@ -115,7 +124,7 @@ class MobileNetV2Config:
     dropout: float = 0.2
     in_channels: int = 3
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         _check_common(self)
         rows = V2_SETTING if self.inverted_residual_setting is None else self.inverted_residual_setting
         rows = tuple(tuple(r) for r in rows)
@@ -123,7 +132,9 @@ class MobileNetV2Config:
             raise ValueError(f"inverted_residual_setting must be non-empty rows of 4 (t, c, n, s), got {rows}")
         for t, c, n, s in rows:
             if s not in (1, 2) or int(n) < 1 or int(c) < 1 or not t > 0:
-                raise ValueError(f"bad inverted_residual_setting row {(t, c, n, s)}: need t > 0, c >= 1, n >= 1, s in (1, 2)")
+                raise ValueError(
+                    f"bad inverted_residual_setting row {(t, c, n, s)}: need t > 0, c >= 1, n >= 1, s in (1, 2)"
+                )
         object.__setattr__(self, "inverted_residual_setting", rows)
         if not isinstance(self.round_nearest, int) or self.round_nearest < 1:
             raise ValueError(f"round_nearest must be a positive int, got {self.round_nearest!r}")
@@ -151,12 +162,22 @@ def plan_v2(cfg: MobileNetV2Config) -> tuple[int, tuple, int]:
     return stem, tuple(blocks), B.make_divisible(1280 * max(1.0, cfg.width_mult), rnd)
 
 
-def block_v2(m, x, b: V2Block):
-    return B.mbconv(m, x, b.cout, cin=b.cin, expanded=b.expanded, expand=b.expand, kernel=3, stride=b.stride, act="relu6",
-                    names=B.MOBILENET_V2)
+def block_v2(m: Scope, x: Tensor, b: V2Block) -> Tensor:
+    return B.mbconv(
+        m,
+        x,
+        b.cout,
+        cin=b.cin,
+        expanded=b.expanded,
+        expand=b.expand,
+        kernel=3,
+        stride=b.stride,
+        act="relu6",
+        names=B.MOBILENET_V2,
+    )
 
 
-def forward_v2(m, cfg: MobileNetV2Config, x):
+def forward_v2(m: Scope, cfg: MobileNetV2Config, x: Tensor) -> Tensor:
     """``x [N, C, H, W] -> logits [N, num_classes]``.
 
     Feature names: ``features.0`` .. ``features.18`` (torchvision's module paths; the stem is
@@ -168,7 +189,9 @@ def forward_v2(m, cfg: MobileNetV2Config, x):
     return m.block("classifier", B.classifier, y, cfg.num_classes, cfg.dropout, tap=False, rng=m.rng)
 
 
-def features(m, x, stem: int, blocks: tuple, last: int, block, act: str):
+def features(
+    m: Scope, x: Tensor, stem: int, blocks: tuple, last: int, block: Callable[..., Tensor], act: str
+) -> Tensor:
     """torchvision's ``features`` of MobileNetV2/V3: the stem ``0``, the blocks ``1..n`` and the
     head conv ``n+1``."""
     y = m.block("0", Scope.conv_norm_act, x, stem, 3, stride=2, act=act)
@@ -176,8 +199,7 @@ def features(m, x, stem: int, blocks: tuple, last: int, block, act: str):
     return m.block(str(len(blocks) + 1), Scope.conv_norm_act, y, last, 1, act=act)
 
 
-FAMILY_V2 = family("mobilenet_v2", MobileNetV2Config, forward_v2, paper=PAPER_V2,
-                   defaults={"linear": ("normal", 0.01)})
+FAMILY_V2 = family("mobilenet_v2", MobileNetV2Config, forward_v2, paper=PAPER_V2, defaults={"linear": ("normal", 0.01)})
 
 
 # =========================================================================== MobileNetV3
@@ -241,7 +263,7 @@ class MobileNetV3Config:
     dropout: float = 0.2
     in_channels: int = 3
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.arch not in V3_ARCH:
             raise ValueError(f"arch must be one of {sorted(V3_ARCH)}, got {self.arch!r}")
         _check_common(self)
@@ -268,18 +290,40 @@ def plan_v3(cfg: MobileNetV3Config) -> tuple[int, tuple, int, int]:
     for i, (cin, k, exp, out, se, act, stride) in enumerate(arch["rows"]):
         tail, after = i >= arch["c4"], i > arch["c4"]
         exp, out = ch(exp // div if after else exp), ch(out // div if tail else out)
-        blocks.append(V3Block(out, exp, k, stride, dil if tail else 1, act, B.make_divisible(exp // 4, 8) if se else None,
-                              blocks[-1].cout if blocks else ch(cin)))
+        blocks.append(
+            V3Block(
+                out,
+                exp,
+                k,
+                stride,
+                dil if tail else 1,
+                act,
+                B.make_divisible(exp // 4, 8) if se else None,
+                blocks[-1].cout if blocks else ch(cin),
+            )
+        )
     stem = ch(arch["rows"][0][0])
     return stem, tuple(blocks), 6 * out, ch(arch["last_channel"] // div)
 
 
-def block_v3(m, x, b: V3Block):
-    return B.mbconv(m, x, b.cout, cin=b.cin, expanded=b.expanded, kernel=b.kernel, stride=b.stride, dilation=b.dilation,
-                    act=b.act, se=b.se, se_gate="hardsigmoid", names=B.TORCHVISION)
+def block_v3(m: Scope, x: Tensor, b: V3Block) -> Tensor:
+    return B.mbconv(
+        m,
+        x,
+        b.cout,
+        cin=b.cin,
+        expanded=b.expanded,
+        kernel=b.kernel,
+        stride=b.stride,
+        dilation=b.dilation,
+        act=b.act,
+        se=b.se,
+        se_gate="hardsigmoid",
+        names=B.TORCHVISION,
+    )
 
 
-def forward_v3(m, cfg: MobileNetV3Config, x):
+def forward_v3(m: Scope, cfg: MobileNetV3Config, x: Tensor) -> Tensor:
     """``x [N, C, H, W] -> logits [N, num_classes]``.
 
     Feature names: ``features.0`` .. ``features.{n+1}`` (torchvision's module paths).
@@ -290,29 +334,43 @@ def forward_v3(m, cfg: MobileNetV3Config, x):
     return m.block("classifier", classifier_v3, y, hidden, cfg.num_classes, cfg.dropout, tap=False, rng=m.rng)
 
 
-def classifier_v3(m, x, hidden: int, num_classes: int, rate: float):
+def classifier_v3(m: Scope, x: Tensor, hidden: int, num_classes: int, rate: float) -> Tensor:
     """``Sequential(Linear, Hardswish, Dropout, Linear)``; the dropout keyed by the scope's key."""
     y = m.op("1", L.hardswish_, m.linear("0", x, hidden), tap=False)
     return m.linear("3", m.dropout(y, rate, m.rng, name="2"), num_classes)
 
 
 #: torchvision's MobileNetV3: BatchNorm eps 1e-3, momentum 0.01; classifier N(0, 0.01).
-FAMILY_V3 = family("mobilenet_v3", MobileNetV3Config, forward_v3, paper=PAPER_V3,
-                   defaults={"linear": ("normal", 0.01), "eps": 1e-3, "momentum": 0.01})
+FAMILY_V3 = family(
+    "mobilenet_v3",
+    MobileNetV3Config,
+    forward_v3,
+    paper=PAPER_V3,
+    defaults={"linear": ("normal", 0.01), "eps": 1e-3, "momentum": 0.01},
+)
 
 
 # =========================================================================== registry
 
 register(
-    "mobilenet_v1", FAMILY_V1, params=4231976, reference=Reference("timm", "mobilenetv1_100"),
+    "mobilenet_v1",
+    FAMILY_V1,
+    params=4231976,
+    reference=Reference("timm", "mobilenetv1_100"),
     notes="timm mobilenetv1_100 layout and init (torchvision has no MobileNetV1)",
 )
+register("mobilenet_v2", FAMILY_V2, params=3504872, reference=Reference("torchvision", "mobilenet_v2"))
 register(
-    "mobilenet_v2", FAMILY_V2, params=3504872, reference=Reference("torchvision", "mobilenet_v2"),
+    "mobilenet_v3_large",
+    FAMILY_V3,
+    params=5483032,
+    reference=Reference("torchvision", "mobilenet_v3_large"),
+    arch="large",
 )
 register(
-    "mobilenet_v3_large", FAMILY_V3, params=5483032, reference=Reference("torchvision", "mobilenet_v3_large"), arch="large",
-)
-register(
-    "mobilenet_v3_small", FAMILY_V3, params=2542856, reference=Reference("torchvision", "mobilenet_v3_small"), arch="small",
+    "mobilenet_v3_small",
+    FAMILY_V3,
+    params=2542856,
+    reference=Reference("torchvision", "mobilenet_v3_small"),
+    arch="small",
 )

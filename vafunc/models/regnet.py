@@ -25,6 +25,7 @@ from itertools import groupby
 from typing import NamedTuple
 
 import torch
+from torch import Tensor
 
 from vafunc.core import layers as L
 from vafunc.core.blocks import make_divisible
@@ -54,9 +55,21 @@ DESIGNS = {
 
 #: published parameter counts (torchvision's weights metadata)
 PARAMS = {
-    "x_400mf": 5495976, "x_800mf": 7259656, "x_1_6gf": 9190136, "x_3_2gf": 15296552, "x_8gf": 39572648,
-    "x_16gf": 54278536, "x_32gf": 107811560, "y_400mf": 4344144, "y_800mf": 6432512, "y_1_6gf": 11202430,
-    "y_3_2gf": 19436338, "y_8gf": 39381472, "y_16gf": 83590140, "y_32gf": 145046770, "y_128gf": 644812894,
+    "x_400mf": 5495976,
+    "x_800mf": 7259656,
+    "x_1_6gf": 9190136,
+    "x_3_2gf": 15296552,
+    "x_8gf": 39572648,
+    "x_16gf": 54278536,
+    "x_32gf": 107811560,
+    "y_400mf": 4344144,
+    "y_800mf": 6432512,
+    "y_1_6gf": 11202430,
+    "y_3_2gf": 19436338,
+    "y_8gf": 39381472,
+    "y_16gf": 83590140,
+    "y_32gf": 145046770,
+    "y_128gf": 644812894,
 }
 
 
@@ -80,18 +93,23 @@ class RegNetConfig:
     stem_width: int = 32
     in_channels: int = 3
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         check_config(self, positive_ints=("depth", "group_width", "num_classes", "stem_width", "in_channels"))
         if self.w_a < 0 or self.w_0 <= 0 or self.w_m <= 1 or self.w_0 % 8 != 0:  # torchvision's check
-            raise ValueError(f"invalid RegNet settings: need w_a >= 0, w_0 > 0 a multiple of 8 and w_m > 1, "
-                             f"got w_0={self.w_0}, w_a={self.w_a}, w_m={self.w_m}")
+            raise ValueError(
+                f"invalid RegNet settings: need w_a >= 0, w_0 > 0 a multiple of 8 and w_m > 1, "
+                f"got w_0={self.w_0}, w_a={self.w_a}, w_m={self.w_m}"
+            )
         if not self.bottleneck_multiplier > 0:
             raise ValueError(f"bottleneck_multiplier must be positive, got {self.bottleneck_multiplier!r}")
         if self.se_ratio is not None and not self.se_ratio >= 0:
             raise ValueError(f"se_ratio must be None or >= 0, got {self.se_ratio!r}")
         # derived once per config, outside any traced forward (the rule runs torch ops and .tolist())
-        object.__setattr__(self, "_stages", stage_params(self.depth, self.w_0, self.w_a, self.w_m, self.group_width,
-                                                         self.bottleneck_multiplier))
+        object.__setattr__(
+            self,
+            "_stages",
+            stage_params(self.depth, self.w_0, self.w_a, self.w_m, self.group_width, self.bottleneck_multiplier),
+        )
 
     @property
     def stages(self) -> tuple[Stage, ...]:
@@ -105,8 +123,9 @@ class Stage(NamedTuple):
     group_width: int  # channels per group of the 3x3 conv
 
 
-def stage_params(depth: int, w_0: int, w_a: float, w_m: float, group_width: int,
-                 bottleneck_multiplier: float = 1.0) -> tuple[Stage, ...]:
+def stage_params(
+    depth: int, w_0: int, w_a: float, w_m: float, group_width: int, bottleneck_multiplier: float = 1.0
+) -> tuple[Stage, ...]:
     """The stages of a RegNet (paper Sec. 3.3, Eq. 2-4), computed as torchvision's
     ``BlockParams.from_init_params`` computes them (in float32 torch arithmetic, so every rounding
     is the same): per-block continuous widths ``w_0 + w_a * j``, quantized in log space with base
@@ -128,19 +147,29 @@ def stage_params(depth: int, w_0: int, w_a: float, w_m: float, group_width: int,
 # --------------------------------------------------------------------------- the network
 
 
-def bottleneck_transform(m, x, cin: int, width: int, stride: int, group_width: int, cfg: RegNetConfig):
+def bottleneck_transform(
+    m: Scope, x: Tensor, cin: int, width: int, stride: int, group_width: int, cfg: RegNetConfig
+) -> Tensor:
     """``BottleneckTransform`` ``f``: 1x1 ``a`` -> grouped 3x3 ``b`` (stride) [-> SE ``se``] ->
     1x1 ``c`` (conv-BN, no activation). ``[N, cin, H, W] -> [N, width, H/stride, W/stride]``."""
     w_b = int(round(width * cfg.bottleneck_multiplier))
     y = m.block("a", Scope.conv_norm_act, x, w_b, 1, act="relu", tap=False)
     y = m.block("b", Scope.conv_norm_act, y, w_b, 3, act="relu", stride=stride, groups=w_b // group_width, tap=False)
     if cfg.se_ratio:  # the SE width is relative to the block's input width
-        y = m.block("se", Scope.squeeze_excite, y, int(round(cfg.se_ratio * cin)), init="kaiming_fan_out_default_bias",
-                    tap=False)
+        y = m.block(
+            "se",
+            Scope.squeeze_excite,
+            y,
+            int(round(cfg.se_ratio * cin)),
+            init="kaiming_fan_out_default_bias",
+            tap=False,
+        )
     return m.block("c", Scope.conv_norm_act, y, width, 1, tap=False)
 
 
-def res_bottleneck(m, x, cin: int, width: int, stride: int, group_width: int, cfg: RegNetConfig):
+def res_bottleneck(
+    m: Scope, x: Tensor, cin: int, width: int, stride: int, group_width: int, cfg: RegNetConfig
+) -> Tensor:
     """``ResBottleneckBlock`` (paper Fig. 3/4; Y: with SE): ``relu(proj(x) + f(x))``, ``f`` the
     :func:`bottleneck_transform`. ``[N, cin, H, W] -> [N, width, H/stride, W/stride]``."""
     shortcut = x
@@ -150,15 +179,23 @@ def res_bottleneck(m, x, cin: int, width: int, stride: int, group_width: int, cf
     return m.op("activation", L.relu_, y.add_(shortcut), tap=False)  # y: a fresh BN output
 
 
-def any_stage(m, x, i: int, cin: int, stage: Stage, cfg: RegNetConfig):
+def any_stage(m: Scope, x: Tensor, i: int, cin: int, stage: Stage, cfg: RegNetConfig) -> Tensor:
     """``AnyStage``: blocks ``block{i}-{j}`` from ``cin`` channels, the first with stride 2."""
     for j in range(stage.depth):
-        x = m.block(f"block{i}-{j}", res_bottleneck, x, cin if j == 0 else stage.width, stage.width,
-                    2 if j == 0 else 1, stage.group_width, cfg)
+        x = m.block(
+            f"block{i}-{j}",
+            res_bottleneck,
+            x,
+            cin if j == 0 else stage.width,
+            stage.width,
+            2 if j == 0 else 1,
+            stage.group_width,
+            cfg,
+        )
     return x
 
 
-def trunk(m, x, cfg: RegNetConfig):
+def trunk(m: Scope, x: Tensor, cfg: RegNetConfig) -> Tensor:
     cin = cfg.stem_width
     for i, stage in enumerate(cfg.stages, 1):
         x = m.block(f"block{i}", any_stage, x, i, cin, stage, cfg, sequential=True)
@@ -166,12 +203,12 @@ def trunk(m, x, cfg: RegNetConfig):
     return x
 
 
-def stem(m, x, cfg: RegNetConfig):
+def stem(m: Scope, x: Tensor, cfg: RegNetConfig) -> Tensor:
     """``SimpleStemIN``: 3x3/2 conv-BN-ReLU."""
     return m.conv_norm_act(x, cfg.stem_width, 3, act="relu", stride=2)
 
 
-def forward(m, cfg: RegNetConfig, x):
+def forward(m: Scope, cfg: RegNetConfig, x: Tensor) -> Tensor:
     """``x [N, C, H, W] -> logits [N, num_classes]``.
 
     Feature names: ``stem`` (stride 2), every block ``trunk_output.block{i}.block{i}-{j}``, every
@@ -187,6 +224,14 @@ FAMILY = family("regnet", RegNetConfig, forward, paper=PAPER, defaults={"conv": 
 
 for _name, (_d, _w0, _wa, _wm, _gw, _se) in DESIGNS.items():
     register(
-        f"regnet_{_name}", FAMILY, params=PARAMS[_name], reference=Reference("torchvision", f"regnet_{_name}"),
-        depth=_d, w_0=_w0, w_a=_wa, w_m=_wm, group_width=_gw, se_ratio=_se,
+        f"regnet_{_name}",
+        FAMILY,
+        params=PARAMS[_name],
+        reference=Reference("torchvision", f"regnet_{_name}"),
+        depth=_d,
+        w_0=_w0,
+        w_a=_wa,
+        w_m=_wm,
+        group_width=_gw,
+        se_ratio=_se,
     )

@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from torch import Tensor
 
 from vafunc.core import layers as L
 from vafunc.core.blocks import make_divisible
@@ -74,7 +75,7 @@ class ResNetConfig:
     norm: str = "batch"
     norm_groups: int = 32
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.norm not in ("batch", "group"):
             raise ValueError(f"norm must be 'batch' or 'group' (GroupNorm, norm_groups groups), got {self.norm!r}")
         if self.attn_layer not in (None, "se"):
@@ -93,8 +94,11 @@ class ResNetConfig:
             raise ValueError("BasicBlock only supports groups=1 and width_per_group=64")
         if self.block == "basic" and any(rswd):
             raise ValueError("dilation > 1 is not supported with BasicBlock")
-        check_config(self, positive_ints=("num_classes", "in_channels", "groups", "width_per_group", "norm_groups"),
-                     rates=("drop_rate", "drop_path_rate"))
+        check_config(
+            self,
+            positive_ints=("num_classes", "in_channels", "groups", "width_per_group", "norm_groups"),
+            rates=("drop_rate", "drop_path_rate"),
+        )
 
 
 class BlockSpec(NamedTuple):
@@ -139,7 +143,7 @@ def plan(cfg: ResNetConfig) -> tuple[tuple[BlockSpec, ...], ...]:
 # --------------------------------------------------------------------------- the network
 
 
-def basic_block(m, x, b: BlockSpec, cfg: ResNetConfig):
+def basic_block(m: Scope, x: Tensor, b: BlockSpec, cfg: ResNetConfig) -> Tensor:
     """BasicBlock (paper Fig. 2 left): two 3x3 convs and an identity/projection shortcut.
 
     ``x [N, inplanes, H, W] -> [N, outplanes, H/stride, W/stride]``.
@@ -150,20 +154,30 @@ def basic_block(m, x, b: BlockSpec, cfg: ResNetConfig):
     return L.add_relu_(y, shortcut(m, x, b))
 
 
-def bottleneck(m, x, b: BlockSpec, cfg: ResNetConfig):
+def bottleneck(m: Scope, x: Tensor, b: BlockSpec, cfg: ResNetConfig) -> Tensor:
     """Bottleneck (paper Fig. 5 right; v1.5: the stride sits on the grouped 3x3 conv).
 
     ``x [N, inplanes, H, W] -> [N, outplanes, H/stride, W/stride]``; ``groups`` > 1 is ResNeXt.
     """
     y = m.conv_norm_act(x, b.width, 1, conv="conv1", norm="bn1", act="relu")
-    y = m.conv_norm_act(y, b.width, 3, conv="conv2", norm="bn2", act="relu", stride=b.stride, padding=b.dilation,
-                        dilation=b.dilation, groups=b.groups)
+    y = m.conv_norm_act(
+        y,
+        b.width,
+        3,
+        conv="conv2",
+        norm="bn2",
+        act="relu",
+        stride=b.stride,
+        padding=b.dilation,
+        dilation=b.dilation,
+        groups=b.groups,
+    )
     y = m.conv_norm_act(y, b.outplanes, 1, conv="conv3", norm="bn3", zero_init=cfg.zero_init_residual)
     y = branch_tail(m, y, b, cfg)  # as in basic_block
     return L.add_relu_(y, shortcut(m, x, b))
 
 
-def branch_tail(m, y, b: BlockSpec, cfg: ResNetConfig):
+def branch_tail(m: Scope, y: Tensor, b: BlockSpec, cfg: ResNetConfig) -> Tensor:
     """The end of the residual branch: SE at ``se.fc1/fc2`` (timm's ``attn_layer="se"``), then
     stochastic depth at ``b.drop_path`` keyed by the block scope's key; ``y`` stays a fresh
     tensor (the sum is taken in place in it)."""
@@ -174,7 +188,7 @@ def branch_tail(m, y, b: BlockSpec, cfg: ResNetConfig):
     return y
 
 
-def shortcut(m, x, b: BlockSpec):
+def shortcut(m: Scope, x: Tensor, b: BlockSpec) -> Tensor:
     """Identity, or the 1x1 projection ``downsample.{0: conv, 1: BN}`` when the shape changes."""
     if not b.downsample:
         return x
@@ -184,17 +198,18 @@ def shortcut(m, x, b: BlockSpec):
 BLOCKS = {"basic": basic_block, "bottleneck": bottleneck}
 
 
-def stage(m, x, blocks: tuple, cfg: ResNetConfig):
+def stage(m: Scope, x: Tensor, blocks: tuple, cfg: ResNetConfig) -> Tensor:
     for j, b in enumerate(blocks):
         x = m.block(str(j), BLOCKS[cfg.block], x, b, cfg, rng=subkey(m.rng, b.index))
     return x
 
 
-def forward(m, cfg: ResNetConfig, x):
+def forward(m: Scope, cfg: ResNetConfig, x: Tensor) -> Tensor:
     """``x [N, C, H, W] -> logits [N, num_classes]``.
 
     Feature names: the stem activation ``relu`` (torchvision; timm's module path ``act1`` for the
-    SE and GroupNorm models, which only timm has), stride 2, ``maxpool`` (4), every block ``layer{i}.{j}`` and every stage ``layer1`` .. ``layer4``
+    SE and GroupNorm models, which only timm has), stride 2, ``maxpool`` (4), every block ``layer{i}.{j}``
+    and every stage ``layer1`` .. ``layer4``
     (strides 4, 8, 16, 32 without dilation).
 
     Random slots (train mode, non-zero rates only): ``m.key(0)`` the dropout before ``fc``
@@ -210,8 +225,13 @@ def forward(m, cfg: ResNetConfig, x):
     return m.head(y, cfg.num_classes, rate=cfg.drop_rate, rng=m.key(0) if cfg.drop_rate else None)
 
 
-FAMILY = family("resnet", ResNetConfig, forward, paper=PAPER,
-                defaults=lambda cfg: {"norm": cfg.norm, "norm_groups": cfg.norm_groups})
+FAMILY = family(
+    "resnet",
+    ResNetConfig,
+    forward,
+    paper=PAPER,
+    defaults=lambda cfg: {"norm": cfg.norm, "norm_groups": cfg.norm_groups},
+)
 
 _RESNEXT = "Xie et al. 2017, Aggregated Residual Transformations for Deep Neural Networks, arXiv:1611.05431"
 _WIDE = "Zagoruyko & Komodakis 2016, Wide Residual Networks, arXiv:1605.07146"
@@ -219,8 +239,12 @@ _WIDE = "Zagoruyko & Komodakis 2016, Wide Residual Networks, arXiv:1605.07146"
 for _depth, _n in [(18, 11689512), (34, 21797672), (50, 25557032), (101, 44549160), (152, 60192808)]:
     _block, _layers = STAGES[_depth]
     register(
-        f"resnet{_depth}", FAMILY, params=_n, reference=Reference("torchvision", f"resnet{_depth}"),
-        block=_block, layers=_layers,
+        f"resnet{_depth}",
+        FAMILY,
+        params=_n,
+        reference=Reference("torchvision", f"resnet{_depth}"),
+        block=_block,
+        layers=_layers,
     )
 
 for _name, _depth, _g, _w, _n, _paper in [
@@ -231,23 +255,45 @@ for _name, _depth, _g, _w, _n, _paper in [
     ("wide_resnet101_2", 101, 1, 128, 126886696, _WIDE),
 ]:
     register(
-        _name, FAMILY, params=_n, reference=Reference("torchvision", _name), paper=_paper,
-        block="bottleneck", layers=STAGES[_depth][1], groups=_g, width_per_group=_w,
+        _name,
+        FAMILY,
+        params=_n,
+        reference=Reference("torchvision", _name),
+        paper=_paper,
+        block="bottleneck",
+        layers=STAGES[_depth][1],
+        groups=_g,
+        width_per_group=_w,
     )
 
 
 # timm's SE-ResNet / SE-ResNeXt (block_args=dict(attn_layer="se"); zero_init_last=True by default)
 for _name, _g, _w, _n in [("seresnet50", 1, 64, 28088024), ("seresnext50_32x4d", 32, 4, 27559896)]:
     register(
-        _name, FAMILY, params=_n, reference=Reference("timm", _name), paper=_SE,
-        block="bottleneck", layers=STAGES[50][1], groups=_g, width_per_group=_w, attn_layer="se",
+        _name,
+        FAMILY,
+        params=_n,
+        reference=Reference("timm", _name),
+        paper=_SE,
+        block="bottleneck",
+        layers=STAGES[50][1],
+        groups=_g,
+        width_per_group=_w,
+        attn_layer="se",
         zero_init_residual=True,
     )
 
 # timm's GroupNorm ResNet-50 (norm_layer=GroupNorm, 32 groups; zero_init_last): no coupling between
 # samples, the ResNet for per-sample gradients and DP-SGD.
 register(
-    "resnet50_gn", FAMILY, params=25557032, reference=Reference("timm", "resnet50_gn"),
+    "resnet50_gn",
+    FAMILY,
+    params=25557032,
+    reference=Reference("timm", "resnet50_gn"),
     paper="Wu & He 2018, Group Normalization, arXiv:1803.08494",
-    block="bottleneck", layers=STAGES[50][1], norm="group", norm_groups=32, zero_init_residual=True,
+    block="bottleneck",
+    layers=STAGES[50][1],
+    norm="group",
+    norm_groups=32,
+    zero_init_residual=True,
 )

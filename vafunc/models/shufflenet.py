@@ -17,8 +17,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from torch import Tensor
+
 from vafunc.core import layers as L
-from vafunc.core.kit import family
+from vafunc.core.kit import Scope, family
 from vafunc.core.registry import Reference, check_config, register
 
 PAPER = "Ma et al. 2018, ShuffleNet V2: Practical Guidelines for Efficient CNN Architecture Design, arXiv:1807.11164"
@@ -45,12 +47,12 @@ class ShuffleNetV2Config:
     num_classes: int = 1000
     in_channels: int = 3
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         object.__setattr__(self, "stages_repeats", tuple(self.stages_repeats))
         object.__setattr__(self, "stages_out_channels", tuple(self.stages_out_channels))
         reps, outs = self.stages_repeats, self.stages_out_channels
 
-        def pos(v):
+        def pos(v: object) -> bool:
             return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
         if len(reps) != 3 or not all(map(pos, reps)):
@@ -62,20 +64,20 @@ class ShuffleNetV2Config:
         check_config(self)
 
 
-def branch1(m, x, cin: int, c: int, stride: int):
+def branch1(m: Scope, x: Tensor, cin: int, c: int, stride: int) -> Tensor:
     """Depthwise 3x3 conv-BN (stride) -> 1x1 conv-BN-ReLU: ``[N, cin, H, W] -> [N, c, ...]``."""
     y = m.conv_norm_act(x, cin, 3, conv="0", norm="1", stride=stride, groups=cin)
     return m.conv_norm_act(y, c, 1, conv="2", norm="3", act="relu", act_name="4")
 
 
-def branch2(m, x, c: int, stride: int):
+def branch2(m: Scope, x: Tensor, c: int, stride: int) -> Tensor:
     """1x1 conv-BN-ReLU -> depthwise 3x3 conv-BN (stride) -> 1x1 conv-BN-ReLU: ``-> [N, c, ...]``."""
     y = m.conv_norm_act(x, c, 1, conv="0", norm="1", act="relu")
     y = m.conv_norm_act(y, c, 3, conv="3", norm="4", stride=stride, groups=c)
     return m.conv_norm_act(y, c, 1, conv="5", norm="6", act="relu", act_name="7")
 
 
-def inverted_residual(m, x, cin: int, cout: int, stride: int):
+def inverted_residual(m: Scope, x: Tensor, cin: int, cout: int, stride: int) -> Tensor:
     """``InvertedResidual`` (paper Fig. 3c/d): ``[N, cin, H, W] -> [N, cout, H/stride, W/stride]``.
 
     Basic unit (stride 1): channel split, ``branch2`` on the second half. Down-sampling unit:
@@ -88,12 +90,14 @@ def inverted_residual(m, x, cin: int, cout: int, stride: int):
         x1, x2 = x.chunk(2, dim=1)
         halves = (x1, m.block("branch2", branch2, x2, c, 1, tap=False))
     else:
-        halves = (m.block("branch1", branch1, x, cin, c, stride, tap=False),
-                  m.block("branch2", branch2, x, c, stride, tap=False))
+        halves = (
+            m.block("branch1", branch1, x, cin, c, stride, tap=False),
+            m.block("branch2", branch2, x, c, stride, tap=False),
+        )
     return L.channel_shuffle(halves)  # = channel_shuffle(torch.cat(halves, 1), 2), in one copy
 
 
-def stage(m, x, repeats: int, cin: int, cout: int):
+def stage(m: Scope, x: Tensor, repeats: int, cin: int, cout: int) -> Tensor:
     """One stage: a down-sampling unit from ``cin`` channels, then ``repeats - 1`` basic units
     (``stage{s}.{i}``)."""
     for i in range(repeats):
@@ -101,12 +105,12 @@ def stage(m, x, repeats: int, cin: int, cout: int):
     return x
 
 
-def conv_bn_relu(m, x, cout: int, kernel: int, stride: int = 1):
+def conv_bn_relu(m: Scope, x: Tensor, cout: int, kernel: int, stride: int = 1) -> Tensor:
     """``conv1`` / ``conv5``: conv-BN-ReLU at ``0``/``1`` (padding ``kernel // 2``)."""
     return m.conv_norm_act(x, cout, kernel, act="relu", stride=stride)
 
 
-def forward(m, cfg: ShuffleNetV2Config, x):
+def forward(m: Scope, cfg: ShuffleNetV2Config, x: Tensor) -> Tensor:
     """``x [N, C, H, W] -> logits [N, num_classes]``.
 
     Feature names: ``conv1`` (stride 2), ``maxpool`` (4), every unit ``stage{s}.{i}`` and every
@@ -121,8 +125,20 @@ def forward(m, cfg: ShuffleNetV2Config, x):
     return m.linear("fc", y.mean([2, 3]), cfg.num_classes)  # torchvision's global pool: a mean
 
 
-FAMILY = family("shufflenetv2", ShuffleNetV2Config, forward, paper=PAPER,
-                defaults={"conv": "kaiming_fan_in_uniform", "linear": "torch_default"})
+FAMILY = family(
+    "shufflenetv2",
+    ShuffleNetV2Config,
+    forward,
+    paper=PAPER,
+    defaults={"conv": "kaiming_fan_in_uniform", "linear": "torch_default"},
+)
 
 for _w, _n in [("x0_5", 1366792), ("x1_0", 2278604), ("x1_5", 3503624), ("x2_0", 7393996)]:
-    register(f"shufflenet_v2_{_w}", FAMILY, params=_n, reference=Reference("torchvision", f"shufflenet_v2_{_w}"), stages_repeats=REPEATS, stages_out_channels=WIDTHS[_w])
+    register(
+        f"shufflenet_v2_{_w}",
+        FAMILY,
+        params=_n,
+        reference=Reference("torchvision", f"shufflenet_v2_{_w}"),
+        stages_repeats=REPEATS,
+        stages_out_channels=WIDTHS[_w],
+    )

@@ -18,9 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from vafunc.core import layers as L
-from vafunc.core.kit import family
+from vafunc.core.kit import Scope, family
 from vafunc.core.registry import Reference, check_config, register
 
 PAPER = "Iandola et al. 2016, SqueezeNet: AlexNet-level accuracy with 50x fewer parameters, arXiv:1602.07360"
@@ -29,12 +30,36 @@ PAPER = "Iandola et al. 2016, SqueezeNet: AlexNet-level accuracy with 50x fewer 
 #: ceil mode), ``("fire", squeeze, expand1x1, expand3x3)``. Index = position in torchvision's
 #: ``nn.Sequential`` (the stem's ReLU is index 1).
 FEATURES = {
-    "1_0": (("conv", 96, 7), ("relu",), ("pool",), ("fire", 16, 64, 64), ("fire", 16, 64, 64),
-            ("fire", 32, 128, 128), ("pool",), ("fire", 32, 128, 128), ("fire", 48, 192, 192),
-            ("fire", 48, 192, 192), ("fire", 64, 256, 256), ("pool",), ("fire", 64, 256, 256)),
-    "1_1": (("conv", 64, 3), ("relu",), ("pool",), ("fire", 16, 64, 64), ("fire", 16, 64, 64), ("pool",),
-            ("fire", 32, 128, 128), ("fire", 32, 128, 128), ("pool",), ("fire", 48, 192, 192),
-            ("fire", 48, 192, 192), ("fire", 64, 256, 256), ("fire", 64, 256, 256)),
+    "1_0": (
+        ("conv", 96, 7),
+        ("relu",),
+        ("pool",),
+        ("fire", 16, 64, 64),
+        ("fire", 16, 64, 64),
+        ("fire", 32, 128, 128),
+        ("pool",),
+        ("fire", 32, 128, 128),
+        ("fire", 48, 192, 192),
+        ("fire", 48, 192, 192),
+        ("fire", 64, 256, 256),
+        ("pool",),
+        ("fire", 64, 256, 256),
+    ),
+    "1_1": (
+        ("conv", 64, 3),
+        ("relu",),
+        ("pool",),
+        ("fire", 16, 64, 64),
+        ("fire", 16, 64, 64),
+        ("pool",),
+        ("fire", 32, 128, 128),
+        ("fire", 32, 128, 128),
+        ("pool",),
+        ("fire", 48, 192, 192),
+        ("fire", 48, 192, 192),
+        ("fire", 64, 256, 256),
+        ("fire", 64, 256, 256),
+    ),
 }
 
 
@@ -48,20 +73,25 @@ class SqueezeNetConfig:
     dropout: float = 0.5
     in_channels: int = 3
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.version not in FEATURES:
             raise ValueError(f"version must be one of {sorted(FEATURES)}, got {self.version!r}")
         check_config(self, rates=("dropout",))
 
 
-def fire(m, x, squeeze: int, e1: int, e3: int):
+def fire(m: Scope, x: Tensor, squeeze: int, e1: int, e3: int) -> Tensor:
     """Fire module (Sec. 3.2, Fig. 1): ``[N, C, H, W] -> [N, e1 + e3, H, W]``."""
     s = m.op("squeeze_activation", L.relu_, m.conv("squeeze", x, squeeze, 1, bias=True), tap=False)
-    return torch.cat([m.op("expand1x1_activation", L.relu_, m.conv("expand1x1", s, e1, 1, bias=True), tap=False),
-                      m.op("expand3x3_activation", L.relu_, m.conv("expand3x3", s, e3, 3, bias=True), tap=False)], 1)
+    return torch.cat(
+        [
+            m.op("expand1x1_activation", L.relu_, m.conv("expand1x1", s, e1, 1, bias=True), tap=False),
+            m.op("expand3x3_activation", L.relu_, m.conv("expand3x3", s, e3, 3, bias=True), tap=False),
+        ],
+        1,
+    )
 
 
-def features(m, x, cfg: SqueezeNetConfig):
+def features(m: Scope, x: Tensor, cfg: SqueezeNetConfig) -> Tensor:
     for i, (kind, *args) in enumerate(FEATURES[cfg.version]):
         if kind == "fire":
             x = m.block(str(i), fire, x, *args)
@@ -74,7 +104,7 @@ def features(m, x, cfg: SqueezeNetConfig):
     return x
 
 
-def classifier(m, x, cfg: SqueezeNetConfig):
+def classifier(m: Scope, x: Tensor, cfg: SqueezeNetConfig) -> Tensor:
     """Dropout (key ``m.key(0)``), the final 1x1 conv to the classes, ReLU, global average pool:
     ``[N, 512, h, w] -> [N, num_classes, 1, 1]``."""
     x = m.dropout(x, cfg.dropout, m.key(0), name="0")
@@ -82,7 +112,7 @@ def classifier(m, x, cfg: SqueezeNetConfig):
     return m.op("3", L.adaptive_avg_pool2d, x, 1, tap=False)
 
 
-def forward(m, cfg: SqueezeNetConfig, x):
+def forward(m: Scope, cfg: SqueezeNetConfig, x: Tensor) -> Tensor:
     """``x [N, C, H, W] -> logits [N, num_classes]``.
 
     Feature names: every entry of ``features`` (``features.0`` .. ``features.12``: the stem conv,
@@ -96,4 +126,10 @@ def forward(m, cfg: SqueezeNetConfig, x):
 FAMILY = family("squeezenet", SqueezeNetConfig, forward, paper=PAPER, defaults={"conv": "kaiming_uniform"})
 
 for _version, _n in [("1_0", 1248424), ("1_1", 1235496)]:
-    register(f"squeezenet{_version}", FAMILY, params=_n, reference=Reference("torchvision", f"squeezenet{_version}"), version=_version)
+    register(
+        f"squeezenet{_version}",
+        FAMILY,
+        params=_n,
+        reference=Reference("torchvision", f"squeezenet{_version}"),
+        version=_version,
+    )

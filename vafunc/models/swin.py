@@ -44,15 +44,17 @@ permute to channels-last), ``features.{1,3,5,7}.{j}`` blocks (``norm1``, ``attn.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import einops
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from vafunc.core import layers as L
-from vafunc.core.kit import family
+from vafunc.core.kit import Scope, family
 from vafunc.core.registry import Reference, check_config, register
 
 PAPER = "Liu et al. 2021, Swin Transformer: Hierarchical Vision Transformer using Shifted Windows, arXiv:2103.14030"
@@ -69,7 +71,7 @@ VARIANTS = {
 STOCHASTIC_DEPTH = {"t": 0.2, "s": 0.3, "b": 0.5}
 
 
-def _pair(v, what: str) -> tuple[int, int]:
+def _pair(v: int | Sequence[int], what: str) -> tuple[int, int]:
     t = (v, v) if isinstance(v, int) and not isinstance(v, bool) else tuple(v)
     if len(t) != 2 or any(isinstance(e, bool) or not isinstance(e, int) or e < 1 for e in t):
         raise ValueError(f"{what} must be a positive int or a pair of them, got {v!r}")
@@ -102,7 +104,7 @@ class SwinConfig:
     version: int = 1
     in_channels: int = 3
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
         set_("patch_size", _pair(self.patch_size, "patch_size"))
         set_("window_size", _pair(self.window_size, "window_size"))
@@ -116,8 +118,11 @@ class SwinConfig:
             set_(what, v)
         if len(self.depths) != len(self.num_heads):
             raise ValueError(f"depths {self.depths} and num_heads {self.num_heads} must have the same length")
-        check_config(self, positive_ints=("num_classes", "in_channels", "embed_dim"),
-                     rates=("dropout", "attention_dropout", "stochastic_depth_prob"))
+        check_config(
+            self,
+            positive_ints=("num_classes", "in_channels", "embed_dim"),
+            rates=("dropout", "attention_dropout", "stochastic_depth_prob"),
+        )
         for i, h in enumerate(self.num_heads):
             if (self.embed_dim << i) % h:
                 raise ValueError(f"stage {i} has {self.embed_dim << i} channels, not divisible by num_heads[{i}]={h}")
@@ -126,8 +131,9 @@ class SwinConfig:
         if self.version not in (1, 2) or isinstance(self.version, bool):
             raise ValueError(f"version must be 1 or 2, got {self.version!r}")
         if self.version == 2 and min(self.window_size) < 2:
-            raise ValueError(f"Swin V2 needs windows of at least 2x2 (its coordinates are divided by M - 1), "
-                             f"got {self.window_size}")
+            raise ValueError(
+                f"Swin V2 needs windows of at least 2x2 (its coordinates are divided by M - 1), got {self.window_size}"
+            )
         for f in ("mlp_ratio", "dropout", "attention_dropout", "stochastic_depth_prob"):
             set_(f, float(getattr(self, f)))
 
@@ -151,8 +157,19 @@ def plan(cfg: SwinConfig) -> tuple[tuple[BlockSpec, ...], ...]:
     out, b = [], 0
     for i, (n, heads) in enumerate(zip(cfg.depths, cfg.num_heads)):
         hidden = int((cfg.embed_dim << i) * cfg.mlp_ratio)
-        out.append(tuple(BlockSpec(heads, cfg.window_size, shifted if j % 2 else (0, 0), hidden,
-                                   cfg.stochastic_depth_prob * (b + j) / last, cfg.embed_dim << i) for j in range(n)))
+        out.append(
+            tuple(
+                BlockSpec(
+                    heads,
+                    cfg.window_size,
+                    shifted if j % 2 else (0, 0),
+                    hidden,
+                    cfg.stochastic_depth_prob * (b + j) / last,
+                    cfg.embed_dim << i,
+                )
+                for j in range(n)
+            )
+        )
         b += n
     return tuple(out)
 
@@ -160,7 +177,7 @@ def plan(cfg: SwinConfig) -> tuple[tuple[BlockSpec, ...], ...]:
 # --------------------------------------------------------------------------- windows
 
 
-def _windows(h: int, w: int, window, shift):
+def _windows(h: int, w: int, window: tuple[int, int], shift: tuple[int, int]) -> tuple[int, int, int, int]:
     """``(pad_bottom, pad_right, shift_h, shift_w)`` for an ``h x w`` map: padded up to whole
     windows; no shift along an axis that is a single window once padded (torchvision's rule)."""
     (wh, ww), (sh, sw) = window, shift
@@ -168,14 +185,16 @@ def _windows(h: int, w: int, window, shift):
     return pb, pr, (sh if h + pb > wh else 0), (sw if w + pr > ww else 0)
 
 
-def shift_mask(hp: int, wp: int, window, shift, *, dtype, device) -> torch.Tensor:
+def shift_mask(
+    hp: int, wp: int, window: tuple[int, int], shift: tuple[int, int], *, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
     """The shifted-window attention mask ``[nW, M*M, M*M]`` of a padded ``hp x wp`` map: 0
     between tokens of the same region of the cyclically shifted map, -100 between regions
     (torchvision's value; a bias added to the logits). Along an axis with shift ``s > 0`` the
     regions are ``[0, L - M)``, ``[L - M, L - s)``, ``[L - s, L)``; with no shift, one region."""
     (wh, ww), (sh, sw) = window, shift
 
-    def regions(n, m, s):
+    def regions(n: int, m: int, s: int) -> Tensor:
         p = torch.arange(n, device=device)
         return (p >= n - m).long() + (p >= n - s).long() if s else torch.zeros(n, dtype=torch.long, device=device)
 
@@ -207,7 +226,7 @@ def relative_coords_table(wh: int, ww: int) -> torch.Tensor:
     return einops.rearrange(t, "a b c -> 1 a b c")
 
 
-def _gather_bias(table, index, n: int) -> torch.Tensor:
+def _gather_bias(table: Tensor, index: Tensor, n: int) -> torch.Tensor:
     """A per-offset table ``[T, heads]`` (or ``[1, a, b, heads]``) -> the bias ``[heads, n, n]``."""
     t = einops.rearrange(table, "... h -> (...) h").index_select(0, index)  # (much faster than table[index])
     # contiguous, as the references keep it: attention reads the bias along rows, and under
@@ -216,19 +235,19 @@ def _gather_bias(table, index, n: int) -> torch.Tensor:
     return einops.rearrange(t, "(n m) h -> h n m", n=n).contiguous()
 
 
-def _cpb_bias(m, coords, index, heads: int, n: int, dtype) -> torch.Tensor:
+def _cpb_bias(m: Scope, coords: Tensor, index: Tensor, heads: int, n: int, dtype: torch.dtype) -> Tensor:
     """Swin V2's continuous position bias: ``16 * sigmoid(cpb_mlp(coords))`` gathered to
     ``[heads, n, n]``; ``cpb_mlp`` = Linear(2, 512), ReLU, Linear(512, heads, no bias)."""
     t = m.block("cpb_mlp", cpb_mlp, coords.to(dtype), heads, tap=False)
     return 16 * torch.sigmoid(_gather_bias(t, index, n))
 
 
-def cpb_mlp(m, coords, heads: int):
+def cpb_mlp(m: Scope, coords: Tensor, heads: int) -> Tensor:
     """``cpb_mlp``: ``0`` Linear(2, 512), ``1`` ReLU, ``2`` Linear(512, heads, no bias)."""
     return m.linear("2", m.op("1", L.relu_, m.linear("0", coords, 512), tap=False), heads, bias=False)
 
 
-def _pad_with(t, value, pb: int, pr: int):
+def _pad_with(t: Tensor, value: Tensor, pb: int, pr: int) -> Tensor:
     """``t [B, H, W, D]`` padded at the bottom / right with the vector ``value [D]``."""
     b, h, w, d = t.shape
     out = value.expand(b, h + pb, w + pr, d).contiguous()  # (torch.cat of expanded tensors is slow)
@@ -236,7 +255,7 @@ def _pad_with(t, value, pb: int, pr: int):
     return out
 
 
-def window_attention(m, x, spec: BlockSpec, cfg: SwinConfig, mask=None):
+def window_attention(m: Scope, x: Tensor, spec: BlockSpec, cfg: SwinConfig, mask: Tensor | None = None) -> Tensor:
     """(Shifted) window multi-head self-attention, torchvision's ``shifted_window_attention``:
     ``[B, H, W, C] -> same``: pad to whole windows (zeros), cyclic shift (``torch.roll``),
     partition, attention with the relative position bias (plus ``mask``, the stage's shift
@@ -264,7 +283,7 @@ def window_attention(m, x, spec: BlockSpec, cfg: SwinConfig, mask=None):
     weight = p.param("weight", (3 * c, c), ("trunc_normal", 0.02))
     qb = p.param("bias", (3 * c,), ("zeros",))
     if cfg.version == 2:  # no k bias (torchvision zeroes that third of qkv.bias at every call)
-        qb = torch.cat((qb[:c], torch.zeros_like(qb[c:2 * c]), qb[2 * c:]))
+        qb = torch.cat((qb[:c], torch.zeros_like(qb[c : 2 * c]), qb[2 * c :]))
     split = "b (nh wh) (nw ww) (three h d) -> three (b nh nw) h (wh ww) d"
     if padded:  # project the real tokens, pad with the padded tokens' projection (the bias)
         qkv = _pad_with(F.linear(x, weight, qb), qb, pb, pr)
@@ -291,10 +310,12 @@ def window_attention(m, x, spec: BlockSpec, cfg: SwinConfig, mask=None):
         bias = (bias + mask.view(1, nw, 1, n, n).expand(b, nw, 1, n, n)).flatten(0, 1)
     else:
         bias = bias.unsqueeze(0)
-    y = m.attention(q, k, v, bias=bias, scale=scale, rate=cfg.attention_dropout,
-                    rng=m.key(2) if cfg.attention_dropout else None)
-    # merge the heads and reverse the partition in one copy
-    y = einops.rearrange(y, "(b nh nw) h (wh ww) d -> b (nh wh) (nw ww) (h d)", b=b, nh=hp // wh, wh=wh, ww=ww)
+    y = m.attention(
+        q, k, v, bias=bias, scale=scale, rate=cfg.attention_dropout, rng=m.key(2) if cfg.attention_dropout else None
+    )
+    # merge the heads and reverse the partition in one copy (b inferred: nh and nw are never 0, an
+    # empty batch is)
+    y = einops.rearrange(y, "(b nh nw) h (wh ww) d -> b (nh wh) (nw ww) (h d)", nh=hp // wh, nw=wp // ww, wh=wh, ww=ww)
     if shifted:
         y = torch.roll(y, (sh, sw), (1, 2))
     if padded:  # contiguous: a strided input's product rounds by its address (not reproducible)
@@ -305,7 +326,7 @@ def window_attention(m, x, spec: BlockSpec, cfg: SwinConfig, mask=None):
     return m.dropout(y, cfg.dropout, m.key(3) if cfg.dropout else None)
 
 
-def mlp(m, x, hidden: int, rate: float, width: int):
+def mlp(m: Scope, x: Tensor, hidden: int, rate: float, width: int) -> Tensor:
     """torchvision's ``MLP``: ``0`` Linear, ``1`` GELU, ``2`` Dropout (key slot 4), ``3``
     Linear, ``4`` Dropout (slot 5)."""
     y = m.op("1", F.gelu, m.linear("0", x, hidden), tap=False)
@@ -313,7 +334,7 @@ def mlp(m, x, hidden: int, rate: float, width: int):
     return m.dropout(y, rate, m.key(5) if rate else None, name="4")
 
 
-def _post_norm(m, name: str, x, branch, *args):
+def _post_norm(m: Scope, name: str, x: Tensor, branch: Callable[..., Tensor], *args: Any) -> Tensor:
     """V2's ``norm(branch(x, *args))``. The reference registers the norm before the branch, so
     at init it is declared first (on ``x``: the branch keeps the shape)."""
     if m.initializing:
@@ -322,7 +343,7 @@ def _post_norm(m, name: str, x, branch, *args):
     return m.layer_norm(name, branch(x, *args))
 
 
-def swin_block(m, x, spec: BlockSpec, cfg: SwinConfig, mask):
+def swin_block(m: Scope, x: Tensor, spec: BlockSpec, cfg: SwinConfig, mask: Tensor | None) -> Tensor:
     """``SwinTransformerBlock`` (v1, pre-norm) or ``SwinTransformerBlockV2`` (res-post-norm):
     ``[B, H, W, C] -> same``. Key slots (of the block's key): 0 and 1 stochastic depth of the
     attention and MLP branches, 2 and 3 attention dropout and projection dropout, 4 and 5 the
@@ -340,7 +361,7 @@ def swin_block(m, x, spec: BlockSpec, cfg: SwinConfig, mask):
     return m.drop_path(y, sd, m.key(1) if sd else None).add_(x)
 
 
-def stage(m, x, specs, cfg: SwinConfig, index: int):
+def stage(m: Scope, x: Tensor, specs: tuple[BlockSpec, ...], cfg: SwinConfig, index: int) -> Tensor:
     """The blocks of one stage; the shift mask is built once for the stage (every shifted block
     of it sees the same map size). Block ``j`` gets the key ``fold_in(rng, index + j)``."""
     mask = None
@@ -355,7 +376,7 @@ def stage(m, x, specs, cfg: SwinConfig, index: int):
     return x
 
 
-def patch_merging(m, x, version: int):
+def patch_merging(m: Scope, x: Tensor, version: int) -> Tensor:
     """``PatchMerging`` (v1: LayerNorm(4C), then ``reduction``) or ``PatchMergingV2``
     (``reduction``, then LayerNorm(2C)): ``[B, H, W, C] -> [B, ceil(H/2), ceil(W/2), 2C]``; odd
     maps are padded; the 4C channels are the 2x2 group in torchvision's order (top-left,
@@ -373,7 +394,7 @@ def patch_merging(m, x, version: int):
     return m.linear("reduction", m.layer_norm("norm", x), 2 * c, bias=False)
 
 
-def stem(m, x, cfg: SwinConfig):
+def stem(m: Scope, x: Tensor, cfg: SwinConfig) -> Tensor:
     """Patch embedding: ``0`` conv (patch x patch / patch, with bias), ``1`` permute to
     channels-last, ``2`` LayerNorm. ``[B, 3, H, W] -> [B, H/4, W/4, C]``."""
     p = cfg.patch_size
@@ -381,12 +402,12 @@ def stem(m, x, cfg: SwinConfig):
     return m.layer_norm("2", y)
 
 
-def channels_last(x):
+def channels_last(x: Tensor) -> Tensor:
     """``[B, C, H, W] -> [B, H, W, C]`` (torchvision's ``Permute([0, 2, 3, 1])``)."""
     return einops.rearrange(x, "b c h w -> b h w c")
 
 
-def features(m, x, cfg: SwinConfig):
+def features(m: Scope, x: Tensor, cfg: SwinConfig) -> Tensor:
     """torchvision's ``features``: the patch embedding ``0``, then each stage ``2i+1`` and the
     patch merging ``2i+2`` after it (but the last)."""
     y = m.block("0", stem, x, cfg)
@@ -399,7 +420,7 @@ def features(m, x, cfg: SwinConfig):
     return y
 
 
-def forward(m, cfg: SwinConfig, x):
+def forward(m: Scope, cfg: SwinConfig, x: Tensor) -> Tensor:
     """``x [B, C, H, W] -> logits [B, num_classes]``.
 
     Feature names (torchvision's module paths), all channels-last ``[B, H, W, C]``:
@@ -421,8 +442,27 @@ FAMILY = family("swin", SwinConfig, forward, paper=PAPER, defaults=_DEFAULTS)
 
 for _v, _n, _n2 in [("t", 28288354, 28351570), ("s", 49606258, 49737442), ("b", 87768224, 87930848)]:
     _c, _d, _h = VARIANTS[_v]
-    register(f"swin_{_v}", FAMILY, params=_n, reference=Reference("torchvision", f"swin_{_v}"),
-             embed_dim=_c, depths=_d, num_heads=_h, window_size=(7, 7), stochastic_depth_prob=STOCHASTIC_DEPTH[_v])
-    register(f"swin_v2_{_v}", FAMILY, params=_n2, reference=Reference("torchvision", f"swin_v2_{_v}"),
-             paper=PAPER_V2, embed_dim=_c, depths=_d, num_heads=_h, window_size=(8, 8),
-             stochastic_depth_prob=STOCHASTIC_DEPTH[_v], version=2)
+    register(
+        f"swin_{_v}",
+        FAMILY,
+        params=_n,
+        reference=Reference("torchvision", f"swin_{_v}"),
+        embed_dim=_c,
+        depths=_d,
+        num_heads=_h,
+        window_size=(7, 7),
+        stochastic_depth_prob=STOCHASTIC_DEPTH[_v],
+    )
+    register(
+        f"swin_v2_{_v}",
+        FAMILY,
+        params=_n2,
+        reference=Reference("torchvision", f"swin_v2_{_v}"),
+        paper=PAPER_V2,
+        embed_dim=_c,
+        depths=_d,
+        num_heads=_h,
+        window_size=(8, 8),
+        stochastic_depth_prob=STOCHASTIC_DEPTH[_v],
+        version=2,
+    )

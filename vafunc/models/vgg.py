@@ -13,8 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from torch import Tensor
+
 from vafunc.core import layers as L
-from vafunc.core.kit import family
+from vafunc.core.kit import Scope, family
 from vafunc.core.registry import Reference, check_config, register
 
 PAPER = "Simonyan & Zisserman 2015, Very Deep Convolutional Networks for Large-Scale Image Recognition, arXiv:1409.1556"
@@ -42,7 +44,7 @@ class VGGConfig:
     init_weights: bool = True
     in_channels: int = 3
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.configuration not in CONFIGURATIONS:
             raise ValueError(f"configuration must be one of {sorted(CONFIGURATIONS)}, got {self.configuration!r}")
         check_config(self, rates=("dropout",))
@@ -70,7 +72,7 @@ def plan(cfg: VGGConfig) -> tuple[Layer, ...]:
 # --------------------------------------------------------------------------- the network
 
 
-def features(m, x, cfg: VGGConfig):
+def features(m: Scope, x: Tensor, cfg: VGGConfig) -> Tensor:
     """The convolutional stack (paper Section 2.1): 3x3 convs with padding 1, ReLU, five 2x2
     max-pools. ``[N, C, H, W] -> [N, 512, H / 32, W / 32]`` (floor at each pool).
 
@@ -89,7 +91,7 @@ def features(m, x, cfg: VGGConfig):
     return x
 
 
-def classifier(m, x, cfg: VGGConfig):
+def classifier(m: Scope, x: Tensor, cfg: VGGConfig) -> Tensor:
     """Three fully connected layers, dropout after the first two (paper Section 3.1):
     ``[N, 512 * 7 * 7] -> [N, num_classes]``; dropout keys ``m.key(0)`` and ``m.key(1)``."""
     x = m.op("1", L.relu_, m.linear("0", x, HIDDEN), tap=False)  # fresh outputs: in place
@@ -99,7 +101,7 @@ def classifier(m, x, cfg: VGGConfig):
     return m.linear("6", x, cfg.num_classes)
 
 
-def forward(m, cfg: VGGConfig, x):
+def forward(m: Scope, cfg: VGGConfig, x: Tensor) -> Tensor:
     """``x [N, C, H, W] -> logits [N, num_classes]``; any size >= 32x32 (the 7x7 adaptive pool
     replaces the paper's fixed 224 input; below 32 the fifth pool has nothing left)."""
     y = m.block("features", features, x, cfg, tap=False)
@@ -118,16 +120,24 @@ def defaults(cfg: VGGConfig) -> dict:
 FAMILY = family("vgg", VGGConfig, forward, paper=PAPER, defaults=defaults)
 
 _PARAMS = {
-    ("A", False): 132863336, ("A", True): 132868840,
-    ("B", False): 133047848, ("B", True): 133053736,
-    ("D", False): 138357544, ("D", True): 138365992,
-    ("E", False): 143667240, ("E", True): 143678248,
+    ("A", False): 132863336,
+    ("A", True): 132868840,
+    ("B", False): 133047848,
+    ("B", True): 133053736,
+    ("D", False): 138357544,
+    ("D", True): 138365992,
+    ("E", False): 143667240,
+    ("E", True): 143678248,
 }
 
 for (_conf, _bn), _n in _PARAMS.items():
     _name = f"vgg{DEPTH[_conf]}" + ("_bn" if _bn else "")
     register(
-        _name, FAMILY, params=_n, reference=Reference("torchvision", _name),
+        _name,
+        FAMILY,
+        params=_n,
+        reference=Reference("torchvision", _name),
         notes=f"configuration {_conf} of Table 1" + (", BatchNorm after every conv" if _bn else ""),
-        configuration=_conf, batch_norm=_bn,
+        configuration=_conf,
+        batch_norm=_bn,
     )

@@ -37,8 +37,10 @@ from dataclasses import dataclass
 import einops
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-from vafunc.core.kit import family
+from vafunc.core.init import Initializer
+from vafunc.core.kit import Scope, family
 from vafunc.core.registry import Reference, check_config, register
 
 PAPER = "Dosovitskiy et al. 2021, An Image is Worth 16x16 Words, arXiv:2010.11929"
@@ -62,10 +64,21 @@ class ViTConfig:
     representation_size: int | None = None
     in_channels: int = 3
 
-    def __post_init__(self):
-        check_config(self, positive_ints=("image_size", "patch_size", "num_layers", "num_heads", "hidden_dim",
-                                          "mlp_dim", "num_classes", "in_channels"),
-                     rates=("dropout", "attention_dropout"))
+    def __post_init__(self) -> None:
+        check_config(
+            self,
+            positive_ints=(
+                "image_size",
+                "patch_size",
+                "num_layers",
+                "num_heads",
+                "hidden_dim",
+                "mlp_dim",
+                "num_classes",
+                "in_channels",
+            ),
+            rates=("dropout", "attention_dropout"),
+        )
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size ({self.image_size}) must be divisible by patch_size ({self.patch_size})")
         if self.hidden_dim % self.num_heads:
@@ -85,7 +98,7 @@ def _xavier_uniform(fin: int, fout: int) -> tuple:
     return ("uniform", -bound, bound)
 
 
-def _mlp_linear(ini, fin, fout, bias=True):
+def _mlp_linear(ini: Initializer, fin: int, fout: int, bias: bool = True) -> dict:
     """torchvision's ``MLPBlock`` init: Xavier-uniform weight, normal(std 1e-6) bias."""
     p = {"weight": ini.draw(_xavier_uniform(fin, fout), (fout, fin))}
     if bias:
@@ -93,14 +106,17 @@ def _mlp_linear(ini, fin, fout, bias=True):
     return p
 
 
-def _proj_init(ini, cin, cout, kernel, groups=1, bias=True):
+def _proj_init(
+    ini: Initializer, cin: int, cout: int, kernel: int | tuple[int, int], groups: int = 1, bias: bool = True
+) -> dict:
     """The patch embedding: truncated normal with std ``sqrt(1 / fan_in)``, zero bias."""
     k = kernel if isinstance(kernel, int) else kernel[0]
-    return ini.conv(cin, cout, kernel, groups=groups, bias=bias, scheme="trunc_normal",
-                    std=math.sqrt(1.0 / (cin * k * k)))
+    return ini.conv(
+        cin, cout, kernel, groups=groups, bias=bias, scheme="trunc_normal", std=math.sqrt(1.0 / (cin * k * k))
+    )
 
 
-def _zeros(ini, fin, fout, bias=True):
+def _zeros(ini: Initializer, fin: int, fout: int, bias: bool = True) -> dict:
     """The classifier head without a representation layer: all zeros."""
     return {"weight": ini.zeros((fout, fin)), **({"bias": ini.zeros((fout,))} if bias else {})}
 
@@ -108,7 +124,7 @@ def _zeros(ini, fin, fout, bias=True):
 # --------------------------------------------------------------------------- the network
 
 
-def position_embedding(pos: torch.Tensor, grid, stored: int) -> torch.Tensor:
+def position_embedding(pos: torch.Tensor, grid: tuple[int, ...], stored: int) -> torch.Tensor:
     """The stored ``[1, 1 + stored^2, D]`` embedding for a ``grid = (gh, gw)`` patch grid:
     unchanged when the grid is the stored one, else the patch part resampled bicubically
     (``align_corners=True``) to ``gh x gw``, the class token's part kept."""
@@ -123,7 +139,7 @@ def position_embedding(pos: torch.Tensor, grid, stored: int) -> torch.Tensor:
 torch.fx.wrap("position_embedding")  # one node under FX: the grid is read off the input's shape
 
 
-def self_attention(m, x, heads: int, rate: float, d: int):
+def self_attention(m: Scope, x: Tensor, heads: int, rate: float, d: int) -> Tensor:
     """Multi-head self-attention in ``nn.MultiheadAttention``'s layout (one fused ``[3D, D]``
     input projection, ``out_proj``): ``[N, L, D] -> [N, L, D]``; the heads attend through the
     kit's attention (fused SDPA or the math path), attention dropout at ``rate`` keyed by the
@@ -137,7 +153,7 @@ def self_attention(m, x, heads: int, rate: float, d: int):
     return m.linear("out_proj", y, d, init="torch_default_zero_bias")
 
 
-def mlp(m, x, cfg: ViTConfig):
+def mlp(m: Scope, x: Tensor, cfg: ViTConfig) -> Tensor:
     """torchvision's ``MLPBlock``: ``0`` Linear, ``1`` GELU, ``2`` Dropout (key slot 2 of the
     scope's key), ``3`` Linear, ``4`` Dropout (slot 3)."""
     y = m.op("1", F.gelu, m.linear("0", x, cfg.mlp_dim, init=_mlp_linear), tap=False)
@@ -145,21 +161,32 @@ def mlp(m, x, cfg: ViTConfig):
     return m.dropout(y, cfg.dropout, m.key(3), name="4")
 
 
-def encoder_block(m, x, cfg: ViTConfig):
+def encoder_block(m: Scope, x: Tensor, cfg: ViTConfig) -> Tensor:
     """torchvision's ``EncoderBlock`` (Eq. 2-3): ``x + drop(attn(ln_1 x))``, then
     ``+ mlp(ln_2 .)``; dropout keys: slot 0 attention probabilities, 1 after attention, 2 and 3
     the MLP's two dropouts."""
     d, heads, rate = cfg.hidden_dim, cfg.num_heads, cfg.attention_dropout
     y = m.layer_norm("ln_1", x, eps=1e-6)
-    y = m.block("self_attention", self_attention, y, heads, rate, d, tap=False, rng=m.key(0),
-                module=("MultiheadAttention", (("embed_dim", d), ("num_heads", heads), ("dropout", rate),
-                                               ("batch_first", True))))
+    y = m.block(
+        "self_attention",
+        self_attention,
+        y,
+        heads,
+        rate,
+        d,
+        tap=False,
+        rng=m.key(0),
+        module=(
+            "MultiheadAttention",
+            (("embed_dim", d), ("num_heads", heads), ("dropout", rate), ("batch_first", True)),
+        ),
+    )
     x = m.dropout(y, cfg.dropout, m.key(1), name="dropout") + x
     y = m.layer_norm("ln_2", x, eps=1e-6)
     return x + m.block("mlp", mlp, y, cfg, tap=False, rng=m.rng)
 
 
-def encoder(m, tokens, cfg: ViTConfig, grid):
+def encoder(m: Scope, tokens: Tensor, cfg: ViTConfig, grid: tuple[int, ...]) -> Tensor:
     """torchvision's ``Encoder``: the position embedding (resampled to the patch ``grid``),
     dropout (key slot 0), the blocks ``layers.encoder_layer_{i}`` (keys ``fold_in(rng, 1 + i)``)
     and the final LayerNorm ``ln``."""
@@ -170,22 +197,23 @@ def encoder(m, tokens, cfg: ViTConfig, grid):
     return m.layer_norm("ln", t, eps=1e-6)
 
 
-def encoder_layers(m, t, cfg: ViTConfig):
+def encoder_layers(m: Scope, t: Tensor, cfg: ViTConfig) -> Tensor:
     for i in range(cfg.num_layers):
         t = m.block(f"encoder_layer_{i}", encoder_block, t, cfg, rng=m.key(1 + i))
     return t
 
 
-def heads(m, y, cfg: ViTConfig):
+def heads(m: Scope, y: Tensor, cfg: ViTConfig) -> Tensor:
     """torchvision's ``heads``: ``pre_logits`` Linear and ``act`` Tanh (with a
     ``representation_size``), then ``head``."""
     if cfg.representation_size is not None:
-        y = m.op("act", torch.tanh, m.linear("pre_logits", y, cfg.representation_size, init=_pre_logits_init),
-                 tap=False)
+        y = m.op(
+            "act", torch.tanh, m.linear("pre_logits", y, cfg.representation_size, init=_pre_logits_init), tap=False
+        )
     return m.linear("head", y, cfg.num_classes, init=_zeros)
 
 
-def forward(m, cfg: ViTConfig, x):
+def forward(m: Scope, cfg: ViTConfig, x: Tensor) -> Tensor:
     """``x [N, C, H, W] -> logits [N, num_classes]``, H and W multiples of ``patch_size``.
 
     Feature names (torchvision's module paths): ``conv_proj`` (the patch embedding, ``[N, D,
@@ -206,9 +234,12 @@ def forward(m, cfg: ViTConfig, x):
     return m.block("heads", heads, t[:, 0], cfg, tap=False, sequential=True)
 
 
-def _pre_logits_init(ini, fin, fout, bias=True):
+def _pre_logits_init(ini: Initializer, fin: int, fout: int, bias: bool = True) -> dict:
     """torchvision's ``heads.pre_logits``: truncated normal with std ``sqrt(1 / fan_in)``, zero bias."""
-    return {"weight": ini.trunc_normal((fout, fin), math.sqrt(1.0 / fin)), **({"bias": ini.zeros((fout,))} if bias else {})}
+    return {
+        "weight": ini.trunc_normal((fout, fin), math.sqrt(1.0 / fin)),
+        **({"bias": ini.zeros((fout,))} if bias else {}),
+    }
 
 
 FAMILY = family("vit", ViTConfig, forward, paper=PAPER, init_size=lambda cfg: cfg.image_size)

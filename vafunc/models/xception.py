@@ -23,8 +23,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from torch import Tensor
+
 from vafunc.core import layers as L
-from vafunc.core.kit import family
+from vafunc.core.kit import Scope, family
 from vafunc.core.registry import Reference, check_config, register
 
 PAPER = "Chollet 2017, Xception: Deep Learning with Depthwise Separable Convolutions, arXiv:1610.02357"
@@ -60,7 +62,7 @@ class XceptionConfig:
     in_channels: int = 3
     drop_rate: float = 0.0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         check_config(self, rates=("drop_rate",))
         object.__setattr__(self, "drop_rate", float(self.drop_rate))
 
@@ -90,14 +92,14 @@ PLANS = tuple(block_plan(b) for b in BLOCKS)
 # --------------------------------------------------------------------------- the network
 
 
-def separable_conv(m, x, cout: int):
+def separable_conv(m: Scope, x: Tensor, cout: int) -> Tensor:
     """Depthwise 3x3 conv (``conv1``) then pointwise 1x1 conv (``pointwise``), no bias, nothing
     in between (Sec. 4). ``[N, C_in, H, W] -> [N, cout, H, W]``."""
     c = x.shape[1]
     return m.conv("pointwise", m.conv("conv1", x, c, 3, groups=c), cout, 1)
 
 
-def rep(m, x, b: BlockRow, seps: tuple[SepSpec, ...]):
+def rep(m: Scope, x: Tensor, b: BlockRow, seps: tuple[SepSpec, ...]) -> Tensor:
     """timm's ``rep`` Sequential: ``reps`` x (ReLU, separable conv, BN), then a 3x3/stride max
     pool when strided. ``[N, in_ch, H, W] -> [N, out_ch, ceil(H / stride), ceil(W / stride)]``."""
     y = x
@@ -110,7 +112,7 @@ def rep(m, x, b: BlockRow, seps: tuple[SepSpec, ...]):
     return y
 
 
-def block(m, x, b: BlockRow, seps: tuple[SepSpec, ...]):
+def block(m: Scope, x: Tensor, b: BlockRow, seps: tuple[SepSpec, ...]) -> Tensor:
     """A residual block of Fig. 5: :func:`rep` plus the shortcut (identity, or 1x1/stride conv +
     BN when the shape changes).
 
@@ -126,7 +128,7 @@ def block(m, x, b: BlockRow, seps: tuple[SepSpec, ...]):
     return y.add_(shortcut)  # y is a fresh BN / pool output: in place, as timm's ``x += skip``
 
 
-def forward(m, cfg: XceptionConfig, x):
+def forward(m: Scope, cfg: XceptionConfig, x: Tensor) -> Tensor:
     """``x [N, C, H, W] -> logits [N, num_classes]``.
 
     Feature names (timm's module paths): ``act1`` (stride 2), ``act2`` (stem output),
@@ -135,8 +137,9 @@ def forward(m, cfg: XceptionConfig, x):
     (the 2048-channel features that are pooled).
     """
     # conv1 (3x3/2) and conv2 (3x3) are unpadded: the network needs 7x7 inputs
-    y = m.tap("act1", m.conv_norm_act(x, 32, 3, conv="conv1", norm="bn1", act="relu", act_name="act1", stride=2,
-                                      padding=0))
+    y = m.tap(
+        "act1", m.conv_norm_act(x, 32, 3, conv="conv1", norm="bn1", act="relu", act_name="act1", stride=2, padding=0)
+    )
     y = m.tap("act2", m.conv_norm_act(y, 64, 3, conv="conv2", norm="bn2", act="relu", act_name="act2", padding=0))
     for i, b in enumerate(BLOCKS):
         y = m.block(f"block{i + 1}", block, y, b, PLANS[i])
@@ -152,7 +155,10 @@ def forward(m, cfg: XceptionConfig, x):
 FAMILY = family("xception", XceptionConfig, forward, paper=PAPER)
 
 register(
-    "xception", FAMILY, params=22855952, reference=Reference("timm", "legacy_xception"),
+    "xception",
+    FAMILY,
+    params=22855952,
+    reference=Reference("timm", "legacy_xception"),
     notes="timm legacy_xception (= Cadene pretrainedmodels.xception): the Keras ImageNet weights; "
     "timm's xception41/65/71 are the later DeepLab 'aligned' variants, a different network.",
     extra={"input_size": 299, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)},

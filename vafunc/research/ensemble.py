@@ -7,7 +7,7 @@ default here and in ``make_train_step(ensemble_method=)``):
 
 * ``"auto"`` (the default): ``"batched"`` where the family has a members-mode lowering and the
   member's batch is small (research scale: ``B * H * W <= 2**14`` pixels), else ``"loop"``: the
-  faster of the two as measured on 2-core CPUs (:func:`vafunc.research.members.prefer` has the figures).
+  faster of the two as measured on CPUs (see benchmarks/README.md for the figures).
 * ``"batched"``: members mode (:mod:`vafunc.research.members`), all members in one forward pass, each
   parameterised layer lowered by its shape (batched matrix products on small maps, grouped
   convolutions on medium ones, each member's own convolution on large ones).
@@ -23,13 +23,13 @@ members as modules above; see its docstring).
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
 from vafunc.core import random as vrandom
 from vafunc.core import tree as vtree
-from vafunc.research.members import Members, covers as members_covers, prefer as members_prefer
+from vafunc.research.members import Members
+from vafunc.research.members import covers as members_covers
+from vafunc.research.members import prefer as members_prefer
 
 __all__ = ["ensemble_init", "ensemble_apply", "ensemble_size", "member_keys"]
 
@@ -107,16 +107,16 @@ def ensemble_apply(model, params, state, x, *, train: bool = False, rng=None, me
         if not members_covers(model):
             raise ValueError(f"{model.name} has no members-mode lowering (bare parameters); use method='loop'")
         xb = x.reshape(n * x.shape[1], *x.shape[2:]) if per_member else x
-        logits, new_state = model.apply(params, state, xb, train=train, rng=keys,
-                                        backend=Members(n, shared_input=not per_member), **kw)
+        logits, new_state = model.apply(
+            params, state, xb, train=train, rng=keys, backend=Members(n, shared_input=not per_member), **kw
+        )
         return logits.view(n, -1, *logits.shape[1:]), (new_state if train else state)
     if method != "loop":
         raise ValueError(f"method must be 'auto', 'batched', 'loop' or 'vmap', got {method!r}")
     outs, states = [], []
     member_params, member_state = vtree.unstack(params), vtree.unstack(state) or [state] * n
     for i, (p, s) in enumerate(zip(member_params, member_state)):
-        out, ns = model.apply(p, s, x[i] if per_member else x, train=train,
-                              rng=None if keys is None else keys[i], **kw)
+        out, ns = model.apply(p, s, x[i] if per_member else x, train=train, rng=None if keys is None else keys[i], **kw)
         outs.append(out)
         states.append(ns)
     logits = torch.stack(outs)

@@ -5,8 +5,9 @@ mode* (``Ctx.members = N``): activations carry the members in the batch axis, ``
 W]`` (member ``i`` owns rows ``i*B .. i*B + B - 1``), so every parameter-free op (activations,
 pools, residual sums, concatenations, channel shuffles) runs once for all members with no change
 to the family's code. Only the kit's parameterised layers see the member axis of their stacked
-weights ``[N, ...]``, and each picks a lowering by the layer's shape (measured on 2-core CPUs,
-resnet18 16 x 8 @ 32; ``benchmarks`` has the figures):
+weights ``[N, ...]``, and each picks a lowering by the layer's shape (chosen by measurement; see
+benchmarks/README.md for the
+figures):
 
 * conv on a 1x1 map whose padding leaves only the kernel's centre tap: a batched matrix product
   over members of the centre tap (one ninth of a 3x3 conv's work);
@@ -34,25 +35,31 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vafunc.core import random as vrandom
 from vafunc.core import layers as L
+from vafunc.core import random as vrandom
 from vafunc.core._pairs import pair
 from vafunc.core.backends import Plain
 
 _EMPTY: dict = {}
 
-__all__ = ["Members", "NotCovered", "conv", "linear", "batch_norm", "affine", "dropout", "drop_path", "covers", "prefer"]
+__all__ = [
+    "Members",
+    "NotCovered",
+    "conv",
+    "linear",
+    "batch_norm",
+    "affine",
+    "dropout",
+    "drop_path",
+    "covers",
+    "prefer",
+]
 
 #: ``method="auto"``: members mode where each member's batch holds at most this many pixels
 #: (``B * H * W``: where per-op cost, not arithmetic, dominates a member's pass), the loop above
-#: it. Measured on 2-core CPUs (ratio to a loop over torchvision modules, eval, resnet18):
-#: members mode vs the loop at 16 x 8 @32 (8192 pixels a member) 1.46 vs 1.02, 32 x 8 @32 1.50 vs
-#: 1.02; at 32 x 16 @32 (16384) 1.00 vs 1.05; at 8 x 32 @32 and 16 x 8 @64 (32768) 1.00 vs 1.13 and
-#: 0.91 vs 1.05; mobilenet_v3_small 8 x 8 @224 0.53 vs 0.93: large stacked activations leave the
-#: cache, where each member's own pass keeps its activations. The train step gains sooner (the
-#: demo, 4 x 64 @16: 66 s vs 72 s). Compiled with frozen weights members mode goes further
-#: (resnet18 16 x 8 @32 1.95-2.3x, 8 x 32 @32 1.21x, against 0.90x / 0.98x for the members as
-#: modules in one graph) and loses at 224 (mobilenet_v3_small 0.68x vs 1.55x).
+#: it: above it large stacked activations leave the cache, where each member's own pass keeps
+#: its activations. Compiled with frozen weights (:data:`COMPILED_MAX_PIXELS`) members mode pays
+#: off up to larger batches, and loses at 224. The measurements behind both thresholds: see benchmarks/README.md.
 EAGER_MAX_PIXELS = 2**14
 COMPILED_MAX_PIXELS = 2**15
 
@@ -132,16 +139,25 @@ def conv(x, w, b, stride, padding, dilation, groups, n: int, shared: bool = Fals
         # large maps: each member's own conv on its rows (the loop's kernel; one copy joins them)
         bs = [None] * n if b is None else b.unbind(0)
         xs = [x] * n if shared else x.split(nb // n)
-        return torch.cat([F.conv2d(xi, wi, bi, stride, padding, dilation, groups)
-                          for xi, wi, bi in zip(xs, w.unbind(0), bs)])
+        return torch.cat(
+            [F.conv2d(xi, wi, bi, stride, padding, dilation, groups) for xi, wi, bi in zip(xs, w.unbind(0), bs)]
+        )
     if shared:  # one conv with every member's filters: [B, N*Cout, H', W'] -> members first
-        y = F.conv2d(x, w.reshape(n * cout, *w.shape[2:]), None if b is None else b.reshape(-1), stride, padding,
-                     dilation)
+        y = F.conv2d(
+            x, w.reshape(n * cout, *w.shape[2:]), None if b is None else b.reshape(-1), stride, padding, dilation
+        )
         return _members_first(y, n)
     bsz = nb // n
     if groups == 1:
-        if h == wd == 1 and ho == wo == 1 and padding[0] >= k[0] // 2 and padding[1] >= k[1] // 2 and k[0] % 2 and k[1] % 2 \
-                and padding[0] - (k[0] // 2) * dilation[0] <= 0:
+        if (
+            h == wd == 1
+            and ho == wo == 1
+            and padding[0] >= k[0] // 2
+            and padding[1] >= k[1] // 2
+            and k[0] % 2
+            and k[1] % 2
+            and padding[0] - (k[0] // 2) * dilation[0] <= 0
+        ):
             # a 1x1 map: only the centre tap meets data, the rest meets zero padding
             # [N, Cout, Cin], gathered once (bmm would copy a strided operand member by member)
             centre = (k[0] // 2) * k[1] + k[1] // 2
@@ -164,8 +180,15 @@ def conv(x, w, b, stride, padding, dilation, groups, n: int, shared: bool = Fals
                 y = y + b[:, :, None]
             return y.view(n, cout, bsz, ho * wo).transpose(1, 2).reshape(nb, cout, ho, wo)
     xg = x.view(n, bsz, cin, h, wd).transpose(0, 1).reshape(bsz, n * cin, h, wd)
-    y = F.conv2d(xg, w.reshape(n * cout, *w.shape[2:]), None if b is None else b.reshape(-1), stride, padding,
-                 dilation, n * groups)
+    y = F.conv2d(
+        xg,
+        w.reshape(n * cout, *w.shape[2:]),
+        None if b is None else b.reshape(-1),
+        stride,
+        padding,
+        dilation,
+        n * groups,
+    )
     return _members_first(y, n)
 
 
@@ -204,9 +227,14 @@ def batch_norm(x, p, s, *, train: bool, momentum: float, eps: float, n: int):
     c, bsz = x.shape[1], x.shape[0] // n
     xt = xs.transpose(0, 1).reshape(bsz, n * c, *x.shape[2:])
     stats = ("running_mean", "running_var")  # [N, C] <-> [N*C]; num_batches_tracked [N] as it is
-    y, new = L.batch_norm({k: v.reshape(-1) for k, v in p.items()},
-                          {k: v.reshape(-1) if k in stats else v for k, v in s.items()}, xt, train=True,
-                          momentum=momentum, eps=eps)
+    y, new = L.batch_norm(
+        {k: v.reshape(-1) for k, v in p.items()},
+        {k: v.reshape(-1) if k in stats else v for k, v in s.items()},
+        xt,
+        train=True,
+        momentum=momentum,
+        eps=eps,
+    )
     y = y.view(bsz, n, c, *x.shape[2:]).transpose(0, 1).reshape(x.shape)
     return y, {k: v.view(n, c) if k in stats else v for k, v in new.items()}
 
@@ -223,7 +251,7 @@ def affine(xhat, w, b, n: int, axis: int):
     return y.view(xhat.shape)
 
 
-def _member_mask(keys, x, n, per_row: bool, rate: float):
+def _member_mask(keys, x, n, per_row: bool):
     rows = x.shape[0] // n
     shape = (rows,) + ((1,) * (x.dim() - 1) if per_row else tuple(x.shape[1:]))
     u = vrandom.uniform(keys, shape)  # [N, rows, ...]: member i's draw is the loop's
@@ -232,24 +260,26 @@ def _member_mask(keys, x, n, per_row: bool, rate: float):
 
 def dropout(x, rate: float, keys, *, train: bool, n: int):
     """Element-wise dropout with member ``keys [N, 2]`` (see :func:`vafunc.core.layers.dropout`)."""
-    from vafunc.core.layers import dropout as one, require_rng
+    from vafunc.core.layers import dropout as one
+    from vafunc.core.layers import require_rng
 
     if not train or rate == 0.0 or rate >= 1.0:
         return one(x, rate, keys, train=train)
     keys = require_rng(keys, f"dropout (rate {rate})")
-    keep = _member_mask(keys, x, n, False, rate) >= rate
+    keep = _member_mask(keys, x, n, False) >= rate
     return x * keep.to(x.dtype) * (1.0 / (1.0 - rate))
 
 
 def drop_path(x, rate: float, keys, *, train: bool, n: int):
     """Per-sample stochastic depth with member ``keys [N, 2]`` (see :func:`vafunc.core.layers.drop_path`)."""
-    from vafunc.core.layers import drop_path as one, require_rng
+    from vafunc.core.layers import drop_path as one
+    from vafunc.core.layers import require_rng
 
     if not train or rate == 0.0 or rate >= 1.0:
         return one(x, rate, keys, train=train)
     keys = require_rng(keys, f"stochastic depth (rate {rate})")
     survival = 1.0 - rate
-    keep = _member_mask(keys, x, n, True, rate) < survival
+    keep = _member_mask(keys, x, n, True) < survival
     return x * (keep.to(x.dtype) / survival)
 
 
@@ -282,8 +312,7 @@ def covers(model) -> bool:
             # outside any torch.func transform the caller may be in (the probe is not part of its graph)
             with torch._C._DisableFuncTorch(), torch.no_grad():
                 for train in (False, True):
-                    y, _ = model.apply(params, state, x, train=train, rng=keys if train else None,
-                                        backend=Members(2))
+                    y, _ = model.apply(params, state, x, train=train, rng=keys if train else None, backend=Members(2))
                     if y is None or y.shape[0] != 4:
                         raise NotCovered("output")
             ok = True

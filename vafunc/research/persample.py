@@ -28,20 +28,25 @@ the kit emits the plain aten ops (``vafunc.compile`` and inductor see exactly wh
 A model whose parameters are not all reached through these layers (class tokens, position
 embeddings, relative position tables, layer scales: parameters a family uses directly) is not
 covered by the tape; :func:`vafunc.per_sample_grads` then falls back to ``torch.vmap(grad)``,
-which is exact for every model but slower (see the README for which families take which path).
+which is exact for every model but slower (docs/research.md says which families take which path).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from vafunc.core import tree as vtree
 from vafunc.core._pairs import pair
 from vafunc.research.taped import Taped
 from vafunc.serving.memory import advise_huge
+
+if TYPE_CHECKING:
+    from vafunc.core.registry import ModelDef
 
 __all__ = ["Tape", "per_sample_grads", "per_sample_grad_norms", "tape_covers", "empty_like_batched"]
 
@@ -49,7 +54,9 @@ __all__ = ["Tape", "per_sample_grads", "per_sample_grad_norms", "tape_covers", "
 # --------------------------------------------------------------------------- per-sample products
 
 
-def _conv_cols(x, kernel, stride, padding, dilation):
+def _conv_cols(
+    x: Tensor, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int]
+) -> Tensor:
     """The unfolded input of a conv, ``[B, Cin * kh * kw, T]`` (a view for a 1x1 stride-1 conv)."""
     if kernel == (1, 1) and padding == (0, 0) and dilation == (1, 1):
         if stride != (1, 1):
@@ -58,27 +65,27 @@ def _conv_cols(x, kernel, stride, padding, dilation):
     return F.unfold(x, kernel, dilation, padding, stride)
 
 
-def _grouped(cols, g, groups):
+def _grouped(cols: Tensor, g: Tensor, groups: int) -> tuple[Tensor, Tensor]:
     """``cols [B, G*D, T]``, ``g [B, G*O, T]`` -> ``[B, G, D, T]``, ``[B, G, O, T]``."""
     b, _, t = cols.shape
     return cols.reshape(b, groups, -1, t), g.reshape(b, groups, -1, t)
 
 
-def _weight_grad(a, g, out=None):
+def _weight_grad(a: Tensor, g: Tensor, out: Tensor | None = None) -> Tensor:
     """Per-sample weight gradient ``[B, G, O, D]`` from ``a [B, G, D, T]``, ``g [B, G, O, T]``
     (one batched matrix product over samples and groups; written into ``out`` if given)."""
     b, groups, d, t = a.shape
     o = g.shape[2]
     dest = None if out is None else out.view(b * groups, o, d)
     if t == 1:  # one position (a linear, a conv on a 1x1 output): an outer product, written in one pass
-        # (bmm with an inner dimension of 1 took 41 ms for resnet18's layer4 at batch 32, this 12)
+        # (faster than bmm with an inner dimension of 1; see benchmarks/README.md)
         res = torch.mul(g.reshape(b * groups, o, 1), a.reshape(b * groups, 1, d), out=dest)
     else:
         res = torch.bmm(g.reshape(b * groups, o, t), a.reshape(b * groups, d, t).transpose(1, 2), out=dest)
     return res.view(b, groups, o, d)
 
 
-def _sq_norm(a, g):
+def _sq_norm(a: Tensor, g: Tensor) -> Tensor:
     """Per-sample squared Frobenius norm of ``sum_t g_t a_t^T`` per sample, summed over groups,
     by the cheaper of the ghost norm and the explicit gradient."""
     b, groups, d, t = a.shape
@@ -104,11 +111,11 @@ class _Conv(torch.autograd.Function):
         tape, kw, kb, stride, padding, dilation, groups = ctx.conf
         gx = None
         if ctx.needs_input_grad[0]:
-            gx = torch.ops.aten.convolution_backward(g, x, w, None, stride, padding, dilation, False, [0, 0],
-                                                     groups, [True, False, False])[0]
+            gx = torch.ops.aten.convolution_backward(
+                g, x, w, None, stride, padding, dilation, False, [0, 0], groups, [True, False, False]
+            )[0]
         bsz, cout = g.shape[:2]
-        a, gg = _grouped(_conv_cols(x, tuple(w.shape[2:]), stride, padding, dilation), g.reshape(bsz, cout, -1),
-                         groups)
+        a, gg = _grouped(_conv_cols(x, tuple(w.shape[2:]), stride, padding, dilation), g.reshape(bsz, cout, -1), groups)
         return (gx, None, None) + tape.results(a, gg, kw, kb) + (None,) * 5
 
 
@@ -174,7 +181,7 @@ class _Expand(torch.autograd.Function):
 # --------------------------------------------------------------------------- the tape
 
 
-def empty_like_batched(params, batch: int) -> dict:
+def empty_like_batched(params: dict, batch: int) -> dict:
     """A params-shaped tree of ``[batch, *shape]`` leaves, views of one flat buffer per dtype and
     device (one allocation, huge pages where Linux grants them): where per-sample gradients go."""
     leaves = vtree.tree_leaves(params)
@@ -188,7 +195,7 @@ def empty_like_batched(params, batch: int) -> dict:
         off = 0
         for t in ts:
             n = batch * t.numel()
-            views[id(t)] = buf[off: off + n].view(batch, *t.shape)
+            views[id(t)] = buf[off : off + n].view(batch, *t.shape)
             off += n
     return vtree.tree_map(lambda t: views[id(t)], params)
 
@@ -198,7 +205,9 @@ class Tape:
     module docstring). ``mode``: ``"grads"`` or ``"norms"``; ``out``: for ``"grads"``, a map from
     ``id(parameter)`` to the ``[batch, *shape]`` tensor its per-sample gradient is written into."""
 
-    def __init__(self, params, batch: int, mode: str = "grads", out: dict | None = None):
+    def __init__(
+        self, params: dict, batch: int, mode: Literal["grads", "norms"] = "grads", out: dict | None = None
+    ) -> None:
         if mode not in ("grads", "norms"):
             raise ValueError(f"mode must be 'grads' or 'norms', got {mode!r}")
         self.mode = mode
@@ -213,7 +222,7 @@ class Tape:
             self.norm = torch.zeros(self.batch, dtype=t.dtype, device=t.device, requires_grad=True)
 
     # the ghost of one parameter: its gradient is the per-sample result
-    def _ghost(self, t):
+    def _ghost(self, t: Tensor | None) -> Tensor | None:
         if t is None:
             return None
         k = id(t)
@@ -227,12 +236,12 @@ class Tape:
             self.ghosts[k] = base.expand(self.batch, *t.shape)
         return self.ghosts[k]
 
-    def _dest(self, key):
+    def _dest(self, key: int) -> Tensor | None:
         """Where the per-sample gradient of parameter ``key`` is written: its ``out`` tensor if it
         is used once (a second use would overwrite the first before autograd adds them)."""
         return self.out.get(key) if self.uses.get(key) == 1 else None
 
-    def results(self, a, g, kw, kb):
+    def results(self, a: Tensor, g: Tensor, kw: int, kb: int | None) -> tuple[Tensor, Tensor | None]:
         """Ghost gradients ``(weight, bias)`` of a conv/linear from ``a [B, G, D, T]`` and ``g
         [B, G, O, T]``."""
         bsz = g.shape[0]
@@ -247,7 +256,9 @@ class Tape:
             gb = torch.sum(g, 3, out=None if dest is None else dest.view(bsz, *g.shape[1:3])).view(bsz, -1)
         return gw, gb
 
-    def reduced(self, gw, kw, gb, kb, dims):
+    def reduced(
+        self, gw: Tensor | None, kw: int | None, gb: Tensor | None, kb: int | None, dims: list[int]
+    ) -> tuple[Tensor | None, ...]:
         """Ghost gradients of parameters whose per-sample gradient is ``gw`` (``gb``) summed over
         ``dims`` (normalisation affine parameters, bare parameters)."""
         res = []
@@ -272,7 +283,16 @@ class Tape:
         return tuple(res)
 
     # ------------------------------------------------------------------ layers (called by the kit)
-    def conv(self, x, w, b, stride, padding, dilation, groups):
+    def conv(
+        self,
+        x: Tensor,
+        w: Tensor,
+        b: Tensor | None,
+        stride: int | tuple[int, int],
+        padding: int | tuple[int, int] | str,
+        dilation: int | tuple[int, int],
+        groups: int,
+    ) -> Tensor:
         stride, dilation = pair(stride), pair(dilation)
         if isinstance(padding, str):
             if padding == "valid":
@@ -284,10 +304,10 @@ class Tape:
         padding = pair(padding)
         return _Conv.apply(x, w, b, self._ghost(w), self._ghost(b), self, stride, padding, dilation, groups)
 
-    def linear(self, x, w, b):
+    def linear(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         return _Linear.apply(x, w, b, self._ghost(w), self._ghost(b), self)
 
-    def expand(self, t, ndim: int):
+    def expand(self, t: Tensor, ndim: int) -> Tensor:
         """Bare parameter ``t`` as a batched ``[B, ...]`` tensor of ``ndim`` axes that broadcasts
         where ``t`` did: with ``t.dim() == ndim`` its leading axis (of size 1) becomes the batch
         axis, else the batch axis and size-1 axes are put in front."""
@@ -300,13 +320,13 @@ class Tape:
             shape = (self.batch, *view.shape[1:])
         return _Expand.apply(view, self._ghost(t), self, shape, id(t))
 
-    def affine(self, xhat, w, b, axis: int = 1):
+    def affine(self, xhat: Tensor, w: Tensor | None, b: Tensor | None, axis: int = 1) -> Tensor:
         if w is None and b is None:
             return xhat
         return _Affine.apply(xhat, w, b, self._ghost(w), self._ghost(b), self, axis)
 
     # ------------------------------------------------------------------ results
-    def covered(self, unused=frozenset()) -> bool:
+    def covered(self, unused: frozenset[int] = frozenset()) -> bool:
         """Whether the forward reached every parameter (but the ``unused`` positions of the
         leaves, which the output does not depend on) through a taped layer, and, for norms, each
         exactly once (squared norms of a shared parameter's parts do not add up)."""
@@ -316,19 +336,19 @@ class Tape:
         return self.mode == "grads" or max(self.uses.values(), default=0) <= 1
 
 
-def _per_sample_losses(loss_fn, logits, y):
+def _per_sample_losses(loss_fn: Callable[[Tensor, Tensor], Tensor], logits: Tensor, y: Tensor) -> Tensor:
     """``[loss_fn(logits[i:i+1], y[i:i+1]) for i]`` as one ``[B]`` tensor."""
-    return torch.vmap(lambda l, t: loss_fn(l[None], t[None]))(logits, y)
+    return torch.vmap(lambda o, t: loss_fn(o[None], t[None]))(logits, y)
 
 
-def _check(x, y):
+def _check(x: Tensor, y: Tensor) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"expected an image batch x [B, C, H, W], got {getattr(x, 'shape', type(x).__name__)}")
     if not isinstance(y, torch.Tensor) or y.shape[:1] != x.shape[:1]:
         raise ValueError(f"expected targets y [B, ...] with B = {x.shape[0]}, got {getattr(y, 'shape', y)}")
 
 
-def _chunks(n: int, chunk_size: int | None):
+def _chunks(n: int, chunk_size: int | None) -> list[tuple[int, int]]:
     if chunk_size is None:
         return [(0, n)]
     if not isinstance(chunk_size, int) or chunk_size < 1:
@@ -336,7 +356,19 @@ def _chunks(n: int, chunk_size: int | None):
     return [(i, min(n, i + chunk_size)) for i in range(0, n, chunk_size)]
 
 
-def _taped(model, params, state, x, y, loss_fn, mode, unused, out=None, train=False, rng=None):
+def _taped(
+    model: ModelDef,
+    params: dict,
+    state: dict,
+    x: Tensor,
+    y: Tensor,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    mode: Literal["grads", "norms"],
+    unused: frozenset[int],
+    out: dict | None = None,
+    train: bool = False,
+    rng: Tensor | None = None,
+) -> Tensor | None:
     """One taped forward/backward: per-sample squared norms ``[B]``, or (``"grads"``) the
     per-sample gradients written into ``out`` (``{id(param): [B, *shape]}``)."""
     tape = Tape(params, x.shape[0], mode, out)
@@ -361,7 +393,7 @@ def _taped(model, params, state, x, y, loss_fn, mode, unused, out=None, train=Fa
 _COVER: dict = {}
 
 
-def _probe(model):
+def _probe(model: ModelDef) -> tuple[bool, bool, frozenset[int]]:
     """``(covers grads, covers norms, unused leaf positions)``, from one taped forward on the
     meta device; parameters not reached by a taped layer are unused if no gradient reaches them
     (GoogLeNet's auxiliary heads in eval mode)."""
@@ -374,8 +406,13 @@ def _probe(model):
         size = -(-max(model.min_size, 32) // mult) * mult
         tape = Tape(params, 2, "grads")
         try:
-            out, _ = model.apply(params, state, torch.zeros(2, model.in_channels, size, size, device="meta"),
-                                 train=False, backend=Taped(tape))
+            out, _ = model.apply(
+                params,
+                state,
+                torch.zeros(2, model.in_channels, size, size, device="meta"),
+                train=False,
+                backend=Taped(tape),
+            )
             rest = [i for i, t in enumerate(leaves) if id(t) not in tape.uses]
             grads = torch.autograd.grad(out.sum(), [leaves[i] for i in rest], allow_unused=True) if rest else []
             unused = frozenset(i for i, g in zip(rest, grads) if g is None)
@@ -388,15 +425,25 @@ def _probe(model):
     return _COVER[key]
 
 
-def tape_covers(model, mode: str = "grads") -> bool:
+def tape_covers(model: ModelDef, mode: Literal["grads", "norms"] = "grads") -> bool:
     """Whether every parameter of ``model`` is reached through a taped layer, i.e. whether
     :func:`per_sample_grads` (``mode="grads"``) or :func:`per_sample_grad_norms` (``"norms"``)
     take the batched path for it (probed once per model on the meta device)."""
     return _probe(model)[0 if mode == "grads" else 1]
 
 
-def per_sample_grads(model, params, state, x, y, loss_fn: Callable, *, chunk_size: int | None = None,
-                     method: str = "auto", out=None):
+def per_sample_grads(
+    model: ModelDef,
+    params: dict,
+    state: dict,
+    x: Tensor,
+    y: Tensor,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    *,
+    chunk_size: int | None = None,
+    method: Literal["auto", "tape", "vmap"] = "auto",
+    out: dict | None = None,
+) -> dict:
     """Gradient of ``loss_fn(logits [1, K], y [1])`` for every sample separately, BatchNorm in eval
     mode: a params-shaped tree whose leaves have a leading batch axis ``[B, ...]``.
 
@@ -423,7 +470,7 @@ def per_sample_grads(model, params, state, x, y, loss_fn: Callable, *, chunk_siz
     if method == "tape":
         raise ValueError(f"{model.name}: some parameters are not reached through taped layers; use method='vmap'")
 
-    def loss_one(p, xi, yi):
+    def loss_one(p: dict, xi: Tensor, yi: Tensor) -> Tensor:
         logits, _ = model.apply(p, state, xi[None], train=False)
         return loss_fn(logits, yi[None])
 
@@ -435,19 +482,31 @@ def per_sample_grads(model, params, state, x, y, loss_fn: Callable, *, chunk_siz
     return out
 
 
-def _check_out(out, params, b):
+def _check_out(out: dict, params: dict, b: int) -> None:
     ps, os_ = vtree.flatten(params), vtree.flatten(out) if isinstance(out, dict) else None
     if os_ is None or list(os_) != list(ps):
         raise ValueError("out must be a tree returned by per_sample_grads for the same parameters")
     for k, t in ps.items():
         o = os_[k]
         if tuple(o.shape) != (b, *t.shape) or o.dtype != t.dtype or o.device != t.device:
-            raise ValueError(f"out[{k!r}] must be {[b, *t.shape]} {t.dtype} on {t.device}, "
-                             f"got {list(o.shape)} {o.dtype} on {o.device}")
+            raise ValueError(
+                f"out[{k!r}] must be {[b, *t.shape]} {t.dtype} on {t.device}, "
+                f"got {list(o.shape)} {o.dtype} on {o.device}"
+            )
 
 
-def per_sample_grad_norms(model, params, state, x, y, loss_fn: Callable, *, chunk_size: int | None = None,
-                          train: bool = False, rng=None):
+def per_sample_grad_norms(
+    model: ModelDef,
+    params: dict,
+    state: dict,
+    x: Tensor,
+    y: Tensor,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    *,
+    chunk_size: int | None = None,
+    train: bool = False,
+    rng: Tensor | None = None,
+) -> Tensor:
     """``[B]``: the L2 norm, over all parameters, of each sample's gradient of ``loss_fn(logits
     [1, K], y [1])``, without storing per-sample gradients where the tape covers the model (mixed
     ghost norms, module docstring); else the norms of :func:`per_sample_grads`. BatchNorm in eval
@@ -456,8 +515,10 @@ def per_sample_grad_norms(model, params, state, x, y, loss_fn: Callable, *, chun
     _check(x, y)
     if tape_covers(model, "norms"):
         unused = _probe(model)[2]
-        parts = [_taped(model, params, state, x[i:j], y[i:j], loss_fn, "norms", unused, train=train, rng=rng)
-                 for i, j in _chunks(len(x), chunk_size)]
+        parts = [
+            _taped(model, params, state, x[i:j], y[i:j], loss_fn, "norms", unused, train=train, rng=rng)
+            for i, j in _chunks(len(x), chunk_size)
+        ]
         return torch.cat(parts).sqrt()
     if train:
         raise ValueError(f"{model.name}: train-mode per-sample norms need the taped path, which does not cover it")

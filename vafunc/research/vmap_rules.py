@@ -2,14 +2,15 @@
 
 ``torch.vmap(lambda p, s: model.apply(p, s, x))(P, S)`` is what a JAX user writes for an
 ensemble. torch's batching rule turns every member-batched convolution into an NCHW grouped
-convolution, the slowest lowering measured on CPUs (:mod:`vafunc.research.members` has the figures). The
+convolution, the slowest lowering measured on CPUs (see benchmarks/README.md for the figures). The
 kit's convolution therefore routes a member-batched weight through ``vafunc::member_conv2d``, a
 ``torch.library`` custom operator whose vmap rule is :func:`vafunc.research.members.conv`: the lowering
 picked by the layer's shape (centre taps on 1x1 maps, batched matrix products, grouped
 convolutions on medium maps, each member's own convolution on large ones; one convolution with
 every member's filters when all members share the input).
 
-When does the kit take it (:func:`vafunc.core.backends.wants_member_conv`): the weight is a vmap-batched tensor at the innermost
+When does the kit take it (:func:`vafunc.core.backends.wants_member_conv`): the weight is a vmap-batched
+tensor at the innermost
 transform level, no gradient is being recorded for it (the operator has no autograd formula:
 ``vmap(grad(...))`` wraps the weight in a gradient level first and keeps torch's own rule, and
 so does ``torch.compile``, for which a custom operator would be opaque), and the weight is 4-D.
@@ -18,8 +19,6 @@ convolution, so inductor sees what it always saw.
 """
 
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +29,7 @@ from vafunc.research import members as M
 __all__: list[str] = []  # registers the vmap rule of vafunc::member_conv2d on import
 
 
-def _front(t: torch.Tensor, dim: Optional[int], n: int) -> torch.Tensor:
+def _front(t: torch.Tensor, dim: int | None, n: int) -> torch.Tensor:
     return t.unsqueeze(0).expand(n, *t.shape) if dim is None else t.movedim(dim, 0)
 
 

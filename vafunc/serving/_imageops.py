@@ -12,8 +12,8 @@ from __future__ import annotations
 import io
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -209,12 +209,7 @@ def _pil_pass(x: torch.Tensor, out_size: int, dim: int, interpolation: str) -> t
 
 
 def resize(
-    x: torch.Tensor,
-    size,
-    interpolation: str = "bilinear",
-    *,
-    method: str = "pil",
-    antialias: bool = True,
+    x: torch.Tensor, size, interpolation: str = "bilinear", *, method: str = "pil", antialias: bool = True
 ) -> torch.Tensor:
     """Resize ``[..., C, H, W]`` images; an int ``size`` sets the shorter side (aspect kept).
 

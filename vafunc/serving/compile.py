@@ -8,7 +8,7 @@ What makes inductor fast on CPU (and GPU) for inference, without an ``nn.Module`
   Plain closure tensors are lifted as graph inputs instead and nothing is folded.
 * **The GEMM library, by measurement.** Inductor packs frozen float32 linear weights for MKL on
   x86; on some CPUs (AMD Zen 4) oneDNN's packed linear is faster. Each linear shape is timed
-  once in both and goes to the faster one (compiled ``vit_b_16`` fp32: 0.99x -> 1.14x torchvision).
+  once in both and goes to the faster one (see benchmarks/README.md for the figures).
 * **channels_last** weights and activations (oneDNN's native layout on CPU, tensor cores' on GPU).
 * **Low precision** (``dtype=torch.bfloat16`` or ``torch.float16``): the precision policy
   ``Policy(param=<the weights' dtype>, compute=dtype)`` (:mod:`vafunc.core.precision`): the weights
@@ -34,7 +34,7 @@ import contextlib
 import itertools
 import re
 import types
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
@@ -66,6 +66,7 @@ def _no_binary_folding():
     pass simply stays on."""
     try:
         from torch._inductor.fx_passes import freezing_patterns as fp
+
         pm = fp.binary_folding_pass
     except (ImportError, AttributeError):  # pragma: no cover - a torch without the pass
         yield
@@ -117,12 +118,13 @@ def _median_time(f, reps: int = 5) -> float:
 @contextlib.contextmanager
 def _measured_gemm_library():
     """Inductor packs frozen float32 linear weights for MKL on x86; oneDNN's packed linear is
-    faster on some CPUs (AMD EPYC Zen 4: 16% over ViT-B's four linear shapes; MKL takes a generic
-    path there). Under this context each float32 linear goes to the library that measured faster
+    faster on some CPUs (AMD EPYC Zen 4, where MKL takes a generic path; see benchmarks/README.md for the
+    figures). Under this context each float32 linear goes to the library that measured faster
     for its shape (:func:`_onednn_is_faster`). A private torch hook: if torch renames it, inductor's
     own choice stays."""
     try:
         from torch._inductor.fx_passes import mkldnn_fusion as mf
+
         cls = mf.CpuMkldnnDeviceOp
         pack_w, pack = cls.pack_linear_weight, cls.pack_linear
         torch.ops.mkl._mkl_linear, torch.ops.mkldnn._linear_pointwise  # noqa: B018 - both present
@@ -158,8 +160,21 @@ class CompiledModel:
     (what the compiled function is tested against).
     """
 
-    def __init__(self, model: ModelDef, params: Mapping, state: Mapping, *, channels_last: bool,
-                 dtype, dynamic, freeze: bool, mode, fullgraph: bool, apply_kw: dict, fold_norm: bool = False):
+    def __init__(
+        self,
+        model: ModelDef,
+        params: Mapping,
+        state: Mapping,
+        *,
+        channels_last: bool,
+        dtype,
+        dynamic,
+        freeze: bool,
+        mode,
+        fullgraph: bool,
+        apply_kw: dict,
+        fold_norm: bool = False,
+    ):
         self.model = model
         self.dtype = dtype
         self.channels_last = channels_last
@@ -167,8 +182,8 @@ class CompiledModel:
         self._apply_kw = dict(apply_kw)
         self._params = vtree.tree_map(lambda t: _private_copy(t, channels_last), params)
         self._state = vtree.tree_map(lambda t: _private_copy(t, channels_last), state)
-        # where the weights live, found once: flattening the tree on every call cost ~1 ms, 10% of
-        # a compiled shufflenet_v2_x0_5 at batch 8
+        # where the weights live, found once: flattening the tree on every call is a measurable
+        # share of a small compiled model's call
         self._device = next(iter(vtree.flatten(self._params).values())).device
         self.policy = None
         if dtype is not None:
@@ -203,9 +218,12 @@ class CompiledModel:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x)
         fold = self.freeze and self.policy is not None and self.policy.compute in (torch.bfloat16, torch.float16)
-        with torch.no_grad(), torch._inductor.config.patch(freezing=self.freeze), \
-                (_no_binary_folding() if fold else contextlib.nullcontext()), \
-                (_measured_gemm_library() if self.freeze and x.device.type == "cpu" else contextlib.nullcontext()):
+        with (
+            torch.no_grad(),
+            torch._inductor.config.patch(freezing=self.freeze),
+            _no_binary_folding() if fold else contextlib.nullcontext(),
+            _measured_gemm_library() if self.freeze and x.device.type == "cpu" else contextlib.nullcontext(),
+        ):
             return self._compiled(x)
 
     def eager(self, x: torch.Tensor) -> torch.Tensor:
@@ -216,27 +234,37 @@ class CompiledModel:
 
     def __repr__(self) -> str:
         dt = str(self.dtype).replace("torch.", "") if self.dtype is not None else "as given"
-        return (f"CompiledModel({self.model.name}, dtype={dt}, channels_last={self.channels_last}, "
-                f"freeze={self.freeze})")
+        return f"CompiledModel({self.model.name}, dtype={dt}, channels_last={self.channels_last}, freeze={self.freeze})"
 
 
-def compile(model: ModelDef, params: Mapping, state: Mapping, *, example: torch.Tensor | None = None,
-            channels_last: bool = True, dtype: torch.dtype | None = None, dynamic: bool | None = None,
-            freeze: bool = True, mode: str | None = None, fullgraph: bool = True, fold_norm: bool = False,
-            **apply_kw) -> CompiledModel:
+def compile(
+    model: ModelDef,
+    params: Mapping,
+    state: Mapping,
+    *,
+    example: torch.Tensor | None = None,
+    channels_last: bool = True,
+    dtype: torch.dtype | None = None,
+    dynamic: bool | None = None,
+    freeze: bool = True,
+    mode: str | None = None,
+    fullgraph: bool = True,
+    fold_norm: bool = False,
+    **apply_kw,
+) -> CompiledModel:
     """Compile ``model`` with fixed ``params``/``state`` for eval-mode inference.
 
     ``example``: if given, the function is compiled now (on that batch) instead of on the first call.
     ``channels_last``: run weights and activations in NHWC (the fast layout for oneDNN and cuDNN).
     ``dtype``: ``None`` keeps the weights' dtype; ``torch.bfloat16`` / ``torch.float16`` cast weights
-    and inputs and return logits in the input's dtype (see the README's report for the agreement).
+    and inputs and return logits in the input's dtype (benchmarks/README.md has the agreement).
     ``dynamic``: as in ``torch.compile``; the default specialises the first shape and makes the batch
     axis symbolic on the second (at most four compilations per image size; see the module notes).
     ``freeze``: fold weights in as constants (BatchNorm into convolutions, pre-packed weights).
     ``fold_norm``: with ``dtype``, fold each eval-mode BatchNorm that follows a convolution into its
     weights in float32 before the cast (:class:`vafunc.core.precision.Policy`): faster low-precision
     graphs on small depthwise/grouped networks, but a larger logit error than keeping BatchNorm in
-    float32 on the trained EfficientNet-Lite0 (the README's "classify a photo" section has figures).
+    float32 on the trained EfficientNet-Lite0 (docs/weights.md, "classify a photo", has figures).
     ``mode``: ``torch.compile``'s mode (e.g. ``"max-autotune"``). Extra keywords go to ``model.apply``
     (``aux=...`` is not allowed: the result returns logits only).
     """
@@ -249,20 +277,35 @@ def compile(model: ModelDef, params: Mapping, state: Mapping, *, example: torch.
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating torch.dtype (e.g. torch.bfloat16) or None, got {dtype!r}")
     if not all(isinstance(v, bool) for v in (channels_last, freeze, fold_norm)):
-        raise TypeError(f"channels_last, freeze and fold_norm must be bools, got {channels_last!r}, {freeze!r}, "
-                        f"{fold_norm!r}")
+        raise TypeError(
+            f"channels_last, freeze and fold_norm must be bools, got {channels_last!r}, {freeze!r}, {fold_norm!r}"
+        )
     if fold_norm and dtype is None:
-        raise ValueError("fold_norm folds BatchNorm before casting to a lower precision: give dtype= too "
-                         "(in float32, freeze=True already folds BatchNorm into the convolutions)")
+        raise ValueError(
+            "fold_norm folds BatchNorm before casting to a lower precision: give dtype= too "
+            "(in float32, freeze=True already folds BatchNorm into the convolutions)"
+        )
     if "train" in apply_kw or "rng" in apply_kw:
-        raise ValueError("compile builds eval-mode inference; train/rng are not accepted "
-                         "(compile model.apply yourself for training)")
+        raise ValueError(
+            "compile builds eval-mode inference; train/rng are not accepted (compile model.apply yourself for training)"
+        )
     if apply_kw.get("aux"):
         raise ValueError("compile returns logits only; aux=True is not supported")
     # the same strict check as loading a checkpoint: every missing, unexpected or mis-shaped entry
     from_state_dict(model, vtree.to_state_dict(params, state))
-    fn = CompiledModel(model, params, state, channels_last=channels_last, dtype=dtype, dynamic=dynamic,
-                       freeze=freeze, mode=mode, fullgraph=fullgraph, apply_kw=apply_kw, fold_norm=fold_norm)
+    fn = CompiledModel(
+        model,
+        params,
+        state,
+        channels_last=channels_last,
+        dtype=dtype,
+        dynamic=dynamic,
+        freeze=freeze,
+        mode=mode,
+        fullgraph=fullgraph,
+        apply_kw=apply_kw,
+        fold_norm=fold_norm,
+    )
     if example is not None:
         fn(example)
     return fn

@@ -4,9 +4,8 @@ Member-batched steps and per-sample gradients allocate a few very large buffers 
 stacked weight gradient of resnet18's layer4 for 16 members is 151 MB; its per-sample gradients at
 batch 32 are 1.5 GB). glibc maps every block above its mmap threshold (at most 32 MB when left to
 adapt) freshly from the kernel and unmaps it on free, so each call faults those pages in again,
-one 4 KiB page at a time: on the 2-core machines measured here that costs more than the arithmetic
-(a 151 MB buffer: 40 ms to fill fresh, 5-10 ms resident; the resnet18 16-member train step 906 ms
-against 455 ms). Two remedies, both explicit:
+one 4 KiB page at a time: on small CPU machines that can cost more than the arithmetic (see benchmarks/README.md
+for the figures). Two remedies, both explicit:
 
 * :func:`set_malloc_thresholds` (opt-in, process-wide): serve blocks up to ``mmap_threshold``
   from the heap and keep up to ``trim_threshold`` of freed memory there, so the next step reuses
@@ -62,7 +61,9 @@ def set_malloc_thresholds(mmap_threshold: int = _INT_MAX, trim_threshold: int = 
             raise ValueError(f"{name} must be in 1..{_INT_MAX} bytes (glibc takes a C int), got {v}")
     if _LIBC is None:
         return False
-    return bool(_LIBC.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) & bool(_LIBC.mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+    return bool(_LIBC.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) & bool(
+        _LIBC.mallopt(_M_TRIM_THRESHOLD, trim_threshold)
+    )
 
 
 def advise_huge(t: torch.Tensor) -> None:

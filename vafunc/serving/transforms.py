@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vafunc.serving import _imageops
+from vafunc.io.hub.table import Weights, get_weights
 from vafunc.serving._imageops import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -49,9 +49,24 @@ from vafunc.serving._imageops import (
     to_float,
     to_tensor,
 )
-from vafunc.io.hub.table import Weights, get_weights
 
-__all__ = [*_imageops.__all__, "for_weights"]
+__all__ = [  # _imageops' public names, and METHODS (the resize methods), re-exported
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "INTERPOLATIONS",
+    "METHODS",
+    "Transform",
+    "center_crop",
+    "decode",
+    "normalize",
+    "open_image",
+    "resize",
+    "resized_shape",
+    "reverse_channels",
+    "to_float",
+    "to_tensor",
+    "for_weights",
+]
 
 
 def for_weights(model: Any, tag: str = "DEFAULT", *, method: str = "pil") -> Transform:

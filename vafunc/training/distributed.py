@@ -22,7 +22,7 @@ statistics after every step as well.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
@@ -38,8 +38,10 @@ def world_size() -> int:
 
 def _check():
     if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError("torch.distributed is not initialised: call torch.distributed.init_process_group first "
-                           "(torchrun sets the environment it needs)")
+        raise RuntimeError(
+            "torch.distributed is not initialised: call torch.distributed.init_process_group first "
+            "(torchrun sets the environment it needs)"
+        )
 
 
 def all_reduce_mean(tree: Mapping, group=None) -> dict:
@@ -70,7 +72,7 @@ def broadcast_tree(trees, src: int = 0, group=None):
     _check()
     single = isinstance(trees, Mapping)
     out = []
-    for t in ([trees] if single else trees):
+    for t in [trees] if single else trees:
         flat = {k: v.clone() for k, v in vtree.flatten(t).items()}
         for v in flat.values():
             dist.broadcast(v, src=src, group=group)

@@ -15,24 +15,17 @@ schedule works under ``torch.compile`` and ``vmap``), see :func:`cosine_schedule
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping, Union
 
 import torch
 
 from vafunc.core import tree as vtree
 
-__all__ = [
-    "Optimizer",
-    "sgd",
-    "adamw",
-    "constant_schedule",
-    "cosine_schedule",
-    "warmup_cosine_schedule",
-]
+__all__ = ["Optimizer", "sgd", "adamw", "constant_schedule", "cosine_schedule", "warmup_cosine_schedule"]
 
-Schedule = Callable[[torch.Tensor], Union[torch.Tensor, float]]
-LR = Union[float, Schedule]
+Schedule = Callable[[torch.Tensor], torch.Tensor | float]
+LR = float | Schedule
 
 
 @dataclass(frozen=True)
@@ -88,15 +81,25 @@ def _fusable(*lists) -> list[int]:
     out = []
     for i, ts in enumerate(zip(*lists)):
         t0 = ts[0]
-        if t0.device.type == "cpu" and t0.dtype.is_floating_point and all(
-                t.device == t0.device and t.dtype == t0.dtype and t.shape == t0.shape and t.is_contiguous()
-                and not wrapped(t) for t in ts):
+        if (
+            t0.device.type == "cpu"
+            and t0.dtype.is_floating_point
+            and all(
+                t.device == t0.device
+                and t.dtype == t0.dtype
+                and t.shape == t0.shape
+                and t.is_contiguous()
+                and not wrapped(t)
+                for t in ts
+            )
+        ):
             out.append(i)
     return out
 
 
-def sgd(lr: LR, momentum: float = 0.0, *, dampening: float = 0.0, nesterov: bool = False,
-        weight_decay: float = 0.0) -> Optimizer:
+def sgd(
+    lr: LR, momentum: float = 0.0, *, dampening: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0
+) -> Optimizer:
     """``torch.optim.SGD``: ``d = g + wd * p``; ``buf = d`` on the first step, then
     ``buf = momentum * buf + (1 - dampening) * d``; ``d = d + momentum * buf`` (Nesterov) or ``buf``;
     ``p = p - lr * d``."""
@@ -159,11 +162,20 @@ def sgd(lr: LR, momentum: float = 0.0, *, dampening: float = 0.0, nesterov: bool
             fused = _fusable(p, d, *([buf] if momentum else []))
         if fused:
             # one pass over each parameter, gradient and buffer where the _foreach kernels make three
-            # (a 16-member resnet18 on 2 cores: 37 ms instead of 64); the same arithmetic, in place
+            # (faster; see benchmarks/README.md); the same arithmetic, in place
             pick = lambda ts: [ts[i] for i in fused]  # noqa: E731
-            torch._fused_sgd_(pick(p), pick(d), pick(buf) if momentum else [], weight_decay=weight_decay,
-                              momentum=momentum, lr=lr_t, dampening=0.0, nesterov=nesterov, maximize=False,
-                              is_first_step=False)
+            torch._fused_sgd_(
+                pick(p),
+                pick(d),
+                pick(buf) if momentum else [],
+                weight_decay=weight_decay,
+                momentum=momentum,
+                lr=lr_t,
+                dampening=0.0,
+                nesterov=nesterov,
+                maximize=False,
+                is_first_step=False,
+            )
         new_p, new_buf = list(p), list(buf) if momentum else None
         taken = set(fused)
         rest = [i for i in range(len(p)) if i not in taken]
@@ -185,8 +197,9 @@ def sgd(lr: LR, momentum: float = 0.0, *, dampening: float = 0.0, nesterov: bool
 # --------------------------------------------------------------------------- AdamW
 
 
-def adamw(lr: LR = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-          weight_decay: float = 1e-2) -> Optimizer:
+def adamw(
+    lr: LR = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2
+) -> Optimizer:
     """``torch.optim.AdamW`` (Loshchilov & Hutter 2019): decoupled decay ``p *= 1 - lr * wd``, then
     Adam with bias correction: ``p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)``."""
     _check_lr(lr, "adamw")
@@ -196,8 +209,11 @@ def adamw(lr: LR = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float =
 
     def init(params):
         zeros = vtree.tree_map(torch.zeros_like, params)
-        return {"step": torch.zeros((), dtype=torch.int64), "exp_avg": zeros,
-                "exp_avg_sq": vtree.tree_map(torch.zeros_like, params)}
+        return {
+            "step": torch.zeros((), dtype=torch.int64),
+            "exp_avg": zeros,
+            "exp_avg_sq": vtree.tree_map(torch.zeros_like, params),
+        }
 
     def update(grads, opt_state, params, *, donate: bool = False):
         names, p = _flat(params)
@@ -260,8 +276,7 @@ def cosine_schedule(base_lr: float, total_steps: int, final_lr: float = 0.0) -> 
     return schedule
 
 
-def warmup_cosine_schedule(base_lr: float, warmup_steps: int, total_steps: int,
-                           final_lr: float = 0.0) -> Schedule:
+def warmup_cosine_schedule(base_lr: float, warmup_steps: int, total_steps: int, final_lr: float = 0.0) -> Schedule:
     """Linear warm-up from ``base_lr / warmup_steps`` to ``base_lr`` over ``warmup_steps``, then
     cosine decay to ``final_lr`` at ``total_steps``."""
     if not 0 <= warmup_steps < total_steps:

@@ -18,15 +18,16 @@ other ``torch.func`` transforms and the only choice for a vmapped ensemble). Bot
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from vafunc.core import random as vrandom
 from vafunc.core import tree as vtree
-from vafunc.research.ensemble import member_keys, ensemble_size
-from vafunc.research.members import Members, prefer as members_prefer
+from vafunc.research.ensemble import ensemble_size, member_keys
+from vafunc.research.members import Members
+from vafunc.research.members import prefer as members_prefer
 
 __all__ = ["make_train_step", "make_dp_train_step", "cross_entropy", "accuracy"]
 
@@ -39,9 +40,19 @@ def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (logits.argmax(-1) == y).float().mean()
 
 
-def make_train_step(model, optimizer, loss_fn: Callable = cross_entropy, *, ensemble: bool = False,
-                    grad: str | None = None, ensemble_method: str = "auto", distributed: bool = False,
-                    sync_state: bool = False, donate: bool = False, policy=None):
+def make_train_step(
+    model,
+    optimizer,
+    loss_fn: Callable = cross_entropy,
+    *,
+    ensemble: bool = False,
+    grad: str | None = None,
+    ensemble_method: str = "auto",
+    distributed: bool = False,
+    sync_state: bool = False,
+    donate: bool = False,
+    policy=None,
+):
     """Return ``step(params, state, opt_state, x, y, rng=None) -> (params, state, opt_state, metrics)``.
 
     ``metrics`` holds detached ``loss`` and ``accuracy`` (per member ``[N]`` for an ensemble). For an
@@ -62,7 +73,7 @@ def make_train_step(model, optimizer, loss_fn: Callable = cross_entropy, *, ense
 
     On Linux, an ensemble's stacked gradients are large blocks that glibc maps and faults in afresh
     every step; :func:`vafunc.serving.memory.set_malloc_thresholds` (an explicit, process-wide opt-in)
-    lets them be reused: resnet18 16 x 8 @32, 0.6-0.8x -> 1.6x a loop of torchvision steps.
+    lets them be reused (see benchmarks/README.md for the figures).
     """
     from vafunc.core.precision import check_policy
 
@@ -95,8 +106,9 @@ def make_train_step(model, optimizer, loss_fn: Callable = cross_entropy, *, ense
         n = ensemble_size(params)
         shared = x.dim() == 4
         xb = x if shared else x.reshape(n * x.shape[1], *x.shape[2:])
-        logits, new_state = model.apply(params, state, xb, train=True, rng=keys, backend=Members(n, shared_input=shared),
-                                        **fwd_kw)
+        logits, new_state = model.apply(
+            params, state, xb, train=True, rng=keys, backend=Members(n, shared_input=shared), **fwd_kw
+        )
         logits = logits.view(n, -1, *logits.shape[1:])
         ys = [y] * n if shared else list(y)
         losses = torch.stack([loss_fn(logits[i], ys[i]) for i in range(n)])
@@ -112,8 +124,11 @@ def make_train_step(model, optimizer, loss_fn: Callable = cross_entropy, *, ense
         return vtree.unflatten(dict(zip(names, g))), aux
 
     single_grad = func_grad if grad == "func" else grads_autograd
-    members_grad = (torch.func.grad(members_objective, has_aux=True) if grad == "func"
-                    else lambda *a: grads_autograd(*a, fn=members_objective))
+    members_grad = (
+        torch.func.grad(members_objective, has_aux=True)
+        if grad == "func"
+        else lambda *a: grads_autograd(*a, fn=members_objective)
+    )
 
     def ensemble_grads(params, state, x, y, rng):
         n = ensemble_size(params)
@@ -126,8 +141,13 @@ def make_train_step(model, optimizer, loss_fn: Callable = cross_entropy, *, ense
             return members_grad(params, state, x, y, keys)
         member_params, member_state = vtree.unstack(params), vtree.unstack(state) or [state] * n
         results = [
-            single_grad(member_params[i], member_state[i], x if shared else x[i], y if shared else y[i],
-                        None if keys is None else keys[i])
+            single_grad(
+                member_params[i],
+                member_state[i],
+                x if shared else x[i],
+                y if shared else y[i],
+                None if keys is None else keys[i],
+            )
             for i in range(n)
         ]
         grads = vtree.stack([g for g, _ in results])
@@ -173,8 +193,16 @@ def gaussian_noise(key, params, std: float) -> dict:
     return vtree.tree_map(draw, params)
 
 
-def make_dp_train_step(model, optimizer, loss_fn: Callable = cross_entropy, *, clip_norm: float,
-                       noise_multiplier: float, train: bool = True, chunk_size: int | None = None):
+def make_dp_train_step(
+    model,
+    optimizer,
+    loss_fn: Callable = cross_entropy,
+    *,
+    clip_norm: float,
+    noise_multiplier: float,
+    train: bool = True,
+    chunk_size: int | None = None,
+):
     """DP-SGD (Abadi et al. 2016, Algorithm 1): ``step(params, state, opt_state, x, y, rng) ->
     (params, state, opt_state, metrics)``.
 
@@ -222,17 +250,20 @@ def make_dp_train_step(model, optimizer, loss_fn: Callable = cross_entropy, *, c
             raise ValueError(
                 f"{model.name}: DP-SGD needs per-sample gradients, and train-mode BatchNorm mixes the samples "
                 "of a batch; use a GroupNorm model (resnet50_gn, or norm='group') or train=False (BatchNorm "
-                "in eval mode)")
+                "in eval mode)"
+            )
         k_model, k_noise = vrandom.fold_in(rng, 0), vrandom.fold_in(rng, 1)
         b = x.shape[0]
-        norms = per_sample_grad_norms(model, params, state, x, y, loss_fn, chunk_size=chunk_size, train=train,
-                                      rng=k_model)
+        norms = per_sample_grad_norms(
+            model, params, state, x, y, loss_fn, chunk_size=chunk_size, train=train, rng=k_model
+        )
         factors = (clip_norm / (norms + 1e-6)).clamp(max=1.0)
         names = list(vtree.flatten(params))
         leaves = [t.detach().requires_grad_(True) for t in vtree.flatten(params).values()]
         with torch.enable_grad():
-            logits, new_state = model.apply(vtree.unflatten(dict(zip(names, leaves))), state, x, train=train,
-                                            rng=k_model)
+            logits, new_state = model.apply(
+                vtree.unflatten(dict(zip(names, leaves))), state, x, train=train, rng=k_model
+            )
             losses = _per_sample_losses(loss_fn, logits, y)
             g = torch.autograd.grad((losses * factors).sum(), leaves)
         grads = vtree.unflatten(dict(zip(names, g)))
@@ -241,8 +272,12 @@ def make_dp_train_step(model, optimizer, loss_fn: Callable = cross_entropy, *, c
             grads = vtree.tree_map(torch.add, grads, noise)
         grads = vtree.tree_map(lambda t: t.div_(b), grads)
         params, opt_state = optimizer.update(grads, opt_state, params)
-        metrics = {"loss": losses.detach().mean(), "accuracy": accuracy(logits.detach(), y),
-                   "grad_norm": norms.mean(), "clipped": (norms > clip_norm).float().mean()}
+        metrics = {
+            "loss": losses.detach().mean(),
+            "accuracy": accuracy(logits.detach(), y),
+            "grad_norm": norms.mean(),
+            "clipped": (norms > clip_norm).float().mean(),
+        }
         return params, vtree.tree_map(torch.Tensor.detach, new_state), opt_state, metrics
 
     return step

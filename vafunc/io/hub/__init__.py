@@ -22,12 +22,16 @@ the cache, loading into a model) and :mod:`~vafunc.hub.write` (atomic saving).
 """
 
 from vafunc.io.hub.errors import SAFETENSORS_HINT, WeightsError
-from vafunc.io.hub.table import NORMALIZATIONS, Weights, cache_dir, find_weights, get_weights, list_weights
+from vafunc.io.hub.load import fetch, identify, load_weights, pretrained, resolve_weights, verify_hash
 from vafunc.io.hub.read import read_checkpoint
-from vafunc.io.hub.load import _resolve, fetch, identify, load_weights, pretrained, verify_hash
+from vafunc.io.hub.table import NORMALIZATIONS, Weights, cache_dir, find_weights, get_weights, list_weights
 from vafunc.io.hub.write import atomic_write, save_weights
 
 __all__ = [
+    "SAFETENSORS_HINT",
+    "NORMALIZATIONS",
+    "fetch",
+    "atomic_write",
     "Weights",
     "WeightsError",
     "list_weights",
@@ -40,4 +44,5 @@ __all__ = [
     "cache_dir",
     "identify",
     "verify_hash",
+    "resolve_weights",
 ]

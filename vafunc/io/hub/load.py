@@ -7,22 +7,22 @@ from __future__ import annotations
 import functools
 import os
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 
 from vafunc.core import registry
 from vafunc.core import tree as vtree
-from vafunc.io.state_dict import StateDictMismatch, from_state_dict
 from vafunc.io.hub.errors import WeightsError
 from vafunc.io.hub.read import read_checkpoint
 from vafunc.io.hub.table import _HASH_IN_NAME, Weights, find_weights, get_weights
+from vafunc.io.state_dict import StateDictMismatch, from_state_dict, missing_num_batches_tracked
 
 __all__ = ["identify", "fetch", "verify_hash", "load_weights", "pretrained"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _shapes(name: str) -> dict:
     return registry.get_model(name).state_dict_shapes()
 
@@ -42,9 +42,8 @@ def identify(flat: Mapping[str, torch.Tensor]) -> list[str]:
                     cand, _ = model.family.remap(model.config, cand)
             except (ValueError, TypeError, KeyError):
                 continue
-        for k in shapes:
-            if k.endswith(".num_batches_tracked") and k not in cand and k[:-19] + "running_mean" in cand:
-                cand[k] = None
+        for k in missing_num_batches_tracked(shapes, cand):
+            cand[k] = None
         if set(cand) == set(shapes) and all(v is None or tuple(v.shape) == shapes[k] for k, v in cand.items()):
             found.append(name)
     return found
@@ -98,7 +97,9 @@ def fetch(weights: Weights, *, download: bool = True, progress: bool = True) -> 
     )
     reason = "download=False" if not download else _offline()
     if reason:
-        raise WeightsError(f"{weights.name}: {weights.file} is not in the cache and downloading is off ({reason}). {where}")
+        raise WeightsError(
+            f"{weights.name}: {weights.file} is not in the cache and downloading is off ({reason}). {where}"
+        )
     import urllib.error
 
     try:
@@ -140,8 +141,10 @@ def verify_hash(path) -> str:
     return digest
 
 
-def _resolve(model, weights) -> tuple[Path, Weights | None]:
-    """``weights`` (a tag, a :class:`Weights` or a path) -> (file path, table entry or None)."""
+def resolve_weights(model, weights) -> tuple[Path | None, Weights | None]:
+    """``weights`` (a tag, a :class:`Weights` or a path) -> ``(file path, table entry)``: a path
+    gives ``(path, its table entry or None)``; a tag or a :class:`Weights` gives ``(None, entry)``
+    (the file is the entry's cache file: :func:`fetch`). ``model``: a name or a ModelDef."""
     if isinstance(weights, Weights):
         return None, weights
     if isinstance(weights, os.PathLike):
@@ -150,7 +153,9 @@ def _resolve(model, weights) -> tuple[Path, Weights | None]:
     if not isinstance(weights, str):
         raise TypeError(f"weights must be a tag (str), a path or a vafunc.hub.Weights, got {type(weights).__name__}")
     looks_like_path = (
-        os.sep in weights or "/" in weights or Path(weights).suffix.lower() in (".pth", ".pt", ".bin", ".safetensors", ".ckpt", ".tar")
+        os.sep in weights
+        or "/" in weights
+        or Path(weights).suffix.lower() in (".pth", ".pt", ".bin", ".safetensors", ".ckpt", ".tar")
     )
     if looks_like_path or Path(weights).is_file():
         path = Path(weights)
@@ -183,7 +188,7 @@ def load_weights(
         model = registry.get_model(model)
     if not isinstance(model, registry.ModelDef):
         raise TypeError(f"load_weights expects a vafunc ModelDef or a model name, got {type(model).__name__}")
-    path, w = _resolve(model, weights)
+    path, w = resolve_weights(model, weights)
     if path is None:
         if w.model != model.name:
             raise WeightsError(f"{w.name} are weights for {w.model}, not for {model.name}")
@@ -217,7 +222,7 @@ def load_weights(
 def pretrained(name: str, weights: str = "DEFAULT", *, download: bool = True, device=None, **config):
     """``(model, params, state)``: the model built with the config the checkpoint needs (plus
     ``config`` overrides), and the loaded weights. ``weights`` is a tag or a path."""
-    path, w = _resolve(name, weights)
+    path, w = resolve_weights(name, weights)
     need = dict(w.config) if (w is not None and w.model == name) else {}
     model = registry.get_model(name, **{**need, **config})
     params, state = load_weights(model, weights if path is not None else w, device=device, download=download)

@@ -9,8 +9,9 @@ import pickle
 import re
 import struct
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -101,7 +102,7 @@ def _as_state_dict(obj: Any, path: Path) -> tuple[dict, list[str]]:
         raise WeightsError(f"{path}: the checkpoint holds no tensors")
     flat = {str(k): v for k, v in obj.items()}
     if all(k.startswith("module.") for k in flat):
-        flat = {k[len("module."):]: v for k, v in flat.items()}
+        flat = {k[len("module.") :]: v for k, v in flat.items()}
         notes.append("removed the 'module.' prefix (a DataParallel checkpoint)")
     return flat, notes
 

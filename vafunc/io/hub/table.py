@@ -47,20 +47,42 @@ from pathlib import Path
 import torch
 
 from vafunc.core import registry
+from vafunc.io.hub.errors import WeightsError
 from vafunc.serving._imageops import Transform
 from vafunc.serving.imagenet_classes import IMAGENET_CATEGORIES
-from vafunc.io.hub.errors import WeightsError
 
 __all__ = [
-    "NORMALIZATIONS", "TABLE_FILE", "Weights", "read_table", "list_weights", "get_weights", "find_weights", "cache_dir",
+    "NORMALIZATIONS",
+    "TABLE_FILE",
+    "Weights",
+    "read_table",
+    "list_weights",
+    "get_weights",
+    "find_weights",
+    "cache_dir",
 ]
 
 #: The package data file holding the rows (in this package, :mod:`vafunc.io.hub`).
 TABLE_FILE = "weights.csv"
 
 COLUMNS = (
-    "model", "tag", "default", "source", "file", "url", "num_params", "gflops", "acc1", "acc5",
-    "resize", "crop", "interpolation", "normalization", "config", "categories", "note",
+    "model",
+    "tag",
+    "default",
+    "source",
+    "file",
+    "url",
+    "num_params",
+    "gflops",
+    "acc1",
+    "acc5",
+    "resize",
+    "crop",
+    "interpolation",
+    "normalization",
+    "config",
+    "categories",
+    "note",
 )
 
 #: Evaluation normalisations: (mean, std, channel order, pixel scale before normalising).
@@ -240,7 +262,7 @@ def read_table(text: str | None = None) -> tuple[Weights, ...]:
     return tuple(out)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _table() -> dict[str, tuple[Weights, ...]]:
     rows: dict[str, list[Weights]] = {}
     for w in read_table():
@@ -285,7 +307,9 @@ def get_weights(model, tag: str = "DEFAULT") -> Weights:
     for w in available:
         if w.tag == key:
             return w
-    raise WeightsError(f"{name} has no weights {tag!r}; available: {', '.join(['DEFAULT'] + [w.tag for w in available])}")
+    raise WeightsError(
+        f"{name} has no weights {tag!r}; available: {', '.join(['DEFAULT'] + [w.tag for w in available])}"
+    )
 
 
 def find_weights(path) -> Weights | None:
