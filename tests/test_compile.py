@@ -121,6 +121,7 @@ def photos_112():
     return photo_crops(112)
 
 
+@pytest.mark.slow  # bf16 agreement by default: test_bf16_costs_what_torchvisions_bf16_costs[mobilenet_v2]
 def test_bf16_agrees_with_fp32_on_photographs(photos_112):
     """bf16 inference against fp32 on 70 crops of real photographs, with weights calibrated on
     them so that predictions vary from photo to photo."""
@@ -142,7 +143,7 @@ def test_bf16_agrees_with_fp32_on_photographs(photos_112):
     assert 1e-4 < rel < 0.05, f"bf16 max relative logit error {rel:.2e}"  # > 1e-4: it really ran in bf16
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v2", "efficientnet_b0"])
+@pytest.mark.parametrize("name", ["mobilenet_v2", pytest.param("efficientnet_b0", marks=pytest.mark.slow)])
 def test_bf16_costs_what_torchvisions_bf16_costs(name, photos_112):
     """Where bf16 costs accuracy (random depthwise networks lose a third of their top-1 on these
     photos), vafunc's bf16 (the precision policy: float32 weights cast per layer, BatchNorm in

@@ -95,7 +95,9 @@ def _single_process(mode):
     return {k: v.detach() for k, v in module.state_dict().items()}
 
 
-@pytest.mark.parametrize("mode", ["functional", "fsdp2", pytest.param("ddp", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "mode", ["fsdp2", pytest.param("functional", marks=pytest.mark.slow), pytest.param("ddp", marks=pytest.mark.slow)]
+)
 def test_two_processes_equal_single_process(tmp_path, mode):
     if not dist.is_available():
         pytest.skip("torch.distributed is not available in this build")

@@ -212,7 +212,7 @@ def test_trained_network_classifies_photographs(lite0):
 
 
 def test_predict_command_picks_the_preprocessing_from_the_file(tmp_path, capsys):
-    from vafunc.cli.app import main as cli
+    from vafunc import cli
 
     paths = []
     for name in ("chelsea", "coffee"):
@@ -248,6 +248,7 @@ def bf16_run(lite0):
     return x, top32, float((top16 == top32).float().mean()), lite_bf16
 
 
+@pytest.mark.slow  # bf16 on trained weights: ~75 s with its fixture
 def test_bf16_agrees_with_fp32_on_real_photographs(bf16_run):
     x, top32, agree, _ = bf16_run
     print(
@@ -258,6 +259,7 @@ def test_bf16_agrees_with_fp32_on_real_photographs(bf16_run):
     assert agree >= 0.97  # goal 0.99; measured 69/70 with the precision policy (a near-tie on a microscopy crop)
 
 
+@pytest.mark.slow
 def test_bf16_is_not_below_timms_own_bf16_path(bf16_run, lite0):
     x, top32, agree, lite_bf16 = bf16_run
     params, state, _ = lite0

@@ -82,7 +82,7 @@ def test_compiled_vmapped_ensemble_train_step():
 @pytest.mark.parametrize(
     "name, method, per_member",
     [
-        ("resnet18", "auto", False),
+        pytest.param("resnet18", "auto", False, marks=pytest.mark.slow),
         pytest.param("mobilenet_v3_small", "auto", True, marks=pytest.mark.slow),
         pytest.param("mobilenet_v3_small", "loop", True, marks=pytest.mark.slow),
     ],

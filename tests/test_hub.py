@@ -200,7 +200,7 @@ def test_the_table_is_a_package_data_file():
 def test_rows_of_unregistered_models_stay_out_of_sight(capsys):
     """The table keeps torchvision's rows of architectures vafunc does not register (yet): facts
     about files, reachable by name, but nothing lists or builds those models."""
-    from vafunc.cli.app import main as cli
+    from vafunc import cli
 
     registered = set(vafunc.list_models())
     unregistered = sorted({w.model for w in hub.list_weights()} - registered)

@@ -38,6 +38,7 @@ def test_train_step_matches_module_training(grad, donate):
         torch.testing.assert_close(v, want[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
+@pytest.mark.slow
 def test_compiled_train_step_matches_eager():
     model = vafunc.get_model("resnet18", num_classes=10)
     params, state = model.init(0)
