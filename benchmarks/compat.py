@@ -88,7 +88,7 @@ def run(args) -> list[dict]:
             if getattr(model.config, "image_size", None) or name.startswith(("maxvit", "coatnet")):
                 size = 224  # references built for one size
             x = torch.randn(args.batch, 3, size, size)
-            cases = [("compat eager / reference eager", lambda: compat(x), lambda: ref(x))]
+            cases = [] if args.apply_only else [("compat eager / reference eager", lambda: compat(x), lambda: ref(x))]
             if old is not None:
                 om = old.get_model(name)
                 op, os_ = old.from_state_dict(om, ref.state_dict())
@@ -123,6 +123,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--min-seconds", type=float, default=4.0, help="time each case for at least this long")
     p.add_argument("--compiled", action="store_true")
+    p.add_argument("--apply-only", action="store_true", help="only the apply now / apply before rows")
     p.add_argument("--before", default="bfa5c06", help="git revision for the apply row ('' to skip)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = p.parse_args(argv)

@@ -380,12 +380,12 @@ class _Builder(Scope):
 
 def _plain_chain(calls: list, version: int, y, children: dict) -> bool:
     """Whether a chain block's fn is nothing but its children called in order: every child a torch
-    leaf (not a block of the declaration, which may take arguments) and no in-place arithmetic of
-    the fn between the calls (tensor versions on meta: a leaf that works in place, ``nn.ReLU(inplace=
-    True)``, bumps its input's once). Such a block runs as a plain ``nn.Sequential`` when no key is
-    given (the same module calls, without the scope)."""
-    if any(isinstance(mod, (_Declared, Block)) for mod in children.values()):
-        return False
+    leaf or a plain chain itself (not another block of the declaration, which may use its arguments
+    or keys) and no in-place arithmetic of the fn between the calls (tensor versions on meta: a leaf
+    that works in place, ``nn.ReLU(inplace=True)``, bumps its input's once). Such a block runs as a
+    plain ``nn.Sequential`` when no key is given (the same module calls, without the scope)."""
+    if any(isinstance(mod, _Declared) and not getattr(mod, "plain", False) for mod in children.values()):
+        return False  # (a plain Sequential child runs its leaves on x alone, whatever arguments it is given)
     prev = version
     for _, x, out, xv, yv in calls:
         if xv != prev + (out is x):
