@@ -142,6 +142,22 @@ def convnext(block_setting, **kwargs) -> torch.nn.Module:
 TORCHVISION_CLASSES = {"ConvNeXt": convnext}
 
 
+def timm_block_args(block_args) -> dict:
+    """timm ResNet's ``block_args`` from a registry ``Reference``'s plain data: ``(key, value)``
+    pairs, where an ``attn_layer`` given as ``(name, ((key, value), ...))`` is timm's attention
+    class ``name`` with those keywords (``functools.partial``; cbam_resnet50's ``mlp_bias=True``),
+    which the registry cannot hold without importing timm."""
+    import functools
+
+    from timm.layers import get_attn
+
+    out = dict(block_args)
+    attn = out.get("attn_layer")
+    if isinstance(attn, tuple):
+        out["attn_layer"] = functools.partial(get_attn(attn[0]), **dict(attn[1]))
+    return out
+
+
 def build_reference(name: str, **config) -> torch.nn.Module:
     """The reference module for ``name`` with the same config keywords, random init, eval mode."""
     ref = vafunc.get_entry(name).reference
@@ -156,6 +172,8 @@ def build_reference(name: str, **config) -> torch.nn.Module:
     elif ref.source == "timm":
         import timm
 
+        if isinstance(kwargs.get("block_args"), tuple):
+            kwargs["block_args"] = timm_block_args(kwargs["block_args"])
         module = timm.create_model(ref.builder, pretrained=False, **kwargs)
         if ref.builder.startswith("coatnet"):  # timm's index tables are non-persistent buffers: not state
             for mod in module.modules():

@@ -4,6 +4,8 @@ with fp32 on real photographs. Speed is measured in ``benchmarks/report.py``, ne
 from __future__ import annotations
 
 import importlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -243,3 +245,20 @@ def test_a_second_compiled_model_starts_static():
     assert len(ours) >= 2 and len(dynamic) >= 1, ours  # a's record (dynamic after two sizes) and b's
     name_b = max(ours, key=lambda n: int(n.rsplit("_", 1)[1]))  # b was built last
     assert name_b not in dynamic, {n: [e.render() for e in ours[n].automatic_dynamic.values()] for n in ours}
+
+
+@pytest.mark.slow  # a fresh interpreter and a dynamo trace: ~30 s
+def test_the_first_call_of_a_fresh_process_can_be_compiled():
+    """A model whose input sizes were never probed (a fresh interpreter) compiles with
+    ``fullgraph=True`` on its first call: the size probe stays out of the graph."""
+    code = (
+        "import torch, vafunc\n"
+        "m = vafunc.get_model('squeezenet1_1', num_classes=10)\n"
+        "p, s = m.init(0)\n"
+        "x = torch.randn(2, 3, 64, 64)\n"
+        "f = torch.compile(lambda x: m.apply(p, s, x)[0], fullgraph=True, backend='eager')\n"
+        "print(float((f(x) - m.apply(p, s, x)[0]).abs().max()))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert float(r.stdout.strip().splitlines()[-1]) == 0.0

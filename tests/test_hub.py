@@ -119,9 +119,12 @@ def test_registered_models_with_the_checkpoint_config_have_the_published_paramet
 
 def test_every_registered_model_but_the_unpublished_has_weights():
     # densenet264: the paper's, never released; timm's efficientnet_lite1..4 are untrained configs;
-    # coatnet_0_224 (the paper's CoAtNet-0): timm publishes weights for its coatnet_0_rw_224 only
-    missing = [n for n in vafunc.list_models() if not hub.list_weights(n)]
-    assert missing == ["coatnet_0_224", "densenet264", *(f"efficientnet_lite{i}" for i in range(1, 5))]
+    # coatnet_0_224 (the paper's CoAtNet-0): timm publishes weights for its coatnet_0_rw_224 only;
+    # unet: the paper's network, never released; cbam_resnet50: timm publishes none (pytorchcv's
+    # checkpoint has its own layout, not in the table yet)
+    missing = {n for n in vafunc.list_models() if not hub.list_weights(n)}
+    unpublished = {"coatnet_0_224", "densenet264", "unet", *(f"efficientnet_lite{i}" for i in range(1, 5))}
+    assert missing - {"cbam_resnet50"} == unpublished
 
 
 def test_categories_are_torchvisions():

@@ -30,7 +30,6 @@ a :class:`Layout` says where each unit of a block keeps its tensors (``names=``)
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -146,11 +145,22 @@ class Layout:
         return run_units(m, x, _plan(self, units, calls))
 
 
-@functools.cache
+_PLANS: dict = {}
+
+
 def _plan(layout: Layout, units: tuple, calls: tuple) -> tuple:
     """:meth:`Layout.run`'s steps grouped by module path (see :func:`run_units`), built once per
     distinct ``(layout, units, calls)``: every call of the same block gets the same plan object, so
-    a module tree recognises its build arguments by identity."""
+    a module tree recognises its build arguments by identity. (A dict, not ``functools.cache``:
+    dynamo traces through it without a warning.)"""
+    key = (layout, units, calls)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = _build_plan(layout, units, calls)
+    return plan
+
+
+def _build_plan(layout: Layout, units: tuple, calls: tuple) -> tuple:
     steps = []
     for (path, a, b), (role, act), (fn, args, kw) in zip(layout.place(units), units, calls):
         keys = {"fc1": a, "fc2": b} if role == "se" else {"conv": a, "norm": b}

@@ -506,6 +506,16 @@ class Scope:
         s = activation(gate)(self.conv(fc2, s, x.shape[1], 1, bias=True, init=init))
         return s * x
 
+    def cbam(
+        self, x: Tensor, squeeze: int, *, kernel: int = 7, act: L.ActSpec = "relu", bias: bool = True, init: Any = None
+    ) -> Tensor:
+        """CBAM (Woo et al. 2018, Eq. 1-4; timm's ``CbamModule``): the channel gate at ``channel``
+        (1x1 convs ``fc1``/``fc2``, with ``bias``, shared by the spatial mean and max, summed, sigmoid),
+        then the spatial gate at ``spatial`` (a ``kernel`` conv ``conv.conv`` and BatchNorm ``conv.bn``,
+        timm's ``ConvNormAct``, over the channel mean and max, sigmoid); each rescales its input."""
+        x = self.block("channel", _cbam_channel, x, squeeze, act, bias, init, tap=False)
+        return self.block("spatial", _cbam_spatial, x, kernel, init, tap=False)
+
     def head(
         self,
         x: Tensor,
@@ -559,6 +569,25 @@ class Scope:
 
 
 # --------------------------------------------------------------------------- declaration
+
+
+def _cbam_channel(m: Scope, x: Tensor, squeeze: int, act: L.ActSpec, bias: bool, init: Any) -> Tensor:
+    def mlp(s: Tensor) -> Tensor:
+        s = activation(act)(m.conv("fc1", s, squeeze, 1, bias=bias, init=init))
+        return m.conv("fc2", s, x.shape[1], 1, bias=bias, init=init)
+
+    a = mlp(x.mean((2, 3), keepdim=True))  # fc1/fc2 are shared: declared by the first call at init
+    return x * torch.sigmoid(a if m.initializing else a + mlp(x.amax((2, 3), keepdim=True)))
+
+
+def _cbam_spatial(m: Scope, x: Tensor, kernel: int, init: Any) -> Tensor:
+    s = torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], 1)
+    s = m.block("conv", _conv_bn, s, kernel, init, tap=False)
+    return x * torch.sigmoid(s)
+
+
+def _conv_bn(m: Scope, x: Tensor, kernel: int, init: Any) -> Tensor:  # timm's ConvNormAct(apply_act=False)
+    return m.norm_act("bn", m.conv("conv", x, 1, kernel, init=init), L.identity)
 
 
 def family(

@@ -316,14 +316,17 @@ class ModelDef:
         return self.family.max_size(self.config)
 
     def check_input(self, x) -> None:
-        """A clear ``TypeError``/``ValueError`` for an input this model cannot take."""
+        """A clear ``TypeError``/``ValueError`` for an input this model cannot take. Under
+        ``torch.compile`` the size rules are left out (they are probed by running the forward on
+        meta tensors, which dynamo would trace into the graph); eager calls check them."""
+        sized = not torch.compiler.is_compiling()
         check_image(
             x,
             name=self.name,
             in_channels=self.in_channels,
-            min_size=self.min_size,
-            multiple=self.size_multiple,
-            max_size=self.max_size,
+            min_size=self.min_size if sized else 1,
+            multiple=self.size_multiple if sized else 1,
+            max_size=self.max_size if sized else None,
         )
 
     @property

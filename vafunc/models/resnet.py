@@ -4,7 +4,9 @@ He et al. 2016, "Deep Residual Learning for Image Recognition" (arXiv:1512.03385
 Xie et al. 2017, "Aggregated Residual Transformations" (ResNeXt, arXiv:1611.05431);
 Zagoruyko & Komodakis 2016, "Wide Residual Networks" (arXiv:1605.07146);
 Hu et al. 2018, "Squeeze-and-Excitation Networks" (SE-ResNet / SE-ResNeXt, arXiv:1709.01507,
-Fig. 3 and Table 1), in timm's layout (``seresnet50``, ``seresnext50_32x4d``).
+Fig. 3 and Table 1), in timm's layout (``seresnet50``, ``seresnext50_32x4d``);
+Woo et al. 2018, "CBAM: Convolutional Block Attention Module" (CBAM-ResNet, arXiv:1807.06521,
+Fig. 3 and Table 4), in timm's layout (``cbam_resnet50``).
 
 State-dict names are torchvision's: ``conv1``, ``bn1``, ``layer{1..4}.{i}.conv{1,2,3}``,
 ``layer{1..4}.{i}.bn{1,2,3}``, ``layer{1..4}.{i}.downsample.{0,1}``, ``fc``. timm's ResNet uses
@@ -18,6 +20,13 @@ the paper's Table 1: 16, 32, 64, 128 for the four bottleneck stages). timm's ini
 weight ``kaiming_normal_(fan_out, relu)``, the SE conv biases keep torch's default uniform
 ``+-1/sqrt(fan_in)``, ``fc`` torch's default, and the last BatchNorm weight of every residual
 branch zero (``zero_init_last=True``, which is ``zero_init_residual`` here).
+
+CBAM-ResNet (paper Fig. 3): the same place holds timm's ``CbamModule`` (``attn_layer="cbam"``;
+:meth:`vafunc.core.kit.Scope.cbam`) at ``layer{1..4}.{i}.se``: the channel gate
+``se.channel.fc1/fc2`` (1x1 convs with bias, timm's ``mlp_bias=True``; reduction 16,
+``make_divisible(c / 16, 1, round_limit=0)``) over the spatial mean and max, then the spatial gate
+``se.spatial.conv.conv/bn`` (a 7x7 conv without bias and a BatchNorm) over the channel mean and
+max. The init is the SE variants' (the spatial BatchNorm weight 1).
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from vafunc.core.registry import Reference, check_config, register
 
 PAPER = "He et al. 2016, Deep Residual Learning for Image Recognition, arXiv:1512.03385"
 _SE = "Hu et al. 2018, Squeeze-and-Excitation Networks, arXiv:1709.01507"
+_CBAM = "Woo et al. 2018, CBAM: Convolutional Block Attention Module, arXiv:1807.06521"
 
 #: timm's SE convs: its ResNet init redraws every conv weight (kaiming normal, fan_out) and leaves
 #: the SE biases at torch's default Conv2d init.
@@ -56,8 +66,9 @@ class ResNetConfig:
     """torchvision ``ResNet`` keywords, with ``norm_layer`` as ``norm`` (``"batch"``, or
     ``"group"``: GroupNorm with ``norm_groups`` groups, which must divide every width; timm's
     ``resnet50_gn``), plus three of timm's ``ResNet``
-    for its SE variants: ``attn_layer`` (timm's ``block_args=dict(attn_layer=...)``; ``"se"``
-    or ``None``), ``drop_rate`` (dropout before ``fc``) and ``drop_path_rate`` (stochastic depth,
+    for its SE and CBAM variants: ``attn_layer`` (timm's ``block_args=dict(attn_layer=...)``; ``"se"``,
+    ``"cbam"`` (timm's ``CbamModule`` with ``mlp_bias=True``) or ``None``), ``drop_rate``
+    (dropout before ``fc``) and ``drop_path_rate`` (stochastic depth,
     block ``b`` of ``B`` at ``drop_path_rate * b / (B - 1)``, timm's linear rule). timm's
     ``zero_init_last`` is ``zero_init_residual``."""
 
@@ -78,8 +89,10 @@ class ResNetConfig:
     def __post_init__(self) -> None:
         if self.norm not in ("batch", "group"):
             raise ValueError(f"norm must be 'batch' or 'group' (GroupNorm, norm_groups groups), got {self.norm!r}")
-        if self.attn_layer not in (None, "se"):
-            raise ValueError(f"attn_layer must be None or 'se', got {self.attn_layer!r}")
+        if self.attn_layer not in (None, "se", "cbam"):
+            raise ValueError(f"attn_layer must be None, 'se' or 'cbam', got {self.attn_layer!r}")
+        if self.attn_layer == "cbam" and self.norm != "batch":
+            raise ValueError("attn_layer='cbam' needs norm='batch' (timm's CBAM spatial gate is a BatchNorm)")
         if self.block not in EXPANSION:
             raise ValueError(f"block must be 'basic' or 'bottleneck', got {self.block!r}")
         object.__setattr__(self, "layers", tuple(int(n) for n in self.layers))
@@ -116,6 +129,11 @@ class BlockSpec(NamedTuple):
 def se_channels(c: int) -> int:
     """timm's ``SEModule`` squeeze width: ``make_divisible(c / 16, 8, round_limit=0)``."""
     return make_divisible(c / 16, 8, round_limit=0.0)
+
+
+def cbam_channels(c: int) -> int:
+    """timm's ``ChannelAttn`` squeeze width: ``make_divisible(c / 16, 1, round_limit=0)``."""
+    return make_divisible(c / 16, 1, round_limit=0.0)
 
 
 def plan(cfg: ResNetConfig) -> tuple[tuple[BlockSpec, ...], ...]:
@@ -178,11 +196,14 @@ def bottleneck(m: Scope, x: Tensor, b: BlockSpec, cfg: ResNetConfig) -> Tensor:
 
 
 def branch_tail(m: Scope, y: Tensor, b: BlockSpec, cfg: ResNetConfig) -> Tensor:
-    """The end of the residual branch: SE at ``se.fc1/fc2`` (timm's ``attn_layer="se"``), then
+    """The end of the residual branch: SE at ``se.fc1/fc2`` (timm's ``attn_layer="se"``) or CBAM at
+    ``se.channel`` / ``se.spatial`` (``attn_layer="cbam"``), then
     stochastic depth at ``b.drop_path`` keyed by the block scope's key; ``y`` stays a fresh
     tensor (the sum is taken in place in it)."""
     if cfg.attn_layer == "se":
         y = m.block("se", Scope.squeeze_excite, y, se_channels(b.outplanes), init=SE_INIT, tap=False)
+    elif cfg.attn_layer == "cbam":
+        y = m.block("se", Scope.cbam, y, cbam_channels(b.outplanes), init=SE_INIT, tap=False)
     if b.drop_path:
         y = m.drop_path(y, b.drop_path, m.rng)
     return y
@@ -282,6 +303,22 @@ for _name, _g, _w, _n in [("seresnet50", 1, 64, 28088024), ("seresnext50_32x4d",
         attn_layer="se",
         zero_init_residual=True,
     )
+
+# timm's CBAM-ResNet-50: resnet50 with block_args=dict(attn_layer=partial(CbamModule, mlp_bias=True))
+# (the oracle builds the partial from the plain data below: tests/oracle.py, timm_block_args)
+register(
+    "cbam_resnet50",
+    FAMILY,
+    params=28089624,
+    reference=Reference(
+        "timm", "resnet50", kwargs=(("block_args", (("attn_layer", ("cbam", (("mlp_bias", True),))),)),)
+    ),
+    paper=_CBAM,
+    block="bottleneck",
+    layers=STAGES[50][1],
+    attn_layer="cbam",
+    zero_init_residual=True,
+)
 
 # timm's GroupNorm ResNet-50 (norm_layer=GroupNorm, 32 groups; zero_init_last): no coupling between
 # samples, the ResNet for per-sample gradients and DP-SGD.
