@@ -59,12 +59,21 @@ KNOWN = {
 }
 
 
+#: the slowest clients run on fewer default models (12-17 s each on the mobile ones): the rest under -m slow
+DEFAULT_FOR = {
+    "dynamo": ("resnet18", "convnext_tiny", "vit_b_32", "squeezenet1_1"),
+    "feature_extractor": ("resnet18", "mobilenet_v3_small", "convnext_tiny", "vit_b_32", "squeezenet1_1"),
+}
+
+
 def clients(test: str) -> list:
     """CLIENTS with the known disagreements of ``test`` marked (strict xfail, reason given)."""
     out = []
     for p in CLIENTS:
         reason = KNOWN.get((test, p.id))
         marks = [*p.marks, pytest.mark.xfail(strict=True, reason=reason)] if reason else p.marks
+        if p.id in DEFAULT and p.id not in DEFAULT_FOR.get(test, DEFAULT):
+            marks = [*marks, pytest.mark.slow]
         out.append(pytest.param(*p.values, marks=marks, id=p.id))
     return out
 
@@ -196,7 +205,7 @@ def test_pickle_and_torch_save_round_trip(pair):
 # --------------------------------------------------------------------------- ecosystem tools
 
 
-@pytest.mark.parametrize("pair", CLIENTS, indirect=True)
+@pytest.mark.parametrize("pair", clients("feature_extractor"), indirect=True)
 def test_feature_extractor_gives_the_reference_features(pair):
     """torchvision's ``create_feature_extractor`` (FX) on the compat module, each feature name on
     its own, equals the extractor on the reference (a graph node, not a hook: for a container it

@@ -172,6 +172,7 @@ def test_lite1_and_lite2_files_load(i):
     assert vafunc.count_params(params) == vafunc.get_model(f"tf_efficientnet_lite{i}").num_params()
 
 
+@pytest.mark.slow  # 14 s: loads every layout; hub errors are checked by default in test_hub
 def test_a_file_that_fits_no_layout_lists_every_mismatch(tmp_path):
     raw = torch.load(_pth(0), map_location="cpu", weights_only=True)
     raw.pop("_blocks.15._project_conv.weight")

@@ -20,7 +20,7 @@ REPS = representatives()
 #: large inputs or large classifiers: the members battery runs on them under -m slow
 HEAVY = {"vgg11_bn", "alexnet", "inception_v3", "xception", "inception_v2"}
 #: not covered (bare parameters: layer scales, class tokens, relative position tables)
-UNCOVERED = {"convnext_tiny", "swin_t", "vit_b_32", "maxvit_t", "coatnet_0_224"}
+UNCOVERED = {"convnext_tiny", "swin_t", "vit_b_32", "maxvit_t", "coatnet_0_224", "unet"}  # bare parameters
 F64 = torch.float64
 
 
