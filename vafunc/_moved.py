@@ -82,7 +82,9 @@ class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 def install() -> None:
     if not any(isinstance(f, _Alias) for f in sys.meta_path):
-        sys.meta_path.append(_Alias())
+        # first: a folder left by the old layout in an in-place checkout (vafunc/hub/ with only
+        # __pycache__) would otherwise import as an empty namespace package
+        sys.meta_path.insert(0, _Alias())
 
 
 def attribute(name: str):
