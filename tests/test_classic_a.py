@@ -304,9 +304,9 @@ INIT_CASES = [
 ]
 
 
-#: vgg11_bn without its init scheme (torch's default init, 133M parameters drawn twice) runs under
-#: -m slow: googlenet and inception_v3 check that path by default
-_INIT_SLOW = {("vgg11_bn", False)}
+#: vgg11_bn (133M parameters drawn twice, with and without its init scheme) runs under -m slow: googlenet
+#: and inception_v3 check both paths by default
+_INIT_SLOW = {("vgg11_bn", False), ("vgg11_bn", True)}
 
 
 @pytest.mark.parametrize(

@@ -145,7 +145,7 @@ def test_bf16_agrees_with_fp32_on_photographs(photos_112):
     assert 1e-4 < rel < 0.05, f"bf16 max relative logit error {rel:.2e}"  # > 1e-4: it really ran in bf16
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v2", pytest.param("efficientnet_b0", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) for n in ("mobilenet_v2", "efficientnet_b0")])
 def test_bf16_costs_what_torchvisions_bf16_costs(name, photos_112):
     """Where bf16 costs accuracy (random depthwise networks lose a third of their top-1 on these
     photos), vafunc's bf16 (the precision policy: float32 weights cast per layer, BatchNorm in

@@ -107,6 +107,7 @@ def test_hash_prefix_is_torch_hubs():
     assert hub.get_weights("mobilenet_v1").hash_prefix is None
 
 
+@pytest.mark.slow  # 13 s: every checkpoint's model on meta
 def test_registered_models_with_the_checkpoint_config_have_the_published_parameter_count():
     """The config each checkpoint needs (googlenet without aux heads, ...) builds the network the
     checkpoint's published parameter count describes (mnasnet0_5's file is the retrained
