@@ -96,7 +96,8 @@ def _single_process(mode):
 
 
 @pytest.mark.parametrize(
-    "mode", ["fsdp2", pytest.param("functional", marks=pytest.mark.slow), pytest.param("ddp", marks=pytest.mark.slow)]
+    "mode",
+    [pytest.param(m, marks=pytest.mark.slow) for m in ("fsdp2", "functional", "ddp")],  # two processes each: ~45 s
 )
 def test_two_processes_equal_single_process(tmp_path, mode):
     if not dist.is_available():
