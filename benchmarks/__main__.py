@@ -3,6 +3,7 @@
 ``python -m benchmarks report`` writes the full report (see :mod:`benchmarks.report`);
 ``python -m benchmarks compat`` times torch_compat's module trees (see :mod:`benchmarks.compat`);
 ``python -m benchmarks profile --model resnet50`` shows where the time goes.
+``python -m benchmarks curvature`` times vafunc.curvature and vafunc.ntk (see :mod:`benchmarks.curvature`).
 
 * ``eager``: inference, vafunc ``apply`` against the torchvision module holding the same weights;
 * ``ensemble``: ``ensemble_apply`` by each lowering (auto, batched, loop, vmap), the user's own
@@ -185,6 +186,10 @@ def main(argv=None) -> int:
         from benchmarks import profile
 
         return profile.main(argv[1:])
+    if argv[:1] == ["curvature"]:
+        from benchmarks import curvature
+
+        return curvature.main(argv[1:])
     p = argparse.ArgumentParser(
         prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -193,9 +198,10 @@ def main(argv=None) -> int:
         "bench",
         nargs="?",
         default="eager",
-        choices=["eager", "ensemble", "train", "psg", "report", "compat", "profile"],
+        choices=["eager", "ensemble", "train", "psg", "report", "compat", "profile", "curvature"],
         help="the benchmark (default eager); report: the full report, compat: torch_compat's "
-        "module trees, profile: where the time goes (each takes its own options: "
+        "module trees, profile: where the time goes, curvature: Hessian/GGN products, spectra and "
+        "the NTK against PyHessian, curvlinops and the torch.func tutorial (each takes its own options: "
         "python -m benchmarks report --help)",
     )
     p.add_argument("--members", type=int, default=8)

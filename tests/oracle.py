@@ -24,6 +24,12 @@ ORACLE_SIZES = {
     **{n: ((2, 224, 224), (3, 224, 224)) for n in ("maxvit_t", "coatnet_0_224", "coatnet_0_rw_224")},
 }
 
+#: pytorchcv's Residual Attention Networks end in AvgPool2d(7) (a 7x7 map: inputs of 221..224 only); the
+#: oracle gets the global pool vafunc has, equal to it at 224 (tests/test_resattnet.py checks that on the
+#: unmodified network), and runs wherever its mask branch halves exactly: stage-1 maps divisible by 8
+PYTORCHCV_GLOBAL_POOL = ("resattnet56", "resattnet92")
+ORACLE_SIZES.update({n: ((2, 64, 61), (3, 32, 32)) for n in PYTORCHCV_GLOBAL_POOL})
+
 #: Auxiliary outputs compared in train mode: model -> ((vafunc output name, reference namedtuple
 #: field), ...); vafunc is asked for them with ``aux=True`` (inputs grow to
 #: ``entry.extra["aux_min_size"]``, a user-visible fact).
@@ -121,7 +127,13 @@ def has_reference(name: str) -> bool:
     ref = vafunc.get_entry(name).reference
     if ref is None:
         return False
-    mod = {"torchvision": "torchvision", "timm": "timm", "pretrainedmodels": "pretrainedmodels"}[ref.source]
+    mod = {
+        "torchvision": "torchvision",
+        "timm": "timm",
+        "pretrainedmodels": "pretrainedmodels",
+        "pytorchcv": "pytorchcv",
+        "monai": "monai",
+    }[ref.source]
     try:
         importlib.import_module(mod)
     except ImportError:
@@ -167,7 +179,11 @@ def build_reference(name: str, **config) -> torch.nn.Module:
     if ref.source == "torchvision":
         import torchvision
 
-        builder = TORCHVISION_CLASSES.get(ref.builder) or getattr(torchvision.models, ref.builder)
+        builder = (
+            TORCHVISION_CLASSES.get(ref.builder)
+            or getattr(torchvision.models, ref.builder, None)
+            or getattr(torchvision.models.segmentation, ref.builder)
+        )
         module = builder(**kwargs)
     elif ref.source == "timm":
         import timm
@@ -175,20 +191,38 @@ def build_reference(name: str, **config) -> torch.nn.Module:
         if isinstance(kwargs.get("block_args"), tuple):
             kwargs["block_args"] = timm_block_args(kwargs["block_args"])
         module = timm.create_model(ref.builder, pretrained=False, **kwargs)
-        if ref.builder.startswith("coatnet"):  # timm's index tables are non-persistent buffers: not state
+        # timm's index tables (CoAtNet), rotary frequencies and zero key biases (EVA-02) are
+        # non-persistent buffers: not state
+        if ref.builder.startswith(("coatnet", "eva02")):
             for mod in module.modules():
                 for b in list(getattr(mod, "_non_persistent_buffers_set", ())):
                     t = mod._buffers.pop(b)
                     mod._non_persistent_buffers_set.discard(b)
-                    if t.is_meta:  # a meta build: the index is data (to_empty would not fill a plain attribute)
-                        from timm.layers.pos_embed_rel import gen_relative_position_index
+                    if t is not None and t.is_meta:  # a meta build: the data (to_empty would not fill an attribute)
+                        if b == "bands":  # RotaryEmbeddingCat's frequencies
+                            with torch.device("cpu"):
+                                t = mod._compute_bands()
+                        elif b == "k_bias":  # EvaAttention's zero key bias
+                            t = torch.zeros(t.shape, dtype=t.dtype, device="cpu")
+                        else:
+                            from timm.layers.pos_embed_rel import gen_relative_position_index
 
-                        t = gen_relative_position_index(mod.window_size, device="cpu").view(-1)
+                            t = gen_relative_position_index(mod.window_size, device="cpu").view(-1)
                     object.__setattr__(mod, b, t)
     elif ref.source == "pretrainedmodels":
         import pretrainedmodels as pm
 
         module = getattr(pm, ref.builder)(pretrained=None, **kwargs)
+    elif ref.source == "pytorchcv":
+        from pytorchcv.model_provider import get_model
+
+        module = get_model(ref.builder, pretrained=False, **kwargs)
+        if name in PYTORCHCV_GLOBAL_POOL:
+            module.features.final_pool = torch.nn.AdaptiveAvgPool2d(1)
+    elif ref.source == "monai":
+        import monai.networks.nets as nets
+
+        module = getattr(nets, ref.builder)(**kwargs)
     else:  # pragma: no cover - registry entries are validated by test_registry
         raise LookupError(f"unknown reference source {ref.source!r}")
     return module.eval()
@@ -361,9 +395,29 @@ def main_logits(out):
         return out.logits
     if isinstance(out, (tuple, list)):
         return out[0]
-    if isinstance(out, dict):
-        return out["logits"]
+    if isinstance(out, dict):  # torchvision's segmentation models: {"out", "aux"}
+        return out["out"] if "out" in out else out["logits"]
     raise TypeError(f"cannot read logits from {type(out).__name__}")
+
+
+def classes_config(name: str, n: int) -> dict:
+    """The config keyword that sets ``name``'s number of classes to ``n``: ``num_classes``, or the
+    reference builder's own name for it (MONAI's ``out_channels``)."""
+    fields = {f.name for f in dataclasses.fields(vafunc.get_entry(name).family.config)}
+    return {"num_classes" if "num_classes" in fields else "out_channels": n}
+
+
+def logits_shape(model, b: int, h: int, w: int, classes: int) -> tuple:
+    """The shape of ``model``'s logits for a ``[b, C, h, w]`` batch: ``(b, classes)`` for a classifier,
+    per-pixel ``(b, classes, h, w)`` for a segmentation model (the unpadded U-Net: its centre map)."""
+    if vafunc.get_entry(model.name).task == "classification":
+        return (b, classes)
+    if getattr(model.config, "padding", None) == "valid":
+        from vafunc.models.unet import output_size
+
+        n = len(model.config.widths)
+        return (b, classes, output_size(h, n), output_size(w, n))
+    return (b, classes, h, w)
 
 
 def fit(model, s: int) -> int:
@@ -428,5 +482,9 @@ def module_tree_problems(compat: torch.nn.Module, ref: torch.nn.Module) -> list[
             problems.append(f"{path}: {type(m).__name__}, the reference has an nn.Sequential")
         elif type(r).__module__.startswith("torch.nn") and not isinstance(m, type(r)):
             problems.append(f"{path}: {type(m).__name__}, the reference has torch's {type(r).__name__}")
-    problems += [f"{p}: a container its forward never calls" for p, m in mine.items() if type(m) is nn.Module]
+    # (a container at the path of the reference's ModuleList/ModuleDict: neither forward is called)
+    lists = {p for p, r in ref.named_modules() if isinstance(r, (nn.ModuleList, nn.ModuleDict))}
+    problems += [
+        f"{p}: a container its forward never calls" for p, m in mine.items() if type(m) is nn.Module and p not in lists
+    ]
     return problems

@@ -60,9 +60,14 @@ KNOWN = {
 
 
 #: the slowest clients run on fewer default models (12-17 s each on the mobile ones): the rest under -m slow
+#: (vit_b_32: 7-23 s a client; convnext_tiny's FX and dynamo captures: 11-13 s)
+_NOT_VIT = tuple(n for n in DEFAULT if n != "vit_b_32")
 DEFAULT_FOR = {
-    "dynamo": ("resnet18", "convnext_tiny", "vit_b_32", "squeezenet1_1"),
-    "feature_extractor": ("resnet18", "mobilenet_v3_small", "convnext_tiny", "vit_b_32", "squeezenet1_1"),
+    "dynamo": ("resnet18", "squeezenet1_1"),
+    "feature_extractor": ("resnet18", "mobilenet_v3_small", "squeezenet1_1"),
+    "grad_cam": _NOT_VIT,
+    "pruning": _NOT_VIT,
+    "head_swap": _NOT_VIT,
 }
 
 
@@ -162,7 +167,7 @@ def test_forward_hooks_record_the_reference_outputs(pair):
     assert compared >= 0.8 * len(shared) and compared > 5, (compared, len(shared))
 
 
-@pytest.mark.parametrize("pair", CLIENTS, indirect=True)
+@pytest.mark.parametrize("pair", clients("head_swap"), indirect=True)
 def test_head_swap_and_frozen_body_train_as_the_reference(pair):
     """Replace the last Linear (``fc``, ``classifier[-1]``, ``heads.head``; SqueezeNet's last
     1x1 conv) with a new 10-way layer, freeze everything else, take one SGD step: the same loss, gradients
@@ -303,7 +308,7 @@ def test_norm_layers_are_found_as_on_the_reference(pair):
                 _close(nets[1].state_dict()[k], v, 1e-5, k)
 
 
-@pytest.mark.parametrize("pair", CLIENTS, indirect=True)
+@pytest.mark.parametrize("pair", clients("pruning"), indirect=True)
 def test_pruning_and_weight_norm_change_the_output_as_on_the_reference(pair):
     model, ref, compat, x = pair
     path = next(p for p, mod in ref.named_modules() if isinstance(mod, (nn.Conv2d, nn.Linear)))

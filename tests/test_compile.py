@@ -51,6 +51,7 @@ def test_compiled_equals_eager(name):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
 
 
+@pytest.mark.slow  # 15 s of inductor; the default suite compiles in test_random.py
 def test_compiled_equals_eager_with_frozen_private_weights():
     """resnet18 (the default suite's one compile of this kind): equal to eager at an odd,
     non-square size; under freezing the weights are graph constants (``_frozen_param``),

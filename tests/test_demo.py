@@ -114,3 +114,34 @@ def test_small_vit_trained_in_bf16_matches_fp32(tmp_path):
     bf16 = run(DemoConfig(**kw, precision="bf16", out=str(tmp_path / "bf16")))["test_ensemble_accuracy"]
     print(f"small ViT on digits: fp32 {fp32:.1%}, bf16 {bf16:.1%}")
     assert bf16 >= 0.90 and abs(bf16 - fp32) <= 0.02
+
+
+def test_interpolation_path_ends_at_the_members():
+    """``--interpolate``'s path (the demo's interpolation_path) on an untrained 2-member ensemble,
+    3 points: its ends are the members themselves, with their stored statistics and recalibrated."""
+    from vafunc.cli.demo import interpolation_path
+
+    model = vafunc.get_model("resnet18", num_classes=10)
+    params, state = vafunc.ensemble_init(model, 2, 0)
+    x_tr, _, x_te, y_te = load_digits(16)
+    x_tr, x_te, y_te = x_tr[:64], x_te[:48], y_te[:48]
+    rows = interpolation_path(model, params, state, x_tr, x_te, y_te, points=3, calibration=1, batch=64)
+    assert rows["t"] == [0.0, 0.5, 1.0]
+    for j, (p, s) in zip((0, 2), zip(vafunc.unstack(params), vafunc.unstack(state))):
+        for suffix, st in (("", s), ("_recalibrated", vafunc.recalibrate_batch_norm(model, p, s, [x_tr]))):
+            with torch.no_grad():
+                logits = model.apply(p, st, x_te)[0]
+            assert rows["loss" + suffix][j] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, y_te)))
+            assert rows["accuracy" + suffix][j] == pytest.approx(float((logits.argmax(-1) == y_te).float().mean()))
+    with pytest.raises(ValueError, match="two members"):
+        run(DemoConfig(members=1, interpolate=True))
+
+
+@pytest.mark.slow
+def test_demo_interpolate_writes_the_plot(tmp_path):
+    out = tmp_path / "demo"
+    result = run(DemoConfig(members=2, epochs=2, out=str(out), interpolate=True))
+    rows = result["interpolation"]
+    assert len(rows["t"]) == 21 and (out / "interpolation.png").stat().st_size > 10_000
+    # the known result: mid-path, recalibrated statistics do better than interpolated ones
+    assert rows["accuracy_recalibrated"][10] > rows["accuracy"][10]

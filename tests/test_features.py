@@ -63,6 +63,7 @@ def test_feature_shapes_and_strides_resnet():
     assert shapes["layer4"][1] == 2048
 
 
+@pytest.mark.slow  # 15 s (inductor); features under vmap and grad stay in the default suite elsewhere
 def test_features_under_vmap_and_compile():
     model = vafunc.get_model("resnet18")
     params, state = vafunc.ensemble_init(model, 2, key=0)

@@ -95,7 +95,9 @@ def test_table_has_every_torchvision_checkpoint_with_its_facts():
         assert w.categories == (tuple(meta["categories"]) if meta["categories"] else None)
         assert w.is_default == (torchvision.models.get_model_weights(name).DEFAULT == tw)
         assert hub.get_weights(name, f"{type(tw).__name__}.{tw.name}") == w
-    assert {w.name for w in hub.list_weights() if w.source == "torchvision"} == seen
+    # the segmentation checkpoints: tests/test_segmentation.py checks their facts
+    classifiers = {w.name for w in hub.list_weights() if w.source == "torchvision" and w.category_set != "voc"}
+    assert classifiers == seen
 
 
 def test_hash_prefix_is_torch_hubs():
@@ -122,9 +124,13 @@ def test_every_registered_model_but_the_unpublished_has_weights():
     # densenet264: the paper's, never released; timm's efficientnet_lite1..4 are untrained configs;
     # coatnet_0_224 (the paper's CoAtNet-0): timm publishes weights for its coatnet_0_rw_224 only;
     # unet: the paper's network, never released; cbam_resnet50: timm publishes none (pytorchcv's
-    # checkpoint has its own layout, not in the table yet)
-    missing = {n for n in vafunc.list_models() if not hub.list_weights(n)}
-    unpublished = {"coatnet_0_224", "densenet264", "unet", *(f"efficientnet_lite{i}" for i in range(1, 5))}
+    # checkpoint has its own layout, not in the table yet); timm's tags on the Hugging Face hub count
+    # (the timm ViTs have no torch.hub table rows); basic_unet: MONAI's BasicUNet is a template for
+    # training (no checkpoint of its default 2-D config in the table); resattnet56/92: pytorchcv
+    # publishes none (nor did the paper's authors for these layouts)
+    missing = {n for n in vafunc.list_models() if not hub.list_weights(n) and not hub.list_timm_tags(n)}
+    unpublished = {"coatnet_0_224", "densenet264", "unet", "basic_unet", "resattnet56", "resattnet92"}
+    unpublished |= {f"efficientnet_lite{i}" for i in range(1, 5)}
     assert missing - {"cbam_resnet50"} == unpublished
 
 
@@ -305,6 +311,7 @@ def test_weights_for_another_model(r18_pth):
         vafunc.load_weights("resnet34", hub.get_weights("resnet18"))
 
 
+@pytest.mark.slow  # identify() reads all 135 models' shapes: 16 s (test_load_pth_and_identify covers it)
 def test_wrong_checkpoint_names_file_keys_and_the_model_it_fits(r18_pth):
     with pytest.raises(WeightsError) as err:
         vafunc.load_weights("resnet34", r18_pth)

@@ -1,5 +1,6 @@
 """Every ```python block of the README, of each page in docs/ and of benchmarks/README.md runs on its
-own, as a newcomer pastes it.
+own, as a newcomer pastes it (the default suite: the README's blocks and the first of each page;
+``-m slow``: all).
 
 Each block runs in a fresh interpreter (``sys.executable``) in an empty working directory, with
 ``TORCH_HOME`` pointing into that temporary tree and ``VAFUNC_OFFLINE=1``, so nothing can come from
@@ -11,8 +12,11 @@ fence, ``<!-- readme-test: MARKER [MARKER ...] -->``:
   initialised torchvision model under the file name the hub expects in
   ``$TORCH_HOME/hub/checkpoints/`` (the hub trusts a file already in the cache and re-checks its
   SHA-256 only with ``load_weights(..., check_hash=True)``, so this stand-in loads; what it checks is
-  the block's code path, not the published weights), and for each ``"name.jpg"``/``"name.png"`` it
-  names, one of scikit-image's photographs in the working directory.
+  the block's code path, not the published weights); for each timm tag (``"seresnet50.a1_in1k"``) it
+  names, timm's randomly initialised model in the tag's repository of a Hugging Face cache under the
+  block's ``HF_HOME`` (every block runs with its own empty ``HF_HOME`` and ``HF_HUB_OFFLINE=1``); and
+  for each ``"name.jpg"``/``"name.png"`` it names, one of scikit-image's photographs in the working
+  directory.
 * ``torchrun``: a complete script, written to ``train.py`` and launched as the page says,
   ``torchrun --standalone --nproc_per_node 2 train.py`` (gloo on CPU).
 * ``demo``: it reads what ``vafunc demo`` writes. The test prepares ``vafunc-demo/member{i}.safetensors``
@@ -48,6 +52,8 @@ _BLOCK = re.compile(
 _ANY_PY_FENCE = re.compile(r"^[ \t]*(```|~~~)[ \t]*(python3?|py|pycon|ipython)\b", re.M | re.I)
 _MARKER_COMMENT = re.compile(r"<!--\s*readme-test\b", re.I)
 _PRETRAINED = re.compile(r"""hub\.pretrained\(\s*["'](\w+)["'](?:\s*,\s*["'](\w+)["'])?""")
+# timm's "name.tag", given to vafunc.hub.pretrained directly or through a variable named tag
+_TIMM_TAG = re.compile(r"""["'](\w+\.\w+)["']""")
 _IMAGE = re.compile(r"""["']([\w.-]+\.(?:jpe?g|png))["']""", re.I)
 
 
@@ -138,6 +144,23 @@ def _stand_in_checkpoints(code: str, torch_home: pathlib.Path) -> None:
         torch.save(torchvision.models.get_model(w.model, weights=None, **dict(w.config)).state_dict(), dst)
 
 
+def _stand_in_hub_cache(code: str, hf_home: pathlib.Path) -> None:
+    """For each timm tag the block names, timm's randomly initialised model saved as timm publishes
+    it, in the tag's repository of a Hugging Face cache under ``hf_home`` (tests/hf_cache.py)."""
+    import timm
+    import torch
+    from hf_cache import put_timm_model
+
+    from vafunc.io.hub import timm_hub
+
+    for spec in _TIMM_TAG.findall(code):
+        if not timm_hub.is_timm_tag(spec):
+            continue
+        t = timm_hub.get_timm_tag(spec)
+        torch.manual_seed(0)
+        put_timm_model(hf_home / "hub", t.repo_id, timm.create_model(t.name, pretrained=False).eval())
+
+
 def _photos(code: str, cwd: pathlib.Path) -> None:
     """scikit-image's photographs under the file names the block opens."""
     from PIL import Image
@@ -169,8 +192,30 @@ def _tail(s: str, n: int = 6000) -> str:
     return s if len(s) <= n else "...\n" + s[-n:]
 
 
+def _default_blocks() -> set[str]:
+    """The blocks the default suite runs: every block of the README and the first runnable block of each
+    page (each costs a fresh interpreter, ~5 s); the others run under ``-m slow`` (the 10-minute budget)."""
+    ids, seen = set(), set()
+    for b in BLOCKS:
+        if b["markers"] & {"slow", "fragment"}:
+            continue
+        if b["page"] == "README.md" or b["page"] not in seen:
+            ids.add(b["id"])
+            seen.add(b["page"])
+    return ids
+
+
+_DEFAULT_BLOCKS = _default_blocks()
+
+
 @pytest.mark.parametrize(
-    "block", [pytest.param(b, id=b["id"], marks=[pytest.mark.slow] if "slow" in b["markers"] else []) for b in BLOCKS]
+    "block",
+    [
+        pytest.param(
+            b, id=b["id"], marks=[pytest.mark.slow] if "slow" in b["markers"] or b["id"] not in _DEFAULT_BLOCKS else []
+        )
+        for b in BLOCKS
+    ],
 )
 def test_readme_block_runs(block, tmp_path):
     if "fragment" in block["markers"]:
@@ -180,11 +225,14 @@ def test_readme_block_runs(block, tmp_path):
     torch_home = tmp_path / "torch_home"
     torch_home.mkdir()
     env = {**os.environ, "TORCH_HOME": str(torch_home), "VAFUNC_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1")  # the Hugging Face cache, too
+    env.pop("HF_HUB_CACHE", None)
     if os.environ.get("PYTEST_XDIST_WORKER"):
         env.setdefault("OMP_NUM_THREADS", "1")  # as conftest: one thread per xdist worker
     code, markers = block["code"], block["markers"]
     if "network" in markers:
         _stand_in_checkpoints(code, torch_home)
+        _stand_in_hub_cache(code, tmp_path / "hf_home")
         _photos(code, cwd)
     if "demo" in block["markers"]:
         _demo_checkpoints(cwd)

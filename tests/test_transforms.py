@@ -123,7 +123,8 @@ def test_for_weights_equals_torchvision_on_photos(photos, w):
     for a in photos.values():
         ref = _unnormalize(tv(Image.fromarray(a)), w.mean, w.std)
         got = ours(_tensor(a))
-        assert got.shape == (1, 3, w.crop_size, w.crop_size) and got.dtype == torch.float32
+        side = (w.crop_size, w.crop_size) if w.crop_size else tuple(ref.shape[-2:])  # segmentation: uncropped
+        assert got.shape == (1, 3, *side) and got.dtype == torch.float32
         assert (_unnormalize(got[0], w.mean, w.std) - ref).abs().max() <= 1 / 255 + 1e-6
         # a PIL image or a file path goes through Pillow itself: the same numbers
         torch.testing.assert_close(ours(Image.fromarray(a)), got, rtol=0, atol=1e-6)

@@ -194,3 +194,33 @@ def test_init_follows_the_paper():
     for name, fan_in in [("enc2.0.weight", 9 * 8), ("dec1.2.weight", 9 * 8), ("up4.weight", 128)]:
         assert abs(float(sd[name].std()) / (2.0 / fan_in) ** 0.5 - 1) < 0.1, name
     assert all(float(v.abs().max()) == 0 for k, v in sd.items() if k.endswith("bias"))
+
+
+@pytest.mark.parametrize("variant", [False, True], ids=["paper", "padded_batchnorm"])
+def test_gradients_equal_the_torch_unets_in_float64(variant):
+    """The gradient of a weighted sum of the class scores, for every parameter and for the input,
+    equals autograd's through the torch.nn U-Net: the paper's network and the padded BatchNorm
+    variant (train mode: batch statistics), three levels of small widths, at odd sides (floors,
+    crops and pads on the way), in float64 so that every gradient is compared to 1e-9."""
+    f64, c = torch.float64, 3 if variant else 1
+    model, params, state, ref = _pair(widths=(4, 8, 16), variant=variant, in_channels=c)
+    ref = ref.double().train()
+    params, state = vafunc.from_state_dict(model, {k: v.clone() for k, v in ref.state_dict().items()})
+    g = torch.Generator().manual_seed(8)
+    size = (21, 26) if variant else (model.min_size + 3, model.min_size + 10)  # odd sides: pads, floors and crops
+    x = torch.randn(2, c, *size, dtype=f64, generator=g)
+    xr = x.clone().requires_grad_()
+    out = ref(xr)
+    weights = torch.randn(out.shape, dtype=f64, generator=g)
+    (out * weights).sum().backward()
+
+    def loss(p, x):
+        return (model.apply(p, state, x, train=True)[0] * weights).sum()
+
+    got, got_x = torch.func.grad(loss, argnums=(0, 1))(params, x)
+    want = {k: v.grad for k, v in ref.named_parameters()}
+    got = vafunc.flatten(got)
+    assert set(got) == set(want)
+    for k, v in got.items():
+        torch.testing.assert_close(v, want[k], rtol=1e-9, atol=1e-11 * float(want[k].abs().max()), msg=k)
+    torch.testing.assert_close(got_x, xr.grad, rtol=1e-9, atol=1e-11 * float(xr.grad.abs().max()))

@@ -22,6 +22,7 @@ __all__ = [
     "LayerNorm2d",
     "Conv2dSame",
     "BatchNormAct2d",
+    "InstanceNorm2d",
     "Op",
     "Dropout",
     "DropPath",
@@ -112,6 +113,25 @@ class BatchNormAct2d(nn.BatchNorm2d):
         return self.act(self.drop(super().forward(x)))
 
 
+def instance_norm(x, weight, bias, eps):
+    """:func:`vafunc.core.layers.instance_norm`, one opaque node under FX (its check reads the size)."""
+    return L.instance_norm(x, weight, bias, eps)
+
+
+torch.fx.wrap("instance_norm")
+
+
+class InstanceNorm2d(nn.InstanceNorm2d):
+    """torch's ``nn.InstanceNorm2d`` (affine, no running statistics) computing what the pure apply
+    computes, GroupNorm of one channel per group (:func:`vafunc.core.layers.instance_norm`), so the
+    two agree bit for bit; reconfigured (running statistics, no affine, unbatched input), torch's own."""
+
+    def forward(self, x):
+        if self.track_running_stats or not self.affine or x.dim() != 4:
+            return super().forward(x)
+        return instance_norm(x, self.weight, self.bias, self.eps)
+
+
 class Op(nn.Module):
     """A parameter-free layer of the reference that torch has no class for: ``fn(x, *args, **kw)``."""
 
@@ -158,6 +178,8 @@ def op_module(fn: Callable, args: tuple, kw: dict) -> nn.Module:
         return nn.ReLU(inplace=True)
     if fn is L.identity:
         return nn.Identity()
+    if fn is L.leaky_relu_ and not kw:
+        return nn.LeakyReLU(*args, inplace=True)
     torch_class = {L.relu6_: nn.ReLU6, L.hardswish_: nn.Hardswish, L.silu_: nn.SiLU}.get(fn)
     if torch_class is not None and not args and not kw:
         return torch_class(inplace=True)

@@ -38,7 +38,7 @@ from vafunc.core.kit import Scope
 from vafunc.core.layers import same_padding
 
 from . import layers as CL  # keyed_*: called through the module, where torch.fx.wrap patches them
-from .layers import BatchNormAct2d, Conv2dSame, Dropout, DropPath, LayerNorm2d, op_module
+from .layers import BatchNormAct2d, Conv2dSame, Dropout, DropPath, InstanceNorm2d, LayerNorm2d, op_module
 
 __all__ = ["VafuncModule", "Block", "Sequential", "Bound", "call"]
 
@@ -174,7 +174,7 @@ class Bound(Scope):
     def _layer(self, name, x, *args, **kw):
         return self.mod._modules[name](x)
 
-    conv = linear = batch_norm = group_norm = norm = layer_norm = layer_norm2d = norm_act = _layer
+    conv = linear = batch_norm = group_norm = instance_norm = norm = layer_norm = layer_norm2d = norm_act = _layer
 
     def op(self, name, fn, x, *args, tap=True, **kw):
         return self.mod._modules[name](x)
@@ -276,7 +276,7 @@ class _Builder(Scope):
             and len(c.calls) == len(names)
             and [n for n, *_ in c.calls] == list(names)
             and c.calls[0][1] is x
-            and c.calls[-1][2] is y
+            and (c.calls[-1][2] is y or sequential)  # sequential: an nn.Sequential subclass may finish its own way
             and all(c.calls[i][1] is c.calls[i - 1][2] for i in range(1, len(names)))
             and not mod._parameters
             and not mod._buffers
@@ -288,9 +288,9 @@ class _Builder(Scope):
             seq._modules = mod._modules
             seq._declare(fn, args, kw, self.defaults)
             seq.names = names
-            seq.plain = _plain_chain(c.calls, version, y, mod._modules)
+            seq.plain = c.calls[-1][2] is y and _plain_chain(c.calls, version, y, mod._modules)
             self.mod._modules[name] = seq
-        self.calls.append((name, x, y, x._version, y._version))
+        self.calls.append((name, x, y, x._version, getattr(y, "_version", None)))  # a block may return a tuple
         return self.tap(name, y) if tap else y
 
     def conv(
@@ -337,6 +337,10 @@ class _Builder(Scope):
     def group_norm(self, name, x, groups, *, eps=1e-5, zero_init=False):
         y = Scope.group_norm(self, name, x, groups, eps=eps, zero_init=zero_init)
         return self._leaf(name, nn.GroupNorm(groups, x.shape[1], eps, device="meta", dtype=x.dtype), x, y)
+
+    def instance_norm(self, name, x, *, eps=1e-5):
+        y = Scope.instance_norm(self, name, x, eps=eps)
+        return self._leaf(name, InstanceNorm2d(x.shape[1], eps, affine=True, device="meta", dtype=x.dtype), x, y)
 
     def norm_act(self, name, x, act, *, eps=None, momentum=None, zero_init=False):
         y = act(Scope.batch_norm(self, name, x, eps=eps, momentum=momentum, zero_init=zero_init))

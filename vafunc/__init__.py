@@ -31,7 +31,7 @@ from vafunc.research.persample import per_sample_grad_norms, per_sample_grads
 from vafunc.serving import transforms
 from vafunc.serving.compile import CompiledModel, compile  # noqa: A004 - vafunc.compile, like torch.compile
 from vafunc.training import optim
-from vafunc.training.train import make_train_step
+from vafunc.training.train import make_train_step, recalibrate_batch_norm
 
 _moved.install()
 
@@ -70,6 +70,7 @@ __all__ = [
     "ensemble_apply",
     # training
     "make_train_step",
+    "recalibrate_batch_norm",
     "optim",
     # inference
     "compile",

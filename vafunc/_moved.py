@@ -40,9 +40,13 @@ MOVED: dict[str, str] = {
     "transforms": "serving.transforms",
     "imagenet_classes": "serving.imagenet_classes",
     "demo": "cli.demo",
+    # new public namespaces that live in a subpackage by concern (no old path: never warned about)
+    "curvature": "research.curvature",
+    "ntk": "research.ntk",
+    "metrics": "training.metrics",
 }
 #: moved modules that are still public under their old name (no warning)
-PUBLIC = {"random", "tree", "hub", "transforms", "optim"}
+PUBLIC = {"random", "tree", "hub", "transforms", "optim", "curvature", "ntk", "metrics"}
 
 
 def new_name(fullname: str) -> str | None:

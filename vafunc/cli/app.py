@@ -32,6 +32,7 @@ def _live_row(name: str) -> dict:
     return {
         "name": name,
         "family": e.family.name,
+        "task": e.task,
         "params": e.params,
         "min_size": registry.get_model(name).min_size,
         "reference": str(e.reference) if e.reference else "-",
@@ -58,34 +59,38 @@ def _dump_rows(rows: list[dict]) -> str:
     return "[\n" + ",\n".join(json.dumps(r) for r in rows) + "\n]\n"  # one model a line
 
 
-def model_rows(pattern: str | None = None, family: str | None = None, *, live: bool = False) -> list[dict]:
-    """``vafunc list``'s rows: from :data:`MODELS_FILE` where it holds the model with the same family
-    and parameter count, else (and with ``live=True``) computed."""
+def model_rows(
+    pattern: str | None = None, family: str | None = None, *, task: str | None = None, live: bool = False
+) -> list[dict]:
+    """``vafunc list``'s rows: from :data:`MODELS_FILE` where it holds the model with the same family,
+    task and parameter count, else (and with ``live=True``) computed."""
     stored = {} if live else _stored_rows()
     rows = []
     for name in registry.list_models(pattern):
         e = registry.get_entry(name)
-        if family and e.family.name != family:
+        if family and e.family.name != family or task and e.task != task:
             continue
         r = stored.get(name)
-        if r is None or r["family"] != e.family.name or r["params"] != e.params:
+        if r is None or (r["family"], r.get("task"), r["params"]) != (e.family.name, e.task, e.params):
             r = _live_row(name)
         rows.append(r)
     return rows
 
 
-def model_table(pattern: str | None = None, family: str | None = None) -> str:
+def model_table(pattern: str | None = None, family: str | None = None, task: str | None = None) -> str:
     """The registry as a markdown table (docs/models.md's table is this output)."""
-    lines = ["| model | family | parameters | min input | reference (oracle) |", "|---|---|---:|---:|---|"]
-    for r in model_rows(pattern, family):
-        lines.append(f"| `{r['name']}` | {r['family']} | {r['params']:,} | {r['min_size']} | `{r['reference']}` |")
+    lines = ["| model | family | task | parameters | min input | reference (oracle) |", "|---|---|---|---:|---:|---|"]
+    for r in model_rows(pattern, family, task=task):
+        lines.append(
+            f"| `{r['name']}` | {r['family']} | {r['task']} | {r['params']:,} | {r['min_size']} | `{r['reference']}` |"
+        )
     return "\n".join(lines)
 
 
 def _cmd_list(args) -> int:
-    rows = model_rows(args.filter, args.family)
+    rows = model_rows(args.filter, args.family, task=args.task)
     if args.markdown:
-        print(model_table(args.filter, args.family))
+        print(model_table(args.filter, args.family, args.task))
         return 0
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -95,11 +100,12 @@ def _cmd_list(args) -> int:
         return 1
     w = max(len(r["name"]) for r in rows)
     wf = max(len(r["family"]) for r in rows)
-    print(f"{'model':<{w}}  {'family':<{wf}}  {'params':>8}  {'min':>4}  reference")
+    wt = max(len(r["task"]) for r in rows)
+    print(f"{'model':<{w}}  {'family':<{wf}}  {'task':<{wt}}  {'params':>8}  {'min':>4}  reference")
     for r in rows:
         print(
-            f"{r['name']:<{w}}  {r['family']:<{wf}}  {_fmt_params(r['params']):>8}  {r['min_size']:>4}  "
-            f"{r['reference']}"
+            f"{r['name']:<{w}}  {r['family']:<{wf}}  {r['task']:<{wt}}  {_fmt_params(r['params']):>8}  "
+            f"{r['min_size']:>4}  {r['reference']}"
         )
     print(f"{len(rows)} models")
     return 0
@@ -113,6 +119,7 @@ def _cmd_info(args) -> int:
     info = {
         "name": model.name,
         "family": e.family.name,
+        "task": e.task,
         "parameters": e.params,
         "state_dict_keys": len(shapes),
         "min_input_size": model.min_size,
@@ -135,6 +142,7 @@ def _cmd_info(args) -> int:
     for k in (
         "name",
         "family",
+        "task",
         "parameters",
         "state_dict_keys",
         "min_input_size",
@@ -163,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("list", help="list registered models")
     pl.add_argument("filter", nargs="?", default=None, help="shell-style pattern, e.g. 'resnet*'")
     pl.add_argument("--family", default=None, help="only this family (resnet, vgg, ...)")
+    pl.add_argument("--task", default=None, choices=registry.TASKS, help="only models of this task")
     pl.add_argument("--markdown", action="store_true", help="print the model table as markdown (docs/models.md)")
     pl.add_argument("--json", action="store_true", help="machine-readable output (a JSON list of rows)")
     pl.set_defaults(fn=_cmd_list)

@@ -9,6 +9,11 @@ At the end: per-member and ensemble (mean of softmax) test accuracy, a loss/accu
 (``training.png``), metrics (``metrics.json``) and one torchvision-named checkpoint per member
 (``member{i}.safetensors``, loadable with ``vafunc.load_weights`` or, as a plain state_dict, by
 the torchvision model with the same ``num_classes``).
+
+``--interpolate``: then the straight line between members 0 and 1, ``(1 - t) * w0 + t * w1`` at 21
+points (:func:`vafunc.tree.interpolate`), test loss and accuracy with the BatchNorm statistics
+interpolated as well and with them recomputed from training batches
+(:func:`vafunc.recalibrate_batch_norm`), plotted to ``interpolation.png``.
 """
 
 from __future__ import annotations
@@ -25,9 +30,11 @@ import torch.nn.functional as F
 from vafunc.core import random as vrandom
 from vafunc.core import tree as vtree
 from vafunc.core.registry import get_model
+from vafunc.core.tree import interpolate
 from vafunc.research.ensemble import ensemble_apply, ensemble_init
 from vafunc.serving.memory import set_malloc_thresholds
 from vafunc.training.optim import adamw, sgd, warmup_cosine_schedule
+from vafunc.training.recalibrate import recalibrate_batch_norm
 from vafunc.training.train import make_train_step
 
 __all__ = ["DemoConfig", "run", "load_digits"]
@@ -53,6 +60,8 @@ class DemoConfig:
     precision: str = "fp32"
     #: "sgd" (Nesterov momentum 0.9) or "adamw" (what transformers are trained with)
     optimizer: str = "sgd"
+    #: after training: the linear path between members 0 and 1 (``interpolation.png``)
+    interpolate: bool = False
 
 
 def _require(module: str, pkg: str):
@@ -199,10 +208,65 @@ def _plot(history: dict, path: Path, cfg: DemoConfig) -> bool:
     return True
 
 
+def interpolation_path(model, params, state, x_tr, x_te, y_te, *, points=21, calibration=8, batch=128, policy=None):
+    """Test loss and accuracy along ``(1 - t) * w0 + t * w1`` between members 0 and 1 of a stacked
+    ensemble, at ``points`` values of ``t`` in ``[0, 1]``: with the BatchNorm statistics interpolated
+    like the weights (``loss``, ``accuracy``), and recomputed from ``calibration`` training batches
+    of ``batch`` images (``loss_recalibrated``, ``accuracy_recalibrated``)."""
+    (p0, p1), (s0, s1) = vtree.unstack(params)[:2], vtree.unstack(state)[:2]
+    kw = {} if policy is None else {"policy": policy}
+    calib = [x_tr[i : i + batch] for i in range(0, min(len(x_tr), calibration * batch), batch)]
+    ts = [j / (points - 1) for j in range(points)]
+    rows: dict = {"t": ts, "loss": [], "accuracy": [], "loss_recalibrated": [], "accuracy_recalibrated": []}
+    bar = _Progress(points, "interpolating")
+    for j, t in enumerate(ts):
+        p = interpolate(p0, p1, t)
+        recalibrated = recalibrate_batch_norm(model, p, s0, calib, **kw)
+        for suffix, s in (("", interpolate(s0, s1, t)), ("_recalibrated", recalibrated)):
+            with torch.no_grad():
+                logits = model.apply(p, s, x_te, **kw)[0].float()
+            rows["loss" + suffix].append(float(F.cross_entropy(logits, y_te)))
+            rows["accuracy" + suffix].append(float((logits.argmax(-1) == y_te).float().mean()))
+        bar.update(j + 1)
+    return rows
+
+
+def _plot_path(rows: dict, path: Path, cfg: DemoConfig) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(_HINT.format(pkg="matplotlib") + " (skipping the plot)", file=sys.stderr)
+        return False
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    curves = (("", "BatchNorm statistics interpolated", "o-"), ("_recalibrated", "statistics recalibrated", "s-"))
+    for suffix, label, style in curves:
+        ax1.plot(rows["t"], rows["loss" + suffix], style, ms=3, label=label)
+        ax2.plot(rows["t"], [100 * a for a in rows["accuracy" + suffix]], style, ms=3, label=label)
+    ax1.set_yscale("log")
+    ax1.set_ylabel("test loss (cross-entropy)")
+    ax2.set_ylabel("test accuracy (%)")
+    ax2.set_ylim(0, 100.5)
+    for ax in (ax1, ax2):
+        ax.set_xlabel("t: (1 - t) * member 0 + t * member 1")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"vafunc demo: the line between two {cfg.model} members on the digits")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return True
+
+
 def run(cfg: DemoConfig) -> dict:
     """Train, evaluate and save; returns the metrics (also written to ``metrics.json``)."""
     if cfg.members < 1 or cfg.epochs < 1 or cfg.batch_size < 1:
         raise ValueError(f"members, epochs and batch size must be positive, got {cfg}")
+    if cfg.interpolate and cfg.members < 2:
+        raise ValueError(f"--interpolate needs two members to interpolate between, got members={cfg.members}")
     _require("safetensors", "safetensors")
     from vafunc.io.hub import save_weights
 
@@ -282,6 +346,11 @@ def run(cfg: DemoConfig) -> dict:
         "plot": str(out / "training.png") if plotted else None,
         "history": history,
     }
+    if cfg.interpolate:
+        result["interpolation"] = interpolation_path(model, params, state, x_tr, x_te, y_te, policy=policy)
+        result["interpolation_plot"] = str(out / "interpolation.png")
+        if not _plot_path(result["interpolation"], out / "interpolation.png", cfg):
+            result["interpolation_plot"] = None
     tmp = out / "metrics.json.tmp"
     tmp.write_text(json.dumps(result, indent=1))
     tmp.replace(out / "metrics.json")
@@ -290,6 +359,14 @@ def run(cfg: DemoConfig) -> dict:
     print(f"test accuracy per member: {members}")
     print(f"test accuracy of the ensemble: {100 * result['test_ensemble_accuracy']:.2f}%")
     print(f"wrote {out}/member*.safetensors, {out}/metrics.json" + (f", {out}/training.png" if plotted else ""))
+    if cfg.interpolate:
+        r, mid = result["interpolation"], len(result["interpolation"]["t"]) // 2
+        print(
+            f"halfway between members 0 and 1: test accuracy {100 * r['accuracy'][mid]:.1f}% with interpolated "
+            f"BatchNorm statistics, {100 * r['accuracy_recalibrated'][mid]:.1f}% recalibrated "
+            f"(worst on the path: {100 * min(r['accuracy']):.1f}% / {100 * min(r['accuracy_recalibrated']):.1f}%)"
+            + (f"; wrote {out}/interpolation.png" if result["interpolation_plot"] else "")
+        )
     return result
 
 
@@ -341,6 +418,12 @@ def add_parser(sub) -> None:
         help="reuse (default): glibc keeps large freed blocks for the next step "
         "(vafunc.serving.memory.set_malloc_thresholds; this process only)",
     )
+    p.add_argument(
+        "--interpolate",
+        action="store_true",
+        help="after training: test loss and accuracy on the line between members 0 and 1, with and without "
+        "recalibrating BatchNorm (interpolation.png)",
+    )
     p.set_defaults(fn=_main)
 
 
@@ -365,5 +448,6 @@ def _main(a) -> int:
         parse_config(a.config),
         a.precision,
         a.optimizer,
+        a.interpolate,
     )
     return 0 if run(cfg) else 1

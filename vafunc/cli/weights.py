@@ -17,6 +17,7 @@ import torch
 from vafunc.core import registry
 from vafunc.core import tree as vtree
 from vafunc.io import hub
+from vafunc.io.hub import timm_hub
 from vafunc.serving import transforms as T
 from vafunc.serving.imagenet_classes import IMAGENET_CATEGORIES
 
@@ -33,8 +34,8 @@ IMAGE_SUFFIXES = frozenset(
 class Progress:
     """A plain progress bar on stderr: redrawn in place on a terminal, one line per update otherwise."""
 
-    def __init__(self, total: int, *, label: str = "predict", stream=None, enabled: bool = True):
-        self.total, self.done, self.label = total, 0, label
+    def __init__(self, total: int, *, label: str = "predict", stream=None, enabled: bool = True, unit: str = "images"):
+        self.total, self.done, self.label, self.unit = total, 0, label, unit
         self.stream = stream if stream is not None else sys.stderr
         self.enabled = enabled
         self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
@@ -47,7 +48,8 @@ class Progress:
         width = 30
         filled = int(width * self.done / max(self.total, 1))
         rate = self.done / max(time.perf_counter() - self.start, 1e-9)
-        line = f"{self.label} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} images ({rate:.1f}/s)"
+        bar = f"[{'#' * filled}{'.' * (width - filled)}]"
+        line = f"{self.label} {bar} {self.done}/{self.total} {self.unit} ({rate:.1f}/s)"
         self.stream.write(("\r" + line) if self.tty else (line + "\n"))
         self.stream.flush()
 
@@ -95,7 +97,14 @@ def resolve(
     """``(model, params, state, transform, categories, notes)`` for a model name and a weights tag or
     path. For a path, the evaluation transform (and the config it implies) is the table entry with
     the same file name, else ``transform_tag``, else the preprocessing, class names and config saved
-    in the file's metadata (``vafunc demo``'s checkpoints), else the model's DEFAULT weights."""
+    in the file's metadata (``vafunc demo``'s checkpoints), else the model's DEFAULT weights.
+    ``weights`` may be timm's ``name.tag`` (read from the Hugging Face cache; ``name`` may then be ``None``)."""
+    if timm_hub.is_timm_tag(weights):
+        return _resolve_timm_tag(
+            name, weights, transform_tag=transform_tag, num_classes=num_classes, device=device, method=method
+        )
+    if name is None:
+        raise ValueError("--model is required unless --weights is a timm tag such as seresnet50.a1_in1k")
     registry.get_entry(name)  # unknown model: the registry's error, with suggestions
     path, w = hub.resolve_weights(name, weights)
     notes = []
@@ -133,7 +142,32 @@ def resolve(
     params, state = hub.load_weights(model, weights if path is not None else w, device=device)
     transform = w.transforms(method=method) if w is not None else T.Transform(256, 224, method=method)
     n_out = getattr(model.config, "num_classes", 1000)
-    categories = (w.categories if w is not None else IMAGENET_CATEGORIES) if n_out == 1000 else None
+    categories = w.categories if w is not None else IMAGENET_CATEGORIES if n_out == 1000 else None
+    if categories is not None and len(categories) != n_out:  # fine-tuned to other classes
+        categories = None
+    return model, params, state, transform, categories, notes
+
+
+def _resolve_timm_tag(name, weights: str, *, transform_tag, num_classes, device, method: str):
+    """:func:`resolve` for timm's ``name.tag``: the weights from the tag's Hugging Face repository, the
+    transform and classes from its pretrained config."""
+    t = timm_hub.get_timm_tag(weights)
+    if name is not None and name not in (t.model, t.timm_name):
+        raise ValueError(f"{t.name} are weights for {t.model}, not for {name}")
+    if num_classes is not None:
+        raise ValueError(f"--num-classes does not apply to the timm tag {t.name}: its head has {t.num_classes} classes")
+    model, params, state = hub.pretrained(t.name, device=device)
+    if transform_tag is not None:
+        tw = timm_hub.get_timm_tag(transform_tag) if timm_hub.is_timm_tag(transform_tag) else None
+        transform = (tw or hub.get_weights(t.model, transform_tag)).transforms(method=method)
+    else:
+        transform = t.transforms(method=method)
+    n_out = getattr(model.config, "num_classes", 0)
+    if n_out == 0:
+        raise ValueError(f"{t.name} has no classifier (num_classes=0: pooled features); vafunc predict needs classes")
+    categories = t.categories if n_out == 1000 else None
+    where = f"the Hugging Face repository {t.repo_id}" if t.hf_hub_id else "the torch.hub cache"
+    notes = [f"weights {t.name} from {where}; evaluation transform: {transform.describe()}"]
     return model, params, state, transform, categories, notes
 
 
@@ -234,6 +268,8 @@ def cmd_predict(args) -> int:
             print(f"vafunc predict: note: {note}", file=sys.stderr)
     show = args.progress if args.progress is not None else (folder or len(images) > args.batch_size)
     bar = Progress(len(images), enabled=bool(show) and not args.quiet)
+    if model.entry.task == "segmentation":
+        return _predict_masks(args, model, params, state, transform, categories, images, bar)
     try:
         results = predict(
             model,
@@ -271,6 +307,37 @@ def cmd_predict(args) -> int:
                 continue
             for t in r["top"]:
                 print(f"  {100 * t['probability']:6.2f}%  {t['label']}  [{t['index']}]")
+    return 1 if any("error" in r for r in results) else 0
+
+
+def _predict_masks(args, model, params, state, transform, categories, images, bar) -> int:
+    """``vafunc predict`` for a segmentation model: a mask picture per image and its class counts."""
+    from vafunc.cli.masks import segment
+
+    results = segment(
+        model,
+        params,
+        state,
+        transform,
+        images,
+        out_dir=args.out_dir,
+        device=args.device,
+        categories=categories,
+        progress=bar,
+        skip_unreadable=args.skip_unreadable,
+    )
+    if args.json:
+        doc = {"model": model.name, "weights": str(args.weights), "transform": transform.describe()}
+        print(json.dumps({**doc, "results": results}, indent=2))
+    else:
+        for r in results:
+            print(r["image"])
+            if "error" in r:
+                print(f"  error: {r['error']}")
+                continue
+            print(f"  mask: {r['mask']}")
+            for c in r["classes"][: args.topk]:
+                print(f"  {100 * c['fraction']:6.2f}%  {c['label']}  [{c['index']}]  {c['pixels']:,} pixels")
     return 1 if any("error" in r for r in results) else 0
 
 
@@ -351,11 +418,17 @@ def info_extra(model) -> dict:
     """``gflops`` (the published figure of the default weights, else counted) and ``weights``."""
     ws = hub.list_weights(model.name)
     if ws:
-        gflops = {"gflops": ws[0].gflops, "gflops_input": ws[0].crop_size, "gflops_source": "published"}
+        # segmentation checkpoints are evaluated uncropped: torchvision counts them at 520x520
+        gflops = {
+            "gflops": ws[0].gflops,
+            "gflops_input": ws[0].crop_size or ws[0].resize_size,
+            "gflops_source": "published",
+        }
     else:
         size = max(224, model.min_size)
         gflops = {"gflops": round(measured_gflops(model, size), 3), "gflops_input": size, "gflops_source": "counted"}
-    return {**gflops, "weights": [w.meta for w in ws]}
+    tags = [t.meta for t in timm_hub.list_timm_tags(model.name)]  # timm's, on the Hugging Face hub
+    return {**gflops, "weights": [w.meta for w in ws], "timm_tags": tags}
 
 
 def print_info_extra(info: dict) -> None:
@@ -363,17 +436,26 @@ def print_info_extra(info: dict) -> None:
         f"{'gflops':>16}: {info['gflops']} (multiply-adds at {info['gflops_input']}x{info['gflops_input']}, "
         f"{info['gflops_source']})"
     )
-    ws = info["weights"]
-    if not ws:
+    ws, tags = info["weights"], info.get("timm_tags", ())
+    if not ws and not tags:
         print(f"{'weights':>16}: none published (load your own file with vafunc.load_weights(model, path))")
-        return
     for i, w in enumerate(ws):
         t = w["transform"]
-        acc = f"acc@1 {w['acc1']:.3f} acc@5 {w['acc5']:.3f}" if w["acc1"] is not None else "acc n/a"
+        if "miou" in w:
+            acc = f"mIoU {w['miou']:.1f} pixel acc {w['pixel_acc']:.1f}"
+        else:
+            acc = f"acc@1 {w['acc1']:.3f} acc@5 {w['acc5']:.3f}" if w["acc1"] is not None else "acc n/a"
         tag = w["tag"] + (" (default)" if w["default"] else "")
         print(
             f"{'weights' if i == 0 else '':>16}{':' if i == 0 else ' '} {tag:<30} {acc:<28} "
-            f"{t['resize']}->{t['crop']} {t['interpolation']:<8} {w['file']}"
+            f"{t['resize']}->{t['crop'] or 'uncropped'} {t['interpolation']:<8} {w['file']}"
+        )
+    for i, t in enumerate(tags):  # vafunc.hub.pretrained("name.tag"), from the Hugging Face hub
+        tf = t["transform"]
+        tag = t["tag"] + (" (default)" if t["default"] else "")
+        print(
+            f"{'timm tags' if i == 0 else '':>16}{':' if i == 0 else ' '} {tag:<50} {tf['resize']}->{tf['crop']} "
+            f"{tf['interpolation']:<8} {t['hf_hub_id'] or 'not on the Hugging Face hub'}"
         )
 
 
@@ -383,10 +465,20 @@ def print_info_extra(info: dict) -> None:
 def add_parsers(sub) -> None:
     pp = sub.add_parser("predict", help="classify images with published or local weights")
     pp.add_argument("images", nargs="+", help="image files and/or folders of images")
-    pp.add_argument("--model", required=True, help="model name (vafunc list)")
-    pp.add_argument("--weights", default="DEFAULT", help="a tag (DEFAULT, IMAGENET1K_V2, ...) or a checkpoint path")
+    pp.add_argument("--model", default=None, help="model name (vafunc list); implied by a timm tag")
+    pp.add_argument(
+        "--weights",
+        default="DEFAULT",
+        help="a tag (DEFAULT, IMAGENET1K_V2, ...), a checkpoint path, or timm's name.tag (seresnet50.a1_in1k: "
+        "from the Hugging Face hub through its cache, HF_HOME)",
+    )
     pp.add_argument("--topk", type=int, default=5, help="how many classes to show per image (default 5)")
     pp.add_argument("--json", action="store_true", help="machine-readable output")
+    pp.add_argument(
+        "--out-dir",
+        default=None,
+        help="segmentation models: where the <image>.mask.png pictures go (default: beside each image)",
+    )
     pp.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
     pp.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, ...")
     pp.add_argument(

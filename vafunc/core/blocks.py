@@ -9,7 +9,10 @@ One implementation of each concept, for every family that uses it:
   ``fn(m, x, cout, *, ..., names=LAYOUT, drop_path=, rng=)``; their convolutions are the kit's
   ``m.conv_norm_act`` and their squeeze-and-excitation the kit's ``m.squeeze_excite``;
 * :func:`stages` -- the stage loop (stage ``i``, block ``j``, a feature tap after each, one
-  stochastic-depth key per block), and :func:`sequence`, its flat form.
+  stochastic-depth key per block), and :func:`sequence`, its flat form;
+* :func:`up_conv` and :func:`skip_cat` -- the U-Nets' expansive path (Ronneberger et al. 2015,
+  Fig. 1; MONAI's ``UpCat``): the 2x2 up-convolution and the skip concatenation, the two maps
+  brought to one size by a crop or a pad.
 
 Checkpoint layouts. The same block is stored under different names by different references;
 a :class:`Layout` says where each unit of a block keeps its tensors (``names=``):
@@ -35,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from vafunc.core.kit import Scope
@@ -55,6 +59,9 @@ __all__ = [
     "classifier",
     "transform_input",
     "drop_aux_remap",
+    "up_conv",
+    "skip_cat",
+    "SKIP_FITS",
 ]
 
 
@@ -454,3 +461,44 @@ def drop_aux_remap(prefixes: tuple[str, ...], head: str) -> Callable:
         return kept, [note]
 
     return remap
+
+
+# --------------------------------------------------------------------------- U-Net's expansive path
+
+
+def _up_conv(m: Scope, x: Tensor, cout: int, weight_init: tuple, bias_init: tuple) -> Tensor:
+    w = m.param("weight", (x.shape[1], cout, 2, 2), weight_init)
+    b = m.param("bias", (cout,), bias_init)
+    return F.conv_transpose2d(x, w, b, stride=2)
+
+
+def up_conv(
+    m: Scope, name: str, x: Tensor, cout: int, weight_init: tuple, bias_init: tuple = ("zeros",), *, tap: bool = False
+) -> Tensor:
+    """The 2x2 up-convolution at ``name`` (``nn.ConvTranspose2d(cin, cout, 2, stride=2)``: weight
+    ``[cin, cout, 2, 2]``, bias ``[cout]``): ``[N, cin, H, W] -> [N, cout, 2H, 2W]``, each output
+    pixel one kernel tap of one input pixel. ``weight_init``/``bias_init``: the family's
+    :meth:`Scope.param` init specs (the U-Net paper's normal, torch's default uniform)."""
+    spec = (("in_channels", x.shape[1]), ("out_channels", cout), ("kernel_size", 2), ("stride", 2))
+    return m.block(name, _up_conv, x, cout, weight_init, bias_init, tap=tap, module=("ConvTranspose2d", spec))
+
+
+#: how :func:`skip_cat` brings the skip and the up-sampled map to one size
+SKIP_FITS = ("crop", "zeros", "replicate")
+
+
+def skip_cat(skip: Tensor, up: Tensor, fit: str) -> Tensor:
+    """``[skip, up]`` along the channels (skip channels first), the maps brought to one size:
+    ``fit="crop"`` centre-crops the skip to the up-sampled map (the paper's unpadded U-Net, "copy
+    and crop"); ``"zeros"`` / ``"replicate"`` pad the up-sampled map to the skip's size where a
+    pooling floored an odd side (the extra pixel at the bottom/right: milesial's Pytorch-UNet pads
+    zeros, MONAI's ``UpCat`` replicates the edge)."""
+    if fit not in SKIP_FITS:
+        raise ValueError(f"fit must be one of {SKIP_FITS}, got {fit!r}")
+    dh, dw = skip.shape[-2] - up.shape[-2], skip.shape[-1] - up.shape[-1]
+    if fit == "crop":
+        skip = skip[..., dh // 2 : dh // 2 + up.shape[-2], dw // 2 : dw // 2 + up.shape[-1]]
+    elif dh or dw:
+        pad = [dw // 2, dw - dw // 2, dh // 2, dh - dh // 2]
+        up = F.pad(up, pad) if fit == "zeros" else F.pad(up, pad, mode="replicate")
+    return torch.cat([skip, up], 1)

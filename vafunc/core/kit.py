@@ -1,27 +1,24 @@
 """The architecture kit: a family is declared once, as one ``forward(m, cfg, x)`` function.
 
-The forward is written against a :class:`Scope` ``m``, which owns the parameter names. Each layer
-call names its parameters where it uses them (``m.conv("conv1", x, 64, 7, stride=2)``), in the
-manner of Flax's ``@nn.compact`` and Haiku's ``transform``. The same function then serves two
-purposes, so init and apply cannot drift:
+The forward is written against a :class:`Scope` ``m``, which owns the parameter names. Each layer call names its
+parameters where it uses them (``m.conv("conv1", x, 64, 7, stride=2)``), in the manner of Flax's ``@nn.compact`` and
+Haiku's ``transform``. The same function then serves two purposes, so init and apply cannot drift:
 
 * **init**: :func:`family` runs the forward once on a meta-device input, with a scope in *init
   mode*. Every layer call draws its tensors from the :class:`~vafunc.core.init.Initializer` (in call
   order, which is the reference's state_dict order) and computes on meta tensors, so shapes flow
   with no arithmetic done. Input channels are read off the incoming tensor and never repeated.
-* **apply**: the same forward runs with a scope in *apply mode*. Each call looks its tensors up
-  in the caller's ``params``/``state`` trees and runs the plain aten op. In train mode,
-  BatchNorm's new running statistics are collected in fresh dicts and merged into a new state
-  tree at the end (the caller's state is never touched). In eval mode the state is returned as
-  it came (``new_state is state``).
+* **apply**: the same forward runs with a scope in *apply mode*. Each call looks its tensors up in the caller's
+  ``params``/``state`` trees and runs the plain aten op. In train mode, BatchNorm's new running statistics are
+  collected in fresh dicts and merged into a new state tree at the end (the caller's state is never touched). In
+  eval mode the state is returned as it came (``new_state is state``).
 
 The rest follows from the same declaration:
 
-* **feature taps**: ``m.block(name, fn, x)`` runs ``fn`` in the child scope ``name`` and records
-  its output under the module path (``layer1.0``). ``m.tap(name, y)`` records a parameter-free
-  point (``maxpool``). Once every requested feature is recorded, the scope raises :class:`Done`,
-  which :func:`family`'s apply catches, so the head is never computed. This is plain Python
-  control flow, so ``torch.compile(fullgraph=True)`` traces it.
+* **feature taps**: ``m.block(name, fn, x)`` runs ``fn`` in the child scope ``name`` and records its output under
+  the module path (``layer1.0``). ``m.tap(name, y)`` records a parameter-free point (``maxpool``). Once every
+  requested feature is recorded, the scope raises :class:`Done`, which :func:`family`'s apply catches, so the head
+  is never computed. This is plain Python control flow, so ``torch.compile(fullgraph=True)`` traces it.
 * **parameter count**: from init on the meta device (``ModelDef.num_params``).
 * **valid input sizes**: :func:`min_size` probes the init-mode forward on meta inputs for the
   smallest square size every op accepts; layers that need divisible sizes (patch embeddings,
@@ -45,6 +42,7 @@ from torch import Tensor
 from vafunc.core import backends as B
 from vafunc.core import layers as L
 from vafunc.core import random as vrandom
+from vafunc.core import remat as R
 from vafunc.core.init import Initializer
 from vafunc.core.layers import activation, same_padding
 from vafunc.core.precision import Policy, check_policy, dtype_mismatch
@@ -93,6 +91,7 @@ class Ctx(NamedTuple):
     attention: L.AttentionImpl = "auto"
     low: B.Plain = B.PLAIN  # Plain, Taped (per-sample gradients) or Members (stacked members)
     fold: bool = False  # Policy.fold_norm (plain backend only): eval BatchNorm folded into the conv
+    remat: frozenset = frozenset()  # the paths of the blocks recomputed in the backward (vafunc.core.remat)
 
 
 _CTX = Ctx()
@@ -186,7 +185,11 @@ class Scope:
         ``(torch class name, keywords)`` (ViT's ``nn.MultiheadAttention``; ``fn`` is its pure
         lowering); ``sequential``, the block is an ``nn.Sequential`` although its children are
         named (ViT's ``encoder_layer_{i}``); children named ``0..n-1`` are detected."""
-        y = fn(self.child(name, rng), x, *args, **kw)
+        y = (  # apply(..., remat=): a listed block is recomputed in the backward (vafunc.core.remat)
+            R.run_block(self, name, fn, x, args, kw, rng)
+            if self.ctx.remat and self.taps is None and self.path + name in self.ctx.remat
+            else fn(self.child(name, rng), x, *args, **kw)
+        )
         return self.tap(name, y) if tap else y
 
     def tap(self, name: str, y: Tensor) -> Tensor:
@@ -354,6 +357,11 @@ class Scope:
             return F.group_norm(x, groups, p["weight"], p["bias"], eps)
         p = self.p[name]
         return self.ctx.low.group_norm(x, groups, p["weight"], p["bias"], eps)
+
+    def instance_norm(self, name: str, x: Tensor, *, eps: float = 1e-5) -> Tensor:
+        """InstanceNorm, affine (weight 1, bias 0) at ``name``: :func:`vafunc.core.layers.instance_norm`."""
+        p = self.p[name] if self.ini is None else self._create(name, lambda ini: ini.layer_norm(x.shape[1]))
+        return L.instance_norm(x, p["weight"], p["bias"], eps, group_norm=self.ctx.low.group_norm)
 
     def norm(
         self, name: str, x: Tensor, *, eps: float | None = None, momentum: float | None = None, zero_init: bool = False
@@ -601,6 +609,7 @@ def family(
     defaults: Callable[[Any], dict] | dict | None = None,
     in_channels: Callable[[Any], int] = lambda cfg: getattr(cfg, "in_channels", 3),
     max_size: Callable[[Any], int | None] = lambda cfg: None,
+    intermediates: Callable | None = None,
 ) -> Family:
     """Declare a family from its one ``forward(m, cfg, x, **kw)``.
 
@@ -608,7 +617,8 @@ def family(
     "linear": scheme, "eps": 1e-5, "momentum": 0.1}`` (a dict, or a function of the config).
     ``init_size``: a square input size the network accepts, used to run init on meta tensors.
     ``max_size(cfg)``: the largest input side, where there is one (it cannot be probed).
-    Extra keywords of ``forward`` (``aux=True``) pass through ``apply``.
+    ``intermediates``: :meth:`vafunc.core.registry.ModelDef.intermediates` for token networks.
+    Extra keywords of ``forward`` (``aux=True``) pass through ``apply``; ``remat=``: :mod:`vafunc.core.remat`.
     """
 
     def scope_defaults(cfg: Any) -> dict:
@@ -639,6 +649,7 @@ def family(
         policy: Policy | None = None,
         attention: L.AttentionImpl = "auto",
         backend: B.Plain | None = None,
+        remat: str | Sequence[str] | None = None,
         **kw: Any,
     ) -> tuple[Tensor | None, dict]:
         policy = check_policy(policy)
@@ -658,13 +669,24 @@ def family(
             ctx = Ctx(None, attention, low)
         if attention not in L.ATTENTION_IMPLS:
             raise ValueError(f"attention must be one of {L.ATTENTION_IMPLS}, got {attention!r}")
-        m = Scope(params, state, train=train, rng=rng, taps=taps, defaults=scope_defaults(cfg), ctx=ctx)
+        m = Scope(
+            params,
+            state,
+            train=train,
+            rng=rng,
+            taps=taps,
+            defaults=scope_defaults(cfg),
+            ctx=ctx if remat is None else ctx._replace(remat=R.plan(fam, cfg, remat, Scope)),  # vafunc.core.remat
+        )
         try:
             y = forward(m, cfg, x, **kw)
         except Done:
             y = None
         if policy is not None:
-            y = None if y is None else y.to(policy.output)
+            if isinstance(y, dict):  # segmentation models: {"out", "aux"}
+                y = {k: v.to(policy.output) for k, v in y.items()}
+            elif y is not None:
+                y = y.to(policy.output)
             if taps is not None:
                 for k, v in taps.got.items():
                     taps.got[k] = v.to(policy.output) if v.is_floating_point() else v
@@ -683,6 +705,7 @@ def family(
         multiple=lambda cfg: size_multiple(fam, cfg),
         max_size=max_size,
         declaration=Declaration(forward, scope_defaults),
+        intermediates=intermediates,
     )
     return fam
 

@@ -79,6 +79,9 @@ class Family:
     max_size: Callable[[Any], int | None] = field(default=lambda cfg: None, compare=False, repr=False)
     #: a kit family's ``vafunc.core.kit.Declaration`` (its forward and scope defaults)
     declaration: Any = field(default=None, compare=False, repr=False)
+    #: ``intermediates(model, params, state, x, indices, **kw) -> list``: timm's
+    #: ``forward_intermediates(..., intermediates_only=True)`` (token networks; None: not offered)
+    intermediates: Callable | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -91,12 +94,16 @@ class Entry:
     paper: str
     notes: str = ""
     extra: tuple = ()  # other facts, e.g. ("input_convention", "BGR 0-255 ...")
+    #: what the model predicts: ``"classification"`` (logits ``[N, classes]``) or ``"segmentation"``
+    #: (per-pixel logits ``[N, classes, H, W]``; torchvision's builders return ``{"out", "aux"}``)
+    task: str = "classification"
 
     @property
     def metadata(self) -> dict:
         return {
             "name": self.name,
             "family": self.family.name,
+            "task": self.task,
             "params": self.params,
             "reference": str(self.reference) if self.reference else None,
             "paper": self.paper,
@@ -106,6 +113,8 @@ class Entry:
 
 
 _REGISTRY: dict[str, Entry] = {}
+#: the tasks a registered model can have (``Entry.task``)
+TASKS = ("classification", "segmentation")
 
 
 def register(
@@ -117,6 +126,7 @@ def register(
     paper: str | None = None,
     notes: str = "",
     extra: Mapping[str, Any] | None = None,
+    task: str = "classification",
     **defaults,
 ) -> Entry:
     """Register model ``name`` of ``family`` with its config ``defaults`` (fields of the family's
@@ -125,6 +135,8 @@ def register(
     Families call it at import; a name can be registered once."""
     if name in _REGISTRY:
         raise ValueError(f"model {name!r} is already registered")
+    if task not in TASKS:
+        raise ValueError(f"{name}: task must be one of {TASKS}, got {task!r}")
     fields = {f.name for f in dataclasses.fields(family.config)}
     bad = sorted(set(defaults) - fields)
     if bad:
@@ -138,6 +150,7 @@ def register(
         paper if paper is not None else family.paper,
         notes,
         tuple((extra or {}).items()),
+        task,
     )
     _REGISTRY[name] = entry
     return entry
@@ -396,6 +409,38 @@ class ModelDef:
         check_device(x, params, name=self.name)
         _, new_state = self.family.apply(self.config, params, state, x, train=train, rng=rng, taps=taps, **kw)
         return {n: taps.got[n] for n in names}, new_state
+
+    def intermediates(
+        self,
+        params,
+        state,
+        x,
+        indices=None,
+        *,
+        norm: bool = False,
+        output_fmt: str = "NCHW",
+        return_prefix_tokens: bool = False,
+        **kw,
+    ) -> list:
+        """Dense block outputs as timm's ``forward_intermediates(x, indices, norm=, output_fmt=,
+        return_prefix_tokens=, intermediates_only=True)``: ``indices`` an int (the last n blocks),
+        block indices (negative from the end) or None (all); each output ``[N, D, h, w]``
+        (``"NCHW"``) or ``[N, h * w, D]`` (``"NLC"``), the class / register / distillation tokens
+        split off (returned beside each with ``return_prefix_tokens``); stops after the last block
+        needed, as :meth:`features`. ``policy=``/``attention=`` as in :meth:`apply`."""
+        if self.family.intermediates is None:
+            raise TypeError(f"{self.name}: intermediates() is offered by token networks (the timm_vit family)")
+        return self.family.intermediates(
+            self,
+            params,
+            state,
+            x,
+            indices,
+            norm=norm,
+            output_fmt=output_fmt,
+            return_prefix_tokens=return_prefix_tokens,
+            **kw,
+        )
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict_shapes(self) -> dict[str, tuple[int, ...]]:

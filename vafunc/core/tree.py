@@ -23,6 +23,8 @@ __all__ = [
     "stack",
     "unstack",
     "count_params",
+    "interpolate",
+    "average",
 ]
 
 #: Leaf names that are state (BatchNorm buffers), not trainable parameters.
@@ -160,3 +162,63 @@ def unstack(tree: Mapping, dim: int = 0) -> list[dict]:
 def count_params(params: Mapping) -> int:
     """The number of scalars in a parameter tree (every leaf's ``numel``)."""
     return sum(int(v.numel()) for v in tree_leaves(params))
+
+
+def _same_names(trees: list[Mapping], what: str) -> list[dict[str, torch.Tensor]]:
+    flats = [flatten(t) for t in trees]
+    for i, f in enumerate(flats[1:], 1):
+        if list(f) != list(flats[0]):
+            missing = sorted(set(flats[0]) - set(f))
+            extra = sorted(set(f) - set(flats[0]))
+            raise ValueError(f"{what}: tree {i} differs from tree 0: missing {missing}, extra {extra}")
+        for k, v in f.items():
+            if v.shape != flats[0][k].shape:
+                raise ValueError(f"{what}: {k} is {list(flats[0][k].shape)} in tree 0, {list(v.shape)} in tree {i}")
+    return flats
+
+
+def interpolate(a: Mapping, b: Mapping, t: float | torch.Tensor) -> dict:
+    """The point ``(1 - t) * a + t * b`` on the line through two trees of the same structure
+    (``t = 0``: ``a``, ``t = 1``: ``b``; outside ``[0, 1]`` extrapolates). Floating leaves are
+    interpolated (``torch.lerp``, in the leaf's dtype); integer leaves, BatchNorm's
+    ``num_batches_tracked`` and index tables, are taken from ``a``. ``t`` may be a tensor (for
+    ``torch.func`` transforms over it). The running statistics of an interpolated network are
+    not those of its weights: recompute them with :func:`vafunc.training.train.recalibrate_batch_norm`."""
+    fa, fb = _same_names([a, b], "interpolate")
+    out = {}
+    for k, va in fa.items():
+        vb = fb[k]
+        if va.is_floating_point() or va.is_complex():
+            w = t if isinstance(t, (int, float)) else torch.as_tensor(t, dtype=va.dtype, device=va.device)
+            out[k] = torch.lerp(va, vb.to(va.dtype), w)
+        else:
+            out[k] = va
+    return unflatten(out)
+
+
+def average(trees: Iterable[Mapping], weights: Iterable[float] | torch.Tensor | None = None) -> dict:
+    """The weighted mean of trees of the same structure (a model soup, stochastic weight
+    averaging): ``sum_i w_i * tree_i / sum_i w_i``, uniform weights by default. Floating leaves are
+    averaged (accumulated in at least float32); integer leaves (``num_batches_tracked``, index
+    tables) are taken from the first tree. Weights must be non-negative with a positive sum. As
+    with :func:`interpolate`, recompute BatchNorm statistics afterwards
+    (:func:`vafunc.training.train.recalibrate_batch_norm`)."""
+    trees = list(trees)
+    if not trees:
+        raise ValueError("average needs at least one tree, got none")
+    flats = _same_names(trees, "average")
+    w = torch.ones(len(trees), dtype=torch.float64) if weights is None else torch.as_tensor(weights).double()
+    if w.shape != (len(trees),):
+        raise ValueError(f"average: expected {len(trees)} weights (one per tree), got shape {list(w.shape)}")
+    if bool((w < 0).any()) or not float(w.sum()) > 0:
+        raise ValueError(f"average: weights must be non-negative with a positive sum, got {w.tolist()}")
+    w = (w / w.sum()).tolist()
+    out = {}
+    for k, v0 in flats[0].items():
+        if not (v0.is_floating_point() or v0.is_complex()):
+            out[k] = v0
+            continue
+        acc_dtype = torch.promote_types(v0.dtype, torch.float32)
+        acc = sum(f[k].to(acc_dtype) * wi for f, wi in zip(flats, w))
+        out[k] = acc.to(v0.dtype)
+    return unflatten(out)

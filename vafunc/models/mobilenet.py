@@ -190,13 +190,26 @@ def forward_v2(m: Scope, cfg: MobileNetV2Config, x: Tensor) -> Tensor:
 
 
 def features(
-    m: Scope, x: Tensor, stem: int, blocks: tuple, last: int, block: Callable[..., Tensor], act: str
-) -> Tensor:
+    m: Scope,
+    x: Tensor,
+    stem: int,
+    blocks: tuple,
+    last: int,
+    block: Callable[..., Tensor],
+    act: str,
+    keep: int | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
     """torchvision's ``features`` of MobileNetV2/V3: the stem ``0``, the blocks ``1..n`` and the
-    head conv ``n+1``."""
+    head conv ``n+1``. ``keep=i``: also return the output of ``features.i`` (a block), as
+    ``(output, kept)`` (the segmentation models' low-level features)."""
     y = m.block("0", Scope.conv_norm_act, x, stem, 3, stride=2, act=act)
-    y = B.sequence(m, y, blocks, block, start=1)
-    return m.block(str(len(blocks) + 1), Scope.conv_norm_act, y, last, 1, act=act)
+    if keep is None:
+        y = B.sequence(m, y, blocks, block, start=1)
+    else:
+        kept = y = B.sequence(m, y, blocks[:keep], block, start=1)
+        y = B.sequence(m, y, blocks[keep:], block, start=keep + 1, index=keep)
+    y = m.block(str(len(blocks) + 1), Scope.conv_norm_act, y, last, 1, act=act)
+    return y if keep is None else (y, kept)
 
 
 FAMILY_V2 = family("mobilenet_v2", MobileNetV2Config, forward_v2, paper=PAPER_V2, defaults={"linear": ("normal", 0.01)})

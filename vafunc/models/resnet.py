@@ -26,11 +26,14 @@ CBAM-ResNet (paper Fig. 3): the same place holds timm's ``CbamModule`` (``attn_l
 ``se.channel.fc1/fc2`` (1x1 convs with bias, timm's ``mlp_bias=True``; reduction 16,
 ``make_divisible(c / 16, 1, round_limit=0)``) over the spatial mean and max, then the spatial gate
 ``se.spatial.conv.conv/bn`` (a 7x7 conv without bias and a BatchNorm) over the channel mean and
-max. The init is the SE variants' (the spatial BatchNorm weight 1).
+max. The init is the SE variants' (the spatial BatchNorm weight 1). pytorchcv's ``cbam_resnet50``
+checkpoints (the official CBAM code's layout: linear MLP layers, the spatial gate over ``[max, mean]``)
+load through :func:`remap`.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -237,13 +240,83 @@ def forward(m: Scope, cfg: ResNetConfig, x: Tensor) -> Tensor:
     (``drop_rate``); block ``b`` (counted over all stages) draws its stochastic depth from
     ``fold_in(m.key(1), b)``.
     """
+    y = body(m, cfg, x)[-1]
+    return m.head(y, cfg.num_classes, rate=cfg.drop_rate, rng=m.key(0) if cfg.drop_rate else None)
+
+
+def body(m: Scope, cfg: ResNetConfig, x: Tensor) -> list[Tensor]:
+    """The network without its head: the stem and the four stages, ``[layer1, .., layer4]``'s
+    outputs (what torchvision's segmentation models read through ``IntermediateLayerGetter``)."""
     act = "act1" if cfg.attn_layer or cfg.norm == "group" else "relu"
     y = m.tap(act, m.conv_norm_act(x, 64, 7, conv="conv1", norm="bn1", act="relu", act_name=act, stride=2, padding=3))
     y = m.op("maxpool", L.max_pool2d, y, 3, 2, 1)
     k_blocks = m.key(1) if cfg.drop_path_rate else None
+    outs = []
     for i, blocks in enumerate(plan(cfg)):
         y = m.block(f"layer{i + 1}", stage, y, blocks, cfg, rng=k_blocks)
-    return m.head(y, cfg.num_classes, rate=cfg.drop_rate, rng=m.key(0) if cfg.drop_rate else None)
+        outs.append(y)
+    return outs
+
+
+# --------------------------------------------------------------------------- pytorchcv's CBAM-ResNet checkpoints
+
+#: pytorchcv's CBAM-ResNet names (a unit ``features.stage{s}.unit{u}`` is ``layer{s}.{u - 1}``) -> timm's
+_PTCV_UNIT = re.compile(r"^features\.stage(\d+)\.unit(\d+)\.(.+)$")
+_PTCV_PARTS = (
+    (re.compile(r"^body\.conv(\d)\.conv\.(.+)$"), r"conv\1.\2"),
+    (re.compile(r"^body\.conv(\d)\.bn\.(.+)$"), r"bn\1.\2"),
+    (re.compile(r"^identity_conv\.conv\.(.+)$"), r"downsample.0.\1"),
+    (re.compile(r"^identity_conv\.bn\.(.+)$"), r"downsample.1.\1"),
+    (re.compile(r"^cbam\.ch_gate\.mlp\.(fc[12])\.(.+)$"), r"se.channel.\1.\2"),
+    (re.compile(r"^cbam\.sp_gate\.conv\.(conv|bn)\.(.+)$"), r"se.spatial.conv.\1.\2"),
+)
+_PTCV_TOP = (("features.init_block.conv.conv.", "conv1."), ("features.init_block.conv.bn.", "bn1."), ("output.", "fc."))
+
+
+def _pytorchcv_name(k: str) -> str | None:
+    for old, new in _PTCV_TOP:
+        if k.startswith(old):
+            return new + k[len(old) :]
+    m = _PTCV_UNIT.match(k)
+    if m is None:
+        return None
+    for pattern, repl in _PTCV_PARTS:
+        if pattern.match(m.group(3)):
+            return f"layer{m.group(1)}.{int(m.group(2)) - 1}." + pattern.sub(repl, m.group(3))
+    return None
+
+
+def remap(cfg: ResNetConfig, flat: dict) -> tuple[dict, list[str]]:
+    """Translate pytorchcv's CBAM-ResNet checkpoints (``cbam_resnet50``, whose trained weights
+    pytorchcv publishes; the official CBAM code's layout) to timm's names: ``features.stage{s}.unit{u}``
+    -> ``layer{s}.{u - 1}``, ``body.conv{k}.{conv,bn}`` -> ``conv{k}``/``bn{k}``, ``identity_conv`` ->
+    ``downsample.{0,1}``, ``cbam.ch_gate.mlp.fc{1,2}`` -> ``se.channel.fc{1,2}`` (the linear
+    ``[out, in]`` weights reshaped to 1x1 convs ``[out, in, 1, 1]``), ``cbam.sp_gate.conv`` ->
+    ``se.spatial.conv`` (the 7x7 weight's two input channels swapped: pytorchcv stacks the channel
+    ``[max, mean]``, timm ``[mean, max]``), the stem to ``conv1``/``bn1`` and ``output`` to ``fc``.
+
+    Applies only to ``attn_layer="cbam"`` models and checkpoints with pytorchcv's stem
+    (``features.init_block.conv.conv.weight``); keys it cannot place stay as they are, so the strict
+    load lists them. Returns ``(flat, notes)``."""
+    if cfg.attn_layer != "cbam" or "features.init_block.conv.conv.weight" not in flat:
+        return flat, []
+    out, renamed = {}, 0
+    for k, v in flat.items():
+        new = _pytorchcv_name(k)
+        if new is None:
+            out[k] = v
+            continue
+        if ".se.channel.fc" in new and new.endswith(".weight") and v.dim() == 2:
+            v = v.reshape(*v.shape, 1, 1)
+        elif new.endswith(".se.spatial.conv.conv.weight") and v.dim() == 4 and v.shape[1] == 2:
+            v = v.flip(1)  # [max, mean] -> [mean, max]
+        out[new], renamed = v, renamed + 1
+    note = (
+        f"translated {renamed} pytorchcv CBAM-ResNet keys to timm's layout ('features.stage1.unit1.body.conv1.conv' "
+        "-> 'layer1.0.conv1', 'cbam.ch_gate.mlp' -> 'se.channel' as 1x1 convs, 'cbam.sp_gate' -> 'se.spatial' "
+        "with its [max, mean] input channels swapped, ...)"
+    )
+    return out, [note]
 
 
 FAMILY = family(
@@ -252,6 +325,7 @@ FAMILY = family(
     forward,
     paper=PAPER,
     defaults=lambda cfg: {"norm": cfg.norm, "norm_groups": cfg.norm_groups},
+    remap=remap,
 )
 
 _RESNEXT = "Xie et al. 2017, Aggregated Residual Transformations for Deep Neural Networks, arXiv:1611.05431"

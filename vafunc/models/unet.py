@@ -43,11 +43,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from vafunc.core import layers as L
+from vafunc.core.blocks import skip_cat, up_conv
 from vafunc.core.kit import Scope, family
 from vafunc.core.registry import check_config, register
 
@@ -117,26 +116,6 @@ def double_conv(m: Scope, x: Tensor, cout: int, cfg: UNetConfig) -> Tensor:
     return x
 
 
-def up_conv(m: Scope, x: Tensor, cout: int) -> Tensor:
-    """The 2x2 up-convolution (``nn.ConvTranspose2d(cin, cout, 2, stride=2)``, weight
-    ``[cin, cout, 2, 2]``): ``[N, cin, H, W] -> [N, cout, 2H, 2W]``."""
-    cin = x.shape[1]
-    w = m.param("weight", (cin, cout, 2, 2), ("normal", math.sqrt(2.0 / cin)))
-    b = m.param("bias", (cout,), ("zeros",))
-    return F.conv_transpose2d(x, w, b, stride=2)
-
-
-def merge(skip: Tensor, up: Tensor, cfg: UNetConfig) -> Tensor:
-    """``[skip, up]`` along the channels: the skip centre-cropped to the up-sampled map (unpadded),
-    or the up-sampled map zero-padded to the skip's size (``padding="same"``)."""
-    dh, dw = skip.shape[-2] - up.shape[-2], skip.shape[-1] - up.shape[-1]
-    if cfg.padding == "valid":
-        skip = skip[..., dh // 2 : dh // 2 + up.shape[-2], dw // 2 : dw // 2 + up.shape[-1]]
-    elif dh or dw:
-        up = F.pad(up, [dw // 2, dw - dw // 2, dh // 2, dh - dh // 2])
-    return torch.cat([skip, up], 1)
-
-
 def forward(m: Scope, cfg: UNetConfig, x: Tensor) -> Tensor:
     """``x [N, C, H, W] -> class scores [N, num_classes, H', W']`` (``H' = H`` with
     ``padding="same"``; :func:`output_size` unpadded)."""
@@ -147,21 +126,11 @@ def forward(m: Scope, cfg: UNetConfig, x: Tensor) -> Tensor:
         skips.append(x)
         x = m.op(f"pool{i}", L.max_pool2d, x, 2, 2)
     x = m.block(f"enc{n}", double_conv, x, cfg.widths[-1], cfg)
+    fit = "crop" if cfg.padding == "valid" else "zeros"
     for i in range(n - 1, 0, -1):
         width = cfg.widths[i - 1]
-        cin = x.shape[1]
-        up = m.block(
-            f"up{i}",
-            up_conv,
-            x,
-            width,
-            tap=False,
-            module=(
-                "ConvTranspose2d",
-                (("in_channels", cin), ("out_channels", width), ("kernel_size", 2), ("stride", 2)),
-            ),
-        )
-        x = m.block(f"dec{i}", double_conv, merge(skips[i - 1], up, cfg), width, cfg)
+        up = up_conv(m, f"up{i}", x, width, ("normal", math.sqrt(2.0 / x.shape[1])))  # std sqrt(2 / N), N = cin
+        x = m.block(f"dec{i}", double_conv, skip_cat(skips[i - 1], up, fit), width, cfg)
     return m.conv("head", x, cfg.num_classes, 1, bias=True)
 
 
@@ -172,6 +141,7 @@ register(
     FAMILY,
     params=31_030_658,
     reference=None,
+    task="segmentation",
     paper=PAPER,
     notes="Fig. 1: unpadded convs, 572x572 -> 388x388; padding='same', norm='batch': the padded BatchNorm variant",
 )

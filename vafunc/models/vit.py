@@ -42,6 +42,7 @@ from torch import Tensor
 from vafunc.core.init import Initializer
 from vafunc.core.kit import Scope, family
 from vafunc.core.registry import Reference, check_config, register
+from vafunc.models._tokens import intermediates_of, resample_position_embedding
 
 PAPER = "Dosovitskiy et al. 2021, An Image is Worth 16x16 Words, arXiv:2010.11929"
 
@@ -128,12 +129,7 @@ def position_embedding(pos: torch.Tensor, grid: tuple[int, ...], stored: int) ->
     """The stored ``[1, 1 + stored^2, D]`` embedding for a ``grid = (gh, gw)`` patch grid:
     unchanged when the grid is the stored one, else the patch part resampled bicubically
     (``align_corners=True``) to ``gh x gw``, the class token's part kept."""
-    if grid == (stored, stored):
-        return pos
-    cls, img = pos[:, :1], pos[:, 1:]
-    img = einops.rearrange(img, "b (h w) d -> b d h w", h=stored, w=stored)
-    img = F.interpolate(img, size=grid, mode="bicubic", align_corners=True)
-    return torch.cat([cls, einops.rearrange(img, "b d h w -> b (h w) d")], 1)
+    return resample_position_embedding(pos, grid, (stored, stored), 1, align_corners=True)
 
 
 torch.fx.wrap("position_embedding")  # one node under FX: the grid is read off the input's shape
@@ -242,7 +238,29 @@ def _pre_logits_init(ini: Initializer, fin: int, fout: int, bias: bool = True) -
     }
 
 
-FAMILY = family("vit", ViTConfig, forward, paper=PAPER, init_size=lambda cfg: cfg.image_size)
+def intermediates(model, params: dict, state: dict, x: Tensor, indices=None, **kw) -> list:
+    """timm's ``forward_intermediates(..., intermediates_only=True)`` over the encoder blocks
+    ``encoder.layers.encoder_layer_{i}`` (``norm=True``: the final ``encoder.ln``), the class token
+    split off (:meth:`vafunc.core.registry.ModelDef.intermediates`)."""
+    cfg = model.config
+    return intermediates_of(
+        model,
+        params,
+        state,
+        x,
+        indices,
+        depth=cfg.num_layers,
+        patch=cfg.patch_size,
+        prefix=1,
+        norm_layer=("encoder.ln", 1e-6),
+        names="encoder.layers.encoder_layer_{}",
+        **kw,
+    )
+
+
+FAMILY = family(
+    "vit", ViTConfig, forward, paper=PAPER, init_size=lambda cfg: cfg.image_size, intermediates=intermediates
+)
 
 #: Table 1 of the paper, with torchvision's parameter counts (1000 classes, 224 x 224).
 VARIANTS = {

@@ -81,6 +81,19 @@ def _member_inputs(x: torch.Tensor, n: int) -> tuple[torch.Tensor, bool]:
     )
 
 
+def map_outputs(fn, y):
+    """``fn`` over a model's output: the logits tensor, or each tensor of a segmentation model's
+    dict (``{"out", "aux"}``)."""
+    return {k: fn(v) for k, v in y.items()} if isinstance(y, dict) else fn(y)
+
+
+def stack_outputs(outs: list):
+    """The members' outputs stacked on a new axis 0 (each entry of dict outputs)."""
+    if isinstance(outs[0], dict):
+        return {k: torch.stack([o[k] for o in outs]) for k in outs[0]}
+    return torch.stack(outs)
+
+
 def ensemble_apply(model, params, state, x, *, train: bool = False, rng=None, method: str = "auto", **kw):
     """All members on ``x``: ``-> (logits [N, B, classes], new_state)`` (state stacked like the input).
 
@@ -110,7 +123,7 @@ def ensemble_apply(model, params, state, x, *, train: bool = False, rng=None, me
         logits, new_state = model.apply(
             params, state, xb, train=train, rng=keys, backend=Members(n, shared_input=not per_member), **kw
         )
-        return logits.view(n, -1, *logits.shape[1:]), (new_state if train else state)
+        return map_outputs(lambda t: t.view(n, -1, *t.shape[1:]), logits), (new_state if train else state)
     if method != "loop":
         raise ValueError(f"method must be 'auto', 'batched', 'loop' or 'vmap', got {method!r}")
     outs, states = [], []
@@ -119,5 +132,5 @@ def ensemble_apply(model, params, state, x, *, train: bool = False, rng=None, me
         out, ns = model.apply(p, s, x[i] if per_member else x, train=train, rng=None if keys is None else keys[i], **kw)
         outs.append(out)
         states.append(ns)
-    logits = torch.stack(outs)
+    logits = stack_outputs(outs)
     return logits, (vtree.stack(states) if train else state)

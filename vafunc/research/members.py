@@ -313,6 +313,7 @@ def covers(model) -> bool:
             with torch._C._DisableFuncTorch(), torch.no_grad():
                 for train in (False, True):
                     y, _ = model.apply(params, state, x, train=train, rng=keys if train else None, backend=Members(2))
+                    y = y["out"] if isinstance(y, dict) else y  # segmentation models: {"out", "aux"}
                     if y is None or y.shape[0] != 4:
                         raise NotCovered("output")
             ok = True

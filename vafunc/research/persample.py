@@ -338,6 +338,8 @@ class Tape:
 
 def _per_sample_losses(loss_fn: Callable[[Tensor, Tensor], Tensor], logits: Tensor, y: Tensor) -> Tensor:
     """``[loss_fn(logits[i:i+1], y[i:i+1]) for i]`` as one ``[B]`` tensor."""
+    if isinstance(logits, dict):  # a segmentation model's {"out", "aux"}
+        return torch.vmap(lambda o, t: loss_fn({k: v[None] for k, v in o.items()}, t[None]))(logits, y)
     return torch.vmap(lambda o, t: loss_fn(o[None], t[None]))(logits, y)
 
 

@@ -254,8 +254,11 @@ def resize(
 
 def center_crop(x: torch.Tensor, size) -> torch.Tensor:
     """The central ``size`` x ``size`` (or ``(h, w)``) window of ``[..., H, W]``; images smaller than
-    the crop are zero-padded first (torchvision's rule, including its rounding of the offsets)."""
+    the crop are zero-padded first (torchvision's rule, including its rounding of the offsets).
+    ``size=None``: no crop (the segmentation models' evaluation: the whole resized image)."""
     _check_image(x, "center_crop")
+    if size is None:
+        return x
     ch, cw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[-1]))
     h, w = x.shape[-2:]
     if ch > h or cw > w:
@@ -307,7 +310,7 @@ class Transform:
     """
 
     resize_size: int
-    crop_size: int
+    crop_size: int | None  # None: no crop (torchvision's SemanticSegmentation preset)
     interpolation: str = "bilinear"
     mean: tuple = IMAGENET_MEAN
     std: tuple = IMAGENET_STD
@@ -377,6 +380,7 @@ class Transform:
         scale = "0-255" if self.input_scale == 255 else "0-1" if self.input_scale == 1 else f"0-{self.input_scale:g}"
         return (
             f"resize shorter side to {self.resize_size} ({self.interpolation}, antialiased, {self.method}), "
-            f"center crop {self.crop_size}, {self.channel_order} {scale}, "
+            + ("no crop, " if self.crop_size is None else f"center crop {self.crop_size}, ")
+            + f"{self.channel_order} {scale}, "
             f"mean {list(self.mean)}, std {list(self.std)}"
         )

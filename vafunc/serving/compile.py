@@ -208,6 +208,8 @@ class CompiledModel:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         out, _ = self.model.apply(self._params, self._state, x, train=False, **self._apply_kw)
+        if isinstance(out, dict):  # a segmentation model's {"out", "aux"}
+            return {k: v.to(out_dtype) for k, v in out.items()}
         return out.to(out_dtype)
 
     def _check(self, x) -> None:

@@ -73,7 +73,14 @@ def for_weights(model: Any, tag: str = "DEFAULT", *, method: str = "pil") -> Tra
     """The evaluation transform of a published checkpoint (:func:`vafunc.hub.get_weights`).
 
     ``model``: a model name, a :class:`vafunc.ModelDef` or a :class:`vafunc.hub.Weights`; ``tag``:
-    ``"DEFAULT"``, ``"IMAGENET1K_V2"``, ...
+    ``"DEFAULT"``, ``"IMAGENET1K_V2"``, ... ``model`` may also be timm's ``"name.tag"``
+    (``"seresnet50.a1_in1k"``): the transform timm builds from that tag's pretrained config.
     """
+    from vafunc.io.hub import timm_hub
+
+    if tag == "DEFAULT" and timm_hub.is_timm_tag(model):
+        model = timm_hub.get_timm_tag(model)
+    if isinstance(model, timm_hub.TimmTag):
+        return model.transforms(method=method)
     w = model if isinstance(model, Weights) else get_weights(model, tag)
     return w.transforms(method=method)

@@ -25,19 +25,62 @@ import torch.nn.functional as F
 
 from vafunc.core import random as vrandom
 from vafunc.core import tree as vtree
-from vafunc.research.ensemble import ensemble_size, member_keys
+from vafunc.research.ensemble import ensemble_size, map_outputs, member_keys
 from vafunc.research.members import Members
 from vafunc.research.members import prefer as members_prefer
+from vafunc.training.recalibrate import recalibrate_batch_norm
 
-__all__ = ["make_train_step", "make_dp_train_step", "cross_entropy", "accuracy"]
+__all__ = [
+    "make_train_step",
+    "make_dp_train_step",
+    "recalibrate_batch_norm",
+    "cross_entropy",
+    "segmentation_loss",
+    "accuracy",
+]
 
 
-def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+#: the label of pixels that no loss or score counts (VOC's object boundaries)
+IGNORE_INDEX = 255
+
+
+def cross_entropy(logits: torch.Tensor | dict[str, torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+    """The default loss: cross entropy of logits ``[N, C]``; dense logits (``[N, C, H, W]`` against
+    labels ``[N, H, W]``) and a segmentation model's dict ``{"out", "aux"}`` get
+    :func:`segmentation_loss` (pixels labelled ``IGNORE_INDEX`` not counted)."""
+    if isinstance(logits, dict) or logits.dim() > 2:
+        return segmentation_loss(logits, y)
     return F.cross_entropy(logits, y)
 
 
-def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return (logits.argmax(-1) == y).float().mean()
+def segmentation_loss(
+    logits: dict[str, torch.Tensor] | torch.Tensor,
+    y: torch.Tensor,
+    *,
+    ignore_index: int = IGNORE_INDEX,
+    aux_weight: float = 0.5,
+) -> torch.Tensor:
+    """torchvision's segmentation recipe: per-pixel cross entropy of ``out`` (``[N, C, H, W]``
+    against labels ``[N, H, W]``), pixels labelled ``ignore_index`` not counted, plus
+    ``aux_weight`` times that of ``aux`` where the model has an auxiliary head."""
+    if not isinstance(logits, dict):
+        return F.cross_entropy(logits, y, ignore_index=ignore_index)
+    loss = F.cross_entropy(logits["out"], y, ignore_index=ignore_index)
+    if "aux" in logits:
+        loss = loss + aux_weight * F.cross_entropy(logits["aux"], y, ignore_index=ignore_index)
+    return loss
+
+
+def accuracy(logits: torch.Tensor | dict[str, torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+    """Top-1 accuracy; per pixel for dense logits (``out`` of a dict), over the pixels whose label
+    is a class (not ``ignore_index``)."""
+    if isinstance(logits, dict):
+        logits = logits["out"]
+    hit = logits.argmax(1) == y
+    if logits.dim() <= 2:
+        return hit.float().mean()
+    keep = (y >= 0) & (y < logits.shape[1])
+    return (hit & keep).sum() / keep.sum().clamp(min=1)
 
 
 def make_train_step(
@@ -52,6 +95,7 @@ def make_train_step(
     sync_state: bool = False,
     donate: bool = False,
     policy=None,
+    remat=None,
 ):
     """Return ``step(params, state, opt_state, x, y, rng=None) -> (params, state, opt_state, metrics)``.
 
@@ -74,11 +118,17 @@ def make_train_step(
     On Linux, an ensemble's stacked gradients are large blocks that glibc maps and faults in afresh
     every step; :func:`vafunc.serving.memory.set_malloc_thresholds` (an explicit, process-wide opt-in)
     lets them be reused (see benchmarks/README.md for the figures).
+
+    ``remat``: ``"blocks"`` or a list of block paths, recomputed in the backward instead of stored
+    (``model.apply(..., remat=)``, :mod:`vafunc.core.remat`): less memory for about one more forward;
+    every gradient path and ensemble lowering takes it.
     """
     from vafunc.core.precision import check_policy
 
     policy = check_policy(policy)
     fwd_kw = {} if policy is None else {"policy": policy}
+    if remat is not None:
+        fwd_kw["remat"] = remat
     if ensemble_method not in ("auto", "batched", "loop", "vmap"):
         raise ValueError(f"ensemble_method must be 'auto', 'batched', 'loop' or 'vmap', got {ensemble_method!r}")
     if ensemble and ensemble_method == "batched":
@@ -96,7 +146,7 @@ def make_train_step(
     def objective(params, state, x, y, rng):
         logits, new_state = model.apply(params, state, x, train=True, rng=rng, **fwd_kw)
         loss = loss_fn(logits, y)
-        return loss, (new_state, loss.detach(), accuracy(logits.detach(), y))
+        return loss, (new_state, loss.detach(), accuracy(map_outputs(torch.Tensor.detach, logits), y))
 
     func_grad = torch.func.grad(objective, has_aux=True)
 
@@ -109,10 +159,11 @@ def make_train_step(
         logits, new_state = model.apply(
             params, state, xb, train=True, rng=keys, backend=Members(n, shared_input=shared), **fwd_kw
         )
-        logits = logits.view(n, -1, *logits.shape[1:])
+        logits = map_outputs(lambda t: t.view(n, -1, *t.shape[1:]), logits)
+        member = [map_outputs(lambda t, i=i: t[i], logits) for i in range(n)]
         ys = [y] * n if shared else list(y)
-        losses = torch.stack([loss_fn(logits[i], ys[i]) for i in range(n)])
-        acc = torch.stack([accuracy(logits[i].detach(), ys[i]) for i in range(n)])
+        losses = torch.stack([loss_fn(member[i], ys[i]) for i in range(n)])
+        acc = torch.stack([accuracy(map_outputs(torch.Tensor.detach, member[i]), ys[i]) for i in range(n)])
         return losses.sum(), (new_state, losses.detach(), acc)
 
     def grads_autograd(params, state, x, y, rng, fn=objective):
@@ -274,7 +325,7 @@ def make_dp_train_step(
         params, opt_state = optimizer.update(grads, opt_state, params)
         metrics = {
             "loss": losses.detach().mean(),
-            "accuracy": accuracy(logits.detach(), y),
+            "accuracy": accuracy(map_outputs(torch.Tensor.detach, logits), y),
             "grad_norm": norms.mean(),
             "clipped": (norms > clip_norm).float().mean(),
         }

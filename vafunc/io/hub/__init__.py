@@ -12,19 +12,25 @@
 * :func:`save_weights` writes ``.safetensors`` or ``.pth`` atomically.
 * :func:`pretrained` ``(name, tag) -> (model, params, state)`` builds the model with the config the
   checkpoint needs (e.g. torchvision's Inception-v3 weights expect ``transform_input=True``).
+  ``pretrained("seresnet50.a1_in1k")``, timm's ``name.tag``, reads the tag's Hugging Face repository
+  through the HF cache (:mod:`~vafunc.hub.timm_hub`: :func:`get_timm_tag`, :func:`list_timm_tags`,
+  :func:`fetch_hub_files`; the ``hub`` extra).
 
 Every problem raises :class:`WeightsError` (a ``ValueError``) that names the file and what is wrong.
 
 The package's modules, each importing only those above it: :mod:`~vafunc.hub.errors`,
 :mod:`~vafunc.hub.table` (the table, from the package data file ``weights.csv``),
 :mod:`~vafunc.hub.read` (file formats and state_dict layouts), :mod:`~vafunc.hub.load` (tags,
-the cache, loading into a model) and :mod:`~vafunc.hub.write` (atomic saving).
+the cache, loading into a model), :mod:`~vafunc.hub.timm_hub` (timm's tags, from the package data
+file ``timm_pretrained.csv``, and the Hugging Face cache; its :func:`pretrained` is the package's,
+dispatching to ``load.pretrained`` for a model name) and :mod:`~vafunc.hub.write` (atomic saving).
 """
 
 from vafunc.io.hub.errors import SAFETENSORS_HINT, WeightsError
-from vafunc.io.hub.load import fetch, identify, load_weights, pretrained, resolve_weights, verify_hash
+from vafunc.io.hub.load import fetch, identify, load_weights, resolve_weights, verify_hash
 from vafunc.io.hub.read import read_checkpoint
 from vafunc.io.hub.table import NORMALIZATIONS, Weights, cache_dir, find_weights, get_weights, list_weights
+from vafunc.io.hub.timm_hub import TimmTag, fetch_hub_files, get_timm_tag, list_timm_tags, pretrained
 from vafunc.io.hub.write import atomic_write, save_weights
 
 __all__ = [
@@ -45,4 +51,8 @@ __all__ = [
     "identify",
     "verify_hash",
     "resolve_weights",
+    "TimmTag",
+    "get_timm_tag",
+    "list_timm_tags",
+    "fetch_hub_files",
 ]

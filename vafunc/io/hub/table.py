@@ -12,15 +12,18 @@ The facts are the rows of ``weights.csv`` next to this module (package data, rea
     download) and where to download it
 ``num_params``, ``gflops``, ``acc1``, ``acc5``
     parameter count, multiply-adds at the crop size (1e9; torchvision's ``_ops``, fvcore for the
-    others), reported ImageNet-1k top-1/top-5 (percent); empty: not published
+    others), reported ImageNet-1k top-1/top-5 (percent); empty: not published. Segmentation
+    checkpoints (``categories`` ``voc``) hold their reported mean IoU and pixel accuracy there
+    (COCO val2017 with the VOC categories, percent; :attr:`Weights.metrics` names them)
 ``resize``, ``crop``, ``interpolation``, ``normalization``
-    the evaluation transform: resize the shorter side, center crop, resampling filter, and a key
-    of :data:`NORMALIZATIONS`
+    the evaluation transform: resize the shorter side, center crop (empty: none, the segmentation
+    models' whole resized image), resampling filter, and a key of :data:`NORMALIZATIONS`
 ``config``
     the model config the checkpoint needs, ``key=value`` pairs separated by ``;`` (torchvision's
     builders set these when given the weights; e.g. Inception-v3's ``transform_input=True``)
 ``categories``
-    ``imagenet-1k`` for classifiers, empty for feature extractors (VGG16 ``IMAGENET1K_FEATURES``)
+    ``imagenet-1k`` for classifiers, ``voc`` for the segmentation models (background and the 20
+    PASCAL VOC classes), empty for feature extractors (VGG16 ``IMAGENET1K_FEATURES``)
 ``note``
     free text (where the facts come from)
 
@@ -50,6 +53,32 @@ from vafunc.core import registry
 from vafunc.io.hub.errors import WeightsError
 from vafunc.serving._imageops import Transform
 from vafunc.serving.imagenet_classes import IMAGENET_CATEGORIES
+
+#: the label set of torchvision's segmentation checkpoints: background and the 20 PASCAL VOC classes
+VOC_CATEGORIES = (
+    "__background__",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+)
+CATEGORY_SETS = {"imagenet-1k": IMAGENET_CATEGORIES, "voc": VOC_CATEGORIES}
 
 __all__ = [
     "NORMALIZATIONS",
@@ -115,12 +144,12 @@ class Weights:
     acc1: float | None  # reported ImageNet-1k top-1 (percent)
     acc5: float | None
     resize_size: int
-    crop_size: int
+    crop_size: int | None  # None: no crop (segmentation)
     interpolation: str
     normalization: str  # key of NORMALIZATIONS
     config: tuple = ()  # ((key, value), ...) the model config the checkpoint needs
     note: str = ""
-    has_categories: bool = True  # False: a feature extractor (VGG16 IMAGENET1K_FEATURES)
+    category_set: str | None = "imagenet-1k"  # a key of CATEGORY_SETS; None: a feature extractor (VGG16 FEATURES)
 
     @property
     def name(self) -> str:
@@ -150,8 +179,17 @@ class Weights:
 
     @property
     def categories(self) -> tuple[str, ...] | None:
-        """ImageNet-1k class names, or ``None`` for feature-extractor weights (VGG16 FEATURES)."""
-        return IMAGENET_CATEGORIES if self.has_categories else None
+        """The class names (ImageNet-1k, or VOC for the segmentation checkpoints), or ``None`` for
+        feature-extractor weights (VGG16 FEATURES)."""
+        return None if self.category_set is None else CATEGORY_SETS[self.category_set]
+
+    @property
+    def metrics(self) -> dict[str, float | None]:
+        """The reported figures under their names: ``acc1``/``acc5`` (ImageNet-1k), or ``miou`` and
+        ``pixel_acc`` for a segmentation checkpoint (COCO val2017, VOC categories); percent."""
+        if self.category_set == "voc":
+            return {"miou": self.acc1, "pixel_acc": self.acc5}
+        return {"acc1": self.acc1, "acc5": self.acc5}
 
     @property
     def cache_path(self) -> Path:
@@ -182,8 +220,7 @@ class Weights:
             "hash_prefix": self.hash_prefix,
             "num_params": self.num_params,
             "gflops": self.gflops,
-            "acc1": self.acc1,
-            "acc5": self.acc5,
+            **self.metrics,
             "transform": {
                 "resize": self.resize_size,
                 "crop": self.crop_size,
@@ -194,7 +231,7 @@ class Weights:
                 "input_scale": self.input_scale,
             },
             "config": dict(self.config),
-            "categories": "imagenet-1k" if self.categories else None,
+            "categories": self.category_set,
             **({"note": self.note} if self.note else {}),
         }
 
@@ -221,8 +258,8 @@ def _parse_config(text: str) -> tuple:
 def _row_to_weights(row: dict) -> Weights:
     if row["normalization"] not in NORMALIZATIONS:
         raise ValueError(f"unknown normalization {row['normalization']!r} (known: {', '.join(NORMALIZATIONS)})")
-    if row["categories"] not in ("", "imagenet-1k"):
-        raise ValueError(f"categories must be imagenet-1k or empty, got {row['categories']!r}")
+    if row["categories"] not in ("", *CATEGORY_SETS):
+        raise ValueError(f"categories must be one of {', '.join(CATEGORY_SETS)} or empty, got {row['categories']!r}")
     return Weights(
         model=row["model"],
         tag=row["tag"],
@@ -235,12 +272,12 @@ def _row_to_weights(row: dict) -> Weights:
         acc1=_parse_num(row["acc1"]),
         acc5=_parse_num(row["acc5"]),
         resize_size=int(row["resize"]),
-        crop_size=int(row["crop"]),
+        crop_size=int(row["crop"]) if row["crop"] else None,
         interpolation=row["interpolation"],
         normalization=row["normalization"],
         config=_parse_config(row["config"]),
         note=row["note"],
-        has_categories=row["categories"] == "imagenet-1k",
+        category_set=row["categories"] or None,
     )
 
 

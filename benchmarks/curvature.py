@@ -1,0 +1,275 @@
+"""``python -m benchmarks curvature``: Hessian / GGN products, the top eigenvalue, the trace and the
+NTK against the established tools, side by side in one process (paired medians, ratios > 1: vafunc
+is faster).
+
+* ``--part products``: one product on resnet18 (eval, batch ``--batch`` @ ``--size``, 10 classes):
+  vafunc's ``hvp`` (reverse over reverse with the batch's graph kept; the same with the graph
+  rebuilt per product; forward over reverse) and ``ggn_vp`` against PyHessian's double backward
+  (graph reused / rebuilt, ``cuda=False``), ``jvp(grad)`` written by hand, and curvlinops'
+  ``HessianLinearOperator`` / ``GGNLinearOperator`` on torchvision's module with the same weights.
+* ``--part eigen``: the top eigenvalue by ``hessian_eigenvalues`` (Lanczos) against PyHessian's
+  power iteration (``tol=1e-3``): products, seconds and the value, against a tight reference.
+* ``--part ntk``: ``vafunc.ntk.ntk`` against the torch.func tutorial's two methods on resnet18,
+  10 classes, 2 x ``--ntk-small`` images, then 2 x ``--ntk-large`` images per mode, each in a fresh
+  process for its peak RSS.
+
+Rows are appended to ``benchmarks/results/curvature.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+from torch.nn.functional import cross_entropy
+
+import vafunc
+from benchmarks.harness import compare_many, machine_info
+from vafunc import curvature
+from vafunc.ntk import ntk
+
+
+def _resnet18(batch: int, size: int, seed: int = 0):
+    import torchvision
+
+    torch.manual_seed(seed)
+    module = torchvision.models.resnet18(num_classes=10).eval()
+    model = vafunc.get_model("resnet18", num_classes=10)
+    params, state = vafunc.from_state_dict(model, module.state_dict())
+    x, y = torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))
+    return module, model, params, state, x, y
+
+
+def _row(rows, part, label, ms, ratio=None, note=""):
+    rows.append({"part": part, "label": label, "ms": round(ms, 2), "ratio": ratio, "note": note})
+    r = "" if ratio is None else f"{ratio:.2f}"
+    print(f"| {part} | {label} | {ms:.1f} | {r} | {note} |", flush=True)
+
+
+def products(args, rows) -> None:
+    module, model, params, state, x, y = _resnet18(args.batch, args.size)
+    plist = list(module.parameters())
+    v = torch.randn(sum(p.numel() for p in plist))
+    keep = curvature.CurvatureOperator(model, params, state, [(x, y)], cross_entropy)
+    fresh = curvature.CurvatureOperator(model, params, state, [(x, y)], cross_entropy, keep_graphs=False)
+    fwd = curvature.CurvatureOperator(model, params, state, [(x, y)], cross_entropy, method="forward")
+    ggn = curvature.CurvatureOperator(model, params, state, [(x, y)], cross_entropy, kind="ggn")
+    fns = {
+        "hvp (graph kept)": lambda: keep.matvec(v),
+        "hvp (graph rebuilt)": lambda: fresh.matvec(v),
+        "hvp (forward over reverse)": lambda: fwd.matvec(v),
+        "ggn_vp (graph kept)": lambda: ggn.matvec(v),
+    }
+    vt = [t.view_as(p) for t, p in zip(v.split([p.numel() for p in plist]), plist)]
+
+    def jvp_grad():
+        def loss(p):
+            return cross_entropy(torch.func.functional_call(module, p, (x,)), y)
+
+        prm = dict(module.named_parameters())
+        return torch.func.jvp(torch.func.grad(loss), (prm,), (dict(zip(prm, vt)),))
+
+    fns["jvp(grad), by hand"] = jvp_grad
+    try:
+        import pyhessian
+
+        ph = pyhessian.hessian(module, torch.nn.CrossEntropyLoss(), data=(x, y), cuda=False)
+        fns["PyHessian (graph reused)"] = lambda: torch.autograd.grad(ph.gradsH, ph.params, vt, retain_graph=True)
+
+        def ph_fresh():
+            module.zero_grad()
+            h = pyhessian.hessian(module, torch.nn.CrossEntropyLoss(), data=(x, y), cuda=False)
+            return torch.autograd.grad(h.gradsH, h.params, vt)
+
+        fns["PyHessian (graph rebuilt)"] = ph_fresh
+    except ImportError:
+        print("(PyHessian not installed: pip install pyhessian)")
+    try:
+        import curvlinops
+
+        data, ce = [(x, y)], torch.nn.CrossEntropyLoss()
+        ch = curvlinops.HessianLinearOperator(module, ce, plist, data, check_deterministic=False)
+        cg = curvlinops.GGNLinearOperator(module, ce, plist, data, check_deterministic=False)
+        fns["curvlinops HessianLinearOperator"] = lambda: ch @ v
+        fns["curvlinops GGNLinearOperator"] = lambda: cg @ v
+    except ImportError:
+        print("(curvlinops not installed: pip install curvlinops-for-pytorch)")
+    res = compare_many(fns, "hvp (graph kept)", warmup=1, reps=args.reps)
+    for name, r in res.items():
+        _row(rows, "products", name, r["ms"], None)
+    pairs = [
+        ("hvp (graph kept)", "PyHessian (graph reused)", ">= 1.0"),
+        ("hvp (graph kept)", "curvlinops HessianLinearOperator", ">= 1.5"),
+        ("hvp (graph kept)", "hvp (forward over reverse)", ""),
+        ("hvp (graph rebuilt)", "PyHessian (graph rebuilt)", ""),
+        ("ggn_vp (graph kept)", "curvlinops GGNLinearOperator", ">= 1.5"),
+    ]
+    from benchmarks.harness import paired_ratio
+
+    for a, b, goal in pairs:
+        if a in res and b in res:
+            _row(rows, "products", f"{a} vs {b}", res[a]["ms"], paired_ratio(res, a, b), f"goal {goal}".strip())
+
+
+def eigen(args, rows) -> None:
+    module, model, params, state, x, y = _resnet18(args.batch, args.size)
+    t0 = time.perf_counter()
+    top = curvature.hessian_eigenvalues(model, params, state, [(x, y)], cross_entropy, tol=1e-3, progress=False)
+    t_ours = time.perf_counter() - t0
+    tight = curvature.hessian_eigenvalues(model, params, state, [(x, y)], cross_entropy, tol=1e-7, progress=False)
+    ref = float(tight.values[0])
+    err = abs(float(top.values[0]) - ref) / abs(ref)
+    _row(
+        rows,
+        "eigen",
+        "hessian_eigenvalues k=1 tol=1e-3",
+        1e3 * t_ours,
+        None,
+        f"{top.products} products, rel err {err:.1e}",
+    )
+    try:
+        import pyhessian
+    except ImportError:
+        return
+    ph = pyhessian.hessian(module, torch.nn.CrossEntropyLoss(), data=(x, y), cuda=False)
+    count = {"n": 0}
+    ph_mod = sys.modules["pyhessian.hessian"]  # the module (the package exports the class under its name)
+
+    inner = ph_mod.hessian_vector_product
+
+    def counted(*a, **kw):
+        count["n"] += 1
+        return inner(*a, **kw)
+
+    ph_mod.hessian_vector_product = counted
+    try:
+        torch.manual_seed(0)
+        t0 = time.perf_counter()
+        (val,), _ = ph.eigenvalues(maxIter=100, tol=1e-3)
+        t_ph = time.perf_counter() - t0
+    finally:
+        ph_mod.hessian_vector_product = inner
+    err_ph = abs(val - ref) / abs(ref)
+    _row(
+        rows,
+        "eigen",
+        "PyHessian power iteration tol=1e-3",
+        1e3 * t_ph,
+        t_ph / t_ours,
+        f"{count['n']} products, rel err {err_ph:.1e}",
+    )
+
+
+def _ntk_child(mode: str, n: int, chunk: int | None) -> None:
+    _, model, params, state, _, _ = _resnet18(1, 32)
+    g = torch.Generator().manual_seed(1)
+    x1, x2 = torch.randn(n, 3, 32, 32, generator=g), torch.randn(n, 3, 32, 32, generator=g)
+    t0 = time.perf_counter()
+    k = ntk(model, params, state, x1, x2, mode=mode, chunk=chunk)
+    dt = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"RESULT {dt:.2f} {peak:.2f} {list(k.shape)}", flush=True)
+
+
+def _tutorial(module, x1, x2):
+    """The tutorial's two methods (full mode), as in tests/test_ntk.py."""
+    from torch.func import functional_call, jacrev, jvp, vjp, vmap
+
+    params = {k: v.detach() for k, v in module.named_parameters()}
+
+    def f(p, x):
+        return functional_call(module, p, (x[None],))[0]
+
+    def contraction():
+        j1 = [j.flatten(2) for j in vmap(jacrev(f), (None, 0))(params, x1).values()]
+        j2 = [j.flatten(2) for j in vmap(jacrev(f), (None, 0))(params, x2).values()]
+        return sum(torch.einsum("iaf,jbf->ijab", a, b) for a, b in zip(j1, j2))
+
+    def products():
+        def pair(a, b):
+            out, pull = vjp(lambda p: f(p, a), params)
+            return vmap(lambda e: jvp(lambda p: f(p, b), (params,), pull(e))[1])(torch.eye(out.numel()))
+
+        return vmap(vmap(pair, (None, 0)), (0, None))(x1, x2)
+
+    return contraction, products
+
+
+def ntk_bench(args, rows) -> None:
+    module, model, params, state, _, _ = _resnet18(1, 32)
+    g = torch.Generator().manual_seed(1)
+    n = args.ntk_small
+    x1, x2 = torch.randn(n, 3, 32, 32, generator=g), torch.randn(n, 3, 32, 32, generator=g)
+    contraction, prods = _tutorial(module, x1, x2)
+    fns = {
+        "ntk full": lambda: ntk(model, params, state, x1, x2),
+        "tutorial: Jacobian contraction": contraction,
+        "tutorial: NTK-vector products": prods,
+    }
+    res = compare_many(fns, "ntk full", warmup=1, reps=args.ntk_reps)
+    for name, r in res.items():
+        _row(rows, "ntk", f"{name}, 2 x {n} @32", r["ms"], r["ratio"] if name != "ntk full" else None)
+    for mode in args.ntk_modes:
+        cmd = [sys.executable, "-m", "benchmarks", "curvature", "--ntk-child", mode, str(args.ntk_large)]
+        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+        line = [s for s in out.stdout.splitlines() if s.startswith("RESULT")]
+        if not line:
+            print(out.stderr[-2000:])
+            continue
+        _, dt, peak, shape = line[0].split(" ", 3)
+        _row(
+            rows,
+            "ntk",
+            f"ntk {mode}, 2 x {args.ntk_large} @32 (fresh process)",
+            1e3 * float(dt),
+            None,
+            f"peak RSS {peak} GiB, {shape}",
+        )
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks curvature", description=__doc__)
+    p.add_argument("--part", nargs="+", default=["products", "eigen", "ntk"], choices=["products", "eigen", "ntk"])
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--ntk-small", type=int, default=4, help="images per side of the case the tutorial fits")
+    p.add_argument("--ntk-large", type=int, default=64, help="images per side of the case it does not")
+    p.add_argument("--ntk-modes", nargs="+", default=["full", "trace", "diagonal"])
+    p.add_argument("--ntk-reps", type=int, default=3)
+    p.add_argument("--ntk-child", nargs=2, metavar=("MODE", "N"), help=argparse.SUPPRESS)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.ntk_child:
+        _ntk_child(args.ntk_child[0], int(args.ntk_child[1]), None)
+        return 0
+    info = machine_info()
+    print(f"machine: {info['cpu']}, {info['threads']} threads, torch {info['torch']}")
+    print("| part | case | ms (median) | ratio (other / vafunc) | note |")
+    print("|---|---|---:|---:|---|")
+    rows: list[dict] = []
+    for part in args.part:
+        {"products": products, "eigen": eigen, "ntk": ntk_bench}[part](args, rows)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "curvature.csv")
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["date", "batch", "size", *rows[0].keys(), *info.keys()])
+        if new:
+            w.writeheader()
+        for r in rows:
+            w.writerow({"date": time.strftime("%Y-%m-%d %H:%M"), "batch": args.batch, "size": args.size, **r, **info})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
