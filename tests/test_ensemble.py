@@ -48,7 +48,7 @@ def test_ensemble_input_errors(r18_ensemble):
         vafunc.ensemble_apply(model, p, s, torch.randn(1, 3, 32, 32))
 
 
-@pytest.mark.parametrize("name", ["efficientnet_b0", "alexnet"])
+@pytest.mark.parametrize("name", ["efficientnet_b0", pytest.param("alexnet", marks=pytest.mark.slow)])  # alexnet: 10 s
 def test_members_draw_their_own_dropout_masks(name):
     """Each member gets its own key: with identical weights, train-mode outputs differ only
     through the masks, so members must differ; the same key gives the same output again (float64:

@@ -321,6 +321,7 @@ def test_wrong_checkpoint_names_file_keys_and_the_model_it_fits(r18_pth):
     assert "the checkpoint fits resnet18" in msg
 
 
+@pytest.mark.slow  # identify() over 135 models: 16 s
 def test_other_num_classes_hint(tmp_path):
     p = tmp_path / "ft.pth"
     torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), p)
