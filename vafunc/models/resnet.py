@@ -240,13 +240,15 @@ def forward(m: Scope, cfg: ResNetConfig, x: Tensor) -> Tensor:
     (``drop_rate``); block ``b`` (counted over all stages) draws its stochastic depth from
     ``fold_in(m.key(1), b)``.
     """
-    y = body(m, cfg, x)[-1]
+    (y,) = body(m, cfg, x)
     return m.head(y, cfg.num_classes, rate=cfg.drop_rate, rng=m.key(0) if cfg.drop_rate else None)
 
 
-def body(m: Scope, cfg: ResNetConfig, x: Tensor) -> list[Tensor]:
-    """The network without its head: the stem and the four stages, ``[layer1, .., layer4]``'s
-    outputs (what torchvision's segmentation models read through ``IntermediateLayerGetter``)."""
+def body(m: Scope, cfg: ResNetConfig, x: Tensor, keep: int = 1) -> list[Tensor]:
+    """The network without its head: the stem and the four stages; the outputs of the last ``keep``
+    stages (``keep=2``: ``[layer3, layer4]``, what torchvision's segmentation models read through
+    ``IntermediateLayerGetter``). Earlier stage outputs are not held: at 520x520 the dilated
+    network's ``layer1`` alone is 69 MB a pair of images."""
     act = "act1" if cfg.attn_layer or cfg.norm == "group" else "relu"
     y = m.tap(act, m.conv_norm_act(x, 64, 7, conv="conv1", norm="bn1", act="relu", act_name=act, stride=2, padding=3))
     y = m.op("maxpool", L.max_pool2d, y, 3, 2, 1)
@@ -254,7 +256,8 @@ def body(m: Scope, cfg: ResNetConfig, x: Tensor) -> list[Tensor]:
     outs = []
     for i, blocks in enumerate(plan(cfg)):
         y = m.block(f"layer{i + 1}", stage, y, blocks, cfg, rng=k_blocks)
-        outs.append(y)
+        if i >= 4 - keep:
+            outs.append(y)
     return outs
 
 

@@ -165,8 +165,7 @@ def backbone(m: Scope, x: Tensor, cfg: SegmentationConfig) -> dict[str, Tensor]:
     conv and its output-stride-8 block); LR-ASPP's ``{"low", "high"}`` (those two)."""
     bcfg, _ = backbone_of(cfg)
     if cfg.backbone.startswith("resnet"):
-        outs = resnet.body(m, bcfg, x)
-        y, low = outs[3], outs[2]
+        low, y = resnet.body(m, bcfg, x, keep=2)
     else:
         stem, blocks, head, _ = mobilenet.plan_v3(bcfg)
         # torchvision's stage starts: the stem, every block with stride 2 (dilated or not), the last
