@@ -8,7 +8,7 @@
 * ``basic_unet``: vafunc's ``apply`` against MONAI's ``BasicUNet(spatial_dims=2, in_channels=3,
   out_channels=2)`` holding the same weights;
 * ``unet``: the padded BatchNorm U-Net (``padding="same", norm="batch"``, 3 channels in, 1 class)
-  against the same network written as a plain ``torch.nn`` module (:class:`PlainUNet`: what a user
+  against the same network written as a plain ``torch.nn`` module (:class:`TorchUNet`: what a user
   would otherwise write, milesial's Pytorch-UNet with vafunc's state_dict names).
 
 Eager inference (eval, ``torch.inference_mode``), the two timed alternately after warm-up
@@ -34,34 +34,36 @@ from benchmarks.harness import append_rows, compare, fix_malloc_thresholds, mach
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "segmentation.csv")
 
 
-def _double_conv(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, padding=1, bias=False),
-        nn.BatchNorm2d(cout),
-        nn.ReLU(inplace=True),
-        nn.Conv2d(cout, cout, 3, padding=1, bias=False),
-        nn.BatchNorm2d(cout),
-        nn.ReLU(inplace=True),
-    )
+def double_conv(cin: int, cout: int, padding: int, batch_norm: bool) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for c in (cin, cout):
+        if batch_norm:
+            layers += [nn.Conv2d(c, cout, 3, padding=padding, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+        else:
+            layers += [nn.Conv2d(c, cout, 3, padding=padding), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers)
 
 
-class PlainUNet(nn.Module):
-    """The padded BatchNorm U-Net as a user writes it in ``torch.nn``: ``enc{i}``/``pool{i}`` down,
-    ``up{i}`` (2x2 transposed conv) and ``dec{i}`` up, the up-sampled map zero-padded to its skip."""
+class TorchUNet(nn.Module):
+    """Ronneberger et al. 2015, Fig. 1, in plain torch.nn, with vafunc's state_dict names: what a user
+    would otherwise write (tests/test_unet.py's oracle, this benchmark's reference);
+    ``padding=1, batch_norm=True``: the padded BatchNorm variant (the up-sampled map zero-padded to
+    its skip's size)."""
 
-    def __init__(self, in_channels: int = 3, num_classes: int = 1, widths=(64, 128, 256, 512, 1024)):
+    def __init__(self, in_channels=1, num_classes=2, widths=(64, 128, 256, 512, 1024), padding=0, batch_norm=False):
         super().__init__()
+        self.padding = padding
         self.levels = n = len(widths)
         c = in_channels
         for i, w in enumerate(widths, 1):
-            self.add_module(f"enc{i}", _double_conv(c, w))
+            self.add_module(f"enc{i}", double_conv(c, w, padding, batch_norm))
             if i < n:
                 self.add_module(f"pool{i}", nn.MaxPool2d(2, 2))
             c = w
         for i in range(n - 1, 0, -1):
             w = widths[i - 1]
             self.add_module(f"up{i}", nn.ConvTranspose2d(c, w, 2, stride=2))
-            self.add_module(f"dec{i}", _double_conv(2 * w, w))
+            self.add_module(f"dec{i}", double_conv(2 * w, w, padding, batch_norm))
             c = w
         self.head = nn.Conv2d(c, num_classes, 1)
 
@@ -75,7 +77,9 @@ class PlainUNet(nn.Module):
         for i in range(self.levels - 1, 0, -1):
             up, skip = getattr(self, f"up{i}")(x), skips[i - 1]
             dh, dw = skip.shape[-2] - up.shape[-2], skip.shape[-1] - up.shape[-1]
-            if dh or dw:
+            if self.padding == 0:  # centre crop of the skip (Fig. 1, "copy and crop")
+                skip = skip[..., dh // 2 : dh // 2 + up.shape[-2], dw // 2 : dw // 2 + up.shape[-1]]
+            else:
                 up = nn.functional.pad(up, [dw // 2, dw - dw // 2, dh // 2, dh - dh // 2])
             x = getattr(self, f"dec{i}")(torch.cat([skip, up], 1))
         return self.head(x)
@@ -98,7 +102,8 @@ def basic_unet() -> tuple:
 
 
 def unet() -> tuple:
-    return vafunc.get_model("unet", padding="same", norm="batch", in_channels=3, num_classes=1), PlainUNet()
+    model = vafunc.get_model("unet", padding="same", norm="batch", in_channels=3, num_classes=1)
+    return model, TorchUNet(3, 1, padding=1, batch_norm=True)
 
 
 #: model name -> (vafunc model, reference module); the reference's random weights are loaded into vafunc's

@@ -11,59 +11,11 @@ from torch import nn
 
 import torch_compat
 import vafunc
+from benchmarks.segmentation import TorchUNet
 from vafunc.models.unet import output_size, valid_size
 
 PAPER_WIDTHS = (64, 128, 256, 512, 1024)
 SMALL = (8, 16, 32, 64, 128)  # the same network, narrower: cheap equality checks on two cores
-
-
-def double_conv(cin: int, cout: int, padding: int, batch_norm: bool) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for c in (cin, cout):
-        if batch_norm:
-            layers += [nn.Conv2d(c, cout, 3, padding=padding, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
-        else:
-            layers += [nn.Conv2d(c, cout, 3, padding=padding), nn.ReLU(inplace=True)]
-    return nn.Sequential(*layers)
-
-
-class TorchUNet(nn.Module):
-    """Ronneberger et al. 2015, Fig. 1, in plain torch.nn; ``padding=1, batch_norm=True``: the padded
-    BatchNorm variant (the up-sampled map zero-padded to its skip's size)."""
-
-    def __init__(self, in_channels=1, num_classes=2, widths=PAPER_WIDTHS, padding=0, batch_norm=False):
-        super().__init__()
-        self.padding = padding
-        self.levels = n = len(widths)
-        c = in_channels
-        for i, w in enumerate(widths, 1):
-            self.add_module(f"enc{i}", double_conv(c, w, padding, batch_norm))
-            if i < n:
-                self.add_module(f"pool{i}", nn.MaxPool2d(2, 2))
-            c = w
-        for i in range(n - 1, 0, -1):
-            w = widths[i - 1]
-            self.add_module(f"up{i}", nn.ConvTranspose2d(c, w, 2, stride=2))
-            self.add_module(f"dec{i}", double_conv(2 * w, w, padding, batch_norm))
-            c = w
-        self.head = nn.Conv2d(c, num_classes, 1)
-
-    def forward(self, x):
-        skips = []
-        for i in range(1, self.levels):
-            x = getattr(self, f"enc{i}")(x)
-            skips.append(x)
-            x = getattr(self, f"pool{i}")(x)
-        x = getattr(self, f"enc{self.levels}")(x)
-        for i in range(self.levels - 1, 0, -1):
-            up, skip = getattr(self, f"up{i}")(x), skips[i - 1]
-            dh, dw = skip.shape[-2] - up.shape[-2], skip.shape[-1] - up.shape[-1]
-            if self.padding == 0:  # centre crop of the skip (Fig. 1, "copy and crop")
-                skip = skip[..., dh // 2 : dh // 2 + up.shape[-2], dw // 2 : dw // 2 + up.shape[-1]]
-            else:
-                up = nn.functional.pad(up, [dw // 2, dw - dw // 2, dh // 2, dh - dh // 2])
-            x = getattr(self, f"dec{i}")(torch.cat([skip, up], 1))
-        return self.head(x)
 
 
 def _pair(widths=SMALL, variant=False, in_channels=1, num_classes=2, seed=0):

@@ -287,26 +287,23 @@ def cmd_predict(args) -> int:
     except ImportError as err:
         print(f"vafunc predict: error: {err}", file=sys.stderr)
         return 2
+    return _report(args, model, transform, results, _top_lines)
+
+
+def _top_lines(r: dict) -> list[str]:
+    return [f"  {100 * t['probability']:6.2f}%  {t['label']}  [{t['index']}]" for t in r["top"]]
+
+
+def _report(args, model, transform, results: list[dict], lines) -> int:
+    """Print ``vafunc predict``'s results: ``--json``, or each image with ``lines(result)`` (errors
+    as such); exit status 1 if an image could not be read."""
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "model": model.name,
-                    "weights": str(args.weights),
-                    "transform": transform.describe(),
-                    "results": results,
-                },
-                indent=2,
-            )
-        )
+        doc = {"model": model.name, "weights": str(args.weights), "transform": transform.describe()}
+        print(json.dumps({**doc, "results": results}, indent=2))
     else:
         for r in results:
             print(r["image"])
-            if "error" in r:
-                print(f"  error: {r['error']}")
-                continue
-            for t in r["top"]:
-                print(f"  {100 * t['probability']:6.2f}%  {t['label']}  [{t['index']}]")
+            print(f"  error: {r['error']}" if "error" in r else "\n".join(lines(r)))
     return 1 if any("error" in r for r in results) else 0
 
 
@@ -326,19 +323,13 @@ def _predict_masks(args, model, params, state, transform, categories, images, ba
         progress=bar,
         skip_unreadable=args.skip_unreadable,
     )
-    if args.json:
-        doc = {"model": model.name, "weights": str(args.weights), "transform": transform.describe()}
-        print(json.dumps({**doc, "results": results}, indent=2))
-    else:
-        for r in results:
-            print(r["image"])
-            if "error" in r:
-                print(f"  error: {r['error']}")
-                continue
-            print(f"  mask: {r['mask']}")
-            for c in r["classes"][: args.topk]:
-                print(f"  {100 * c['fraction']:6.2f}%  {c['label']}  [{c['index']}]  {c['pixels']:,} pixels")
-    return 1 if any("error" in r for r in results) else 0
+
+    def lines(r: dict) -> list[str]:
+        top = r["classes"][: args.topk]
+        counts = [f"  {100 * c['fraction']:6.2f}%  {c['label']}  [{c['index']}]  {c['pixels']:,} pixels" for c in top]
+        return [f"  mask: {r['mask']}", *counts]
+
+    return _report(args, model, transform, results, lines)
 
 
 # --------------------------------------------------------------------------- convert
