@@ -262,6 +262,7 @@ print(faults[0], min(faults[1:]))
 """
 
 
+@pytest.mark.slow  # 7 s of large allocations: the default suite's budget
 @pytest.mark.skipif(not vafunc.serving.memory._LIBC, reason="glibc only (mallopt)")
 def test_set_malloc_thresholds_reuses_large_buffers():
     """With the thresholds set, a large buffer freed and allocated again is served from pages that
