@@ -311,7 +311,6 @@ def test_weights_for_another_model(r18_pth):
         vafunc.load_weights("resnet34", hub.get_weights("resnet18"))
 
 
-@pytest.mark.slow  # identify() reads all 135 models' shapes: 16 s (test_load_pth_and_identify covers it)
 def test_wrong_checkpoint_names_file_keys_and_the_model_it_fits(r18_pth):
     with pytest.raises(WeightsError) as err:
         vafunc.load_weights("resnet34", r18_pth)
@@ -321,7 +320,6 @@ def test_wrong_checkpoint_names_file_keys_and_the_model_it_fits(r18_pth):
     assert "the checkpoint fits resnet18" in msg
 
 
-@pytest.mark.slow  # identify() over 135 models: 16 s
 def test_other_num_classes_hint(tmp_path):
     p = tmp_path / "ft.pth"
     torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), p)

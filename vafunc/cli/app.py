@@ -15,6 +15,7 @@ import sys
 from importlib import resources
 
 from vafunc.core import registry
+from vafunc.io.state_dict import state_dict_size
 
 __all__ = ["main", "model_table"]
 
@@ -36,10 +37,13 @@ def _live_row(name: str) -> dict:
         "params": e.params,
         "min_size": registry.get_model(name).min_size,
         "reference": str(e.reference) if e.reference else "-",
+        # what vafunc.hub.identify() compares first: the state_dict's entries and elements, without
+        # the num_batches_tracked counters (old checkpoints lack them)
+        "state_dict": list(state_dict_size(registry.get_model(name).state_dict_shapes())),
     }
 
 
-def _stored_rows() -> dict[str, dict]:
+def stored_rows() -> dict[str, dict]:
     try:
         text = resources.files("vafunc.cli").joinpath(MODELS_FILE).read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -64,7 +68,7 @@ def model_rows(
 ) -> list[dict]:
     """``vafunc list``'s rows: from :data:`MODELS_FILE` where it holds the model with the same family,
     task and parameter count, else (and with ``live=True``) computed."""
-    stored = {} if live else _stored_rows()
+    stored = {} if live else stored_rows()
     rows = []
     for name in registry.list_models(pattern):
         e = registry.get_entry(name)

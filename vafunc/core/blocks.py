@@ -220,8 +220,10 @@ def run_units(m: Scope, y: Tensor, plan: tuple) -> Tensor:
 
 
 def _residual(m: Scope, x: Tensor, y: Tensor, rate: float, rng: Tensor | None) -> Tensor:
-    """``x + drop_path(y)`` (per-sample stochastic depth, keyed by ``rng`` or the scope's key)."""
-    return m.drop_path(y, rate, m.rng if rng is None else rng) + x
+    """``x + drop_path(y)`` (per-sample stochastic depth, keyed by ``rng`` or the scope's key),
+    added in place into ``y``, the block's fresh last-layer output (torchvision's ``result += input``):
+    same values, one feature map less alive at the peak."""
+    return m.drop_path(y, rate, m.rng if rng is None else rng).add_(x)
 
 
 def mbconv(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping
 
@@ -34,6 +35,20 @@ def missing_num_batches_tracked(expected, flat: Mapping) -> list[str]:
         if leaf == "num_batches_tracked" and layer and k not in flat and f"{layer}.running_mean" in flat:
             out.append(k)
     return out
+
+
+def state_dict_size(entries: Mapping) -> tuple[int, int]:
+    """``(entries, elements)`` of a state_dict (names to tensors or to shapes), leaving out the
+    ``num_batches_tracked`` counters that old checkpoints lack: two checkpoints of one architecture
+    agree on it, so :func:`vafunc.hub.identify` compares it before the names and shapes."""
+    n = total = 0
+    for k, v in entries.items():
+        if k.endswith("num_batches_tracked"):
+            continue
+        shape = tuple(v.shape) if isinstance(v, torch.Tensor) else tuple(v)
+        n += 1
+        total += math.prod(shape)
+    return n, total
 
 
 def _fill_num_batches_tracked(expected, flat: dict) -> tuple[dict, str | None]:

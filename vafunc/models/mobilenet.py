@@ -202,12 +202,11 @@ def features(
     """torchvision's ``features`` of MobileNetV2/V3: the stem ``0``, the blocks ``1..n`` and the
     head conv ``n+1``. ``keep=i``: also return the output of ``features.i`` (a block), as
     ``(output, kept)`` (the segmentation models' low-level features)."""
-    y = m.block("0", Scope.conv_norm_act, x, stem, 3, stride=2, act=act)
-    if keep is None:
-        y = B.sequence(m, y, blocks, block, start=1)
-    else:
-        kept = y = B.sequence(m, y, blocks[:keep], block, start=1)
-        y = B.sequence(m, y, blocks[keep:], block, start=keep + 1, index=keep)
+    # the stem's output is passed on, not held here: the first block frees it, as in torchvision
+    head = blocks if keep is None else blocks[:keep]
+    y = B.sequence(m, m.block("0", Scope.conv_norm_act, x, stem, 3, stride=2, act=act), head, block, start=1)
+    if keep is not None:
+        kept, y = y, B.sequence(m, y, blocks[keep:], block, start=keep + 1, index=keep)
     y = m.block(str(len(blocks) + 1), Scope.conv_norm_act, y, last, 1, act=act)
     return y if keep is None else (y, kept)
 
