@@ -43,10 +43,11 @@ MOVED: dict[str, str] = {
     # new public namespaces that live in a subpackage by concern (no old path: never warned about)
     "curvature": "research.curvature",
     "ntk": "research.ntk",
+    "lora": "research.lora",
     "metrics": "training.metrics",
 }
 #: moved modules that are still public under their old name (no warning)
-PUBLIC = {"random", "tree", "hub", "transforms", "optim", "curvature", "ntk", "metrics"}
+PUBLIC = {"random", "tree", "hub", "transforms", "optim", "curvature", "ntk", "lora", "metrics"}
 
 
 def new_name(fullname: str) -> str | None:
