@@ -17,6 +17,7 @@ import functools
 import io
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from oracle import (
@@ -89,6 +90,25 @@ FX_UNTRACEABLE = {
     "swin": "the window partition pads and shifts by the map's size in Python (torchvision hides "
     "the same logic in torch.fx.wrap-ped functions of its own)"
 }
+
+#: families whose reference FX traces into a wrong graph: the compat tree's features are compared with
+#: forward hooks on the reference instead
+FX_WRONG_ON_REFERENCE = {
+    "basic_unet": "MONAI's UpCat checks torch.jit.isinstance(skip, torch.Tensor), which is False for an FX "
+    "proxy: its traced graph drops every skip concatenation"
+}
+
+
+def _hooked(net: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+    """The output of ``net``'s submodule ``name`` in one forward, read by a forward hook."""
+    out = {}
+    handle = net.get_submodule(name).register_forward_hook(lambda mod, args, y: out.setdefault("y", y))
+    try:
+        net(x)
+    finally:
+        handle.remove()
+    return out["y"]
+
 
 _LAST: dict = {}
 
@@ -174,7 +194,12 @@ def test_head_swap_and_frozen_body_train_as_the_reference(pair):
     and new head."""
     model, ref, compat, x = pair
     path, last = [(p, mod) for p, mod in ref.named_modules() if isinstance(mod, (nn.Linear, nn.Conv2d))][-1]
-    head = nn.Linear(last.in_features, 10) if isinstance(last, nn.Linear) else nn.Conv2d(last.in_channels, 10, 1)
+    dense = vafunc.get_entry(model.name).task == "segmentation"
+    # a segmentation model's last conv is one of its heads' classifiers (LR-ASPP sums two): a fresh
+    # one with the same classes, trained on a per-pixel target
+    n = last.out_channels if dense else 10
+    head = nn.Linear(last.in_features, n) if isinstance(last, nn.Linear) else nn.Conv2d(last.in_channels, n, 1)
+    target = torch.randint(n, (len(x), *x.shape[-2:]), generator=torch.Generator().manual_seed(0)) if dense else None
     pair = []
     for net in (copy.deepcopy(ref), copy.deepcopy(compat)):
         net.set_submodule(path, copy.deepcopy(head))
@@ -183,7 +208,7 @@ def test_head_swap_and_frozen_body_train_as_the_reference(pair):
         net.get_submodule(path).requires_grad_(True)
         opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
         net.eval()  # frozen BatchNorm statistics, as when fine-tuning a head
-        loss = nn.functional.cross_entropy(_output(net(x)), torch.tensor([1, 7]))
+        loss = nn.functional.cross_entropy(_output(net(x)), torch.tensor([1, 7]) if target is None else target)
         loss.backward()
         opt.step()
         pair.append((loss.detach(), net.get_submodule(path).weight.detach()))
@@ -229,13 +254,24 @@ def test_feature_extractor_gives_the_reference_features(pair):
         pick = []  # Cadene's names are Caffe blobs; the compat tree is traced once below
     for n in pick:
         mine = create_feature_extractor(compat, [n])
-        theirs = create_feature_extractor(ref, [n])
         with torch.no_grad():
-            _close(mine(x)[n], theirs(x)[n], 1e-5, n)
+            theirs = _hooked(ref, n, x) if family in FX_WRONG_ON_REFERENCE else create_feature_extractor(ref, [n])(x)[n]
+            _close(mine(x)[n], theirs, 1e-5, n)
     last = [n for n in names if n in dict(compat.named_modules())][-1]  # (Cadene's concat blobs are no modules)
     whole = create_feature_extractor(compat, {last: "out"})  # traced in train and eval mode
     with torch.no_grad():
         assert whole(x)["out"].shape == model.features(*compat.params_and_state(), x, [last])[0][last].shape
+
+
+class _MainOutput(nn.Module):
+    """A segmentation model's ``["out"]`` (or its tensor) as the tensor Grad-CAM expects."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return _output(self.net(x))
 
 
 def _cam_layer(model, ref, x):
@@ -246,15 +282,21 @@ def _cam_layer(model, ref, x):
 
 @pytest.mark.parametrize("pair", clients("grad_cam"), indirect=True)
 def test_grad_cam_heat_map_is_the_reference_s(pair):
+    """Grad-CAM for class 3, as its users run it: a classifier's logit; a segmentation model's class
+    map summed over the image, the dict output read through a wrapper (pytorch-grad-cam's
+    semantic-segmentation recipe)."""
     from pytorch_grad_cam import GradCAM  # the test extras install it: a missing package fails
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget, SemanticSegmentationTarget
 
     model, ref, compat, x = pair
     layer = _cam_layer(model, ref, x)
+    dense = vafunc.get_entry(model.name).task == "segmentation"
+    target = SemanticSegmentationTarget(1, np.ones(x.shape[-2:], np.float32)) if dense else ClassifierOutputTarget(3)
     maps = []
     for net in (ref, compat):
-        with GradCAM(model=net, target_layers=[net.get_submodule(layer)]) as cam:
-            maps.append(torch.from_numpy(cam(input_tensor=x, targets=[ClassifierOutputTarget(3)] * len(x))))
+        wrapped = _MainOutput(net) if dense else net
+        with GradCAM(model=wrapped, target_layers=[net.get_submodule(layer)]) as cam:
+            maps.append(torch.from_numpy(cam(input_tensor=x, targets=[target] * len(x))))
     assert maps[1].abs().max() > 0
     _close(maps[1], maps[0], 1e-3, f"Grad-CAM on {layer}")
 
@@ -390,7 +432,14 @@ def test_dynamo_captures_one_graph(pair):
 @pytest.mark.slow  # inductor's code generation: 20-60 s a model (dynamo's capture runs above)
 @pytest.mark.parametrize("name", EXPORT)
 def test_compile_fullgraph_equals_eager(name):
+    """Inductor's module equals eager to 1e-5 of the output's scale, or to 4x eager float32's own
+    distance from float64 where that is larger (inductor fuses and reorders float32 sums: on the deep
+    attention networks, resattnet56, eager float32 is already 3e-5 from float64)."""
     model, ref, compat, x = _pair(name)
     compiled = torch.compile(copy.deepcopy(compat), fullgraph=True)
     with torch.no_grad():
-        _close(compiled(x), compat(x), 1e-5, "compiled")
+        eager = compat(x)
+        exact = _output(copy.deepcopy(compat).double()(x.double()))
+        scale = max(float(exact.abs().max()), 1e-6)
+        rounding = float((_output(eager).double() - exact).abs().max()) / scale
+        _close(_output(compiled(x)), _output(eager), max(1e-5, 4 * rounding), "compiled")

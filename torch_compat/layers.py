@@ -114,7 +114,12 @@ class BatchNormAct2d(nn.BatchNorm2d):
 
 
 def instance_norm(x, weight, bias, eps):
-    """:func:`vafunc.core.layers.instance_norm`, one opaque node under FX (its check reads the size)."""
+    """:func:`vafunc.core.layers.instance_norm` on a batch; an unbatched ``[C, H, W]`` map as
+    ``nn.InstanceNorm2d`` takes it. One opaque node under FX (both checks read the size)."""
+    if x.dim() == 3:
+        return F.instance_norm(x.unsqueeze(0), None, None, weight, bias, True, 0.0, eps).squeeze(0)
+    if x.dim() != 4:
+        raise ValueError(f"InstanceNorm2d expects a [N, C, H, W] or [C, H, W] input, got {x.dim()} dimensions")
     return L.instance_norm(x, weight, bias, eps)
 
 
@@ -124,10 +129,10 @@ torch.fx.wrap("instance_norm")
 class InstanceNorm2d(nn.InstanceNorm2d):
     """torch's ``nn.InstanceNorm2d`` (affine, no running statistics) computing what the pure apply
     computes, GroupNorm of one channel per group (:func:`vafunc.core.layers.instance_norm`), so the
-    two agree bit for bit; reconfigured (running statistics, no affine, unbatched input), torch's own."""
+    two agree bit for bit; reconfigured (running statistics, no affine), torch's own."""
 
     def forward(self, x):
-        if self.track_running_stats or not self.affine or x.dim() != 4:
+        if self.track_running_stats or not self.affine:
             return super().forward(x)
         return instance_norm(x, self.weight, self.bias, self.eps)
 

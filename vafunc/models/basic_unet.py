@@ -43,8 +43,9 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from vafunc.core import blocks as B
 from vafunc.core import layers as L
-from vafunc.core.blocks import skip_cat, up_conv
+from vafunc.core.blocks import up_conv
 from vafunc.core.kit import Scope, family
 from vafunc.core.registry import Reference, check_config, register
 
@@ -122,7 +123,7 @@ def upcat(m: Scope, x: Tensor, skip: Tensor, up: int, cout: int, cfg: BasicUNetC
     of them for ``upcat_1``, MONAI's ``halves=False``), the skip concatenation (edge-replicating pad),
     then ``convs`` (:func:`two_conv`). Channel counts come from the config, not from traced shapes."""
     up = m.block("upsample", _upsample, x, up, sequential=True)
-    return m.block("convs", two_conv, skip_cat(skip, up, "replicate"), cout, cfg, rng=m.rng, sequential=True)
+    return m.block("convs", two_conv, B.skip_cat(skip, up, "replicate"), cout, cfg, rng=m.rng, sequential=True)
 
 
 def forward(m: Scope, cfg: BasicUNetConfig, x: Tensor) -> Tensor:

@@ -45,8 +45,9 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from vafunc.core import blocks as B
 from vafunc.core import layers as L
-from vafunc.core.blocks import skip_cat, up_conv
+from vafunc.core.blocks import up_conv
 from vafunc.core.kit import Scope, family
 from vafunc.core.registry import check_config, register
 
@@ -130,7 +131,7 @@ def forward(m: Scope, cfg: UNetConfig, x: Tensor) -> Tensor:
     for i in range(n - 1, 0, -1):
         width = cfg.widths[i - 1]
         up = up_conv(m, f"up{i}", x, width, ("normal", math.sqrt(2.0 / x.shape[1])))  # std sqrt(2 / N), N = cin
-        x = m.block(f"dec{i}", double_conv, skip_cat(skips[i - 1], up, fit), width, cfg)
+        x = m.block(f"dec{i}", double_conv, B.skip_cat(skips[i - 1], up, fit), width, cfg)
     return m.conv("head", x, cfg.num_classes, 1, bias=True)
 
 
