@@ -11,6 +11,7 @@
   and the ensemble train step, against a Python loop over N torchvision modules (``--members``;
   10 classes);
 * ``train``: the functional train step against module + ``loss.backward()`` + ``torch.optim.SGD``;
+* ``vit``: the same transforms on timm's ViTs (:func:`bench_vit`; ``--members 16`` for the goals);
 * ``psg``: ``per_sample_grads`` (fresh and ``out=``), ``per_sample_grad_norms``, one batched
   backward (the floor) and the DP-SGD step against a loop of single-sample backward passes through
   the torchvision module (resnet18 b32@32 by default); on the GroupNorm ResNet against Opacus
@@ -172,6 +173,25 @@ def bench_psg(args) -> list[dict]:
     return rows
 
 
+def bench_vit(args) -> list[dict]:
+    """The ViT rows (research_vit.vit_per_sample, research_vit.vit_ensemble): per-sample gradients and norms
+    of a small ViT at 32x32 (patch 4) and DeiT-Tiny at 224, against the loop, one batched backward
+    and Opacus; ensembles of 16 ViTs, members mode against the loop."""
+    from benchmarks import research, research_vit
+
+    rows = []
+    which = tuple(args.vit_parts.split(","))
+    psg = [w.removeprefix("psg-") for w in which if w.startswith("psg-")]
+    ens = [w.removeprefix("ens-") for w in which if w.startswith("ens-")]
+    pairs = research_vit.vit_per_sample(args.reps, which=psg, opacus=not args.no_opacus)  # (each printed as measured)
+    pairs += research_vit.vit_ensemble(args.reps, members=args.members, which=ens)
+    rows = [{"bench": "vit", "model": "timm_vit", **pair.row()} for pair in pairs]
+    if not args.no_opacus and research.have_opacus() and "small" in psg:
+        agree = research_vit.vit_opacus_agreement()
+        print(f"\nvalues vs Opacus (small ViT b4@32): per-sample grads max rel diff {agree:.1e}", flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["report"]:
@@ -198,7 +218,7 @@ def main(argv=None) -> int:
         "bench",
         nargs="?",
         default="eager",
-        choices=["eager", "ensemble", "train", "psg", "report", "compat", "profile", "curvature"],
+        choices=["eager", "ensemble", "train", "psg", "vit", "report", "compat", "profile", "curvature"],
         help="the benchmark (default eager); report: the full report, compat: torch_compat's "
         "module trees, profile: where the time goes, curvature: Hessian/GGN products, spectra and "
         "the NTK against PyHessian, curvlinops and the torch.func tutorial (each takes its own options: "
@@ -220,7 +240,12 @@ def main(argv=None) -> int:
         default="",
         help="ensemble: member counts of a sweep plotted to <out>/ensemble.png, e.g. 1,2,4,8,16,32",
     )
-    p.add_argument("--no-opacus", action="store_true", help="psg: skip the Opacus rows")
+    p.add_argument("--no-opacus", action="store_true", help="psg, vit: skip the Opacus rows")
+    p.add_argument(
+        "--vit-parts",
+        default="psg-small,ens-small,psg-224,ens-224",
+        help="vit: which parts, in order (psg-small, ens-small, psg-224, ens-224)",
+    )
     p.add_argument("--no-dp", action="store_true", help="psg: skip the DP-SGD step rows")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
@@ -253,6 +278,8 @@ def main(argv=None) -> int:
             "Opacus where the label says so)"
         )
         rows = bench_psg(args)
+    elif args.bench == "vit":
+        rows = bench_vit(args)
     else:
         rows = bench_research(args)
     if args.malloc != "default":  # the CSV's columns stay as they are: the label says it

@@ -9,9 +9,10 @@ is faster).
   ``HessianLinearOperator`` / ``GGNLinearOperator`` on torchvision's module with the same weights.
 * ``--part eigen``: the top eigenvalue by ``hessian_eigenvalues`` (Lanczos) against PyHessian's
   power iteration (``tol=1e-3``): products, seconds and the value, against a tight reference.
-* ``--part ntk``: ``vafunc.ntk.ntk`` against the torch.func tutorial's two methods on resnet18,
-  10 classes, 2 x ``--ntk-small`` images, then 2 x ``--ntk-large`` images per mode, each in a fresh
-  process for its peak RSS.
+* ``--part ntk``: ``vafunc.ntk.ntk`` (full mode) against the torch.func NTK tutorial's two methods
+  on the tutorial's own CNN (its ``--ntk-cnn`` 20 x 5 images @ 32) and on resnet18, 10 classes,
+  2 x ``--ntk-small`` images; then resnet18 at 2 x ``--ntk-large`` images (where the tutorial's
+  Jacobians do not fit) per mode, each in a fresh process for its time and peak RSS.
 
 Rows are appended to ``benchmarks/results/curvature.csv``.
 """
@@ -100,6 +101,10 @@ def products(args, rows) -> None:
         fns["curvlinops GGNLinearOperator"] = lambda: cg @ v
     except ImportError:
         print("(curvlinops not installed: pip install curvlinops-for-pytorch)")
+    if args.skip_variants:  # only the pairs with goals
+        for name in ("hvp (graph rebuilt)", "hvp (forward over reverse)", "jvp(grad), by hand"):
+            fns.pop(name, None)
+        fns.pop("PyHessian (graph rebuilt)", None)
     res = compare_many(fns, "hvp (graph kept)", warmup=1, reps=args.reps)
     for name, r in res.items():
         _row(rows, "products", name, r["ms"], None)
@@ -166,6 +171,41 @@ def eigen(args, rows) -> None:
     )
 
 
+def _tutorial_cnn():
+    """The torch.func NTK tutorial's network (three 3x3 convs of 32 channels, a linear head) as an
+    ``nn.Module`` and as a vafunc model with the same weights (as in tests/test_ntk.py)."""
+    from dataclasses import dataclass
+
+    from torch import nn
+
+    from vafunc.core.kit import family
+    from vafunc.core.registry import ModelDef
+
+    class CNN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.conv2, self.conv3 = nn.Conv2d(3, 32, 3), nn.Conv2d(32, 32, 3), nn.Conv2d(32, 32, 3)
+            self.fc = nn.Linear(32 * 26 * 26, 10)
+
+        def forward(self, x):
+            return self.fc(self.conv3(self.conv2(self.conv1(x).relu()).relu()).flatten(1))
+
+    @dataclass(frozen=True)
+    class Config:
+        num_classes: int = 10
+
+    def forward(m, cfg, x):
+        for name in ("conv1", "conv2"):
+            x = m.conv(name, x, 32, 3, padding=0, bias=True).relu()
+        return m.linear("fc", m.conv("conv3", x, 32, 3, padding=0, bias=True).flatten(1), cfg.num_classes)
+
+    torch.manual_seed(0)
+    module = CNN().eval()
+    model = ModelDef("tutorial_cnn", Config(), family("tutorial_cnn", Config, forward, init_size=32))
+    params, state = vafunc.from_state_dict(model, module.state_dict())
+    return module, model, params, state
+
+
 def _ntk_child(mode: str, n: int, chunk: int | None) -> None:
     _, model, params, state, _, _ = _resnet18(1, 32)
     g = torch.Generator().manual_seed(1)
@@ -201,22 +241,44 @@ def _tutorial(module, x1, x2):
     return contraction, products
 
 
-def ntk_bench(args, rows) -> None:
-    module, model, params, state, _, _ = _resnet18(1, 32)
-    g = torch.Generator().manual_seed(1)
-    n = args.ntk_small
-    x1, x2 = torch.randn(n, 3, 32, 32, generator=g), torch.randn(n, 3, 32, 32, generator=g)
+def _ntk_case(rows, label, module, model, params, state, x1, x2, reps) -> None:
+    from benchmarks.harness import paired_ratio
+
     contraction, prods = _tutorial(module, x1, x2)
     fns = {
         "ntk full": lambda: ntk(model, params, state, x1, x2),
         "tutorial: Jacobian contraction": contraction,
         "tutorial: NTK-vector products": prods,
     }
-    res = compare_many(fns, "ntk full", warmup=1, reps=args.ntk_reps)
+    res = compare_many(fns, "ntk full", warmup=1, reps=reps)
     for name, r in res.items():
-        _row(rows, "ntk", f"{name}, 2 x {n} @32", r["ms"], r["ratio"] if name != "ntk full" else None)
+        ratio = None if name == "ntk full" else paired_ratio(res, "ntk full", name)
+        _row(rows, "ntk", f"{name}, {label}", r["ms"], ratio)
+    faster = min(list(fns)[1:], key=lambda n: res[n]["ms"])
+    _row(
+        rows,
+        "ntk",
+        f"ntk full vs the faster tutorial method ({faster.split(': ')[1]}), {label}",
+        res["ntk full"]["ms"],
+        paired_ratio(res, "ntk full", faster),
+        "goal >= 2",
+    )
+
+
+def ntk_bench(args, rows) -> None:
+    g = torch.Generator().manual_seed(1)
+    module, model, params, state = _tutorial_cnn()
+    n1, n2 = args.ntk_cnn
+    x1, x2 = torch.randn(n1, 3, 32, 32, generator=g), torch.randn(n2, 3, 32, 32, generator=g)
+    _ntk_case(rows, f"tutorial CNN, {n1} x {n2} @32", module, model, params, state, x1, x2, args.ntk_reps)
+    module, model, params, state, _, _ = _resnet18(1, 32)
+    n = args.ntk_small
+    x1, x2 = torch.randn(n, 3, 32, 32, generator=g), torch.randn(n, 3, 32, 32, generator=g)
+    _ntk_case(rows, f"resnet18, 2 x {n} @32", module, model, params, state, x1, x2, args.ntk_reps)
     for mode in args.ntk_modes:
         cmd = [sys.executable, "-m", "benchmarks", "curvature", "--ntk-child", mode, str(args.ntk_large)]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
         out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
         line = [s for s in out.stdout.splitlines() if s.startswith("RESULT")]
         if not line:
@@ -226,10 +288,10 @@ def ntk_bench(args, rows) -> None:
         _row(
             rows,
             "ntk",
-            f"ntk {mode}, 2 x {args.ntk_large} @32 (fresh process)",
+            f"ntk {mode}, resnet18, 2 x {args.ntk_large} @32 (fresh process)",
             1e3 * float(dt),
             None,
-            f"peak RSS {peak} GiB, {shape}",
+            f"peak RSS {peak} GiB (goal <= 8), {shape}",
         )
 
 
@@ -240,8 +302,10 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--ntk-small", type=int, default=4, help="images per side of the case the tutorial fits")
+    p.add_argument("--ntk-cnn", nargs=2, type=int, default=[20, 5], help="images per side, tutorial CNN")
     p.add_argument("--ntk-large", type=int, default=64, help="images per side of the case it does not")
-    p.add_argument("--ntk-modes", nargs="+", default=["full", "trace", "diagonal"])
+    p.add_argument("--ntk-modes", nargs="*", default=["full", "trace", "diagonal"], help="none: skip the large case")
+    p.add_argument("--skip-variants", action="store_true", help="products: only the pairs that have goals")
     p.add_argument("--ntk-reps", type=int, default=3)
     p.add_argument("--ntk-child", nargs=2, metavar=("MODE", "N"), help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=None)

@@ -145,3 +145,18 @@ def test_demo_interpolate_writes_the_plot(tmp_path):
     assert len(rows["t"]) == 21 and (out / "interpolation.png").stat().st_size > 10_000
     # the known result: mid-path, recalibrated statistics do better than interpolated ones
     assert rows["accuracy_recalibrated"][10] > rows["accuracy"][10]
+
+
+@pytest.mark.slow
+def test_demo_spectrum_writes_the_plot(tmp_path):
+    """``--spectrum`` after a 1-epoch, 1-member run: the plot, a top eigenvalue no Ritz value of the
+    density exceeds (Ritz values of a symmetric matrix lie within its spectrum; the top is within
+    1e-2 relative) and a smoothed density that integrates to 1."""
+    out = tmp_path / "demo"
+    result = run(DemoConfig(members=1, epochs=1, out=str(out), spectrum=True))
+    spec = result["spectrum"]
+    assert (out / "spectrum.png").stat().st_size > 10_000
+    top, nodes = spec["top"], torch.tensor(spec["nodes"])
+    assert top > 0 and float(nodes.max()) <= top * (1 + 1e-2) + 1e-6
+    grid, dens = torch.tensor(spec["grid"]), torch.tensor(spec["density"])
+    assert float(torch.trapezoid(dens, grid)) == pytest.approx(1.0, abs=1e-2)

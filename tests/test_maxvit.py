@@ -138,6 +138,79 @@ def test_non_square_block_attention_equals_torchvision_and_grid_is_a_strided_win
     assert y.shape == (2, 1000) and torch.isfinite(y).all()
 
 
+#: (indices, keywords) of model.intermediates: all, the last n, negative and repeated indices, NLC
+INTERMEDIATE_CASES = [
+    (None, {}),
+    (2, {"norm": True}),
+    ([0, -1], {}),
+    ([-1, 0, 1, 1], {"return_prefix_tokens": True}),
+    ([1], {"output_fmt": "NLC"}),
+]
+
+
+def test_intermediates_are_torchvisions_stem_and_stage_outputs(pair):
+    """Values: the outputs of torchvision's ``stem`` and ``blocks.{i}`` modules (what its feature
+    extractor returns for those names), in float64, as NCHW maps and as NLC tokens; which ones,
+    by timm's index rule (feature 0 the stem, each once, in order; all index forms are checked
+    against timm below)."""
+    from oracle import module_outputs
+    from timm.models._features import feature_take_indices
+
+    model, _, params, state = pair
+    ref = tv_small().double()  # the pair's module: other tests run it in train mode (its statistics move)
+    ref.load_state_dict(vafunc.to_state_dict(params, state))
+    names = ["stem", "blocks.0", "blocks.1"]
+    x = torch.randn(2, 3, 56, 56, dtype=F64)
+    tv = module_outputs(ref, names, x)
+    for indices, kw in [(None, {}), ([-1, 0, 1, 1], {"norm": True}), ([1], {"output_fmt": "NLC"})]:
+        with torch.no_grad():
+            got = model.intermediates(params, state, x, indices, **kw)
+        take = sorted(set(feature_take_indices(3, indices)[0]))
+        assert len(got) == len(take), (indices, kw)
+        for g, i in zip(got, take):
+            want = tv[names[i]]
+            close(g, want.flatten(2).transpose(1, 2) if kw.get("output_fmt") == "NLC" else want)
+
+
+def test_intermediates_have_timms_shapes_and_stop_early(pair):
+    """timm's ``MaxxVit`` with MaxViT-T's recipe cut to the small table (its own weights) gives the
+    same number of maps in the same shapes for every index form; stages after the last requested
+    one never run (NaN weights there change nothing)."""
+    from dataclasses import replace
+
+    from timm.models.maxxvit import MaxxVit, model_cfgs
+
+    tf = model_cfgs["maxvit_tiny_tf"]
+    cfg = replace(
+        tf,
+        embed_dim=SMALL["block_channels"],
+        depths=SMALL["block_layers"],
+        stem_width=SMALL["stem_channels"],
+        head_hidden_size=32,
+        transformer_cfg=replace(tf.transformer_cfg, dim_head=SMALL["head_dim"]),
+    )
+    torch.manual_seed(0)
+    ref = MaxxVit(cfg, img_size=56).eval()
+    model, _, params, state = pair
+    x = torch.randn(2, 3, 56, 56, dtype=F64)
+    for indices, kw in INTERMEDIATE_CASES:
+        with torch.no_grad():
+            want = ref.forward_intermediates(x.float(), indices, intermediates_only=True, norm=kw.get("norm", False))
+            got = model.intermediates(params, state, x, indices, **kw)
+        if kw.get("output_fmt") == "NLC":  # timm offers NCHW only here: its maps as row-major tokens
+            want = [w.flatten(2).transpose(1, 2) for w in want]
+        assert [g.shape for g in got] == [w.shape for w in want], (indices, kw)
+    poisoned = {**params, "blocks": dict(params["blocks"])}
+    poisoned["blocks"]["1"] = vafunc.tree_map(lambda t: torch.full_like(t, float("nan")), params["blocks"]["1"])
+    with torch.no_grad():
+        got = model.intermediates(poisoned, state, x, [0, 1])
+        want = model.intermediates(params, state, x, [0, 1])
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+        assert torch.isnan(model.intermediates(poisoned, state, x, [-1])[0]).all()
+    with pytest.raises(ValueError, match="last-n count must be in 1..3"):
+        model.intermediates(params, state, x, 4)
+
+
 def test_relative_position_index_is_torchvisions_and_timms():
     from timm.layers.pos_embed_rel import gen_relative_position_index
 

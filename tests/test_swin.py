@@ -111,6 +111,76 @@ def test_features_are_the_module_outputs(pair):
     assert got["features.1"].shape == (2, 7, 15, 16) and got["features.3"].shape == (2, 4, 8, 32)
 
 
+#: (indices, keywords) of model.intermediates: all, the last n, negative and repeated indices, NLC
+INTERMEDIATE_CASES = [
+    (None, {}),
+    (1, {"norm": True}),
+    ([0, -1], {"norm": True}),
+    ([-1, 0, 1, 1], {"return_prefix_tokens": True}),
+    ([1], {"output_fmt": "NLC", "norm": True}),
+    ([0], {"output_fmt": "NLC"}),
+]
+
+
+def timm_take(n, indices):
+    """The features timm's ``forward_intermediates`` yields: its ``feature_take_indices``, each
+    once, in stage order (its loop tests ``i in take_indices``)."""
+    from timm.models._features import feature_take_indices
+
+    return sorted(set(feature_take_indices(n, indices)[0]))
+
+
+def test_intermediates_are_torchvisions_stage_outputs_in_nchw(pair):
+    """Values: torchvision's stage outputs ``features.{2i+1}`` (its FX feature extractor), and its
+    final ``norm`` on the last stage with ``norm=True``, permuted to NCHW (or flattened to NLC);
+    which stages, by timm's index rule."""
+    model, ref, params, state = pair
+    x = torch.randn(2, 3, 30, 61)
+    with torch.no_grad():
+        tv = create_feature_extractor(ref, ["features.1", "features.3", "norm"])(x)
+    for indices, kw in INTERMEDIATE_CASES:
+        with torch.no_grad():
+            got = model.intermediates(params, state, x, indices, **kw)
+        take = timm_take(2, indices)
+        assert len(got) == len(take), (indices, kw)
+        for g, i in zip(got, take):
+            want = tv["norm"] if kw.get("norm") and i == 1 else tv[f"features.{2 * i + 1}"]
+            want = want.flatten(1, 2) if kw.get("output_fmt") == "NLC" else want.permute(0, 3, 1, 2)
+            assert g.is_contiguous()
+            close(g, want)
+
+
+def test_intermediates_have_timms_shapes_and_stop_early():
+    """timm's ``SwinTransformer`` of the same table (its own weights) gives the same number of
+    maps in the same shapes for every index form; stages after the last requested one never run
+    (NaN weights there change nothing)."""
+    from timm.models.swin_transformer import SwinTransformer
+
+    cfg = dict(embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=7)
+    torch.manual_seed(0)
+    ref = SwinTransformer(img_size=(56, 84), **cfg).eval()
+    model = vafunc.get_model("swin_t", **{**cfg, "num_classes": 7})
+    params, state = model.init(0)
+    x = torch.randn(2, 3, 56, 84)
+    for indices, kw in INTERMEDIATE_CASES:
+        with torch.no_grad():
+            want = ref.forward_intermediates(x, indices, intermediates_only=True, norm=kw.get("norm", False))
+            got = model.intermediates(params, state, x, indices, **kw)
+        if kw.get("output_fmt") == "NLC":  # timm offers NCHW only here: its maps as row-major tokens
+            want = [w.flatten(2).transpose(1, 2) for w in want]
+        assert [g.shape for g in got] == [w.shape for w in want], (indices, kw)
+    poisoned = {**params, "features": dict(params["features"])}
+    poisoned["features"]["3"] = vafunc.tree_map(lambda t: torch.full_like(t, float("nan")), params["features"]["3"])
+    with torch.no_grad():
+        first = model.intermediates(params, state, x, [0])[0]
+        assert torch.equal(model.intermediates(poisoned, state, x, [0])[0], first)
+        assert torch.isnan(model.intermediates(poisoned, state, x, [-1])[0]).all()
+    with pytest.raises(ValueError, match="out of range for 2 blocks"):
+        model.intermediates(params, state, x, [2])
+    with pytest.raises(ValueError, match="output_fmt must be 'NCHW' or 'NLC', got 'NHWC'"):
+        model.intermediates(params, state, x, 1, output_fmt="NHWC")
+
+
 def test_fused_and_math_attention_agree(pair):
     model, _, params, state = pair
     x = torch.randn(2, 3, 28, 44)

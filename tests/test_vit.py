@@ -106,6 +106,18 @@ def test_attention_rule():
     assert seen == ["math", "math", "math"]
 
 
+def test_attention_rule_under_torch_compile():
+    """The rule is applied when dynamo traces: fused in a plain compiled graph, math in a compiled vmap
+    or grad (dynamo once read a transform into every compiled graph)."""
+    fused = lambda t: t + (L.attention_path("auto", train=False, rate=0.0) == "fused")  # noqa: E731
+    q = torch.zeros(2)
+    torch._dynamo.reset()
+    assert torch.compile(fused, fullgraph=True, backend="eager")(q).tolist() == [1.0, 1.0]
+    assert torch.compile(torch.vmap(fused), fullgraph=True, backend="eager")(q).tolist() == [0.0, 0.0]
+    grad = torch.func.grad(lambda t: (fused(t).detach() * t).sum())  # the gradient is the flag
+    assert torch.compile(grad, fullgraph=True, backend="eager")(q).tolist() == [0.0, 0.0]
+
+
 @pytest.mark.parametrize("bias", [False, True])
 def test_fused_and_math_paths_agree(bias):
     g = torch.Generator().manual_seed(0)

@@ -182,7 +182,7 @@ class Bound(Scope):
     def param(self, name, shape=None, init=None, *, batched=False):
         return getattr(self.mod, name)
 
-    def layer_scale(self, name, channels=None, value=None, *, shape=None):
+    def layer_scale(self, name, channels=None, value=None, *, shape=None, ndim=4):
         return getattr(self.mod, name)
 
     def buffer(self, name, make=None):

@@ -91,10 +91,7 @@ class Plain:
     def layer_norm2d(self, x, w, b, eps):
         return L.layer_norm2d({"weight": w, "bias": b}, x, eps=eps)
 
-    def param(self, t, batched: bool):
-        return t
-
-    def layer_scale(self, t):
+    def param(self, t, batched: bool | int):
         return t
 
     def buffer(self) -> None:

@@ -401,21 +401,23 @@ class Scope:
         p = self.p[name] if self.ini is None else self._create(name, lambda ini: ini.layer_norm(x.shape[1]))
         return self.ctx.low.layer_norm2d(x, p["weight"], p["bias"], eps)
 
-    def layer_scale(self, name: str, channels: int, value: float, *, shape: Sequence[int] | None = None) -> Tensor:
-        """Layer scale (Touvron et al. 2021, CaiT, Sec. 2.1; ConvNeXt): a learnable per-channel factor, initialised
-        to ``value``, stored as the bare parameter ``name`` of ``shape`` (default ``[channels, 1, 1]``,
-        torchvision's ``CNBlock.layer_scale``; timm's ``gamma`` is ``[channels]``). Returns the tensor, for the
-        caller to multiply: declare it where the reference registers it (a module's own parameters precede its
-        children's in the state_dict, so usually before the block's layers)."""
-        t = self.param(name, (channels, 1, 1) if shape is None else tuple(shape), ("full", value))
-        return t if self.ini is not None else self.ctx.low.layer_scale(t)
+    def layer_scale(
+        self, name: str, channels: int, value: float, *, shape: Sequence[int] | None = None, ndim: int = 4
+    ) -> Tensor:
+        """Layer scale (CaiT, Sec. 2.1; ConvNeXt): a per-channel factor, initialised to ``value``, the bare parameter
+        ``name`` of ``shape`` (default ``[channels, 1, 1]``, torchvision's ``CNBlock.layer_scale``; timm's ``gamma``:
+        ``[channels]``), for the caller to multiply into a tensor of ``ndim`` axes (a per-sample tape or members mode
+        gives it a batch axis). Declare it where the reference registers it (own parameters precede children's)."""
+        return self.param(name, (channels, 1, 1) if shape is None else tuple(shape), ("full", value), batched=ndim)
 
-    def param(self, name: str, shape: Sequence[int], init: tuple = ("zeros",), *, batched: bool = False) -> Tensor:
-        """A bare parameter ``name`` of ``shape`` used directly by the family (a class token, a position embedding,
-        a relative position bias table), cast to the compute dtype. ``init``: ``("zeros",)``, ``("full", value)``,
-        ``("normal", std)`` or ``("trunc_normal", std)`` (truncated at +-2). ``batched``: the leading axis (of size
-        1) broadcasts over the batch (ViT's class token and position embedding); under a per-sample tape it becomes
-        the batch axis, so the family's code must broadcast it."""
+    def param(
+        self, name: str, shape: Sequence[int], init: tuple = ("zeros",), *, batched: bool | int = False
+    ) -> Tensor:
+        """A bare parameter ``name`` of ``shape`` used directly by the family (a class token, a position embedding, a
+        bias table), cast to the compute dtype. ``init``: ``("zeros",)``, ``("full", value)``, ``("normal", std)`` or
+        ``("trunc_normal", std)`` (truncated at +-2). ``batched=True``: its leading axis (of size 1) broadcasts over
+        the batch (ViT's class token); ``batched=k``: it broadcasts against a batch of ``k`` axes (a bias). Under a
+        per-sample tape or members mode it gets a real batch axis, so the family's code must broadcast it."""
         if self.ini is None:
             return self.ctx.low.param(self.cast(self.p[name]), batched)
         if name in self.p:

@@ -427,9 +427,14 @@ class ModelDef:
         block indices (negative from the end) or None (all); each output ``[N, D, h, w]``
         (``"NCHW"``) or ``[N, h * w, D]`` (``"NLC"``), the class / register / distillation tokens
         split off (returned beside each with ``return_prefix_tokens``); stops after the last block
-        needed, as :meth:`features`. ``policy=``/``attention=`` as in :meth:`apply`."""
+        needed, as :meth:`features`. On Swin and MaxViT the "blocks" are timm's feature indices
+        (Swin's four stages; MaxViT's stem and four stages) and ``norm`` reaches the last only.
+        ``policy=``/``attention=`` as in :meth:`apply`."""
         if self.family.intermediates is None:
-            raise TypeError(f"{self.name}: intermediates() is offered by token networks (the timm_vit family)")
+            raise TypeError(
+                f"{self.name}: intermediates() is offered by the transformer families "
+                "(timm_vit, vit, swin, maxvit); use features() for the others"
+            )
         return self.family.intermediates(
             self,
             params,

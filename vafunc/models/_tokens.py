@@ -1,6 +1,7 @@
 """Pieces of token (ViT-style) networks shared by families: timm's position-embedding resampling,
-2-D rotary position embedding, and dense intermediates (timm's ``forward_intermediates``) read
-off the kit's feature taps. Not a family (the leading underscore keeps ``vafunc.models`` from
+2-D rotary position embedding, and dense intermediates (timm's ``forward_intermediates``, of
+plain ViTs and of hierarchical networks such as Swin and MaxViT) read off the kit's feature taps.
+Not a family (the leading underscore keeps ``vafunc.models`` from
 importing it as one)."""
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ __all__ = [
     "rope_apply",
     "take_indices",
     "intermediates_of",
+    "stage_intermediates",
 ]
 
 _LOW = (torch.float16, torch.bfloat16)
@@ -116,6 +118,23 @@ def take_indices(depth: int, indices: int | Sequence[int] | None) -> list[int]:
     return sorted(set(out))
 
 
+def _check_options(output_fmt: str, norm: bool, return_prefix_tokens: bool) -> None:
+    if output_fmt not in ("NCHW", "NLC"):
+        raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+    for f, v in (("norm", norm), ("return_prefix_tokens", return_prefix_tokens)):
+        if not isinstance(v, bool):
+            raise TypeError(f"{f} must be a bool, got {v!r}")
+
+
+def _final_norm(params: dict, norm_layer: tuple[str, float], y: Tensor) -> Tensor:
+    """The LayerNorm ``norm_layer = (dotted module path, eps)`` over the last axis of ``y``, its
+    tensors cast to ``y``'s dtype (a precision policy's compute dtype)."""
+    p = params
+    for part in norm_layer[0].split("."):
+        p = p[part]
+    return F.layer_norm(y, y.shape[-1:], p["weight"].to(y.dtype), p["bias"].to(y.dtype), norm_layer[1])
+
+
 def intermediates_of(
     model: Any,
     params: dict,
@@ -141,11 +160,7 @@ def intermediates_of(
     ``prefix`` tokens split off, the patch tokens as ``[N, D, H/patch, W/patch]`` (``"NCHW"``) or
     ``[N, HW/patch^2, D]`` (``"NLC"``); with ``return_prefix_tokens`` (and prefix tokens) each item is
     ``(patch tokens, prefix tokens [N, prefix, D])``. ``kw``: ``policy=``, ``attention=``."""
-    if output_fmt not in ("NCHW", "NLC"):
-        raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-    for f, v in (("norm", norm), ("return_prefix_tokens", return_prefix_tokens)):
-        if not isinstance(v, bool):
-            raise TypeError(f"{f} must be a bool, got {v!r}")
+    _check_options(output_fmt, norm, return_prefix_tokens)
     take = take_indices(depth, indices)
     feats, _ = model.features(params, state, x, [names.format(i) for i in take], **kw)
     gh, gw = x.shape[-2] // patch, x.shape[-1] // patch
@@ -153,12 +168,54 @@ def intermediates_of(
     for i in take:
         y = feats[names.format(i)]
         if norm and norm_layer is not None:
-            p = params
-            for part in norm_layer[0].split("."):  # a dotted module path
-                p = p[part]
-            y = F.layer_norm(y, y.shape[-1:], p["weight"].to(y.dtype), p["bias"].to(y.dtype), norm_layer[1])
+            y = _final_norm(params, norm_layer, y)
         head, y = y[:, :prefix], y[:, prefix:]
         if output_fmt == "NCHW":
             y = y.reshape(y.shape[0], gh, gw, -1).permute(0, 3, 1, 2).contiguous()
         out.append((y, head) if return_prefix_tokens and prefix else y)
+    return out
+
+
+def stage_intermediates(
+    model: Any,
+    params: dict,
+    state: dict,
+    x: Tensor,
+    indices: int | Sequence[int] | None = None,
+    *,
+    names: Sequence[str],
+    channels_last: bool,
+    norm_layer: tuple[str, float] | None,
+    norm: bool = False,
+    output_fmt: str = "NCHW",
+    return_prefix_tokens: bool = False,
+    **kw: Any,
+) -> list:
+    """timm's ``forward_intermediates(x, indices, norm=, intermediates_only=True)`` for a
+    hierarchical network (Swin, MaxViT), read off the kit's feature taps as
+    :func:`intermediates_of` (the forward stops after the last requested one): feature ``i`` is the
+    tap ``names[i]`` (timm's feature indices: MaxViT's stem and stages, Swin's stages), for
+    ``take_indices(len(names), indices)``, in order. The taps are ``[N, H, W, C]`` maps
+    (``channels_last``, Swin) or ``[N, C, H, W]``; each comes back as ``[N, C, H, W]`` (``"NCHW"``,
+    the only layout timm offers here) or ``[N, H * W, C]`` (``"NLC"``, row-major tokens). With
+    ``norm=True`` the final LayerNorm ``norm_layer`` is applied to the last feature only (it is
+    sized for the last stage; None: the network's norm sits in its head, timm's ``nn.Identity``).
+    These networks have no prefix tokens, so ``return_prefix_tokens`` changes nothing, as on a
+    ViT without them. ``kw``: ``policy=``, ``attention=``."""
+    _check_options(output_fmt, norm, return_prefix_tokens)
+    take = take_indices(len(names), indices)
+    feats, _ = model.features(params, state, x, [names[i] for i in take], **kw)
+    out = []
+    for i in take:
+        y = feats[names[i]]
+        last_norm = norm and norm_layer is not None and i == len(names) - 1
+        if not channels_last and (last_norm or output_fmt == "NLC"):
+            y = y.permute(0, 2, 3, 1)
+        if last_norm:
+            y = _final_norm(params, norm_layer, y)
+        if output_fmt == "NLC":
+            y = y.flatten(1, 2)
+        if output_fmt == "NCHW" and (channels_last or last_norm):
+            y = y.permute(0, 3, 1, 2)
+        out.append(y.contiguous())
     return out

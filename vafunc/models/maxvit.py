@@ -49,6 +49,7 @@ from torch import Tensor
 from vafunc.core import layers as L
 from vafunc.core.kit import Scope, family
 from vafunc.core.registry import Reference, check_config, register
+from vafunc.models._tokens import stage_intermediates
 
 PAPER = "Tu et al. 2022, MaxViT: Multi-Axis Vision Transformer, arXiv:2204.01697"
 
@@ -424,6 +425,18 @@ def forward(m: Scope, cfg: MaxVitConfig, x: Tensor) -> Tensor:
     return m.block("classifier", classifier, y, cfg.block_channels[-1], cfg.num_classes, tap=False)
 
 
+def intermediates(model, params: dict, state: dict, x: Tensor, indices=None, **kw) -> list:
+    """timm's ``MaxxVit.forward_intermediates(..., intermediates_only=True)``: feature 0 is the
+    ``stem``, feature ``i + 1`` stage ``i``'s output ``blocks.{i}``, ``[N, C, H, W]``. The final
+    LayerNorm sits in the classifier, after the pooling (timm's ``norm`` is an ``nn.Identity`` on
+    the MaxViT checkpoints), so ``norm=True`` changes nothing, as there
+    (:meth:`vafunc.core.registry.ModelDef.intermediates`)."""
+    names = ["stem", *(f"blocks.{i}" for i in range(len(model.config.block_layers)))]
+    return stage_intermediates(
+        model, params, state, x, indices, names=names, channels_last=False, norm_layer=None, **kw
+    )
+
+
 FAMILY = family(
     "maxvit",
     MaxVitConfig,
@@ -431,6 +444,7 @@ FAMILY = family(
     paper=PAPER,
     init_size=lambda cfg: size_multiple(cfg),
     defaults={"conv": ("normal", 0.02), "linear": ("normal", 0.02), "eps": 1e-3, "momentum": 0.01},
+    intermediates=intermediates,
 )
 
 register(

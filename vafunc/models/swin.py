@@ -56,6 +56,7 @@ from torch import Tensor
 from vafunc.core import layers as L
 from vafunc.core.kit import Scope, family
 from vafunc.core.registry import Reference, check_config, register
+from vafunc.models._tokens import stage_intermediates
 
 PAPER = "Liu et al. 2021, Swin Transformer: Hierarchical Vision Transformer using Shifted Windows, arXiv:2103.14030"
 PAPER_V2 = "Liu et al. 2022, Swin Transformer V2: Scaling Up Capacity and Resolution, arXiv:2111.09883"
@@ -438,7 +439,21 @@ def forward(m: Scope, cfg: SwinConfig, x: Tensor) -> Tensor:
 #: torchvision's init: every Linear (cpb_mlp and the MLPs included) trunc_normal(std=0.02) with
 #: zero biases; the patch-embedding conv keeps torch's default; bias tables trunc_normal(0.02).
 _DEFAULTS = {"conv": "kaiming_fan_in_uniform", "linear": ("trunc_normal", 0.02)}
-FAMILY = family("swin", SwinConfig, forward, paper=PAPER, defaults=_DEFAULTS)
+
+
+def intermediates(model, params: dict, state: dict, x: Tensor, indices=None, **kw) -> list:
+    """timm's ``SwinTransformer.forward_intermediates(..., intermediates_only=True)``: feature ``i``
+    is stage ``i``'s output ``features.{2i+1}`` (timm's stage ``i`` starts with the patch merging
+    that torchvision keeps in ``features.{2i}``, so the outputs are the same), ``[N, C, H, W]``;
+    ``norm=True`` applies the final ``norm`` to the last stage only
+    (:meth:`vafunc.core.registry.ModelDef.intermediates`)."""
+    names = [f"features.{2 * i + 1}" for i in range(len(model.config.depths))]
+    return stage_intermediates(
+        model, params, state, x, indices, names=names, channels_last=True, norm_layer=("norm", 1e-5), **kw
+    )
+
+
+FAMILY = family("swin", SwinConfig, forward, paper=PAPER, defaults=_DEFAULTS, intermediates=intermediates)
 
 for _v, _n, _n2 in [("t", 28288354, 28351570), ("s", 49606258, 49737442), ("b", 87768224, 87930848)]:
     _c, _d, _h = VARIANTS[_v]

@@ -165,10 +165,11 @@ def attention(m: Scope, x: Tensor, cfg: TimmViTConfig, sin: Tensor | None, cos: 
         )
     else:
         if cfg.layout == "eva" and cfg.qkv_bias:  # timm's EvaAttention: q/v biases of its own, k's zero
-            qb, vb = m.param("q_bias", (d,)), m.param("v_bias", (d,))
+            # (biases of the [N, L, 3D] product: under a per-sample tape or members mode they get a batch axis)
+            qb, vb = m.param("q_bias", (d,), batched=x.dim()), m.param("v_bias", (d,), batched=x.dim())
             c = m.child("qkv", module=("Linear", (("in_features", d), ("out_features", 3 * d), ("bias", False))))
             w = c.param("weight", (3 * d, d), ("trunc_normal", 0.02))
-            qkv = m.linear_with(x, w, torch.cat((qb, torch.zeros_like(qb), vb)))
+            qkv = m.linear_with(x, w, torch.cat((qb, torch.zeros_like(qb), vb), -1))
         else:
             qkv = m.linear("qkv", x, 3 * d, bias=cfg.qkv_bias)
         q, k, v = einops.rearrange(qkv, "n l (three h e) -> three n h l e", three=3, h=heads).unbind(0)
@@ -201,7 +202,7 @@ def mlp(m: Scope, x: Tensor, cfg: TimmViTConfig, hidden: int, act: str, out: int
 
 def _gamma(m: Scope, y: Tensor, d: int, value: float) -> Tensor:
     """timm's ``LayerScale`` (CaiT, Sec. 2.1): ``y * gamma``, ``gamma [D]``."""
-    return y * m.layer_scale("gamma", d, value, shape=(d,))
+    return y * m.layer_scale("gamma", d, value, shape=(d,), ndim=y.dim())
 
 
 def block(m: Scope, x: Tensor, cfg: TimmViTConfig, sin: Tensor | None, cos: Tensor | None, drop_path: float) -> Tensor:

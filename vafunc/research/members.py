@@ -24,10 +24,12 @@ figures):
 * dropout and stochastic depth: each member's mask drawn from its own key with the member's own
   batch shape, so the masks are the loop's.
 
-Families that use bare parameters directly (class tokens, position embeddings, relative position
-tables, layer scales) are not covered: :func:`covers` says so, and ``ensemble_apply`` takes the
-loop for them. Results equal the loop's up to float rounding (different kernels sum in other
-orders).
+Bare parameters that broadcast over the batch (``m.param(..., batched=)``: class, register and
+distillation tokens, position embeddings, a ViT's biases) and layer scales become per-row tensors
+``[N*B, ...]`` (:func:`per_row`), so ViTs run in members mode with the family's code unchanged.
+Families that use other bare parameters directly (relative position tables, a weight the family
+slices) are not covered: :func:`covers` says so, and ``ensemble_apply`` takes the loop for them.
+Results equal the loop's up to float rounding (different kernels sum in other orders).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ __all__ = [
     "drop_path",
     "covers",
     "prefer",
+    "per_row",
 ]
 
 #: ``method="auto"``: members mode where each member's batch holds at most this many pixels
@@ -283,6 +286,21 @@ def drop_path(x, rate: float, keys, *, train: bool, n: int):
     return x * (keep.to(x.dtype) / survival)
 
 
+def per_row(t, ndim: int, n: int, rows: int | None):
+    """Member bare parameter ``t [N, *shape]`` that broadcasts against one member's batch of
+    ``ndim`` axes (a leading axis of size 1 in ``shape`` stands for the batch axis) as a tensor
+    that broadcasts against the members' ``[N*B, ...]`` rows: ``[N*B, ...]``, ``ndim`` axes."""
+    if rows is None:
+        raise NotCovered("bare parameter outside a forward")
+    shape = tuple(t.shape[1:])
+    if len(shape) == ndim:
+        if shape[0] != 1:
+            raise ValueError(f"a batch-broadcast parameter needs a leading axis of 1, got {list(shape)}")
+        shape = shape[1:]
+    v = t.reshape(n, 1, *((1,) * (ndim - 1 - len(shape))), *shape)
+    return v.expand(n, rows // n, *v.shape[2:]).reshape(rows, *v.shape[2:])
+
+
 def prefer(model, n: int, x: torch.Tensor, *, compiled: bool = False) -> bool:
     """Whether ``method="auto"`` takes members mode for ``n`` members on ``x`` (``[B, C, H, W]``
     shared or ``[N, B, C, H, W]``): the family is covered and each member's batch is small (see
@@ -329,12 +347,12 @@ class Members(Plain):
     enters as the ``[N*B]`` one, and a first convolution runs on the shared batch once per
     member's weights."""
 
-    def __init__(self, n: int, shared_input: bool = False, shared=None):
-        self.n, self.shared_input, self.shared = n, shared_input, shared
+    def __init__(self, n: int, shared_input: bool = False, shared=None, rows: int | None = None):
+        self.n, self.shared_input, self.shared, self.rows = n, shared_input, shared, rows
 
     def enter(self, x, taps):
         x, shared = enter(x, self.n, taps, self.shared_input)
-        return x, Members(self.n, self.shared_input, shared)
+        return x, Members(self.n, self.shared_input, shared, x.shape[0])
 
     def conv(self, x, w, b, stride, padding, dilation, groups):
         sh = self.shared
@@ -346,7 +364,9 @@ class Members(Plain):
         return linear(x, w, b, self.n)
 
     def linear_with(self, x, w, b):
-        raise NotCovered("linear_with")
+        if b is None or (b.dim() == 2 and b.shape[0] == self.n):  # member biases [N, Fout]
+            return linear(x, w, b, self.n)
+        return linear(x, w, None, self.n) + b  # a bias built from bare parameters: already per row
 
     def batch_norm(self, x, p, s, *, train, momentum, eps):
         return batch_norm(x, p, s, train=train, momentum=momentum, eps=eps, n=self.n)
@@ -360,11 +380,10 @@ class Members(Plain):
     def layer_norm2d(self, x, w, b, eps):
         return affine(L.layer_norm2d(_EMPTY, x, eps=eps), w, b, self.n, 1)
 
-    def param(self, t, batched: bool):
-        raise NotCovered("bare parameter")
-
-    def layer_scale(self, t):
-        raise NotCovered("layer scale")
+    def param(self, t, batched: bool | int):
+        if not batched:  # used directly by the family's code, which expects one member's tensor
+            raise NotCovered("bare parameter")
+        return per_row(t, t.dim() - 1 if batched is True else int(batched), self.n, self.rows)
 
     def buffer(self) -> None:
         raise NotCovered("buffer")

@@ -11,7 +11,9 @@ parameter count. Per layer it picks the cheaper of two contractions, as the tape
 the explicit per-item gradient ``sum_t g_t a_t^T`` and its Gram matrix, or the ghost form
 ``sum_{t,s} (a_t . a'_s)(g_t . g'_s)`` over the output positions (a layer whose positions are
 few: the last stages of a CNN at small inputs, the linear head); the input side ``a`` of the
-ghost form is shared by the outputs and computed once per sample pair.
+ghost form is shared by the outputs and computed once per sample pair; a conv unfolds each
+sample's input once, not once per output (:meth:`Tape.unfold`), and the explicit form is one
+matrix product per sample over all its outputs.
 
 A model whose parameters are not all reached exactly once through taped layers (class tokens,
 shared weights: :func:`vafunc.research.persample.tape_covers` with ``"norms"``) falls back to
@@ -26,7 +28,7 @@ import torch
 from torch import Tensor
 
 from vafunc.core import tree as vtree
-from vafunc.research.persample import Tape, _weight_grad, tape_covers
+from vafunc.research.persample import Tape, tape_covers
 from vafunc.research.taped import Taped
 
 if TYPE_CHECKING:
@@ -58,6 +60,9 @@ class _KernelTape(Tape):
         else:
             self.acc += torch.bmm(u, v.transpose(1, 2))
 
+    def unfold(self, x: Tensor, kernel, stride, padding, dilation) -> Tensor:
+        return super().unfold(x[: self.n], kernel, stride, padding, dilation)  # the K copies are equal
+
     def _split(self, t: Tensor) -> tuple[Tensor, Tensor]:
         t = t.reshape(self.k, self.n, -1)
         return t[:, self.rows], t[:, self.cols]
@@ -65,7 +70,7 @@ class _KernelTape(Tape):
     def results(self, a: Tensor, g: Tensor, kw: int, kb: int | None) -> tuple[None, None]:
         _, groups, d, t = a.shape
         o = g.shape[2]
-        a0 = a[: self.n]  # the input side is the same for every output's copy
+        a0 = a[: self.n]  # the input side is the same for every output's copy (convs unfold only these)
         if t * t * (d + o) < d * o:  # ghost form
             ka = torch.einsum("igdt,jgds->gijts", a0[self.rows], a0[self.cols])  # [G, r, c, T, T]
             gk = g.reshape(self.k, self.n, groups, o, t)
@@ -79,9 +84,10 @@ class _KernelTape(Tape):
             else:
                 kg = torch.einsum("gaito,gajso->gaijts", g1, g2)
                 self.acc += torch.einsum("gaijts,gijts->aij", kg, ka)
-        else:
-            u, v = self._split(_weight_grad(a, g))
-            self._gram(u, v)
+        else:  # per-item gradients, one product per sample over its K outputs: [n*G, K*O, T] @ [n*G, T, D]
+            gs = g.reshape(self.k, self.n, groups, o, t).permute(1, 2, 0, 3, 4).reshape(self.n * groups, -1, t)
+            w = torch.bmm(gs, a0.reshape(self.n * groups, d, t).transpose(1, 2))
+            self._gram(*self._split(w.view(self.n, groups, self.k, o * d).permute(2, 0, 1, 3)))
         if kb is not None:
             self._gram(*self._split(g.sum(3)))
         return None, None

@@ -25,8 +25,10 @@ an extra input and whose gradient is the per-sample result:
 
 The tape is an explicit argument and lives for one call: ``apply`` stays pure, and without a tape
 the kit emits the plain aten ops (``vafunc.compile`` and inductor see exactly what they saw).
-A model whose parameters are not all reached through these layers (class tokens, position
-embeddings, relative position tables, layer scales: parameters a family uses directly) is not
+Bare parameters that broadcast over the batch (class, register and distillation tokens, position
+embeddings, layer scales, a ViT's q/v biases: ``m.param(..., batched=)``) are given a real batch
+axis (:meth:`Tape.expand`), whose gradient is the per-sample one. A model whose parameters are not
+all reached through these (relative position tables: parameters a family uses directly) is not
 covered by the tape; :func:`vafunc.per_sample_grads` then falls back to ``torch.vmap(grad)``,
 which is exact for every model but slower (docs/research.md says which families take which path).
 """
@@ -67,8 +69,8 @@ def _conv_cols(
 
 def _grouped(cols: Tensor, g: Tensor, groups: int) -> tuple[Tensor, Tensor]:
     """``cols [B, G*D, T]``, ``g [B, G*O, T]`` -> ``[B, G, D, T]``, ``[B, G, O, T]``."""
-    b, _, t = cols.shape
-    return cols.reshape(b, groups, -1, t), g.reshape(b, groups, -1, t)
+    t = cols.shape[2]  # the batches may differ: a tape may unfold only distinct samples (Tape.unfold)
+    return cols.reshape(cols.shape[0], groups, -1, t), g.reshape(g.shape[0], groups, -1, t)
 
 
 def _weight_grad(a: Tensor, g: Tensor, out: Tensor | None = None) -> Tensor:
@@ -115,7 +117,8 @@ class _Conv(torch.autograd.Function):
                 g, x, w, None, stride, padding, dilation, False, [0, 0], groups, [True, False, False]
             )[0]
         bsz, cout = g.shape[:2]
-        a, gg = _grouped(_conv_cols(x, tuple(w.shape[2:]), stride, padding, dilation), g.reshape(bsz, cout, -1), groups)
+        cols = tape.unfold(x, tuple(w.shape[2:]), stride, padding, dilation)
+        a, gg = _grouped(cols, g.reshape(bsz, cout, -1), groups)
         return (gx, None, None) + tape.results(a, gg, kw, kb) + (None,) * 5
 
 
@@ -240,6 +243,11 @@ class Tape:
         """Where the per-sample gradient of parameter ``key`` is written: its ``out`` tensor if it
         is used once (a second use would overwrite the first before autograd adds them)."""
         return self.out.get(key) if self.uses.get(key) == 1 else None
+
+    def unfold(self, x: Tensor, kernel, stride, padding, dilation) -> Tensor:
+        """The unfolded input of a conv for :meth:`results` (a subclass whose samples repeat may
+        unfold only the distinct ones)."""
+        return _conv_cols(x, kernel, stride, padding, dilation)
 
     def results(self, a: Tensor, g: Tensor, kw: int, kb: int | None) -> tuple[Tensor, Tensor | None]:
         """Ghost gradients ``(weight, bias)`` of a conv/linear from ``a [B, G, D, T]`` and ``g

@@ -26,7 +26,11 @@ class Taped(Plain):
     def linear(self, x, w, b):
         return self.tape.linear(x, w, b)
 
-    linear_with = linear
+    def linear_with(self, x, w, b):
+        if b is None or id(b) in self.tape.leaves:
+            return self.tape.linear(x, w, b)
+        # a bias the family built from bare parameters (EVA-02's q/v biases): already per-sample
+        return self.tape.linear(x, w, None) + b
 
     def batch_norm(self, x, p, s, *, train, momentum, eps):
         if train:  # batch statistics couple the samples: torch's kernel, taped through autograd
@@ -43,8 +47,7 @@ class Taped(Plain):
     def layer_norm2d(self, x, w, b, eps):
         return self.tape.affine(L.layer_norm2d(_EMPTY, x, eps=eps), w, b, 1)
 
-    def param(self, t, batched: bool):
-        return self.tape.expand(t, t.dim()) if batched else t
-
-    def layer_scale(self, t):
-        return self.tape.expand(t, 4)
+    def param(self, t, batched: bool | int):
+        if not batched:
+            return t
+        return self.tape.expand(t, t.dim() if batched is True else int(batched))
