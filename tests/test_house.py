@@ -8,13 +8,14 @@ import sys
 import pytest
 
 from vafunc.cli import app
+from vafunc.core import registry
 
 
 def test_stored_list_rows_are_the_registrys():
-    """``vafunc/cli/models.json`` (what ``vafunc list`` prints without probing every model) holds
+    """``vafunc/core/models.json`` (what ``vafunc list`` prints without probing every model) holds
     every registered model with its current facts. After a registry change regenerate it:
     ``python -c 'from vafunc.cli.app import write_model_rows; write_model_rows()'``."""
-    stored = app.stored_rows()
+    stored = registry.stored_rows()
     live = app.model_rows(live=True)
     assert [r["name"] for r in live] == sorted(stored), "models.json is out of date (see the docstring)"
     assert [stored[r["name"]] for r in live] == live, "models.json is out of date (see the docstring)"

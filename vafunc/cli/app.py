@@ -12,7 +12,6 @@ import json
 import os
 import re
 import sys
-from importlib import resources
 
 from vafunc.core import registry
 from vafunc.io.state_dict import state_dict_size
@@ -21,7 +20,6 @@ __all__ = ["main", "model_table"]
 
 #: the rows of ``vafunc list`` for the registered models, computed once (the minimum input size
 #: is probed per model, seconds each); ``tests/test_readme.py`` checks the file against the registry
-MODELS_FILE = "models.json"
 
 
 def _fmt_params(n: int) -> str:
@@ -43,17 +41,9 @@ def _live_row(name: str) -> dict:
     }
 
 
-def stored_rows() -> dict[str, dict]:
-    try:
-        text = resources.files("vafunc.cli").joinpath(MODELS_FILE).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return {}
-    return {r["name"]: r for r in json.loads(text)}
-
-
 def write_model_rows(path=None) -> None:
-    """Recompute every row and write the package's :data:`MODELS_FILE` (after a registry change)."""
-    path = path or os.path.join(os.path.dirname(__file__), MODELS_FILE)
+    """Recompute every row and write the package's ``vafunc/core/models.json`` (after a registry change)."""
+    path = path or os.path.join(os.path.dirname(registry.__file__), registry.MODELS_FILE)
     rows = [_live_row(n) for n in registry.list_models()]
     with open(path, "w", encoding="utf-8") as f:
         f.write(_dump_rows(rows))
@@ -66,9 +56,9 @@ def _dump_rows(rows: list[dict]) -> str:
 def model_rows(
     pattern: str | None = None, family: str | None = None, *, task: str | None = None, live: bool = False
 ) -> list[dict]:
-    """``vafunc list``'s rows: from :data:`MODELS_FILE` where it holds the model with the same family,
+    """``vafunc list``'s rows: from ``vafunc/core/models.json`` where it holds the model with the same family,
     task and parameter count, else (and with ``live=True``) computed."""
-    stored = {} if live else stored_rows()
+    stored = {} if live else registry.stored_rows()
     rows = []
     for name in registry.list_models(pattern):
         e = registry.get_entry(name)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import Any
 
 import torch
@@ -164,6 +166,21 @@ def _ensure_loaded() -> None:
     imports this one, which would be an import cycle.)"""
     if not _REGISTRY:
         raise RuntimeError("no models are registered: import vafunc (which imports vafunc.models) first")
+
+
+#: the rows ``vafunc list`` prints (name, family, task, parameter count, minimum size, reference,
+#: state_dict size), stored in the package so that listing and ``vafunc.hub.identify`` need not probe
+#: every model; regenerate after a registry change (``vafunc.cli.app.write_model_rows``)
+MODELS_FILE = "models.json"
+
+
+def stored_rows() -> dict[str, dict]:
+    """:data:`MODELS_FILE`'s rows by model name (empty where the file is missing)."""
+    try:
+        text = resources.files("vafunc.core").joinpath(MODELS_FILE).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    return {r["name"]: r for r in json.loads(text)}
 
 
 def list_models(pattern: str | None = None) -> list[str]:

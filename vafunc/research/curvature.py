@@ -402,7 +402,7 @@ class Spectrum(NamedTuple):
 def _progress(total: int, label: str, enabled: bool) -> Callable[[int], None] | None:
     if not enabled:
         return None
-    from vafunc.cli.weights import Progress
+    from vafunc.core.progress import Progress
 
     bar = Progress(total, label=label, unit="products")
     every = max(1, total // 20) if not bar.tty else 1  # a log gets ~20 lines, a terminal every step

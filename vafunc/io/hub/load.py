@@ -30,12 +30,10 @@ def _shapes(name: str) -> dict:
 @functools.cache
 def _stored_sizes() -> dict[str, tuple[int, int]]:
     """Each registered model's :func:`state_dict_size`, from the rows ``vafunc list`` keeps in the
-    package (``vafunc/cli/models.json``) where they are the registry's current facts (tests/test_house.py
+    package (``vafunc/core/models.json``) where they are the registry's current facts (tests/test_house.py
     checks that they are); a model without a current row is probed."""
-    from vafunc.cli.app import stored_rows
-
     out, known = {}, set(registry.list_models())
-    for name, r in stored_rows().items():
+    for name, r in registry.stored_rows().items():
         e = registry.get_entry(name) if name in known else None
         current = e is not None and (r["family"], r.get("task"), r["params"]) == (e.family.name, e.task, e.params)
         if current and "state_dict" in r:
