@@ -179,12 +179,16 @@ def test_only_block_inputs_are_kept():
     more = {r: saved[(2, 2, 2, 2)][r] - saved[(1, 1, 1, 1)][r] for r in (None, "blocks")}
     assert more["blocks"] == inputs + 4 * 16, (more, inputs)
     assert more[None] > 3 * inputs and saved[(2, 2, 2, 2)]["blocks"] < 0.6 * saved[(2, 2, 2, 2)][None]
+    # the stem (a segment in the model's own scope): its 32x32 maps (the conv output BatchNorm keeps,
+    # the activation maxpool keeps) give way to the image
+    stem = _saved_bytes(model, p, s, x, None) - _saved_bytes(model, p, s, x, ["stem"])
+    assert stem >= 2 * 4 * 64 * 32 * 32 * 8 - x.numel() * 8, stem
 
 
 def test_names_select_blocks():
     model = vafunc.get_model("resnet18", num_classes=10)
     blocks = R.plan(model.family, model.config, "blocks", Scope)
-    assert blocks == {f"layer{i}.{j}" for i in range(1, 5) for j in range(2)}
+    assert blocks == {"stem"} | {f"layer{i}.{j}" for i in range(1, 5) for j in range(2)}  # the stem: a segment
     vit = vafunc.get_model("vit_b_16", **SMALL_VIT)
     assert R.plan(vit.family, vit.config, "blocks", Scope) == {f"encoder.layers.encoder_layer_{i}" for i in range(2)}
     assert "layer2.0.downsample" in R.block_paths(model.family, model.config, Scope)  # untapped blocks can be named

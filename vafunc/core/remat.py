@@ -27,6 +27,12 @@ the plain apply (bit-equal where the op sequence is the same). Which blocks (:fu
 * a list of block paths (``["layer3", "layer4"]``), any ``m.block`` of the declaration; a block
   inside a rematerialised one runs plainly (its outer block is recomputed as a whole).
 
+A declaration can also mark a stretch of layers in its own scope as a block with :func:`segment`
+(parameter paths unchanged); ``"blocks"`` selects those too. ResNet's stem (``conv1``, ``bn1``,
+the activation, ``maxpool``) is the segment ``"stem"``: at 224 it holds three 112x112 maps (a
+quarter of what the rematerialised resnet50 otherwise keeps), and recomputing it costs about 3% of
+a forward.
+
 Rematerialisation is off when features are tapped (``model.features``) and in init mode.
 """
 
@@ -39,10 +45,11 @@ from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
+from torch.autograd.graph import get_gradient_edge
 
 from vafunc.core import tree as vtree
 
-__all__ = ["plan", "block_paths", "run_block"]
+__all__ = ["plan", "block_paths", "run_block", "segment"]
 
 
 def block_paths(family: Any, cfg: Any, scope: type) -> dict[str, bool]:
@@ -71,6 +78,9 @@ def _block_paths(family: Any, cfg: Any, Scope: type) -> tuple[tuple[str, bool], 
         def block(self, name, fn, x, *args, tap=True, **kw):
             seen[self.path + name] = tap
             return super().block(name, fn, x, *args, tap=tap, **kw)
+
+        def record_segment(self, name):  # vafunc.core.remat.segment: selected by "blocks" too
+            seen[self.path + name] = True
 
     if family.probe is None:
         raise ValueError(f"{family.name} is not a kit family: remat needs its declaration")
@@ -149,8 +159,11 @@ class _Remat(torch.autograd.Function):
             leaves = [ins[i].detach().requires_grad_(True) for i in wanted]
             with torch.enable_grad():
                 outs = outputs(*leaves)
-            pairs = [(o, c) for o, c in zip(outs, cot) if o.requires_grad]
-            diff = torch.autograd.grad([o for o, _ in pairs], leaves, [c for _, c in pairs], allow_unused=True)
+            # the outputs by their graph edges: the recomputed outputs are freed as soon as the
+            # graph is done with them, not held until the whole block is differentiated
+            pairs = [(get_gradient_edge(o), c) for o, c in zip(outs, cot) if o.requires_grad]
+            del outs
+            diff = torch.autograd.grad([e for e, _ in pairs], leaves, [c for _, c in pairs], allow_unused=True)
         else:  # under a torch.func transform, or differentiated again: a functorch level of its own
             _, back = torch.func.vjp(outputs, *[ins[i] for i in wanted])
             diff = back(cot)
@@ -159,10 +172,32 @@ class _Remat(torch.autograd.Function):
         return (None, None, *got)
 
 
-def run_block(m: Any, name: str, fn: Callable, x: torch.Tensor, args: tuple, kw: dict, rng: Any) -> Any:
+def segment(m: Any, name: str, fn: Callable, x: torch.Tensor, *args: Any, reads: Sequence[str], **kw: Any) -> Any:
+    """``fn(m, x, *args, **kw)`` in ``m``'s own scope (no child scope: parameter paths stay as they
+    are), a block for rematerialisation named ``m.path + name``: a declaration marks a stretch of
+    layers that is not an ``m.block`` (ResNet's stem, ``"stem"``) so that ``remat`` can recompute
+    it. ``reads``: the submodules of ``m`` that ``fn`` uses (their parameters and buffers are the
+    block's inputs, their new BatchNorm buffers its outputs). Plain (no remat, init mode, taps),
+    this is just ``fn(m, x, *args, **kw)``."""
+    record = getattr(m, "record_segment", None)
+    if record is not None:  # block_paths' init-mode run
+        record(name)
+    if m.ini is None and m.ctx.remat and m.taps is None and m.path + name in m.ctx.remat:
+        return run_block(m, name, fn, x, args, kw, m.rng, reads=tuple(reads))
+    return fn(m, x, *args, **kw)
+
+
+def run_block(
+    m: Any, name: str, fn: Callable, x: torch.Tensor, args: tuple, kw: dict, rng: Any, reads: tuple | None = None
+) -> Any:
     """``Scope.block(name, fn, x, *args, rng=rng, **kw)`` rematerialised (see the module docstring):
-    the block's new BatchNorm buffers are merged into ``m``'s as the plain block's would be."""
-    p, s = m.p.get(name, {}), (m.s or {}).get(name, {})
+    the block's new BatchNorm buffers are merged into ``m``'s as the plain block's would be.
+    ``reads``: a :func:`segment` in ``m``'s own scope, over those submodules."""
+    if reads is None:
+        p, s = m.p.get(name, {}), (m.s or {}).get(name, {})
+    else:
+        p = {k: m.p[k] for k in reads if k in m.p}
+        s = {k: m.s[k] for k in reads if k in (m.s or {})}
     p_names, s_names = list(vtree.flatten(p)), list(vtree.flatten(s))
     extra, spec = pytree.tree_flatten((args, kw))
     slots = [i for i, v in enumerate(extra) if isinstance(v, torch.Tensor)]
@@ -171,7 +206,7 @@ def run_block(m: Any, name: str, fn: Callable, x: torch.Tensor, args: tuple, kw:
     if has_rng:
         tensors.append(rng)
     ctx = m.ctx._replace(remat=frozenset())
-    path = f"{m.path}{name}."
+    path = f"{m.path}{name}." if reads is None else m.path
     np_, ns_ = len(p_names), len(s_names)
     box = _Box()
 
@@ -193,5 +228,9 @@ def run_block(m: Any, name: str, fn: Callable, x: torch.Tensor, args: tuple, kw:
     flat = _Remat.apply(run, box, *tensors)
     n_out = len(flat) - len(box.new)
     if m.train:
-        m.new[name] = vtree.unflatten(dict(zip(box.new, flat[n_out:])))
+        new = vtree.unflatten(dict(zip(box.new, flat[n_out:])))
+        if reads is None:
+            m.new[name] = new
+        else:
+            m.new.update(new)
     return pytree.tree_unflatten(list(flat[:n_out]), box.out)

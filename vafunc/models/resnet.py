@@ -40,6 +40,7 @@ from typing import NamedTuple
 from torch import Tensor
 
 from vafunc.core import layers as L
+from vafunc.core import remat as R
 from vafunc.core.blocks import make_divisible
 from vafunc.core.kit import Scope, family, subkey
 from vafunc.core.registry import Reference, check_config, register
@@ -244,14 +245,20 @@ def forward(m: Scope, cfg: ResNetConfig, x: Tensor) -> Tensor:
     return m.head(y, cfg.num_classes, rate=cfg.drop_rate, rng=m.key(0) if cfg.drop_rate else None)
 
 
+def stem(m: Scope, x: Tensor, cfg: ResNetConfig) -> Tensor:
+    """``conv1``, ``bn1``, the activation and ``maxpool``, in the model's own scope (``remat`` can
+    recompute it as the block ``"stem"``: at 224 its three 112x112 maps are kept otherwise)."""
+    act = "act1" if cfg.attn_layer or cfg.norm == "group" else "relu"
+    y = m.tap(act, m.conv_norm_act(x, 64, 7, conv="conv1", norm="bn1", act="relu", act_name=act, stride=2, padding=3))
+    return m.op("maxpool", L.max_pool2d, y, 3, 2, 1)
+
+
 def body(m: Scope, cfg: ResNetConfig, x: Tensor, keep: int = 1) -> list[Tensor]:
     """The network without its head: the stem and the four stages; the outputs of the last ``keep``
     stages (``keep=2``: ``[layer3, layer4]``, what torchvision's segmentation models read through
     ``IntermediateLayerGetter``). Earlier stage outputs are not held: at 520x520 the dilated
     network's ``layer1`` alone is 69 MB a pair of images."""
-    act = "act1" if cfg.attn_layer or cfg.norm == "group" else "relu"
-    y = m.tap(act, m.conv_norm_act(x, 64, 7, conv="conv1", norm="bn1", act="relu", act_name=act, stride=2, padding=3))
-    y = m.op("maxpool", L.max_pool2d, y, 3, 2, 1)
+    y = R.segment(m, "stem", stem, x, cfg, reads=("conv1", "bn1"))  # a block for remat= only
     k_blocks = m.key(1) if cfg.drop_path_rate else None
     outs = []
     for i, blocks in enumerate(plan(cfg)):
