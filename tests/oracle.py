@@ -488,3 +488,16 @@ def module_tree_problems(compat: torch.nn.Module, ref: torch.nn.Module) -> list[
         f"{p}: a container its forward never calls" for p, m in mine.items() if type(m) is nn.Module and p not in lists
     ]
     return problems
+
+
+def per_sample_loop(model, params, state, x, y):
+    """Per-sample gradients the slow way, the oracle of the per-sample tape: one ``torch.func.grad``
+    of the cross-entropy per sample, on a batch of one; a list of flat ``{name: grad}``."""
+    outs = []
+    for i in range(len(x)):
+
+        def loss(p, i=i):
+            return torch.nn.functional.cross_entropy(model.apply(p, state, x[i : i + 1])[0], y[i : i + 1])
+
+        outs.append(vafunc.flatten(torch.func.grad(loss)(params)))
+    return outs

@@ -3,6 +3,7 @@ loop of one-sample gradients (torch.func.grad per sample), in float64."""
 
 import pytest
 import torch
+from oracle import per_sample_loop
 from torch.nn.functional import cross_entropy
 
 import vafunc
@@ -35,24 +36,12 @@ def _problem(name, cfg, size, batch=3):
     return model, params, state, x, y
 
 
-def _loop(model, params, state, x, y):
-    """The oracle: one ``torch.func.grad`` per sample, on a batch of one."""
-    outs = []
-    for i in range(len(x)):
-
-        def loss(p):
-            return cross_entropy(model.apply(p, state, x[i : i + 1])[0], y[i : i + 1])
-
-        outs.append(vafunc.flatten(torch.func.grad(loss)(params)))
-    return outs
-
-
 @pytest.mark.parametrize("name,cfg,size", CASES)
 def test_taped_grads_and_norms_equal_the_loop(name, cfg, size):
     model, params, state, x, y = _problem(name, cfg, size)
     assert persample.tape_covers(model) and persample.tape_covers(model, "norms")
     got = vafunc.flatten(vafunc.per_sample_grads(model, params, state, x, y, cross_entropy, method="tape"))
-    want = _loop(model, params, state, x, y)
+    want = per_sample_loop(model, params, state, x, y)
     for i, w in enumerate(want):
         assert list(w) == list(got)
         for k, v in w.items():

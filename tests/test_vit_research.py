@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from oracle import per_sample_loop
 from torch.nn.functional import cross_entropy
 
 import vafunc
@@ -44,24 +45,12 @@ def _problem(name, img, size, batch=3, **kw):
     return model, params, state, x, y
 
 
-def _loop(model, params, state, x, y):
-    """The oracle: one ``torch.func.grad`` per sample, on a batch of one."""
-    outs = []
-    for i in range(len(x)):
-
-        def loss(p):
-            return cross_entropy(model.apply(p, state, x[i : i + 1])[0], y[i : i + 1])
-
-        outs.append(vafunc.flatten(torch.func.grad(loss)(params)))
-    return outs
-
-
 @pytest.mark.parametrize("name,img,size", CASES)
 def test_taped_grads_and_norms_equal_the_loop(name, img, size):
     model, params, state, x, y = _problem(name, img, size)
     assert persample.tape_covers(model) and persample.tape_covers(model, "norms")
     got = vafunc.flatten(vafunc.per_sample_grads(model, params, state, x, y, cross_entropy, method="tape"))
-    want = _loop(model, params, state, x, y)
+    want = per_sample_loop(model, params, state, x, y)
     for i, w in enumerate(want):
         assert list(w) == list(got)
         for k, v in w.items():
@@ -85,7 +74,7 @@ def test_dp_step_equals_clipping_the_loop():
     """DP-SGD without noise: clip each sample's gradient (the loop's) to C and average, what the
     step applies (plain SGD at lr 1 reads it back as ``p - p_new``); registers + layer scale."""
     model, params, state, x, y = _problem("vit_small_patch14_reg4_dinov2", 28, 28, batch=4)
-    loops = _loop(model, params, state, x, y)
+    loops = per_sample_loop(model, params, state, x, y)
     norms = torch.stack([torch.cat([t.flatten() for t in w.values()]).norm() for w in loops])
     s = norms.sort().values
     clip = float(s[1] + s[2]) / 2  # two samples clipped, two not

@@ -178,7 +178,8 @@ def _evaluate(model, params, state, x, y, batch: int = 512, policy=None):
     return member_acc, ens_acc
 
 
-def _plot(history: dict, path: Path, cfg: DemoConfig) -> bool:
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend, or None (with a hint) where matplotlib is missing."""
     try:
         import matplotlib
 
@@ -186,6 +187,23 @@ def _plot(history: dict, path: Path, cfg: DemoConfig) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         print(_HINT.format(pkg="matplotlib") + " (skipping the plot)", file=sys.stderr)
+        return None
+    return plt
+
+
+def _save_figure(plt, fig, path: Path) -> bool:
+    """Lay out and write ``fig`` to ``path`` atomically (a temporary file, then renamed)."""
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return True
+
+
+def _plot(history: dict, path: Path, cfg: DemoConfig) -> bool:
+    plt = _pyplot()
+    if plt is None:
         return False
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     losses = torch.tensor(history["loss"])  # [steps, members]
@@ -206,12 +224,7 @@ def _plot(history: dict, path: Path, cfg: DemoConfig) -> bool:
     ax2.set_ylim(max(0.0, 100 * float(accs.min()) - 5), 100.5)
     ax2.legend(fontsize=8)
     fig.suptitle(f"vafunc demo: {cfg.members} x {cfg.model} on scikit-learn digits ({cfg.size}x{cfg.size})")
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return True
+    return _save_figure(plt, fig, path)
 
 
 def interpolation_path(model, params, state, x_tr, x_te, y_te, *, points=21, calibration=8, batch=128, policy=None):
@@ -238,13 +251,8 @@ def interpolation_path(model, params, state, x_tr, x_te, y_te, *, points=21, cal
 
 
 def _plot_path(rows: dict, path: Path, cfg: DemoConfig) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(_HINT.format(pkg="matplotlib") + " (skipping the plot)", file=sys.stderr)
+    plt = _pyplot()
+    if plt is None:
         return False
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     curves = (("", "BatchNorm statistics interpolated", "o-"), ("_recalibrated", "statistics recalibrated", "s-"))
@@ -259,12 +267,7 @@ def _plot_path(rows: dict, path: Path, cfg: DemoConfig) -> bool:
         ax.set_xlabel("t: (1 - t) * member 0 + t * member 1")
         ax.legend(fontsize=8)
     fig.suptitle(f"vafunc demo: the line between two {cfg.model} members on the digits")
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return True
+    return _save_figure(plt, fig, path)
 
 
 def hessian_spectrum(model, params, state, x, y, *, batch=32, probes=2, steps=12):
@@ -284,13 +287,8 @@ def hessian_spectrum(model, params, state, x, y, *, batch=32, probes=2, steps=12
 
 
 def _plot_spectrum(res: dict, path: Path, cfg: DemoConfig) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(_HINT.format(pkg="matplotlib") + " (skipping the plot)", file=sys.stderr)
+    plt = _pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.semilogy(res["grid"], torch.tensor(res["density"]).clamp_min(1e-8))
@@ -300,12 +298,7 @@ def _plot_spectrum(res: dict, path: Path, cfg: DemoConfig) -> bool:
     ax.set_ylabel("density")
     ax.legend(fontsize=8)
     ax.set_title(f"vafunc demo: Hessian spectrum of {cfg.model} member 0 on the digits")
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return True
+    return _save_figure(plt, fig, path)
 
 
 def run(cfg: DemoConfig) -> dict:

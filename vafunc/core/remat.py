@@ -62,18 +62,12 @@ def block_paths(family: Any, cfg: Any, scope: type) -> dict[str, bool]:
 @lru_cache(maxsize=256)
 def _block_paths(family: Any, cfg: Any, Scope: type) -> tuple[tuple[str, bool], ...]:  # noqa: N803
     from vafunc.core.init import Initializer
+    from vafunc.core.probing import Recording
 
     seen: dict[str, bool] = {}
 
-    class Recorder(Scope):
+    class Recorder(Recording, Scope):
         __slots__ = ()
-
-        def child(self, name, rng=None, *, module=None):
-            c = super().child(name, rng, module=module)
-            r = Recorder.__new__(Recorder)
-            for slot in Scope.__slots__:
-                setattr(r, slot, getattr(c, slot))
-            return r
 
         def block(self, name, fn, x, *args, tap=True, **kw):
             seen[self.path + name] = tap

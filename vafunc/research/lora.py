@@ -53,6 +53,7 @@ from vafunc.core.backends import Plain
 from vafunc.core.init import Initializer
 from vafunc.core.kit import Scope
 from vafunc.core.precision import check_policy
+from vafunc.core.probing import Recording
 
 __all__ = ["LoRA", "Bound", "adapt", "linear_layers", "PEFT_PREFIX"]
 
@@ -74,15 +75,8 @@ def _layers(model) -> tuple[dict[str, tuple[str, int, int]], tuple[str, ...]]:
     convs: list[str] = []
     declared: dict[int, str] = {}  # id(meta tensor of a bare parameter) -> its leaf path
 
-    class Recorder(Scope):
+    class Recorder(Recording, Scope):
         __slots__ = ()
-
-        def child(self, name, rng=None, *, module=None):
-            c = super().child(name, rng, module=module)
-            r = Recorder.__new__(Recorder)
-            for slot in Scope.__slots__:
-                setattr(r, slot, getattr(c, slot))
-            return r
 
         def linear(self, name, x, fout, *, bias=True, init=None):
             y = super().linear(name, x, fout, bias=bias, init=init)
