@@ -227,12 +227,16 @@ class CurvatureOperator:
         """``[M v for v in vs]`` on flat vectors ``[dim]``: one pass over the batches, each batch's
         graph built once for all of ``vs``."""
         vs = [self._leaves_of(v.to(self.dtype)) for v in vs]
-        out = [torch.zeros(self.dim, dtype=self.dtype, device=self.device) for _ in vs]
+        out = [torch.empty(self.dim, dtype=self.dtype, device=self.device) for _ in vs]
+        views = [self._leaves_of(o) for o in out]  # each product is written into its slices of out
         for b, w in enumerate(self.weights):
             graph = self._graph(b)
-            for o, v in zip(out, vs):
-                r = graph.product(v)
-                o.add_(torch.cat([t.reshape(-1) for t in r]), alpha=w)
+            for o, v in zip(views, vs):
+                for slot, t in zip(o, graph.product(v)):
+                    if b == 0:
+                        slot.copy_(t) if w == 1.0 else torch.mul(t, w, out=slot)
+                    else:
+                        slot.add_(t, alpha=w)
                 self.products += 1
                 if progress is not None:
                     progress(1)
