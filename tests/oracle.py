@@ -501,3 +501,35 @@ def per_sample_loop(model, params, state, x, y):
 
         outs.append(vafunc.flatten(torch.func.grad(loss)(params)))
     return outs
+
+
+def check_tape_against_loop(model, params, state, x, y, *, reached=False, norms_rtol=1e-9):
+    """The per-sample tape's gradients and norms (float64) equal :func:`per_sample_loop`'s; with
+    ``reached``, every parameter also gets a nonzero gradient (else the comparison could be empty)."""
+    from vafunc.research import persample
+
+    loss = torch.nn.functional.cross_entropy
+    assert persample.tape_covers(model) and persample.tape_covers(model, "norms")
+    got = vafunc.flatten(vafunc.per_sample_grads(model, params, state, x, y, loss, method="tape"))
+    want = per_sample_loop(model, params, state, x, y)
+    for i, w in enumerate(want):
+        assert list(w) == list(got)
+        for k, v in w.items():
+            if reached:
+                assert v.abs().max() > 0, f"{k}: no gradient reaches it (the check would be empty)"
+            torch.testing.assert_close(got[k][i], v, rtol=1e-9, atol=1e-12, msg=k)
+    norms = vafunc.per_sample_grad_norms(model, params, state, x, y, loss)
+    want_norms = torch.stack([torch.cat([t.flatten() for t in w.values()]).norm() for w in want])
+    torch.testing.assert_close(norms, want_norms, rtol=norms_rtol, atol=1e-12)
+
+
+def check_intermediate_shapes(model, params, state, x, ref, cases):
+    """``model.intermediates`` returns the shapes timm's ``forward_intermediates(intermediates_only=True)``
+    returns on ``ref`` for every ``(indices, keywords)`` case (NLC: timm's NCHW maps as row-major tokens)."""
+    for indices, kw in cases:
+        with torch.no_grad():
+            want = ref.forward_intermediates(x.float(), indices, intermediates_only=True, norm=kw.get("norm", False))
+            got = model.intermediates(params, state, x, indices, **kw)
+        if kw.get("output_fmt") == "NLC":
+            want = [w.flatten(2).transpose(1, 2) for w in want]
+        assert [g.shape for g in got] == [w.shape for w in want], (indices, kw)

@@ -5,6 +5,7 @@ with the same weights."""
 
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass
 
 import pytest
@@ -117,6 +118,30 @@ def test_products_equal_the_explicit_matrices_column_by_column(train):
     fwd = curvature.CurvatureOperator(TINY, params, state, [(x, y)], cross_entropy, train=train, method="forward")
     v = torch.randn(p0.numel(), generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     torch.testing.assert_close(fwd.matvec(v), want["hessian"] @ v, rtol=1e-9, atol=1e-11)
+
+
+def test_ggn_falls_back_to_torch_func_where_forward_mode_has_no_formula(monkeypatch):
+    """``J v`` runs forward mode with dual parameters; an op without a forward-mode formula raises
+    NotImplementedError there, and the operator then takes ``torch.func.jvp`` for good: the same
+    products (the failure is simulated at the dual level, which every forward-mode ``J v`` enters)."""
+    params, state, x, y = _problem()
+    want = _explicit(params, state, x, y, False)
+    calls = []
+
+    class NoForwardFormula:
+        def __enter__(self):
+            calls.append(1)
+            raise NotImplementedError("trying to use forward AD with an op that does not support it")
+
+        def __exit__(self, *exc):
+            return False
+
+    shim = types.SimpleNamespace(**{**vars(curvature.fwAD), "dual_level": NoForwardFormula})
+    monkeypatch.setattr(curvature, "fwAD", shim)  # vafunc's forward mode only: torch.func keeps its own
+    for kind in ("ggn", "fisher"):
+        op = curvature.CurvatureOperator(TINY, params, state, [(x, y)], cross_entropy, kind=kind)
+        torch.testing.assert_close(_columns(op), want[kind], rtol=1e-9, atol=1e-11, msg=kind)
+    assert len(calls) == 2  # tried once per operator, then torch.func for every later product
 
 
 def test_pytree_functions_and_scipy_operator():

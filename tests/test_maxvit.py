@@ -10,7 +10,7 @@ float64 gradients, vmap + Hessian-vector products, compile) are marked slow."""
 import numpy as np
 import pytest
 import torch
-from oracle import build_reference_meta, perturb
+from oracle import build_reference_meta, check_intermediate_shapes, perturb
 from torch.func import grad, jvp
 from torchvision.models import maxvit as tvm
 
@@ -193,13 +193,7 @@ def test_intermediates_have_timms_shapes_and_stop_early(pair):
     ref = MaxxVit(cfg, img_size=56).eval()
     model, _, params, state = pair
     x = torch.randn(2, 3, 56, 56, dtype=F64)
-    for indices, kw in INTERMEDIATE_CASES:
-        with torch.no_grad():
-            want = ref.forward_intermediates(x.float(), indices, intermediates_only=True, norm=kw.get("norm", False))
-            got = model.intermediates(params, state, x, indices, **kw)
-        if kw.get("output_fmt") == "NLC":  # timm offers NCHW only here: its maps as row-major tokens
-            want = [w.flatten(2).transpose(1, 2) for w in want]
-        assert [g.shape for g in got] == [w.shape for w in want], (indices, kw)
+    check_intermediate_shapes(model, params, state, x, ref, INTERMEDIATE_CASES)
     poisoned = {**params, "blocks": dict(params["blocks"])}
     poisoned["blocks"]["1"] = vafunc.tree_map(lambda t: torch.full_like(t, float("nan")), params["blocks"]["1"])
     with torch.no_grad():

@@ -9,7 +9,7 @@ stochastic-depth schedule; init. Small networks (two stages of width 16 / 32), s
 import pytest
 import torch
 import torchvision
-from oracle import build_reference_meta, module_outputs, perturb
+from oracle import build_reference_meta, check_intermediate_shapes, module_outputs, perturb
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.models import swin_transformer as tvs
 from torchvision.models.feature_extraction import create_feature_extractor
@@ -162,13 +162,7 @@ def test_intermediates_have_timms_shapes_and_stop_early():
     model = vafunc.get_model("swin_t", **{**cfg, "num_classes": 7})
     params, state = model.init(0)
     x = torch.randn(2, 3, 56, 84)
-    for indices, kw in INTERMEDIATE_CASES:
-        with torch.no_grad():
-            want = ref.forward_intermediates(x, indices, intermediates_only=True, norm=kw.get("norm", False))
-            got = model.intermediates(params, state, x, indices, **kw)
-        if kw.get("output_fmt") == "NLC":  # timm offers NCHW only here: its maps as row-major tokens
-            want = [w.flatten(2).transpose(1, 2) for w in want]
-        assert [g.shape for g in got] == [w.shape for w in want], (indices, kw)
+    check_intermediate_shapes(model, params, state, x, ref, INTERMEDIATE_CASES)
     poisoned = {**params, "features": dict(params["features"])}
     poisoned["features"]["3"] = vafunc.tree_map(lambda t: torch.full_like(t, float("nan")), params["features"]["3"])
     with torch.no_grad():
