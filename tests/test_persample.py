@@ -96,3 +96,34 @@ def test_without_a_tape_the_kit_emits_plain_ops():
         model.apply(params, state, x)
     names = {e.name for e in prof.events()}
     assert "aten::convolution" in names and not any("_Conv" in n for n in names)
+
+
+def test_fresh_results_reuse_dropped_memory_only(monkeypatch):
+    """Without ``out=`` the taped path writes into memory kept from the previous call once that
+    result was dropped (no page faults); a result still held is never overwritten."""
+    from vafunc.serving import memory
+
+    monkeypatch.setattr(memory, "_KEEP_MIN_BYTES", 0)  # the tiny model's buffer counts as large
+    memory.release_buffers()
+    model, params, state, x, y = _problem("resnet18", {}, 32, batch=2)
+
+    def ptr(tree):
+        return next(iter(vafunc.flatten(tree).values())).untyped_storage().data_ptr()
+
+    first = vafunc.per_sample_grads(model, params, state, x, y, cross_entropy)
+    kept = vafunc.tree_map(torch.clone, first)
+    second = vafunc.per_sample_grads(model, params, state, x.flip(0), y.flip(0), cross_entropy)
+    assert ptr(second) != ptr(first)  # `first` is alive: new memory
+    torch.testing.assert_close(first, kept, rtol=0, atol=0)  # and untouched
+    torch.testing.assert_close(vafunc.tree_map(lambda t: t.flip(0), second), kept, rtol=1e-12, atol=0)
+    where = ptr(second)
+    del first, second
+    third = vafunc.per_sample_grads(model, params, state, x, y, cross_entropy)
+    assert ptr(third) == where  # the last result was dropped: its memory comes back
+    torch.testing.assert_close(third, kept, rtol=0, atol=0)
+    assert memory.release_buffers() > 0 and memory.release_buffers() == 0
+    with torch.inference_mode():  # inference tensors are never kept (they could not be written later)
+        memory.reusable_empty(10, torch.float32)
+    assert memory.release_buffers() == 0
+    with pytest.raises(ValueError, match="numel must be a non-negative int"):
+        memory.reusable_empty(-1, torch.float32)

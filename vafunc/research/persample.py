@@ -45,7 +45,7 @@ from torch import Tensor
 from vafunc.core import tree as vtree
 from vafunc.core._pairs import pair
 from vafunc.research.taped import Taped
-from vafunc.serving.memory import advise_huge
+from vafunc.serving.memory import reusable_empty
 
 if TYPE_CHECKING:
     from vafunc.core.registry import ModelDef
@@ -186,15 +186,16 @@ class _Expand(torch.autograd.Function):
 
 def empty_like_batched(params: dict, batch: int) -> dict:
     """A params-shaped tree of ``[batch, *shape]`` leaves, views of one flat buffer per dtype and
-    device (one allocation, huge pages where Linux grants them): where per-sample gradients go."""
+    device (:func:`vafunc.serving.memory.reusable_empty`: the previous call's buffer once its result
+    was dropped, else a fresh one with huge pages where Linux grants them): where per-sample
+    gradients go."""
     leaves = vtree.tree_leaves(params)
     groups: dict = {}
     for t in leaves:
         groups.setdefault((t.dtype, t.device), []).append(t)
     views = {}
     for (dtype, device), ts in groups.items():
-        buf = torch.empty(batch * sum(t.numel() for t in ts), dtype=dtype, device=device)
-        advise_huge(buf)
+        buf = reusable_empty(batch * sum(t.numel() for t in ts), dtype, device)
         off = 0
         for t in ts:
             n = batch * t.numel()
@@ -462,7 +463,9 @@ def per_sample_grads(
     ``chunk_size`` bounds memory: the batch is processed ``chunk_size`` samples at a time.
     ``out``: a tree returned by an earlier call with the same shapes, overwritten with the new
     gradients (the taped path writes into it directly: a fresh result of a ResNet-18 at batch 32
-    is 1.4 GB, and touching fresh memory costs as much as computing it).
+    is 1.4 GB, and touching fresh memory can cost as much as computing it). Without ``out`` the
+    taped path writes into :func:`vafunc.serving.memory.reusable_empty`: a loop that drops each
+    result before the next call reuses the same resident memory.
     """
     _check(x, y)
     if method not in ("auto", "tape", "vmap"):

@@ -14,6 +14,13 @@ for the figures). Two remedies, both explicit:
   ``MALLOC_MMAP_THRESHOLD_=2147483647 MALLOC_TRIM_THRESHOLD_=2147483647``.
 * :func:`advise_huge` (used by vafunc itself on buffers it allocates for one purpose): ask for
   transparent huge pages on one fresh buffer, 512 times fewer faults where the kernel grants them.
+  How fast the kernel grants them varies: when its free memory is fragmented it compacts pages
+  first, and the first touch of 0.7 GB then takes anywhere from 25 ms to 0.8 s.
+* :func:`reusable_empty` (used by vafunc for results that are rebuilt every call, the per-sample
+  gradients): the last such buffer is kept and handed out again once every tensor viewing it is
+  gone, so a loop that computes and drops a result each step touches resident pages (a CUDA
+  caching allocator's behaviour, on the CPU, for these buffers only). :func:`release_buffers`
+  frees what is kept.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import sys
 
 import torch
 
-__all__ = ["set_malloc_thresholds", "advise_huge"]
+__all__ = ["set_malloc_thresholds", "advise_huge", "reusable_empty", "release_buffers"]
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _MADV_HUGEPAGE = 14
@@ -76,3 +83,49 @@ def advise_huge(t: torch.Tensor) -> None:
     length = (ptr + n - start) >> 21 << 21
     if length > 0:
         _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), _MADV_HUGEPAGE)
+
+
+#: the last large buffer :func:`reusable_empty` handed out, per (dtype, device)
+_KEPT: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+_KEEP_MIN_BYTES = 1 << 24
+
+
+def _holders(t: torch.Tensor) -> int:
+    """How many tensors and storages besides ``t`` hold ``t``'s memory (-1 where torch does not say)."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    if count is None:
+        return -1
+    return int(count(t.untyped_storage()._cdata)) - 2  # ``t`` itself and the storage object made here
+
+
+def reusable_empty(numel: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """An uninitialised 1-D buffer of ``numel`` elements for a result that is rebuilt every call.
+
+    On the CPU, for buffers of 16 MiB and more: the buffer this function handed out last for the
+    same dtype and device is returned again when nothing else holds it any more (every result
+    viewing it was dropped) and it has between ``numel`` and ``2 * numel`` elements; otherwise a
+    new buffer (with :func:`advise_huge`) is made and kept in its place. Only that one buffer per
+    dtype and device is kept; :func:`release_buffers` drops it. Elsewhere (CUDA has its own
+    caching allocator), small, or under inference mode: a plain ``torch.empty``."""
+    if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
+        raise ValueError(f"numel must be a non-negative int, got {numel!r}")
+    device = torch.device(device)
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    if device.type != "cpu" or nbytes < _KEEP_MIN_BYTES or torch.is_inference_mode_enabled():
+        return torch.empty(numel, dtype=dtype, device=device)
+    key = (dtype, device)
+    kept = _KEPT.get(key)
+    if kept is not None and numel <= kept.numel() <= 2 * numel and _holders(kept) == 0:
+        return kept[:numel]
+    buf = torch.empty(numel, dtype=dtype, device=device)
+    advise_huge(buf)
+    _KEPT[key] = buf
+    return buf
+
+
+def release_buffers() -> int:
+    """Drop the buffers :func:`reusable_empty` keeps for reuse; returns the bytes no longer kept
+    (memory still viewed by a live result is freed when that result goes)."""
+    n = sum(t.numel() * t.element_size() for t in _KEPT.values())
+    _KEPT.clear()
+    return n
