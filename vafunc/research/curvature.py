@@ -40,6 +40,7 @@ from torch import Tensor
 
 from vafunc.core import random as vrandom
 from vafunc.core import tree as vtree
+from vafunc.serving.memory import reusable_empty
 
 if TYPE_CHECKING:
     from vafunc.core.registry import ModelDef
@@ -227,7 +228,7 @@ class CurvatureOperator:
         """``[M v for v in vs]`` on flat vectors ``[dim]``: one pass over the batches, each batch's
         graph built once for all of ``vs``."""
         vs = [self._leaves_of(v.to(self.dtype)) for v in vs]
-        out = [torch.empty(self.dim, dtype=self.dtype, device=self.device) for _ in vs]
+        out = [reusable_empty(self.dim, self.dtype, self.device) for _ in vs]  # resident pages if dropped
         views = [self._leaves_of(o) for o in out]  # each product is written into its slices of out
         for b, w in enumerate(self.weights):
             graph = self._graph(b)
@@ -260,8 +261,23 @@ class CurvatureOperator:
         return _rebuild(self.params, self._leaves_of(v))
 
     def __call__(self, v: dict) -> dict:
-        """``M v`` for a params-shaped tree ``v``."""
-        return self.unflatten(self.matvec(self.flatten(v)))
+        """``M v`` for a params-shaped tree ``v``: the products stay per parameter (no flat copy;
+        with one batch the leaves are the products autograd hands back)."""
+        leaves = vtree.tree_leaves(v)
+        if [t.shape for t in leaves] != self.shapes:
+            raise ValueError("expected a tree shaped like params (same leaves, same shapes)")
+        leaves = [t.to(self.dtype) for t in leaves]
+        mine = {t.data_ptr() for t in leaves}
+        acc: list[Tensor] = []
+        for b, w in enumerate(self.weights):
+            prods = self._graph(b).product(leaves)
+            self.products += 1
+            if b == 0:  # a product that passes v through unchanged must not alias it (acc is added to)
+                acc = [t * w if w != 1.0 else t.clone() if t.data_ptr() in mine else t for t in prods]
+            else:
+                for a, t in zip(acc, prods):
+                    a.add_(t, alpha=w)
+        return _rebuild(self.params, acc)
 
     def linear_operator(self):
         """This operator as a ``scipy.sparse.linalg.LinearOperator`` of shape ``(dim, dim)`` over
