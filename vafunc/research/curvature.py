@@ -224,11 +224,17 @@ class CurvatureOperator:
     def _leaves_of(self, v: Tensor) -> list[Tensor]:
         return [t.view(s) for t, s in zip(v.split(self.sizes), self.shapes)]
 
-    def apply_many(self, vs: Sequence[Tensor], progress: Callable[[int], None] | None = None) -> list[Tensor]:
+    def apply_many(
+        self, vs: Sequence[Tensor], progress: Callable[[int], None] | None = None, out: Sequence[Tensor] | None = None
+    ) -> list[Tensor]:
         """``[M v for v in vs]`` on flat vectors ``[dim]``: one pass over the batches, each batch's
-        graph built once for all of ``vs``."""
+        graph built once for all of ``vs``; written into ``out`` (flat vectors, none of them one
+        of ``vs``) when given."""
         vs = [self._leaves_of(v.to(self.dtype)) for v in vs]
-        out = [reusable_empty(self.dim, self.dtype, self.device) for _ in vs]  # resident pages if dropped
+        if out is None:
+            out = [reusable_empty(self.dim, self.dtype, self.device) for _ in vs]  # resident pages if dropped
+        elif len(out) != len(vs) or any(o.shape != (self.dim,) or o.dtype != self.dtype for o in out):
+            raise ValueError(f"out must hold {len(vs)} flat {self.dtype} vectors of {self.dim} entries")
         views = [self._leaves_of(o) for o in out]  # each product is written into its slices of out
         for b, w in enumerate(self.weights):
             graph = self._graph(b)
@@ -440,11 +446,20 @@ def _progress(total: int, label: str, enabled: bool) -> Callable[[int], None] | 
     return step
 
 
+def _dot64(a: Tensor, b: Tensor, chunk: int = 1 << 16) -> float:
+    """``a . b`` of two flat vectors, float32 products summed per chunk and the chunks in float64
+    (the accuracy of a float64 sum without a float64 copy of either vector)."""
+    n = a.numel() // chunk * chunk
+    total = torch.bmm(a[:n].view(-1, 1, chunk), b[:n].view(-1, chunk, 1)).double().sum() if n else 0.0
+    return float(total + torch.dot(a[n:], b[n:]).double()) if n < a.numel() else float(total)
+
+
 def _lanczos(op: CurvatureOperator, v0: Tensor, steps: int, *, k: int = 0, tol: float = 0.0, progress=None):
     """Lanczos with full reorthogonalisation on the rows of ``v0 [s, dim]`` at once (one pass over
     the batches per step serves all rows). With ``k``: stop when the ``k`` largest Ritz values of
     the (single) row have residual bounds ``|beta_m s_mi| <= tol |theta_i|``. Returns the
-    tridiagonal ``T [s, m, m]`` (float64), the basis ``Q [s, m, dim]`` and convergence."""
+    tridiagonal ``T [s, m, m]`` (float64), the basis ``Q [s, m, dim]`` and convergence. Each
+    product is written into the basis slot it becomes and orthogonalised there, in place."""
     s = v0.shape[0]
     steps = min(steps, op.dim)
     q = torch.empty(s, steps + 1, op.dim, dtype=op.dtype, device=op.device)
@@ -453,15 +468,22 @@ def _lanczos(op: CurvatureOperator, v0: Tensor, steps: int, *, k: int = 0, tol: 
     beta = torch.zeros(s, steps, dtype=torch.float64)
     m, converged = steps, False
     for j in range(steps):
-        w = torch.stack(op.apply_many(list(q[:, j]), progress))
-        alpha[:, j] = (w * q[:, j]).sum(1, dtype=torch.float64).cpu()
-        w -= alpha[:, j, None].to(w) * q[:, j]
-        if j:
-            w -= beta[:, j - 1, None].to(w) * q[:, j - 1]
+        w = q[:, j + 1]
+        op.apply_many(list(q[:, j]), progress, out=list(w))
+        for i in range(s):
+            alpha[i, j] = _dot64(w[i], q[i, j])
+            w[i].add_(q[i, j], alpha=-float(alpha[i, j]))
+            if j:
+                w[i].add_(q[i, j - 1], alpha=-float(beta[i, j - 1]))
         basis = q[:, : j + 1]
-        for _ in range(2):  # full reorthogonalisation, twice ("twice is enough")
-            w -= torch.bmm(torch.bmm(basis, w[:, :, None]).transpose(1, 2), basis)[:, 0]
-        beta[:, j] = w.norm(dim=1).double().cpu()
+        before = w.norm(dim=1)
+        for _ in range(2):  # full reorthogonalisation; a second pass where the first cancelled much
+            w[:, None].baddbmm_(torch.bmm(basis, w[:, :, None]).transpose(1, 2), basis, alpha=-1)
+            after = w.norm(dim=1)  # ("twice is enough", Parlett: repeat when the norm fell below 1/sqrt 2)
+            if bool((after > 0.7071 * before).all()):
+                break
+            before = after
+        beta[:, j] = after.double().cpu()
         if k:
             t = _tridiag(alpha[:, : j + 1], beta[:, :j])[0]
             theta, vec = torch.linalg.eigh(t)
@@ -473,7 +495,7 @@ def _lanczos(op: CurvatureOperator, v0: Tensor, steps: int, *, k: int = 0, tol: 
         if bool((beta[:, j] <= 1e-10 * alpha[:, : j + 1].abs().amax(1).clamp_min(1e-30)).any()):
             m, converged = j + 1, True  # an invariant subspace: the Ritz values are exact
             break
-        q[:, j + 1] = w / beta[:, j, None].to(w)
+        w.div_(beta[:, j, None].to(w))
     return _tridiag(alpha[:, :m], beta[:, : m - 1]), q[:, :m], converged
 
 
@@ -508,13 +530,13 @@ def hessian_eigenvalues(
     progress: bool = True,
 ) -> Eigen:
     """The ``k`` largest (algebraic) eigenvalues of the Hessian of ``loss`` over ``batches``, by
-    Lanczos with full reorthogonalisation from a normal start drawn from ``key``. Stops when each
+    Lanczos with full reorthogonalisation from a Rademacher start drawn from ``key``. Stops when each
     has a residual bound below ``tol`` relative (so the eigenvalue is within ``tol`` relative) or
     after ``max_iter`` products per batch; memory: ``max_iter + 1`` parameter vectors."""
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
     op = _operator(model, params, state, batches, loss, train, rng, keep_graphs)
-    v0 = vrandom.normal(vrandom.as_key(key), [op.dim], dtype=op.dtype).to(op.device)
+    v0 = _rademacher(vrandom.as_key(key), 0, op.dim, op.leaves[0])
     bar = _progress(max_iter * len(op.batches), "hessian_eigenvalues", progress)
     t, q, converged = _lanczos(op, v0[None], max_iter, k=k, tol=tol, progress=bar)
     theta, s = torch.linalg.eigh(t[0])
