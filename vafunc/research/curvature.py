@@ -40,6 +40,7 @@ from torch import Tensor
 
 from vafunc.core import random as vrandom
 from vafunc.core import tree as vtree
+from vafunc.research.lanczos import lanczos
 from vafunc.serving.memory import reusable_empty
 
 if TYPE_CHECKING:
@@ -446,66 +447,6 @@ def _progress(total: int, label: str, enabled: bool) -> Callable[[int], None] | 
     return step
 
 
-def _dot64(a: Tensor, b: Tensor, chunk: int = 1 << 16) -> float:
-    """``a . b`` of two flat vectors, float32 products summed per chunk and the chunks in float64
-    (the accuracy of a float64 sum without a float64 copy of either vector)."""
-    n = a.numel() // chunk * chunk
-    total = torch.bmm(a[:n].view(-1, 1, chunk), b[:n].view(-1, chunk, 1)).double().sum() if n else 0.0
-    return float(total + torch.dot(a[n:], b[n:]).double()) if n < a.numel() else float(total)
-
-
-def _lanczos(op: CurvatureOperator, v0: Tensor, steps: int, *, k: int = 0, tol: float = 0.0, progress=None):
-    """Lanczos with full reorthogonalisation on the rows of ``v0 [s, dim]`` at once (one pass over
-    the batches per step serves all rows). With ``k``: stop when the ``k`` largest Ritz values of
-    the (single) row have residual bounds ``|beta_m s_mi| <= tol |theta_i|``. Returns the
-    tridiagonal ``T [s, m, m]`` (float64), the basis ``Q [s, m, dim]`` and convergence. Each
-    product is written into the basis slot it becomes and orthogonalised there, in place."""
-    s = v0.shape[0]
-    steps = min(steps, op.dim)
-    q = torch.empty(s, steps + 1, op.dim, dtype=op.dtype, device=op.device)
-    q[:, 0] = v0 / v0.norm(dim=1, keepdim=True)
-    alpha = torch.zeros(s, steps, dtype=torch.float64)
-    beta = torch.zeros(s, steps, dtype=torch.float64)
-    m, converged = steps, False
-    for j in range(steps):
-        w = q[:, j + 1]
-        op.apply_many(list(q[:, j]), progress, out=list(w))
-        for i in range(s):
-            alpha[i, j] = _dot64(w[i], q[i, j])
-            w[i].add_(q[i, j], alpha=-float(alpha[i, j]))
-            if j:
-                w[i].add_(q[i, j - 1], alpha=-float(beta[i, j - 1]))
-        basis = q[:, : j + 1]
-        before = w.norm(dim=1)
-        for _ in range(2):  # full reorthogonalisation; a second pass where the first cancelled much
-            w[:, None].baddbmm_(torch.bmm(basis, w[:, :, None]).transpose(1, 2), basis, alpha=-1)
-            after = w.norm(dim=1)  # ("twice is enough", Parlett: repeat when the norm fell below 1/sqrt 2)
-            if bool((after > 0.7071 * before).all()):
-                break
-            before = after
-        beta[:, j] = after.double().cpu()
-        if k:
-            t = _tridiag(alpha[:, : j + 1], beta[:, :j])[0]
-            theta, vec = torch.linalg.eigh(t)
-            top = min(k, j + 1)
-            res = beta[0, j] * vec[-1, -top:].abs()
-            if j + 1 >= k and bool((res <= tol * theta[-top:].abs()).all()):
-                m, converged = j + 1, True
-                break
-        if bool((beta[:, j] <= 1e-10 * alpha[:, : j + 1].abs().amax(1).clamp_min(1e-30)).any()):
-            m, converged = j + 1, True  # an invariant subspace: the Ritz values are exact
-            break
-        w.div_(beta[:, j, None].to(w))
-    return _tridiag(alpha[:, :m], beta[:, : m - 1]), q[:, :m], converged
-
-
-def _tridiag(alpha: Tensor, beta: Tensor) -> Tensor:
-    t = torch.diag_embed(alpha)
-    if beta.shape[1]:
-        t = t + torch.diag_embed(beta, 1) + torch.diag_embed(beta, -1)
-    return t
-
-
 def _operator(model, params, state, batches, loss, train, rng, keep_graphs) -> CurvatureOperator:
     return CurvatureOperator(
         model, params, state, batches, loss, kind="hessian", train=train, rng=rng, keep_graphs=keep_graphs
@@ -538,7 +479,7 @@ def hessian_eigenvalues(
     op = _operator(model, params, state, batches, loss, train, rng, keep_graphs)
     v0 = _rademacher(vrandom.as_key(key), 0, op.dim, op.leaves[0])
     bar = _progress(max_iter * len(op.batches), "hessian_eigenvalues", progress)
-    t, q, converged = _lanczos(op, v0[None], max_iter, k=k, tol=tol, progress=bar)
+    t, q, converged = lanczos(op, v0[None], max_iter, k=k, tol=tol, progress=bar)
     theta, s = torch.linalg.eigh(t[0])
     k = min(k, len(theta))
     values = theta[-k:].flip(0)
@@ -626,7 +567,7 @@ def hessian_density(
     k = vrandom.as_key(key)
     v0 = torch.stack([_rademacher(k, i, op.dim, op.leaves[0]) for i in range(probes)])
     bar = _progress(probes * steps * len(op.batches), "hessian_density", progress)
-    t, _, _ = _lanczos(op, v0, steps, progress=bar)
+    t, _, _ = lanczos(op, v0, steps, progress=bar)
     theta, s = torch.linalg.eigh(t)
     if bar is not None:
         bar(probes * steps * len(op.batches))
