@@ -99,6 +99,14 @@ FX_WRONG_ON_REFERENCE = {
 }
 
 
+#: models whose reference FX cannot trace even with its library's own extractor: their features come
+#: from forward hooks on the reference
+FX_FAILS_ON_REFERENCE = {
+    "deit_base_distilled_patch16_224": "timm's DistilledVisionTransformer._pos_embed calls "
+    "resample_abs_pos_embed itself, outside the leaf functions timm's extractor registers"
+}
+
+
 def _hooked(net: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
     """The output of ``net``'s submodule ``name`` in one forward, read by a forward hook."""
     out = {}
@@ -190,10 +198,16 @@ def test_forward_hooks_record_the_reference_outputs(pair):
 @pytest.mark.parametrize("pair", clients("head_swap"), indirect=True)
 def test_head_swap_and_frozen_body_train_as_the_reference(pair):
     """Replace the last Linear (``fc``, ``classifier[-1]``, ``heads.head``; SqueezeNet's last
-    1x1 conv) with a new 10-way layer, freeze everything else, take one SGD step: the same loss, gradients
-    and new head."""
+    1x1 conv; both of DeiT's averaged heads; the ``nn.Identity`` head of timm's feature models, where
+    a linear probe goes) with a new 10-way layer, freeze everything else, take one SGD step: the
+    same loss, gradients and new head."""
     model, ref, compat, x = pair
     path, last = [(p, mod) for p, mod in ref.named_modules() if isinstance(mod, (nn.Linear, nn.Conv2d))][-1]
+    paths = [path]
+    if isinstance(getattr(ref, "head", None), nn.Identity):  # timm's feature models (num_classes=0): a probe goes there
+        paths, last = ["head"], nn.Linear(ref.num_features, 1)
+    elif isinstance(getattr(ref, "head_dist", None), nn.Linear):  # DeiT's two heads are averaged: both swapped
+        paths = ["head", "head_dist"]
     dense = vafunc.get_entry(model.name).task == "segmentation"
     # a segmentation model's last conv is one of its heads' classifiers (LR-ASPP sums two): a fresh
     # one with the same classes, trained on a per-pixel target
@@ -202,10 +216,10 @@ def test_head_swap_and_frozen_body_train_as_the_reference(pair):
     target = torch.randint(n, (len(x), *x.shape[-2:]), generator=torch.Generator().manual_seed(0)) if dense else None
     pair = []
     for net in (copy.deepcopy(ref), copy.deepcopy(compat)):
-        net.set_submodule(path, copy.deepcopy(head))
         for p in net.parameters():
             p.requires_grad_(False)
-        net.get_submodule(path).requires_grad_(True)
+        for path in paths:
+            net.set_submodule(path, copy.deepcopy(head))
         opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
         net.eval()  # frozen BatchNorm statistics, as when fine-tuning a head
         loss = nn.functional.cross_entropy(_output(net(x)), torch.tensor([1, 7]) if target is None else target)
@@ -239,10 +253,15 @@ def test_pickle_and_torch_save_round_trip(pair):
 def test_feature_extractor_gives_the_reference_features(pair):
     """torchvision's ``create_feature_extractor`` (FX) on the compat module, each feature name on
     its own, equals the extractor on the reference (a graph node, not a hook: for a container it
-    reads its last inner node, the same on both trees)."""
+    reads its last inner node, the same on both trees); on timm's models the reference side is
+    timm's own wrapper of it (its untraceable helpers, such as the position-embedding resampling,
+    registered as leaves), as timm's users run it."""
+    from timm.models import create_feature_extractor as timm_extractor
     from torchvision.models.feature_extraction import create_feature_extractor
 
     model, ref, compat, x = pair
+    timm_ref = vafunc.get_entry(model.name).reference.source == "timm"
+    reference_extractor = timm_extractor if timm_ref else create_feature_extractor
     family = model.family.name
     if family in FX_UNTRACEABLE:
         with pytest.raises(Exception):
@@ -252,10 +271,14 @@ def test_feature_extractor_gives_the_reference_features(pair):
     pick = list(dict.fromkeys(names[:: max(1, len(names) // 4)] + [names[-1]]))
     if vafunc.get_entry(model.name).reference.source == "pretrainedmodels":
         pick = []  # Cadene's names are Caffe blobs; the compat tree is traced once below
+    hooks = family in FX_WRONG_ON_REFERENCE or model.name in FX_FAILS_ON_REFERENCE
+    if model.name in FX_FAILS_ON_REFERENCE:  # still failing there (the entry goes when it traces)
+        with pytest.raises(torch.fx.proxy.TraceError):
+            reference_extractor(ref, [names[-1]])
     for n in pick:
         mine = create_feature_extractor(compat, [n])
         with torch.no_grad():
-            theirs = _hooked(ref, n, x) if family in FX_WRONG_ON_REFERENCE else create_feature_extractor(ref, [n])(x)[n]
+            theirs = _hooked(ref, n, x) if hooks else reference_extractor(ref, [n])(x)[n]
             _close(mine(x)[n], theirs, 1e-5, n)
     last = [n for n in names if n in dict(compat.named_modules())][-1]  # (Cadene's concat blobs are no modules)
     whole = create_feature_extractor(compat, {last: "out"})  # traced in train and eval mode

@@ -304,7 +304,14 @@ def forward(m: Scope, cfg: TimmViTConfig, x: Tensor) -> Tensor:
             return (y + yd) / 2
         return (m.linear("head", y, cfg.num_classes) + m.linear("head_dist", yd, cfg.num_classes)) / 2
     y = m.dropout(y, cfg.drop_rate, m.key(2), name="head_drop")
-    return m.linear("head", y, cfg.num_classes) if cfg.num_classes else y
+    if cfg.num_classes:
+        return m.linear("head", y, cfg.num_classes)
+    # timm's nn.Identity head: the slot a linear probe is put in (torch_compat: ``m.head = nn.Linear(...)``)
+    return m.block("head", _features_out, y, tap=False, module=("Identity", ()))
+
+
+def _features_out(m: Scope, y: Tensor) -> Tensor:
+    return y
 
 
 def _norm(cfg: TimmViTConfig) -> tuple[str, float] | None:
