@@ -189,38 +189,14 @@ def eigen(args, rows, runs: int = 3) -> None:
 
 
 def _tutorial_cnn():
-    """The torch.func NTK tutorial's network (three 3x3 convs of 32 channels, a linear head) as an
-    ``nn.Module`` and as a vafunc model with the same weights (as in tests/test_ntk.py)."""
-    from dataclasses import dataclass
-
-    from torch import nn
-
-    from vafunc.core.kit import family
-    from vafunc.core.registry import ModelDef
-
-    class CNN(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv1, self.conv2, self.conv3 = nn.Conv2d(3, 32, 3), nn.Conv2d(32, 32, 3), nn.Conv2d(32, 32, 3)
-            self.fc = nn.Linear(32 * 26 * 26, 10)
-
-        def forward(self, x):
-            return self.fc(self.conv3(self.conv2(self.conv1(x).relu()).relu()).flatten(1))
-
-    @dataclass(frozen=True)
-    class Config:
-        num_classes: int = 10
-
-    def forward(m, cfg, x):
-        for name in ("conv1", "conv2"):
-            x = m.conv(name, x, 32, 3, padding=0, bias=True).relu()
-        return m.linear("fc", m.conv("conv3", x, 32, 3, padding=0, bias=True).flatten(1), cfg.num_classes)
+    """The torch.func NTK tutorial's network as an ``nn.Module`` and as a vafunc model with the same
+    weights (:mod:`benchmarks.ntk_tutorial`, tests/test_ntk.py's oracle)."""
+    from benchmarks.ntk_tutorial import CNN, TutorialCNN
 
     torch.manual_seed(0)
-    module = CNN().eval()
-    model = ModelDef("tutorial_cnn", Config(), family("tutorial_cnn", Config, forward, init_size=32))
-    params, state = vafunc.from_state_dict(model, module.state_dict())
-    return module, model, params, state
+    module = TutorialCNN().eval()
+    params, state = vafunc.from_state_dict(CNN, module.state_dict())
+    return module, CNN, params, state
 
 
 def _ntk_child(mode: str, n: int, chunk: int | None) -> None:
@@ -235,27 +211,14 @@ def _ntk_child(mode: str, n: int, chunk: int | None) -> None:
 
 
 def _tutorial(module, x1, x2):
-    """The tutorial's two methods (full mode), as in tests/test_ntk.py."""
-    from torch.func import functional_call, jacrev, jvp, vjp, vmap
+    """The tutorial's two methods (full mode), as tests/test_ntk.py runs them."""
+    from benchmarks.ntk_tutorial import ntk_jacobian_contraction, ntk_vector_products
 
     params = {k: v.detach() for k, v in module.named_parameters()}
-
-    def f(p, x):
-        return functional_call(module, p, (x[None],))[0]
-
-    def contraction():
-        j1 = [j.flatten(2) for j in vmap(jacrev(f), (None, 0))(params, x1).values()]
-        j2 = [j.flatten(2) for j in vmap(jacrev(f), (None, 0))(params, x2).values()]
-        return sum(torch.einsum("iaf,jbf->ijab", a, b) for a, b in zip(j1, j2))
-
-    def products():
-        def pair(a, b):
-            out, pull = vjp(lambda p: f(p, a), params)
-            return vmap(lambda e: jvp(lambda p: f(p, b), (params,), pull(e))[1])(torch.eye(out.numel()))
-
-        return vmap(vmap(pair, (None, 0)), (0, None))(x1, x2)
-
-    return contraction, products
+    return (
+        lambda: ntk_jacobian_contraction(module, params, x1, x2, ["full"])["full"],
+        lambda: ntk_vector_products(module, params, x1, x2, "full"),
+    )
 
 
 def _ntk_case(rows, label, module, model, params, state, x1, x2, reps) -> None:

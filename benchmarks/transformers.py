@@ -73,14 +73,6 @@ def _timm_pair(name, crops=None):
     return ref, model, params, state
 
 
-def timm_eager(name, batch, size, reps):
-    ref, model, params, state = _timm_pair(name)
-    x = torch.randn(batch, 3, size, size)
-    with torch.inference_mode():
-        p = compare(name, lambda: model.apply(params, state, x), lambda: ref(x), warmup=2, reps=reps)
-    return {"bench": "timm eager", "model": name, "dtype": "float32", "batch": batch, "size": size, **p.row()}
-
-
 def _agreement(model, params, state, f, crops, batch) -> dict:
     """bf16 compiled ``f`` against vafunc's float32 eager output on ``crops`` (whole batches of
     ``batch``): top-1 agreement for a classifier, else the cosine similarity (mean, min) of the
@@ -162,12 +154,15 @@ def timm_profile(name, batch, size, reps=3, top=12, dtype=None):
     return tables
 
 
-def eager(name, batch, size, reps):
-    ref, model, params, state = _pair(name)
+def eager(name, batch, size, reps, *, timm=False):
+    """vafunc's ``apply`` against the reference module (torchvision's, or timm's built for any size
+    with ``timm=True``), under ``inference_mode``."""
+    ref, model, params, state = (_timm_pair if timm else _pair)(name)
     x = torch.randn(batch, 3, size, size)
     with torch.inference_mode():
         p = compare(name, lambda: model.apply(params, state, x), lambda: ref(x), warmup=2, reps=reps)
-    return {"bench": "eager", "model": name, "dtype": "float32", "batch": batch, "size": size, **p.row()}
+    bench = "timm eager" if timm else "eager"
+    return {"bench": bench, "model": name, "dtype": "float32", "batch": batch, "size": size, **p.row()}
 
 
 def compiled(name, batch, size, reps, dtype):
@@ -243,7 +238,7 @@ def main(argv=None) -> int:
                     timm_profile(name, args.batch, args.size, dtype=dt)
                 continue
             if what == "timm":
-                rows.append(timm_eager(name, args.batch, args.size, args.reps))
+                rows.append(eager(name, args.batch, args.size, args.reps, timm=True))
                 print(rows[-1], flush=True)
                 for dt in () if args.eager_only else dtypes:
                     rows.append(timm_compiled(name, args.batch, args.size, args.reps, dt))

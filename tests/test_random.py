@@ -95,3 +95,16 @@ def test_bad_keys_are_type_errors():
         vr.as_key(torch.zeros(3))
     with pytest.raises(TypeError):
         vafunc.get_model("resnet18").init("seed")
+
+
+def test_long_counters_hash_chunkwise_to_the_same_bits():
+    """A long 1-D counter is hashed a chunk at a time (cache-sized temporaries): the same bits as
+    the chain over the whole counter, across chunk boundaries and a ragged tail."""
+    from vafunc.core import random as R
+
+    n = 3 * R._CHUNK + 17
+    for seed in (0, 2**40 + 7):
+        k = R.key(seed)
+        c = torch.arange(n, dtype=torch.int64) + (9 << 32)
+        assert torch.equal(R._hash_eager(k, c), R._chain(k, c))
+    assert torch.equal(R.bits(R.key(1), [n])[-5:], R._chain(R.key(1), torch.arange(n - 5, n)))

@@ -110,7 +110,7 @@ def reusable_empty(numel: int, dtype: torch.dtype, device: torch.device | str = 
     if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
         raise ValueError(f"numel must be a non-negative int, got {numel!r}")
     device = torch.device(device)
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    nbytes = numel * dtype.itemsize
     if device.type != "cpu" or nbytes < _KEEP_MIN_BYTES or torch.is_inference_mode_enabled():
         return torch.empty(numel, dtype=dtype, device=device)
     key = (dtype, device)
