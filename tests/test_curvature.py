@@ -171,6 +171,8 @@ def test_several_batches_average_by_size_and_spectra_equal_the_explicit_ones():
     h = sum(len(b[0]) / 7 * _explicit(params, state, *b, False)["hessian"] for b in batches)
     op = curvature.CurvatureOperator(TINY, params, state, batches, cross_entropy)
     torch.testing.assert_close(_columns(op), h, rtol=1e-9, atol=1e-11)
+    v = torch.randn(op.dim, dtype=h.dtype)  # on a tree: the per-parameter products, weighted and summed alike
+    torch.testing.assert_close(op.flatten(op(op.unflatten(v))), h @ v, rtol=1e-9, atol=1e-11)
     exact = torch.linalg.eigvalsh(h)
 
     top = curvature.hessian_eigenvalues(TINY, params, state, batches, cross_entropy, k=3, tol=1e-10, vectors=True)

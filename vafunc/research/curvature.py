@@ -236,19 +236,34 @@ class CurvatureOperator:
             out = [reusable_empty(self.dim, self.dtype, self.device) for _ in vs]  # resident pages if dropped
         elif len(out) != len(vs) or any(o.shape != (self.dim,) or o.dtype != self.dtype for o in out):
             raise ValueError(f"out must hold {len(vs)} flat {self.dtype} vectors of {self.dim} entries")
-        views = [self._leaves_of(o) for o in out]  # each product is written into its slices of out
+        self._products(vs, [self._leaves_of(o) for o in out], progress)  # into each one's slices of out
+        return out
+
+    def _products(
+        self, vs: list[list[Tensor]], slots: list | None = None, progress: Callable[[int], None] | None = None
+    ) -> list[list[Tensor]]:
+        """``M v`` per parameter for each leaf list of ``vs``, one pass over the batches (each
+        batch's graph serves every ``v``), weighted by the batches' sizes: written into ``slots``
+        (a leaf list per ``v``) when given, else the products autograd hands back for the first
+        batch (a copy where one passes its ``v`` through unchanged: later batches add to it)."""
+        acc = list(slots) if slots is not None else [None] * len(vs)
         for b, w in enumerate(self.weights):
             graph = self._graph(b)
-            for o, v in zip(views, vs):
-                for slot, t in zip(o, graph.product(v)):
-                    if b == 0:
+            for i, v in enumerate(vs):
+                prods = graph.product(v)
+                if acc[i] is None:
+                    mine = {t.data_ptr() for t in v}
+                    acc[i] = [t * w if w != 1.0 else t.clone() if t.data_ptr() in mine else t for t in prods]
+                elif b == 0:
+                    for slot, t in zip(acc[i], prods):
                         slot.copy_(t) if w == 1.0 else torch.mul(t, w, out=slot)
-                    else:
+                else:
+                    for slot, t in zip(acc[i], prods):
                         slot.add_(t, alpha=w)
                 self.products += 1
                 if progress is not None:
                     progress(1)
-        return out
+        return acc
 
     def matvec(self, v: Tensor) -> Tensor:
         """``M v`` for a flat vector ``v [dim]`` (the leaves of a params tree, concatenated)."""
@@ -273,17 +288,7 @@ class CurvatureOperator:
         leaves = vtree.tree_leaves(v)
         if [t.shape for t in leaves] != self.shapes:
             raise ValueError("expected a tree shaped like params (same leaves, same shapes)")
-        leaves = [t.to(self.dtype) for t in leaves]
-        mine = {t.data_ptr() for t in leaves}
-        acc: list[Tensor] = []
-        for b, w in enumerate(self.weights):
-            prods = self._graph(b).product(leaves)
-            self.products += 1
-            if b == 0:  # a product that passes v through unchanged must not alias it (acc is added to)
-                acc = [t * w if w != 1.0 else t.clone() if t.data_ptr() in mine else t for t in prods]
-            else:
-                for a, t in zip(acc, prods):
-                    a.add_(t, alpha=w)
+        (acc,) = self._products([[t.to(self.dtype) for t in leaves]])
         return _rebuild(self.params, acc)
 
     def linear_operator(self):
